@@ -1,0 +1,31 @@
+// Translation between kvmem.v1 messages and the engine's types, and between
+// absl and gRPC statuses. The only place both kinds of types meet.
+// Thread-safe (pure functions).
+#ifndef KVMEM_SERVICE_GRPC_CONVERT_H_
+#define KVMEM_SERVICE_GRPC_CONVERT_H_
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "grpcpp/support/status.h"
+#include "kvmem/v1/kvmem.pb.h"
+#include "service/engine/session_registry.h"
+
+namespace kvmem {
+
+// The engine's configuration for `request`, defaults filled in where a field
+// is unset. Checks only what the engine's types cannot carry (an
+// unspecified dtype); ValidateSessionConfig checks the rest.
+absl::Status SessionConfigFromProto(const v1::CreateSessionRequest& request,
+                                    const std::string& tenant,
+                                    SessionConfig* config);
+
+// `info` as the wire describes a session (policy with defaults filled in).
+void SessionToProto(const SessionInfo& info, v1::Session* out);
+
+// absl codes are gRPC codes; the message is kept.
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+}  // namespace kvmem
+
+#endif  // KVMEM_SERVICE_GRPC_CONVERT_H_

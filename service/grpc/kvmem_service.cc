@@ -1,0 +1,120 @@
+#include "service/grpc/kvmem_service.h"
+
+#include <map>
+
+#include "absl/time/clock.h"
+#include "service/grpc/convert.h"
+
+namespace kvmem {
+
+std::string TenantOf(const grpc::CallbackServerContext& context) {
+  const auto& metadata = context.client_metadata();
+  auto it = metadata.find("kvmem-tenant");
+  if (it == metadata.end()) return "default";
+  return std::string(it->second.data(), it->second.size());
+}
+
+KvMemoryService::KvMemoryService(SessionRegistry* registry, WorkPool* pool,
+                                 Identity identity)
+    : registry_(registry),
+      pool_(pool),
+      identity_(std::move(identity)),
+      started_(absl::Now()) {}
+
+template <typename Handler>
+grpc::ServerUnaryReactor* KvMemoryService::Serve(
+    grpc::CallbackServerContext* context, Handler handler) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (!accepting_.load()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                 "kvmem-server is shutting down"));
+    return reactor;
+  }
+  std::string tenant = TenantOf(*context);
+  if (absl::Status st = ValidateTenant(tenant); !st.ok()) {
+    reactor->Finish(ToGrpcStatus(st));
+    return reactor;
+  }
+  bool queued = pool_->Run([reactor, context, tenant = std::move(tenant),
+                            handler = std::move(handler)]() mutable {
+    if (context->IsCancelled()) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                                   "the call was cancelled before it ran"));
+      return;
+    }
+    reactor->Finish(ToGrpcStatus(handler(tenant)));
+  });
+  if (!queued) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                 "kvmem-server is shutting down"));
+  }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* KvMemoryService::CreateSession(
+    grpc::CallbackServerContext* context,
+    const v1::CreateSessionRequest* request, v1::Session* response) {
+  return Serve(context, [this, request, response](const std::string& tenant) {
+    SessionConfig config;
+    absl::Status st = SessionConfigFromProto(*request, tenant, &config);
+    if (!st.ok()) return st;
+    absl::StatusOr<SessionInfo> info = registry_->Create(std::move(config));
+    if (!info.ok()) return info.status();
+    SessionToProto(*info, response);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* KvMemoryService::GetSession(
+    grpc::CallbackServerContext* context, const v1::GetSessionRequest* request,
+    v1::Session* response) {
+  return Serve(context, [this, request, response](const std::string& tenant) {
+    absl::StatusOr<SessionInfo> info =
+        registry_->Get(tenant, request->session_id());
+    if (!info.ok()) return info.status();
+    SessionToProto(*info, response);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* KvMemoryService::ListSessions(
+    grpc::CallbackServerContext* context,
+    const v1::ListSessionsRequest* request,
+    v1::ListSessionsResponse* response) {
+  return Serve(context, [this, request, response](const std::string& tenant) {
+    std::map<std::string, std::string> filter(request->label_filter().begin(),
+                                              request->label_filter().end());
+    absl::StatusOr<SessionRegistry::ListPage> page = registry_->List(
+        tenant, request->page_size(), request->page_token(), filter);
+    if (!page.ok()) return page.status();
+    for (const SessionInfo& info : page->sessions) {
+      SessionToProto(info, response->add_sessions());
+    }
+    response->set_next_page_token(page->next_page_token);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* KvMemoryService::DeleteSession(
+    grpc::CallbackServerContext* context,
+    const v1::DeleteSessionRequest* request, v1::DeleteSessionResponse*) {
+  return Serve(context, [this, request](const std::string& tenant) {
+    return registry_->Delete(tenant, request->session_id());
+  });
+}
+
+grpc::ServerUnaryReactor* KvMemoryService::GetStats(
+    grpc::CallbackServerContext* context, const v1::GetStatsRequest*,
+    v1::GetStatsResponse* response) {
+  return Serve(context, [this, response](const std::string&) {
+    response->set_version(identity_.version);
+    response->set_backend(identity_.backend);
+    response->set_device(identity_.device);
+    response->set_uptime_seconds(
+        absl::ToInt64Seconds(absl::Now() - started_));
+    response->set_sessions(registry_->SessionCount());
+    return absl::OkStatus();
+  });
+}
+
+}  // namespace kvmem

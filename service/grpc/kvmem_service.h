@@ -1,0 +1,73 @@
+// The gRPC adapter of kvmem.v1.KvMemory: translate, validate, call the
+// engine, translate back. No math, no policy, no RocksDB. Handlers that may
+// block (storage writes) run on a WorkPool, never on gRPC's callback threads.
+//
+// RPCs served here: CreateSession, GetSession, ListSessions, DeleteSession,
+// GetStats. Step, StepStream, Checkpoint, ExportSession and ImportSession
+// answer gRPC's UNIMPLEMENTED until the engine's step lands (issues 4-6).
+//
+// Thread-safe.
+#ifndef KVMEM_SERVICE_GRPC_KVMEM_SERVICE_H_
+#define KVMEM_SERVICE_GRPC_KVMEM_SERVICE_H_
+
+#include <atomic>
+#include <string>
+
+#include "absl/time/time.h"
+#include "kvmem/v1/kvmem.grpc.pb.h"
+#include "service/engine/session_registry.h"
+#include "service/grpc/work_pool.h"
+
+namespace kvmem {
+
+class KvMemoryService final : public v1::KvMemory::CallbackService {
+ public:
+  struct Identity {
+    std::string version;  // kvmem's version
+    std::string backend;  // "cpu" or "cuda"
+    std::string device;   // what the backend runs on
+  };
+  // `registry` and `pool` must outlive the service.
+  KvMemoryService(SessionRegistry* registry, WorkPool* pool, Identity identity);
+
+  // From now on every RPC answers UNAVAILABLE (shutdown has begun).
+  void StopAccepting() { accepting_.store(false); }
+
+  grpc::ServerUnaryReactor* CreateSession(
+      grpc::CallbackServerContext* context,
+      const v1::CreateSessionRequest* request, v1::Session* response) override;
+  grpc::ServerUnaryReactor* GetSession(grpc::CallbackServerContext* context,
+                                       const v1::GetSessionRequest* request,
+                                       v1::Session* response) override;
+  grpc::ServerUnaryReactor* ListSessions(
+      grpc::CallbackServerContext* context,
+      const v1::ListSessionsRequest* request,
+      v1::ListSessionsResponse* response) override;
+  grpc::ServerUnaryReactor* DeleteSession(
+      grpc::CallbackServerContext* context,
+      const v1::DeleteSessionRequest* request,
+      v1::DeleteSessionResponse* response) override;
+  grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* context,
+                                     const v1::GetStatsRequest* request,
+                                     v1::GetStatsResponse* response) override;
+
+ private:
+  // Runs `handler` (which returns the call's status) on the pool, after the
+  // tenant and shutdown checks, and finishes the call with its status.
+  template <typename Handler>
+  grpc::ServerUnaryReactor* Serve(grpc::CallbackServerContext* context,
+                                  Handler handler);
+
+  SessionRegistry* const registry_;  // not owned
+  WorkPool* const pool_;             // not owned
+  const Identity identity_;
+  const absl::Time started_;
+  std::atomic<bool> accepting_{true};
+};
+
+// The caller's tenant: metadata `kvmem-tenant`, or "default" when absent.
+std::string TenantOf(const grpc::CallbackServerContext& context);
+
+}  // namespace kvmem
+
+#endif  // KVMEM_SERVICE_GRPC_KVMEM_SERVICE_H_

@@ -1,0 +1,48 @@
+#include "service/grpc/work_pool.h"
+
+#include <algorithm>
+
+namespace kvmem {
+
+WorkPool::WorkPool(int threads) {
+  for (int i = 0; i < std::max(1, threads); ++i) {
+    threads_.emplace_back([this] { Loop(); });
+  }
+}
+
+WorkPool::~WorkPool() {
+  {
+    MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  for (std::thread& t : threads_) t.join();
+}
+
+bool WorkPool::Run(std::function<void()> task) {
+  {
+    MutexLock lock(&mu_);
+    if (stopping_) return false;
+    tasks_.push_back(std::move(task));
+  }
+  wake_.notify_one();
+  return true;
+}
+
+void WorkPool::Loop() {
+  for (;;) {
+    mu_.Lock();
+    // condition_variable_any unlocks and relocks mu_ itself while waiting.
+    while (!stopping_ && tasks_.empty()) wake_.wait(mu_);
+    if (tasks_.empty()) {  // stopping, and nothing left to run
+      mu_.Unlock();
+      return;
+    }
+    std::function<void()> task = std::move(tasks_.front());
+    tasks_.pop_front();
+    mu_.Unlock();
+    task();
+  }
+}
+
+}  // namespace kvmem

@@ -1,0 +1,190 @@
+#include "service/server.h"
+
+#include <unistd.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "base/mutex.h"
+#include "base/status_macros.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/server_builder.h"
+#include "kernels/cuda/device_probe.h"
+#include "service/engine/session_registry.h"
+#include "service/grpc/kvmem_service.h"
+#include "storage/store.h"
+
+namespace kvmem {
+namespace {
+
+constexpr char kVersion[] = "0.1.0";
+constexpr char kServiceName[] = "kvmem.v1.KvMemory";
+
+std::string HostName() {
+  char name[256] = {0};
+  if (gethostname(name, sizeof(name) - 1) != 0) return "host";
+  return name;
+}
+
+class GrpcServer final : public Server {
+ public:
+  GrpcServer(std::unique_ptr<storage::Store> store,
+             std::unique_ptr<SessionRegistry> registry,
+             std::unique_ptr<WorkPool> pool,
+             std::unique_ptr<KvMemoryService> service, std::string backend,
+             std::string device)
+      : store_(std::move(store)),
+        registry_(std::move(registry)),
+        pool_(std::move(pool)),
+        service_(std::move(service)),
+        backend_(std::move(backend)),
+        device_(std::move(device)) {}
+
+  ~GrpcServer() override { Shutdown(absl::Seconds(5)); }
+
+  absl::Status Start(const ServerOptions& options) {
+    grpc::EnableDefaultHealthCheckService(true);
+    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(),
+                             &port_);
+    builder.RegisterService(service_.get());
+    builder.SetMaxReceiveMessageSize(options.max_message_bytes);
+    builder.SetMaxSendMessageSize(options.max_message_bytes);
+    server_ = builder.BuildAndStart();
+    if (server_ == nullptr || port_ == 0) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot serve on --listen=", options.listen,
+                       " (address in use or malformed)"));
+    }
+    std::string host = options.listen.substr(0, options.listen.rfind(':'));
+    address_ = absl::StrCat(host, ":", port_);
+    grpc::HealthCheckServiceInterface* health =
+        server_->GetHealthCheckService();
+    health->SetServingStatus("", true);
+    health->SetServingStatus(kServiceName, true);
+    return absl::OkStatus();
+  }
+
+  int port() const override { return port_; }
+  std::string address() const override { return address_; }
+  std::string backend() const override { return backend_; }
+  std::string device() const override { return device_; }
+
+  void Shutdown(absl::Duration deadline) override {
+    {
+      MutexLock lock(&mu_);
+      if (shut_down_) return;
+      shut_down_ = true;
+    }
+    if (server_ != nullptr) {
+      server_->GetHealthCheckService()->SetServingStatus(false);
+      service_->StopAccepting();
+      server_->Shutdown(absl::ToChronoTime(absl::Now() + deadline));
+      server_->Wait();
+    }
+    pool_.reset();  // runs what was queued, joins its threads
+    registry_.reset();
+    store_.reset();  // closes RocksDB
+    MutexLock lock(&mu_);
+    done_ = true;
+    done_cv_.notify_all();
+  }
+
+  void Wait() override {
+    std::unique_lock<Mutex> lock(mu_);
+    done_cv_.wait(lock, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      return done_;
+    });
+  }
+
+ private:
+  // Declared in dependency order: destroyed service first, storage last.
+  std::unique_ptr<storage::Store> store_;
+  std::unique_ptr<SessionRegistry> registry_;
+  std::unique_ptr<WorkPool> pool_;
+  std::unique_ptr<KvMemoryService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  const std::string backend_;
+  const std::string device_;
+  int port_ = 0;
+  std::string address_;
+  Mutex mu_;
+  std::condition_variable_any done_cv_;
+  bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// Which backend serves, and on what. The CUDA backend's kernels arrive with
+// issue 8; until then a CUDA device is reported but the CPU backend serves.
+absl::Status ChooseBackend(const std::string& flag, std::string* backend,
+                           std::string* device) {
+  cuda::DeviceProbe probe = cuda::ProbeDevices();
+  if (flag == "cpu" || (flag == "auto")) {
+    *backend = "cpu";
+    *device = HostName();
+    if (probe.device_count > 0 && flag == "auto") {
+      absl::StrAppend(device, " (CUDA device ", probe.device_name,
+                      " present; the CUDA step kernels are issue 8)");
+    }
+    return absl::OkStatus();
+  }
+  if (flag == "cuda") {
+    if (probe.device_count == 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("--backend=cuda: no CUDA device (", probe.why_none,
+                       ")"));
+    }
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--backend=cuda: device ", probe.device_name,
+        " found, but this build has no CUDA step kernels yet (issue 8); "
+        "use --backend=cpu or auto"));
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--backend must be one of auto, cpu, cuda, got \"", flag, "\""));
+}
+
+}  // namespace
+
+absl::Status ServerOptions::Validate() const {
+  if (listen.empty() || !absl::StrContains(listen, ':')) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--listen must be host:port, got \"", listen, "\""));
+  }
+  if (data_dir.empty()) {
+    return absl::InvalidArgumentError("--data_dir must not be empty");
+  }
+  if (handler_threads < 1 || handler_threads > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--handler_threads must be in [1, 1024], got ", handler_threads));
+  }
+  if (max_message_bytes < 1024) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max_message_bytes must be at least 1024, got ", max_message_bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Server>> StartServer(
+    const ServerOptions& options) {
+  KVMEM_RETURN_IF_ERROR(options.Validate());
+  std::string backend, device;
+  KVMEM_RETURN_IF_ERROR(ChooseBackend(options.backend, &backend, &device));
+  KVMEM_ASSIGN_OR_RETURN(
+      std::unique_ptr<storage::Store> store,
+      storage::Store::Open(storage::Store::Options(), options.data_dir));
+  KVMEM_ASSIGN_OR_RETURN(
+      std::unique_ptr<SessionRegistry> registry,
+      SessionRegistry::Open(SessionRegistry::Options(), store.get()));
+  auto pool = std::make_unique<WorkPool>(options.handler_threads);
+  auto service = std::make_unique<KvMemoryService>(
+      registry.get(), pool.get(),
+      KvMemoryService::Identity{kVersion, backend, device});
+  auto server = std::make_unique<GrpcServer>(
+      std::move(store), std::move(registry), std::move(pool),
+      std::move(service), backend, device);
+  KVMEM_RETURN_IF_ERROR(server->Start(options));
+  return std::unique_ptr<Server>(std::move(server));
+}
+
+}  // namespace kvmem

@@ -1,0 +1,58 @@
+// A running kvmem server: storage, engine and the gRPC service, started by
+// StartServer() (used by main.cc and by the integration tests).
+#ifndef KVMEM_SERVICE_SERVER_H_
+#define KVMEM_SERVICE_SERVER_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace kvmem {
+
+struct ServerOptions {
+  // host:port to serve on; port 0 picks a free one (see Server::port()).
+  std::string listen = "127.0.0.1:50051";
+  // RocksDB directory; created if missing.
+  std::string data_dir = "./kvmem-data";
+  // "auto" (CUDA where a device is present, else CPU), "cpu" or "cuda".
+  std::string backend = "auto";
+  // Threads that run handlers which may block on storage. 1..1024.
+  int handler_threads = 8;
+  // Largest request or response message, bytes. 1 KiB..2 GiB-1.
+  int max_message_bytes = 256 << 20;
+
+  // INVALID_ARGUMENT naming the field when out of range.
+  absl::Status Validate() const;
+};
+
+// Thread-safe.
+class Server {
+ public:
+  virtual ~Server() = default;
+  // The port actually bound (the chosen one when `listen` ends in `:0`).
+  virtual int port() const = 0;
+  // "host:port" with the real port.
+  virtual std::string address() const = 0;
+  // "cpu" or "cuda", and the device it runs on.
+  virtual std::string backend() const = 0;
+  virtual std::string device() const = 0;
+  // Health goes NOT_SERVING, new calls get UNAVAILABLE, calls in flight
+  // finish (those still running at `deadline` are cancelled), then storage
+  // is closed. Idempotent.
+  virtual void Shutdown(absl::Duration deadline) = 0;
+  // Blocks until Shutdown has finished.
+  virtual void Wait() = 0;
+};
+
+// Opens storage in `options.data_dir`, loads the sessions there, and serves.
+// INVALID_ARGUMENT: bad options. UNAVAILABLE: the address cannot be bound,
+// or the data directory cannot be opened (e.g. another server holds it).
+// FAILED_PRECONDITION: `backend` names a backend this machine cannot run.
+absl::StatusOr<std::unique_ptr<Server>> StartServer(
+    const ServerOptions& options);
+
+}  // namespace kvmem
+
+#endif  // KVMEM_SERVICE_SERVER_H_

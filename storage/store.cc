@@ -1,0 +1,243 @@
+#include "storage/store.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "base/mutex.h"
+#include "base/status_macros.h"
+#include "rocksdb/cache.h"
+#include "rocksdb/convenience.h"
+#include "rocksdb/db.h"
+#include "rocksdb/table.h"
+#include "rocksdb/write_batch.h"
+#include "storage/checksum.h"
+#include "storage/keys.h"
+
+namespace kvmem::storage {
+namespace {
+
+constexpr char kNextSessionSeqKey[] = "next_session_seq";
+
+// Column family names, in the order of RocksStore::cf_.
+enum Family { kDefault, kManifests, kPages, kDigests, kCheckpoints, kStepLog,
+              kNumFamilies };
+constexpr const char* kFamilyNames[kNumFamilies] = {
+    "default", "manifests", "pages", "digests", "checkpoints", "steplog"};
+
+// The one place RocksDB statuses become absl statuses.
+absl::Status FromRocks(const rocksdb::Status& s, absl::string_view op) {
+  if (s.ok()) return absl::OkStatus();
+  std::string msg = absl::StrCat(op, ": ", s.ToString());
+  if (s.IsNotFound()) return absl::NotFoundError(msg);
+  if (s.IsCorruption()) return absl::DataLossError(msg);
+  if (s.IsIOError() || s.IsNoSpace() || s.IsBusy() || s.IsTimedOut() ||
+      s.IsTryAgain()) {
+    return absl::UnavailableError(msg);
+  }
+  return absl::InternalError(msg);
+}
+
+class RocksStore final : public Store {
+ public:
+  RocksStore(std::unique_ptr<rocksdb::DB> db,
+             std::vector<rocksdb::ColumnFamilyHandle*> cf, uint64_t next_seq)
+      : db_(std::move(db)), cf_(std::move(cf)), next_seq_(next_seq) {}
+
+  ~RocksStore() override {
+    for (rocksdb::ColumnFamilyHandle* h : cf_) {
+      db_->DestroyColumnFamilyHandle(h).PermitUncheckedError();
+    }
+    // Close flushes nothing we need (the WAL is durable); its status is
+    // only informative at shutdown.
+    db_->Close().PermitUncheckedError();
+  }
+
+  absl::StatusOr<uint64_t> NewSessionSeq() override {
+    MutexLock lock(&seq_mu_);
+    uint64_t seq = next_seq_;
+    std::string value;
+    AppendBigEndian64(seq + 1, &value);
+    rocksdb::WriteOptions wo;
+    wo.sync = true;  // a seq must never be handed out twice, even after a crash
+    KVMEM_RETURN_IF_ERROR(
+        FromRocks(db_->Put(wo, cf_[kDefault], kNextSessionSeqKey,
+                           FrameValue(value)),
+                  "store next_session_seq"));
+    next_seq_ = seq + 1;
+    return seq;
+  }
+
+  absl::Status PutManifest(uint64_t seq, absl::string_view body,
+                           bool sync) override {
+    rocksdb::WriteOptions wo;
+    wo.sync = sync;
+    return FromRocks(
+        db_->Put(wo, cf_[kManifests], SessionKey(seq), FrameValue(body)),
+        absl::StrCat("write manifest of session #", seq));
+  }
+
+  absl::StatusOr<std::string> GetManifest(uint64_t seq) override {
+    std::string framed;
+    std::string what = absl::StrCat("manifest of session #", seq);
+    KVMEM_RETURN_IF_ERROR(FromRocks(
+        db_->Get(rocksdb::ReadOptions(), cf_[kManifests], SessionKey(seq),
+                 &framed),
+        absl::StrCat("read ", what)));
+    KVMEM_ASSIGN_OR_RETURN(absl::string_view body, UnframeValue(framed, what));
+    return std::string(body);
+  }
+
+  absl::Status ForEachManifest(const ManifestVisitor& visit) override {
+    rocksdb::ReadOptions ro;
+    ro.verify_checksums = true;
+    std::unique_ptr<rocksdb::Iterator> it(
+        db_->NewIterator(ro, cf_[kManifests]));
+    for (it->SeekToFirst(); it->Valid(); it->Next()) {
+      rocksdb::Slice key = it->key();
+      if (key.size() != 8) {
+        return absl::DataLossError(absl::StrCat(
+            "manifest key of ", key.size(), " bytes, want 8"));
+      }
+      uint64_t seq = ReadBigEndian64(absl::string_view(key.data(), 8), 0);
+      KVMEM_ASSIGN_OR_RETURN(
+          absl::string_view body,
+          UnframeValue(absl::string_view(it->value().data(), it->value().size()),
+                       absl::StrCat("manifest of session #", seq)));
+      KVMEM_RETURN_IF_ERROR(visit(seq, body));
+    }
+    return FromRocks(it->status(), "scan manifests");
+  }
+
+  absl::Status DeleteSession(uint64_t seq, bool sync) override {
+    rocksdb::WriteBatch batch;
+    std::string begin = SessionKey(seq);
+    std::string end = SessionKey(seq + 1);
+    for (int f = kManifests; f < kNumFamilies; ++f) {
+      KVMEM_RETURN_IF_ERROR(FromRocks(batch.DeleteRange(cf_[f], begin, end),
+                                      "stage session range deletion"));
+    }
+    rocksdb::WriteOptions wo;
+    wo.sync = sync;
+    return FromRocks(db_->Write(wo, &batch),
+                     absl::StrCat("delete session #", seq));
+  }
+
+  uint64_t ApproximateBytes() override {
+    uint64_t total = 0;
+    for (rocksdb::ColumnFamilyHandle* h : cf_) {
+      uint64_t v = 0;
+      if (db_->GetIntProperty(h, rocksdb::DB::Properties::kLiveSstFilesSize,
+                              &v)) {
+        total += v;
+      }
+      if (db_->GetIntProperty(h, rocksdb::DB::Properties::kCurSizeAllMemTables,
+                              &v)) {
+        total += v;
+      }
+    }
+    return total;
+  }
+
+ private:
+  const std::unique_ptr<rocksdb::DB> db_;
+  const std::vector<rocksdb::ColumnFamilyHandle*> cf_;  // owned; see dtor
+  Mutex seq_mu_;
+  uint64_t next_seq_ ABSL_GUARDED_BY(seq_mu_);
+};
+
+rocksdb::ColumnFamilyOptions FamilyOptions(
+    Family family, const Store::Options& options,
+    const std::shared_ptr<rocksdb::Cache>& cache) {
+  rocksdb::ColumnFamilyOptions cfo;
+  cfo.write_buffer_size = options.write_buffer_bytes;
+  rocksdb::BlockBasedTableOptions table;
+  table.block_cache = cache;  // shared by every family: one memory budget
+  if (family == kPages || family == kCheckpoints || family == kStepLog) {
+    // Keys, values and queries in bf16/fp16 are near-random bytes: LZ4 would
+    // spend CPU for almost nothing, so these families are stored raw.
+    cfo.compression = rocksdb::kNoCompression;
+    table.block_size = options.page_block_bytes;
+  } else {
+    const std::vector<rocksdb::CompressionType> supported =
+        rocksdb::GetSupportedCompressions();
+    bool has_lz4 = std::find(supported.begin(), supported.end(),
+                             rocksdb::kLZ4Compression) != supported.end();
+    cfo.compression = has_lz4 ? rocksdb::kLZ4Compression
+                              : rocksdb::kNoCompression;
+  }
+  cfo.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
+  return cfo;
+}
+
+}  // namespace
+
+absl::Status Store::Options::Validate() const {
+  if (write_buffer_bytes < (size_t{1} << 20) ||
+      write_buffer_bytes > (size_t{4} << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "write_buffer_bytes must be in [1 MiB, 4 GiB], got ",
+        write_buffer_bytes));
+  }
+  if (page_block_bytes < 4096 || page_block_bytes > (size_t{4} << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "page_block_bytes must be in [4 KiB, 4 MiB], got ", page_block_bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Store>> Store::Open(const Options& options,
+                                                   const std::string& dir) {
+  KVMEM_RETURN_IF_ERROR(options.Validate());
+  rocksdb::DBOptions dbo;
+  dbo.create_if_missing = options.create_if_missing;
+  dbo.create_missing_column_families = options.create_if_missing;
+  // Steps of many sessions write concurrently; let RocksDB group them.
+  dbo.enable_pipelined_write = true;
+  std::shared_ptr<rocksdb::Cache> cache =
+      rocksdb::NewLRUCache(options.block_cache_bytes);
+  std::vector<rocksdb::ColumnFamilyDescriptor> families;
+  for (int f = 0; f < kNumFamilies; ++f) {
+    families.emplace_back(kFamilyNames[f],
+                          FamilyOptions(Family(f), options, cache));
+  }
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Status s = rocksdb::DB::Open(dbo, dir, families, &handles, &raw);
+  if (!s.ok()) {
+    absl::Status st = FromRocks(s, absl::StrCat("open RocksDB in ", dir));
+    // A bad path or options are the operator's to fix: say UNAVAILABLE.
+    return st.code() == absl::StatusCode::kInternal
+               ? absl::UnavailableError(st.message())
+               : st;
+  }
+  std::unique_ptr<rocksdb::DB> db(raw);
+  uint64_t next_seq = 1;
+  std::string framed;
+  s = db->Get(rocksdb::ReadOptions(), handles[kDefault], kNextSessionSeqKey,
+              &framed);
+  absl::Status st = absl::OkStatus();
+  if (s.ok()) {
+    absl::StatusOr<absl::string_view> body =
+        UnframeValue(framed, kNextSessionSeqKey);
+    if (!body.ok()) {
+      st = body.status();
+    } else if (body->size() != 8) {
+      st = absl::DataLossError("next_session_seq: wrong length");
+    } else {
+      next_seq = ReadBigEndian64(*body, 0);
+    }
+  } else if (!s.IsNotFound()) {
+    st = FromRocks(s, "read next_session_seq");
+  }
+  if (!st.ok()) {
+    for (rocksdb::ColumnFamilyHandle* h : handles) {
+      db->DestroyColumnFamilyHandle(h).PermitUncheckedError();
+    }
+    return st;
+  }
+  return std::unique_ptr<Store>(
+      new RocksStore(std::move(db), std::move(handles), next_seq));
+}
+
+}  // namespace kvmem::storage

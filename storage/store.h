@@ -1,0 +1,93 @@
+// The RocksDB database of one kvmem server: session manifests now; spilled
+// pages, digests, checkpoints and the step log as the storage work lands.
+// Nothing above storage/ sees RocksDB types.
+//
+// Layout (column families; every key starts with the session's 64-bit
+// sequence number, big-endian, so one session is one ordered range and one
+// stream's pages are a contiguous sub-range):
+//   default      meta: `next_session_seq`
+//   manifests    [seq]                          → engine-encoded manifest
+//   pages        [seq][layer][kv_head][page]    → spilled page (later)
+//   digests      [seq][layer][kv_head][page]    → page digest (later)
+//   checkpoints  [seq][layer][kv_head]          → resident set (later)
+//   steplog      [seq][layer][position]         → logged step (later)
+// Every value is framed with a version byte and a CRC-32C verified on read
+// (storage/checksum.h).
+//
+// Errors: RocksDB NotFound → NOT_FOUND, Corruption or a failed checksum →
+// DATA_LOSS, I/O errors and a full disk → UNAVAILABLE, anything else →
+// INTERNAL; each message names the operation and RocksDB's cause.
+//
+// Thread-safe: every method may be called concurrently.
+#ifndef KVMEM_STORAGE_STORE_H_
+#define KVMEM_STORAGE_STORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace kvmem::storage {
+
+class Store {
+ public:
+  struct Options {
+    // Create the database (and its column families) if missing.
+    bool create_if_missing = true;
+    // Memtable size per column family, bytes. Large values (KV pages) fill
+    // memtables fast; 64 MiB keeps flushes infrequent. Range 1 MiB..4 GiB.
+    size_t write_buffer_bytes = size_t{64} << 20;
+    // Shared LRU block cache, bytes. ≥ 0.
+    size_t block_cache_bytes = size_t{256} << 20;
+    // Block size of the page column family, bytes: a 16-token page of 8 KV
+    // heads × 128 × bf16 is 64 KiB, so one page is about one block.
+    // Range 4 KiB..4 MiB.
+    size_t page_block_bytes = size_t{64} << 10;
+
+    // INVALID_ARGUMENT naming the field when out of range.
+    absl::Status Validate() const;
+  };
+
+  // Opens (or creates) the database in directory `dir`. INVALID_ARGUMENT:
+  // bad options. UNAVAILABLE: the directory cannot be used (with RocksDB's
+  // cause, e.g. a lock held by another server). DATA_LOSS: corruption.
+  static absl::StatusOr<std::unique_ptr<Store>> Open(const Options& options,
+                                                     const std::string& dir);
+  virtual ~Store() = default;
+
+  // Reserves a fresh session sequence number, never handed out before by
+  // this database (persisted; survives restarts).
+  virtual absl::StatusOr<uint64_t> NewSessionSeq() = 0;
+
+  // Writes session `seq`'s manifest, replacing any earlier one. With `sync`
+  // the write is on disk when this returns. On error nothing is written.
+  virtual absl::Status PutManifest(uint64_t seq, absl::string_view body,
+                                   bool sync) = 0;
+
+  // Reads session `seq`'s manifest. NOT_FOUND if absent; DATA_LOSS if its
+  // checksum fails.
+  virtual absl::StatusOr<std::string> GetManifest(uint64_t seq) = 0;
+
+  // Calls `visit(seq, body)` for every manifest in seq order; stops at and
+  // returns the first non-OK status `visit` returns. DATA_LOSS names the
+  // session whose manifest fails its checksum.
+  using ManifestVisitor =
+      std::function<absl::Status(uint64_t seq, absl::string_view body)>;
+  virtual absl::Status ForEachManifest(const ManifestVisitor& visit) = 0;
+
+  // Removes every key of session `seq` in every column family in one atomic
+  // write (range deletions; compaction reclaims the space). Removing an
+  // absent session is OK. On error nothing is removed.
+  virtual absl::Status DeleteSession(uint64_t seq, bool sync) = 0;
+
+  // Bytes on disk of live SST files and of memtables (approximate).
+  virtual uint64_t ApproximateBytes() = 0;
+};
+
+}  // namespace kvmem::storage
+
+#endif  // KVMEM_STORAGE_STORE_H_
