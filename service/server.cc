@@ -51,6 +51,9 @@ class GrpcServer final : public Server {
     builder.RegisterService(service_.get());
     builder.SetMaxReceiveMessageSize(options.max_message_bytes);
     builder.SetMaxSendMessageSize(options.max_message_bytes);
+    // gRPC sets SO_REUSEPORT by default, which lets a second server bind the
+    // same port and silently take half the connections. One port, one server.
+    builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     server_ = builder.BuildAndStart();
     if (server_ == nullptr || port_ == 0) {
       return absl::UnavailableError(
