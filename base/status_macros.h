@@ -17,8 +17,9 @@
 
 // `lhs = *expr` when `expr` (an absl::StatusOr) is OK; otherwise returns its
 // status from the enclosing function. `lhs` may declare a variable.
-#define KVMEM_ASSIGN_OR_RETURN(lhs, expr) \
-  KVMEM_ASSIGN_OR_RETURN_IMPL_(KVMEM_CONCAT_(kvmem_statusor_, __LINE__), lhs, expr)
+#define KVMEM_ASSIGN_OR_RETURN(lhs, expr)                                     \
+  KVMEM_ASSIGN_OR_RETURN_IMPL_(KVMEM_CONCAT_(kvmem_statusor_, __LINE__), lhs, \
+                               expr)
 
 #define KVMEM_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, expr) \
   auto statusor = (expr);                                 \

@@ -96,9 +96,8 @@ class GrpcServer final : public Server {
 
   void Wait() override {
     std::unique_lock<Mutex> lock(mu_);
-    done_cv_.wait(lock, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      return done_;
-    });
+    done_cv_.wait(lock,
+                  [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return done_; });
   }
 
  private:
@@ -134,9 +133,8 @@ absl::Status ChooseBackend(const std::string& flag, std::string* backend,
   }
   if (flag == "cuda") {
     if (probe.device_count == 0) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("--backend=cuda: no CUDA device (", probe.why_none,
-                       ")"));
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--backend=cuda: no CUDA device (", probe.why_none, ")"));
     }
     return absl::FailedPreconditionError(absl::StrCat(
         "--backend=cuda: device ", probe.device_name,
@@ -151,8 +149,8 @@ absl::Status ChooseBackend(const std::string& flag, std::string* backend,
 
 absl::Status ServerOptions::Validate() const {
   if (listen.empty() || !absl::StrContains(listen, ':')) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--listen must be host:port, got \"", listen, "\""));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--listen must be host:port, got \"", listen, "\""));
   }
   if (data_dir.empty()) {
     return absl::InvalidArgumentError("--data_dir must not be empty");

@@ -38,7 +38,7 @@ std::string FrameValue(absl::string_view body) {
 }
 
 absl::StatusOr<absl::string_view> UnframeValue(absl::string_view framed,
-                                              absl::string_view what) {
+                                               absl::string_view what) {
   if (framed.size() < 5) {
     return absl::DataLossError(absl::StrCat(what, ": stored value is ",
                                             framed.size(),
@@ -49,13 +49,14 @@ absl::StatusOr<absl::string_view> UnframeValue(absl::string_view framed,
                                             int(uint8_t(framed[0]))));
   }
   uint32_t want = 0;
-  for (int i = 0; i < 4; ++i) want |= uint32_t(uint8_t(framed[1 + i])) << (8 * i);
+  for (int i = 0; i < 4; ++i)
+    want |= uint32_t(uint8_t(framed[1 + i])) << (8 * i);
   absl::string_view body = framed.substr(5);
   uint32_t got = Crc32c(body);
   if (got != want) {
-    return absl::DataLossError(absl::StrCat(
-        what, ": checksum mismatch (stored ", absl::Hex(want), ", computed ",
-        absl::Hex(got), ")"));
+    return absl::DataLossError(
+        absl::StrCat(what, ": checksum mismatch (stored ", absl::Hex(want),
+                     ", computed ", absl::Hex(got), ")"));
   }
   return body;
 }

@@ -5,9 +5,9 @@
 
 #include <cstdint>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace kvmem::storage {
 
@@ -23,7 +23,7 @@ std::string FrameValue(absl::string_view body);
 // value is short, of an unknown version, or fails its checksum. The view
 // borrows from `framed`.
 absl::StatusOr<absl::string_view> UnframeValue(absl::string_view framed,
-                                              absl::string_view what);
+                                               absl::string_view what);
 
 }  // namespace kvmem::storage
 

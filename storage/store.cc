@@ -20,8 +20,15 @@ namespace {
 constexpr char kNextSessionSeqKey[] = "next_session_seq";
 
 // Column family names, in the order of RocksStore::cf_.
-enum Family { kDefault, kManifests, kPages, kDigests, kCheckpoints, kStepLog,
-              kNumFamilies };
+enum Family {
+  kDefault,
+  kManifests,
+  kPages,
+  kDigests,
+  kCheckpoints,
+  kStepLog,
+  kNumFamilies
+};
 constexpr const char* kFamilyNames[kNumFamilies] = {
     "default", "manifests", "pages", "digests", "checkpoints", "steplog"};
 
@@ -60,10 +67,9 @@ class RocksStore final : public Store {
     AppendBigEndian64(seq + 1, &value);
     rocksdb::WriteOptions wo;
     wo.sync = true;  // a seq must never be handed out twice, even after a crash
-    KVMEM_RETURN_IF_ERROR(
-        FromRocks(db_->Put(wo, cf_[kDefault], kNextSessionSeqKey,
-                           FrameValue(value)),
-                  "store next_session_seq"));
+    KVMEM_RETURN_IF_ERROR(FromRocks(
+        db_->Put(wo, cf_[kDefault], kNextSessionSeqKey, FrameValue(value)),
+        "store next_session_seq"));
     next_seq_ = seq + 1;
     return seq;
   }
@@ -80,10 +86,10 @@ class RocksStore final : public Store {
   absl::StatusOr<std::string> GetManifest(uint64_t seq) override {
     std::string framed;
     std::string what = absl::StrCat("manifest of session #", seq);
-    KVMEM_RETURN_IF_ERROR(FromRocks(
-        db_->Get(rocksdb::ReadOptions(), cf_[kManifests], SessionKey(seq),
-                 &framed),
-        absl::StrCat("read ", what)));
+    KVMEM_RETURN_IF_ERROR(
+        FromRocks(db_->Get(rocksdb::ReadOptions(), cf_[kManifests],
+                           SessionKey(seq), &framed),
+                  absl::StrCat("read ", what)));
     KVMEM_ASSIGN_OR_RETURN(absl::string_view body, UnframeValue(framed, what));
     return std::string(body);
   }
@@ -96,14 +102,15 @@ class RocksStore final : public Store {
     for (it->SeekToFirst(); it->Valid(); it->Next()) {
       rocksdb::Slice key = it->key();
       if (key.size() != 8) {
-        return absl::DataLossError(absl::StrCat(
-            "manifest key of ", key.size(), " bytes, want 8"));
+        return absl::DataLossError(
+            absl::StrCat("manifest key of ", key.size(), " bytes, want 8"));
       }
       uint64_t seq = ReadBigEndian64(absl::string_view(key.data(), 8), 0);
       KVMEM_ASSIGN_OR_RETURN(
           absl::string_view body,
-          UnframeValue(absl::string_view(it->value().data(), it->value().size()),
-                       absl::StrCat("manifest of session #", seq)));
+          UnframeValue(
+              absl::string_view(it->value().data(), it->value().size()),
+              absl::StrCat("manifest of session #", seq)));
       KVMEM_RETURN_IF_ERROR(visit(seq, body));
     }
     return FromRocks(it->status(), "scan manifests");
@@ -163,8 +170,8 @@ rocksdb::ColumnFamilyOptions FamilyOptions(
         rocksdb::GetSupportedCompressions();
     bool has_lz4 = std::find(supported.begin(), supported.end(),
                              rocksdb::kLZ4Compression) != supported.end();
-    cfo.compression = has_lz4 ? rocksdb::kLZ4Compression
-                              : rocksdb::kNoCompression;
+    cfo.compression =
+        has_lz4 ? rocksdb::kLZ4Compression : rocksdb::kNoCompression;
   }
   cfo.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
   return cfo;
@@ -175,9 +182,9 @@ rocksdb::ColumnFamilyOptions FamilyOptions(
 absl::Status Store::Options::Validate() const {
   if (write_buffer_bytes < (size_t{1} << 20) ||
       write_buffer_bytes > (size_t{4} << 30)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "write_buffer_bytes must be in [1 MiB, 4 GiB], got ",
-        write_buffer_bytes));
+    return absl::InvalidArgumentError(
+        absl::StrCat("write_buffer_bytes must be in [1 MiB, 4 GiB], got ",
+                     write_buffer_bytes));
   }
   if (page_block_bytes < 4096 || page_block_bytes > (size_t{4} << 20)) {
     return absl::InvalidArgumentError(absl::StrCat(

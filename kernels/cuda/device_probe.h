@@ -9,9 +9,9 @@
 namespace kvmem::cuda {
 
 struct DeviceProbe {
-  int device_count = 0;      // usable CUDA devices; 0 where none or no driver
-  std::string device_name;   // device 0's name, empty when device_count == 0
-  std::string why_none;      // the runtime's reason when device_count == 0
+  int device_count = 0;     // usable CUDA devices; 0 where none or no driver
+  std::string device_name;  // device 0's name, empty when device_count == 0
+  std::string why_none;     // the runtime's reason when device_count == 0
 };
 
 // Never fails: a machine without a driver or a GPU has no devices, and

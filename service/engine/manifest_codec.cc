@@ -24,7 +24,9 @@ class Writer {
 
  private:
   // x86 and the GPU machine are little-endian; stored bytes are LE.
-  void Raw(const void* p, size_t n) { out_.append(static_cast<const char*>(p), n); }
+  void Raw(const void* p, size_t n) {
+    out_.append(static_cast<const char*>(p), n);
+  }
   std::string out_;
 };
 
@@ -129,19 +131,18 @@ absl::StatusOr<SessionManifest> DecodeManifest(absl::string_view bytes) {
   };
   if (!rd.U8(&format)) return truncated();
   if (format != kManifestFormat) {
-    return absl::DataLossError(
-        absl::StrCat("session manifest format ", int(format), ", want ",
-                     int(kManifestFormat)));
+    return absl::DataLossError(absl::StrCat("session manifest format ",
+                                            int(format), ", want ",
+                                            int(kManifestFormat)));
   }
   bool ok = rd.Str(&c.session_id) && rd.Str(&c.tenant) && rd.I32(&s.layers) &&
             rd.I32(&s.kv_heads) && rd.I32(&s.query_heads) &&
             rd.I32(&s.head_dim) && rd.I32(&dtype) && rd.U8(&has_scale) &&
-            rd.F32(&scale) && rd.F64(&r.base_theta) &&
-            rd.I32(&r.rotary_dims) && rd.U8(&interleaved) &&
-            rd.I32(&scaling) && rd.F64(&r.scaling_factor) &&
-            rd.F64(&r.low_freq_factor) && rd.F64(&r.high_freq_factor) &&
-            rd.I64(&r.original_max_positions) && rd.I32(&p.sinks) &&
-            rd.I32(&p.cascades) && rd.I32(&p.window) &&
+            rd.F32(&scale) && rd.F64(&r.base_theta) && rd.I32(&r.rotary_dims) &&
+            rd.U8(&interleaved) && rd.I32(&scaling) &&
+            rd.F64(&r.scaling_factor) && rd.F64(&r.low_freq_factor) &&
+            rd.F64(&r.high_freq_factor) && rd.I64(&r.original_max_positions) &&
+            rd.I32(&p.sinks) && rd.I32(&p.cascades) && rd.I32(&p.window) &&
             rd.I32(&p.page_tokens) && rd.I32(&p.step_budget_tokens) &&
             rd.I32(&p.recent_tokens) && rd.F64(&p.ema_beta) &&
             rd.I32(&reduction) && rd.U8(&eager) && rd.I32(&mode) &&

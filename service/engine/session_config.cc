@@ -26,13 +26,14 @@ absl::Status Invalid(const std::string& message) {
 // "`field` must be in [lo, hi], got v".
 absl::Status CheckRange(const char* field, int64_t v, int64_t lo, int64_t hi) {
   if (v >= lo && v <= hi) return absl::OkStatus();
-  return Invalid(absl::StrCat(field, " must be in [", lo, ", ", hi, "], got ",
-                              v));
+  return Invalid(
+      absl::StrCat(field, " must be in [", lo, ", ", hi, "], got ", v));
 }
 
 absl::Status ValidateShape(const ModelShape& s) {
   KVMEM_RETURN_IF_ERROR(CheckRange("shape.layers", s.layers, 1, kMaxLayers));
-  KVMEM_RETURN_IF_ERROR(CheckRange("shape.kv_heads", s.kv_heads, 1, kMaxKvHeads));
+  KVMEM_RETURN_IF_ERROR(
+      CheckRange("shape.kv_heads", s.kv_heads, 1, kMaxKvHeads));
   if (s.query_heads < 1 || s.query_heads > kMaxQueryHeads ||
       s.query_heads % s.kv_heads != 0) {
     return Invalid(absl::StrCat(
@@ -95,10 +96,10 @@ absl::Status ValidateRotary(const ModelShape& s, bool required) {
           r.low_freq_factor, " and ", r.high_freq_factor));
     }
     if (r.original_max_positions <= 0) {
-      return Invalid(absl::StrCat(
-          "shape.rotary.original_max_positions must be > 0 for "
-          "ROTARY_SCALING_LLAMA3, got ",
-          r.original_max_positions));
+      return Invalid(
+          absl::StrCat("shape.rotary.original_max_positions must be > 0 for "
+                       "ROTARY_SCALING_LLAMA3, got ",
+                       r.original_max_positions));
     }
   }
   return absl::OkStatus();
@@ -113,15 +114,16 @@ absl::Status ValidatePolicy(const CachePolicy& p, int layers) {
   if (st.ok()) st = CheckRange("policy.window", p.window, 1, kMaxWindow);
   if (!st.ok()) return st;
   if (p.window % p.page_tokens != 0) {
-    return Invalid(absl::StrCat(
-        "policy.window must be a multiple of policy.page_tokens (",
-        p.page_tokens, "), got ", p.window));
+    return Invalid(
+        absl::StrCat("policy.window must be a multiple of policy.page_tokens (",
+                     p.page_tokens, "), got ", p.window));
   }
   const int64_t resident = int64_t{p.sinks} + int64_t{p.cascades} * p.window;
   if (resident > (int64_t{1} << 24)) {
     return Invalid(absl::StrCat(
         "policy.window: sinks + cascades·window must be at most 16777216 "
-        "tokens per stream, got ", resident));
+        "tokens per stream, got ",
+        resident));
   }
   st = CheckRange("policy.recent_tokens", p.recent_tokens, 0, p.window);
   if (!st.ok()) return st;
@@ -134,8 +136,8 @@ absl::Status ValidatePolicy(const CachePolicy& p, int layers) {
         p.step_budget_tokens));
   }
   if (!(p.ema_beta > 0 && p.ema_beta < 1)) {
-    return Invalid(absl::StrCat("policy.ema_beta must be in (0, 1), got ",
-                                p.ema_beta));
+    return Invalid(
+        absl::StrCat("policy.ema_beta must be in (0, 1), got ", p.ema_beta));
   }
   if (p.score_reduction != ScoreReduction::kMax &&
       p.score_reduction != ScoreReduction::kMean) {
@@ -154,8 +156,8 @@ absl::Status ValidatePolicy(const CachePolicy& p, int layers) {
                                   "), got ", l));
     }
     if (!seen.insert(l).second) {
-      return Invalid(absl::StrCat("policy.dense_layers[", i, "] repeats layer ",
-                                  l));
+      return Invalid(
+          absl::StrCat("policy.dense_layers[", i, "] repeats layer ", l));
     }
   }
   if (p.spill_quota_bytes < 0) {
@@ -171,16 +173,15 @@ absl::Status ValidatePolicy(const CachePolicy& p, int layers) {
 
 absl::Status ValidateLabels(const std::map<std::string, std::string>& labels) {
   if (labels.size() > size_t{kMaxLabels}) {
-    return Invalid(absl::StrCat("labels: at most ", kMaxLabels,
-                                " labels, got ", labels.size()));
+    return Invalid(absl::StrCat("labels: at most ", kMaxLabels, " labels, got ",
+                                labels.size()));
   }
   for (const auto& [key, value] : labels) {
     bool ok = !key.empty() && key.size() <= 63;
     for (char c : key) ok = ok && LabelKeyChar(c);
     if (!ok) {
-      return Invalid(absl::StrCat(
-          "labels: key \"", key,
-          "\" must be 1-63 characters of [a-z0-9._-]"));
+      return Invalid(absl::StrCat("labels: key \"", key,
+                                  "\" must be 1-63 characters of [a-z0-9._-]"));
     }
     if (value.size() > 256) {
       return Invalid(absl::StrCat("labels[", key, "]: value of ", value.size(),

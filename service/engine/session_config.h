@@ -57,8 +57,8 @@ struct CachePolicy {
   PositionsMode positions_mode = PositionsMode::kAbsolute;
   bool recall = true;
   std::vector<int> dense_layers = {0, 1};  // see DefaultDenseLayers
-  int64_t spill_quota_bytes = 0;  // 0: none
-  int64_t idle_ttl_seconds = 0;   // 0: never expires
+  int64_t spill_quota_bytes = 0;           // 0: none
+  int64_t idle_ttl_seconds = 0;            // 0: never expires
 };
 
 // The contract's default dense layers, {0, 1} ∩ [0, layers).

@@ -38,8 +38,8 @@ absl::StatusOr<std::unique_ptr<SessionRegistry>> SessionRegistry::Open(
       [&](uint64_t seq, absl::string_view body) -> absl::Status {
         absl::StatusOr<SessionManifest> manifest = DecodeManifest(body);
         if (!manifest.ok()) {
-          return absl::DataLossError(absl::StrCat(
-              "session #", seq, ": ", manifest.status().message()));
+          return absl::DataLossError(absl::StrCat("session #", seq, ": ",
+                                                  manifest.status().message()));
         }
         Entry entry;
         entry.manifest = std::move(*manifest);
@@ -55,7 +55,8 @@ SessionInfo SessionRegistry::Describe(const Entry& entry) {
   SessionInfo info;
   info.manifest = entry.manifest;
   const std::vector<int64_t>& next = entry.manifest.layer_next_positions;
-  info.position = next.empty() ? 0 : *std::min_element(next.begin(), next.end());
+  info.position =
+      next.empty() ? 0 : *std::min_element(next.begin(), next.end());
   info.last_used_unix_micros = entry.last_used_unix_micros;
   return info;
 }
@@ -76,8 +77,8 @@ absl::StatusOr<SessionInfo> SessionRegistry::Create(SessionConfig config) {
   {
     MutexLock lock(&mu_);
     if (sessions_.count(key)) {
-      return absl::AlreadyExistsError(absl::StrCat(
-          "session_id \"", key.second, "\" already exists"));
+      return absl::AlreadyExistsError(
+          absl::StrCat("session_id \"", key.second, "\" already exists"));
     }
     sessions_.emplace(key, entry);  // reserved; invisible until kReady
   }

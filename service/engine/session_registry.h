@@ -70,8 +70,7 @@ class SessionRegistry {
 
   // Removes the session and every stored key of it. NOT_FOUND; UNAVAILABLE
   // when storage fails, in which case the session stays as it was.
-  absl::Status Delete(const std::string& tenant,
-                      const std::string& session_id);
+  absl::Status Delete(const std::string& tenant, const std::string& session_id);
 
   // Sessions of every tenant.
   int64_t SessionCount();

@@ -29,7 +29,8 @@ absl::Status SessionConfigFromProto(const v1::CreateSessionRequest& request,
                              ? RotaryScaling::kNone
                              : RotaryScaling(int(r.scaling()));
   // An unset factor (0) means "no scaling factor", i.e. 1.
-  shape.rotary.scaling_factor = r.scaling_factor() == 0 ? 1 : r.scaling_factor();
+  shape.rotary.scaling_factor =
+      r.scaling_factor() == 0 ? 1 : r.scaling_factor();
   shape.rotary.low_freq_factor = r.low_freq_factor();
   shape.rotary.high_freq_factor = r.high_freq_factor();
   shape.rotary.original_max_positions = r.original_max_positions();
@@ -117,7 +118,8 @@ void SessionToProto(const SessionInfo& info, v1::Session* out) {
   pp->set_idle_ttl_seconds(p.idle_ttl_seconds);
 
   out->set_durability(v1::Durability(int(c.durability)));
-  for (const auto& [key, value] : c.labels) (*out->mutable_labels())[key] = value;
+  for (const auto& [key, value] : c.labels)
+    (*out->mutable_labels())[key] = value;
   out->set_position(info.position);
   for (int64_t pos : m.layer_next_positions) out->add_layer_next_positions(pos);
   out->set_durable_position(m.durable_position);

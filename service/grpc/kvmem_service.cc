@@ -110,8 +110,7 @@ grpc::ServerUnaryReactor* KvMemoryService::GetStats(
     response->set_version(identity_.version);
     response->set_backend(identity_.backend);
     response->set_device(identity_.device);
-    response->set_uptime_seconds(
-        absl::ToInt64Seconds(absl::Now() - started_));
+    response->set_uptime_seconds(absl::ToInt64Seconds(absl::Now() - started_));
     response->set_sessions(registry_->SessionCount());
     return absl::OkStatus();
   });

@@ -26,7 +26,8 @@ TEST(Frame, RoundTripsAndDetectsEveryFlippedBit) {
       absl::StatusOr<absl::string_view> r = UnframeValue(bad, "test value");
       ASSERT_FALSE(r.ok()) << "byte " << byte << " bit " << bit;
       EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss);
-      EXPECT_NE(r.status().message().find("test value"), absl::string_view::npos);
+      EXPECT_NE(r.status().message().find("test value"),
+                absl::string_view::npos);
     }
   }
 }

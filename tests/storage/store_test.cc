@@ -20,8 +20,8 @@ std::unique_ptr<Store> OpenOrDie(const std::string& dir) {
 
 std::vector<std::pair<uint64_t, std::string>> AllManifests(Store* store) {
   std::vector<std::pair<uint64_t, std::string>> all;
-  absl::Status st = store->ForEachManifest(
-      [&](uint64_t seq, absl::string_view body) {
+  absl::Status st =
+      store->ForEachManifest([&](uint64_t seq, absl::string_view body) {
         all.emplace_back(seq, std::string(body));
         return absl::OkStatus();
       });
@@ -98,19 +98,23 @@ TEST(Store, CorruptedManifestIsDataLoss) {
     std::vector<std::string> names;
     ASSERT_TRUE(
         rocksdb::DB::ListColumnFamilies(options, dir.path(), &names).ok());
-    for (const std::string& name : names) families.emplace_back(name, rocksdb::ColumnFamilyOptions());
+    for (const std::string& name : names)
+      families.emplace_back(name, rocksdb::ColumnFamilyOptions());
     std::vector<rocksdb::ColumnFamilyHandle*> handles;
     rocksdb::DB* db = nullptr;
-    ASSERT_TRUE(rocksdb::DB::Open(options, dir.path(), families, &handles, &db).ok());
+    ASSERT_TRUE(
+        rocksdb::DB::Open(options, dir.path(), families, &handles, &db).ok());
     rocksdb::ColumnFamilyHandle* manifests = nullptr;
     for (rocksdb::ColumnFamilyHandle* h : handles) {
       if (h->GetName() == "manifests") manifests = h;
     }
     ASSERT_NE(manifests, nullptr);
     std::string value;
-    ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), manifests, SessionKey(5), &value).ok());
+    ASSERT_TRUE(
+        db->Get(rocksdb::ReadOptions(), manifests, SessionKey(5), &value).ok());
     value[value.size() - 1] ^= 0x10;
-    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), manifests, SessionKey(5), value).ok());
+    ASSERT_TRUE(
+        db->Put(rocksdb::WriteOptions(), manifests, SessionKey(5), value).ok());
     for (rocksdb::ColumnFamilyHandle* h : handles) {
       ASSERT_TRUE(db->DestroyColumnFamilyHandle(h).ok());
     }

@@ -10,8 +10,8 @@ SessionManifest Sample() {
   m.config.session_id = "chat-42";
   m.config.tenant = "acme";
   m.config.shape = {32, 8, 32, 128, DType::kFp16, 0.125f, {}};
-  m.config.shape.rotary = {500000.0, 64, true, RotaryScaling::kLlama3,
-                           8.0, 1.0, 4.0, 8192};
+  m.config.shape.rotary = {500000.0, 64,  true, RotaryScaling::kLlama3,
+                           8.0,      1.0, 4.0,  8192};
   m.config.policy.sinks = 4;
   m.config.policy.cascades = 2;
   m.config.policy.window = 256;

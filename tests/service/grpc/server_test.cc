@@ -1,5 +1,7 @@
 // Integration tests: the real server (StartServer) on 127.0.0.1:0 with a
 // real RocksDB in a temp dir, called through the generated gRPC stub.
+#include "service/server.h"
+
 #include <cmath>
 #include <functional>
 #include <future>
@@ -10,7 +12,6 @@
 #include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
 #include "kvmem/v1/kvmem.grpc.pb.h"
-#include "service/server.h"
 #include "tests/temp_dir.h"
 
 namespace kvmem {
@@ -68,8 +69,8 @@ class ServerTest : public ::testing::Test {
     return context;
   }
 
-  grpc::Status Create(const v1::CreateSessionRequest& request,
-                      v1::Session* out, const std::string& tenant = "") {
+  grpc::Status Create(const v1::CreateSessionRequest& request, v1::Session* out,
+                      const std::string& tenant = "") {
     return stub_->CreateSession(Context(tenant).get(), request, out);
   }
   grpc::Status Get(const std::string& id, v1::Session* out,
@@ -88,7 +89,8 @@ class ServerTest : public ::testing::Test {
       grpc::Status st = stub_->ListSessions(Context(tenant).get(), r, &page);
       EXPECT_TRUE(st.ok()) << st.error_message();
       if (!st.ok()) break;
-      for (const v1::Session& s : page.sessions()) ids.push_back(s.session_id());
+      for (const v1::Session& s : page.sessions())
+        ids.push_back(s.session_id());
       r.set_page_token(page.next_page_token());
     } while (!r.page_token().empty());
     return ids;
@@ -175,12 +177,11 @@ TEST_F(ServerTest, SessionsSurviveARestart) {
   v1::DeleteSessionRequest del;
   del.set_session_id("sess-3");
   v1::DeleteSessionResponse deleted;
-  ASSERT_TRUE(
-      stub_->DeleteSession(Context("acme").get(), del, &deleted).ok());
+  ASSERT_TRUE(stub_->DeleteSession(Context("acme").get(), del, &deleted).ok());
   Restart();
   std::vector<std::string> ids = ListIds("acme");
-  EXPECT_EQ(ids, (std::vector<std::string>{"sess-0", "sess-1", "sess-2",
-                                           "sess-4"}));
+  EXPECT_EQ(ids,
+            (std::vector<std::string>{"sess-0", "sess-1", "sess-2", "sess-4"}));
 }
 
 TEST_F(ServerTest, DuplicateIdIsAlreadyExistsAndChangesNothing) {
@@ -258,7 +259,8 @@ TEST_F(ServerTest, EveryInvalidFieldOfCreateSessionIsNamed) {
        [](R* r) { r->mutable_shape()->set_head_dim(96); }},
       {"shape.dtype",
        [](R* r) { r->mutable_shape()->set_dtype(v1::DTYPE_UNSPECIFIED); }},
-      {"shape.dtype", [](R* r) { r->mutable_shape()->set_dtype(v1::DType(9)); }},
+      {"shape.dtype",
+       [](R* r) { r->mutable_shape()->set_dtype(v1::DType(9)); }},
       {"shape.softmax_scale",
        [](R* r) { r->mutable_shape()->set_softmax_scale(-1); }},
       {"shape.softmax_scale",
@@ -358,10 +360,12 @@ TEST_F(ServerTest, EveryInvalidFieldOfCreateSessionIsNamed) {
        [](R* r) { r->mutable_policy()->set_idle_ttl_seconds(-1); }},
       {"durability", [](R* r) { r->set_durability(v1::Durability(3)); }},
       {"labels", [](R* r) { (*r->mutable_labels())["Bad Key"] = "x"; }},
-      {"labels", [](R* r) { (*r->mutable_labels())["k"] = std::string(300, 'v'); }},
+      {"labels",
+       [](R* r) { (*r->mutable_labels())["k"] = std::string(300, 'v'); }},
       {"labels",
        [](R* r) {
-         for (int i = 0; i < 65; ++i) (*r->mutable_labels())[absl::StrCat("k", i)] = "v";
+         for (int i = 0; i < 65; ++i)
+           (*r->mutable_labels())[absl::StrCat("k", i)] = "v";
        }},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
@@ -416,7 +420,8 @@ int HealthCheck(grpc::Channel* channel, const std::string& service,
 
 TEST_F(ServerTest, HealthIsServingThenShutdownRefusesCalls) {
   grpc::Status error;
-  EXPECT_EQ(HealthCheck(channel_.get(), "", &error), 1) << error.error_message();
+  EXPECT_EQ(HealthCheck(channel_.get(), "", &error), 1)
+      << error.error_message();
   EXPECT_EQ(HealthCheck(channel_.get(), "kvmem.v1.KvMemory", &error), 1);
   server_->Shutdown(absl::Seconds(5));
   v1::Session s;

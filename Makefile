@@ -1,0 +1,38 @@
+# The two commands of the README, and CI's sanitizer run. CMake does the
+# real work (CMakePresets.json); this file only orders the steps.
+JOBS ?= 2
+ARGS ?=
+
+.PHONY: deps build run test build-asan test-asan format-check clean
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	@test -f build/release/build.ninja || cmake --preset release
+	cmake --build --preset release -j $(JOBS)
+	@ln -sf build/release/compile_commands.json compile_commands.json
+
+# Starts the server on the embedded defaults (127.0.0.1:50051, ./kvmem-data,
+# backend auto); ARGS="--listen=0.0.0.0:50051 ..." adds flags.
+run: build
+	./build/release/service/kvmem-server $(ARGS)
+
+test: build
+	ctest --preset release -j $(JOBS)
+
+build-asan: deps
+	@test -f build/asan/build.ninja || cmake --preset asan
+	cmake --build --preset asan -j $(JOBS)
+
+# Every test under AddressSanitizer + UndefinedBehaviorSanitizer.
+test-asan: build-asan
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	ctest --preset asan -j $(JOBS)
+
+format-check:
+	clang-format-14 --dry-run --Werror $$(git ls-files '*.h' '*.cc' '*.cu')
+
+clean:
+	rm -rf build compile_commands.json
