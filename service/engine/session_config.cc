@@ -61,9 +61,9 @@ absl::Status ValidateShape(const ModelShape& s) {
 absl::Status ValidateRotary(const ModelShape& s, bool required) {
   const RotaryConfig& r = s.rotary;
   if (!required && r.base_theta == 0) return absl::OkStatus();
-  if (!(std::isfinite(r.base_theta) && r.base_theta > 0)) {
+  if (!(std::isfinite(r.base_theta) && r.base_theta > 1)) {
     return Invalid(absl::StrCat(
-        "shape.rotary.base_theta must be finite and > 0",
+        "shape.rotary.base_theta must be finite and > 1",
         required ? " for policy.positions_mode POSITIONS_MODE_CACHE_RANK" : "",
         ", got ", r.base_theta));
   }

@@ -12,12 +12,14 @@
 
 #include "absl/status/status.h"
 #include "kernels/dtype.h"
+#include "kernels/policy_math.h"
+#include "kernels/rotary.h"
 
 namespace kvmem {
 
+// RotaryScaling and ScoreReduction are the kernels' (kernels/rotary.h,
+// kernels/policy_math.h); the adapter maps the wire's values onto them.
 // Values of the enums below equal their kvmem.v1 counterparts.
-enum class RotaryScaling : int { kNone = 1, kLinear = 2, kLlama3 = 3 };
-enum class ScoreReduction : int { kMax = 1, kMean = 2 };
 enum class PositionsMode : int { kAbsolute = 1, kCacheRank = 2 };
 enum class Durability : int { kAsync = 1, kStepSync = 2 };
 

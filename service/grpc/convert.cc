@@ -1,6 +1,36 @@
 #include "service/grpc/convert.h"
 
 namespace kvmem {
+namespace {
+
+// Out-of-range wire values become out-of-range engine values, which
+// ValidateSessionConfig rejects naming the field.
+RotaryScaling ScalingFromProto(v1::RotaryScaling s) {
+  switch (s) {
+    case v1::ROTARY_SCALING_UNSPECIFIED:
+    case v1::ROTARY_SCALING_NONE:
+      return RotaryScaling::kNone;
+    case v1::ROTARY_SCALING_LINEAR:
+      return RotaryScaling::kLinear;
+    case v1::ROTARY_SCALING_LLAMA3:
+      return RotaryScaling::kLlama3;
+    default:
+      return RotaryScaling(-1);
+  }
+}
+
+v1::RotaryScaling ScalingToProto(RotaryScaling s) {
+  switch (s) {
+    case RotaryScaling::kLinear:
+      return v1::ROTARY_SCALING_LINEAR;
+    case RotaryScaling::kLlama3:
+      return v1::ROTARY_SCALING_LLAMA3;
+    default:
+      return v1::ROTARY_SCALING_NONE;
+  }
+}
+
+}  // namespace
 
 absl::Status SessionConfigFromProto(const v1::CreateSessionRequest& request,
                                     const std::string& tenant,
@@ -25,9 +55,7 @@ absl::Status SessionConfigFromProto(const v1::CreateSessionRequest& request,
   shape.rotary.base_theta = r.base_theta();
   shape.rotary.rotary_dims = r.rotary_dims();
   shape.rotary.interleaved = r.interleaved();
-  shape.rotary.scaling = r.scaling() == v1::ROTARY_SCALING_UNSPECIFIED
-                             ? RotaryScaling::kNone
-                             : RotaryScaling(int(r.scaling()));
+  shape.rotary.scaling = ScalingFromProto(r.scaling());
   // An unset factor (0) means "no scaling factor", i.e. 1.
   shape.rotary.scaling_factor =
       r.scaling_factor() == 0 ? 1 : r.scaling_factor();
@@ -93,7 +121,7 @@ void SessionToProto(const SessionInfo& info, v1::Session* out) {
   rp->set_base_theta(r.base_theta);
   rp->set_rotary_dims(r.rotary_dims == 0 ? c.shape.head_dim : r.rotary_dims);
   rp->set_interleaved(r.interleaved);
-  rp->set_scaling(v1::RotaryScaling(int(r.scaling)));
+  rp->set_scaling(ScalingToProto(r.scaling));
   rp->set_scaling_factor(r.scaling_factor);
   rp->set_low_freq_factor(r.low_freq_factor);
   rp->set_high_freq_factor(r.high_freq_factor);
