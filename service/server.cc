@@ -10,7 +10,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server_builder.h"
 #include "kernels/cuda/device_probe.h"
-#include "service/engine/session_registry.h"
+#include "service/engine/engine.h"
 #include "service/grpc/kvmem_service.h"
 #include "storage/store.h"
 
@@ -29,12 +29,11 @@ std::string HostName() {
 class GrpcServer final : public Server {
  public:
   GrpcServer(std::unique_ptr<storage::Store> store,
-             std::unique_ptr<SessionRegistry> registry,
-             std::unique_ptr<WorkPool> pool,
+             std::unique_ptr<Engine> engine, std::unique_ptr<WorkPool> pool,
              std::unique_ptr<KvMemoryService> service, std::string backend,
              std::string device)
       : store_(std::move(store)),
-        registry_(std::move(registry)),
+        engine_(std::move(engine)),
         pool_(std::move(pool)),
         service_(std::move(service)),
         backend_(std::move(backend)),
@@ -87,7 +86,7 @@ class GrpcServer final : public Server {
       server_->Wait();
     }
     pool_.reset();  // runs what was queued, joins its threads
-    registry_.reset();
+    engine_.reset();
     store_.reset();  // closes RocksDB
     MutexLock lock(&mu_);
     done_ = true;
@@ -103,7 +102,7 @@ class GrpcServer final : public Server {
  private:
   // Declared in dependency order: destroyed service first, storage last.
   std::unique_ptr<storage::Store> store_;
-  std::unique_ptr<SessionRegistry> registry_;
+  std::unique_ptr<Engine> engine_;
   std::unique_ptr<WorkPool> pool_;
   std::unique_ptr<KvMemoryService> service_;
   std::unique_ptr<grpc::Server> server_;
@@ -174,16 +173,15 @@ absl::StatusOr<std::unique_ptr<Server>> StartServer(
   KVMEM_ASSIGN_OR_RETURN(
       std::unique_ptr<storage::Store> store,
       storage::Store::Open(storage::Store::Options(), options.data_dir));
-  KVMEM_ASSIGN_OR_RETURN(
-      std::unique_ptr<SessionRegistry> registry,
-      SessionRegistry::Open(SessionRegistry::Options(), store.get()));
+  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
+                         Engine::Open(Engine::Options(), store.get()));
   auto pool = std::make_unique<WorkPool>(options.handler_threads);
   auto service = std::make_unique<KvMemoryService>(
-      registry.get(), pool.get(),
+      engine.get(), pool.get(),
       KvMemoryService::Identity{kVersion, backend, device});
   auto server = std::make_unique<GrpcServer>(
-      std::move(store), std::move(registry), std::move(pool),
-      std::move(service), backend, device);
+      std::move(store), std::move(engine), std::move(pool), std::move(service),
+      backend, device);
   KVMEM_RETURN_IF_ERROR(server->Start(options));
   return std::unique_ptr<Server>(std::move(server));
 }

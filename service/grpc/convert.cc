@@ -1,5 +1,7 @@
 #include "service/grpc/convert.h"
 
+#include "absl/strings/str_cat.h"
+
 namespace kvmem {
 namespace {
 
@@ -156,6 +158,61 @@ void SessionToProto(const SessionInfo& info, v1::Session* out) {
   out->set_spilled_bytes(info.spilled_bytes);
   out->set_create_time_unix_micros(m.create_time_unix_micros);
   out->set_last_used_unix_micros(info.last_used_unix_micros);
+}
+
+absl::Status StepRequestFromProto(const v1::StepRequest& request,
+                                  StepRequestView* view) {
+  switch (request.mode()) {
+    case v1::STEP_MODE_FETCH:
+      view->mode = StepMode::kFetch;
+      break;
+    case v1::STEP_MODE_ATTEND:
+      view->mode = StepMode::kAttend;
+      break;
+    case v1::STEP_MODE_APPEND:
+      view->mode = StepMode::kAppend;
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("mode must be one of STEP_MODE_FETCH, STEP_MODE_ATTEND, "
+                       "STEP_MODE_APPEND, got ",
+                       int(request.mode())));
+  }
+  view->layer = request.layer();
+  view->entries.clear();
+  view->entries.reserve(size_t(request.entries_size()));
+  for (const v1::StepEntry& e : request.entries()) {
+    StepEntryView entry;
+    entry.session_id = e.session_id();
+    entry.position = e.position();
+    entry.num_tokens = e.num_tokens();
+    entry.q = absl::string_view(e.q().data(), e.q().size());
+    entry.k = absl::string_view(e.k().data(), e.k().size());
+    entry.v = absl::string_view(e.v().data(), e.v().size());
+    view->entries.push_back(std::move(entry));
+  }
+  return absl::OkStatus();
+}
+
+void StepResultsToProto(std::vector<StepEntryResult> results,
+                        const StepRequestView& request, v1::StepResponse* out) {
+  for (size_t i = 0; i < results.size(); ++i) {
+    StepEntryResult& r = results[i];
+    v1::StepResult* p = out->add_results();
+    p->set_session_id(request.entries[i].session_id);
+    p->set_next_position(r.next_position);
+    p->set_durable_position(r.durable_position);
+    p->set_output(std::move(r.output));
+    p->set_lse(std::move(r.lse));
+    for (FetchedHead& h : r.heads) {
+      v1::FetchedHead* ph = p->add_heads();
+      ph->mutable_positions()->Add(h.positions.begin(), h.positions.end());
+      ph->set_k(std::move(h.k));
+      ph->set_v(std::move(h.v));
+      ph->mutable_query_rotary_positions()->Add(
+          h.query_rotary_positions.begin(), h.query_rotary_positions.end());
+    }
+  }
 }
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {

@@ -10,6 +10,7 @@
 #include "grpcpp/support/status.h"
 #include "kvmem/v1/kvmem.pb.h"
 #include "service/engine/session_registry.h"
+#include "service/engine/step_types.h"
 
 namespace kvmem {
 
@@ -22,6 +23,15 @@ absl::Status SessionConfigFromProto(const v1::CreateSessionRequest& request,
 
 // `info` as the wire describes a session (policy with defaults filled in).
 void SessionToProto(const SessionInfo& info, v1::Session* out);
+
+// Views of `request`'s tensors (no copies); `request` must outlive `view`.
+// INVALID_ARGUMENT for an unspecified or unknown mode.
+absl::Status StepRequestFromProto(const v1::StepRequest& request,
+                                  StepRequestView* view);
+
+// Moves `results` (one per entry, in order) into `out`.
+void StepResultsToProto(std::vector<StepEntryResult> results,
+                        const StepRequestView& request, v1::StepResponse* out);
 
 // absl codes are gRPC codes; the message is kept.
 grpc::Status ToGrpcStatus(const absl::Status& status);

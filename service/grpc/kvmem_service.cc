@@ -4,6 +4,7 @@
 
 #include "absl/time/clock.h"
 #include "service/grpc/convert.h"
+#include "service/grpc/step_stream.h"
 
 namespace kvmem {
 
@@ -14,9 +15,9 @@ std::string TenantOf(const grpc::CallbackServerContext& context) {
   return std::string(it->second.data(), it->second.size());
 }
 
-KvMemoryService::KvMemoryService(SessionRegistry* registry, WorkPool* pool,
+KvMemoryService::KvMemoryService(Engine* engine, WorkPool* pool,
                                  Identity identity)
-    : registry_(registry),
+    : engine_(engine),
       pool_(pool),
       identity_(std::move(identity)),
       started_(absl::Now()) {}
@@ -58,7 +59,8 @@ grpc::ServerUnaryReactor* KvMemoryService::CreateSession(
     SessionConfig config;
     absl::Status st = SessionConfigFromProto(*request, tenant, &config);
     if (!st.ok()) return st;
-    absl::StatusOr<SessionInfo> info = registry_->Create(std::move(config));
+    absl::StatusOr<SessionInfo> info =
+        engine_->CreateSession(std::move(config));
     if (!info.ok()) return info.status();
     SessionToProto(*info, response);
     return absl::OkStatus();
@@ -70,7 +72,7 @@ grpc::ServerUnaryReactor* KvMemoryService::GetSession(
     v1::Session* response) {
   return Serve(context, [this, request, response](const std::string& tenant) {
     absl::StatusOr<SessionInfo> info =
-        registry_->Get(tenant, request->session_id());
+        engine_->GetSession(tenant, request->session_id());
     if (!info.ok()) return info.status();
     SessionToProto(*info, response);
     return absl::OkStatus();
@@ -84,7 +86,7 @@ grpc::ServerUnaryReactor* KvMemoryService::ListSessions(
   return Serve(context, [this, request, response](const std::string& tenant) {
     std::map<std::string, std::string> filter(request->label_filter().begin(),
                                               request->label_filter().end());
-    absl::StatusOr<SessionRegistry::ListPage> page = registry_->List(
+    absl::StatusOr<SessionRegistry::ListPage> page = engine_->ListSessions(
         tenant, request->page_size(), request->page_token(), filter);
     if (!page.ok()) return page.status();
     for (const SessionInfo& info : page->sessions) {
@@ -99,7 +101,23 @@ grpc::ServerUnaryReactor* KvMemoryService::DeleteSession(
     grpc::CallbackServerContext* context,
     const v1::DeleteSessionRequest* request, v1::DeleteSessionResponse*) {
   return Serve(context, [this, request](const std::string& tenant) {
-    return registry_->Delete(tenant, request->session_id());
+    return engine_->DeleteSession(tenant, request->session_id());
+  });
+}
+
+grpc::ServerUnaryReactor* KvMemoryService::Step(
+    grpc::CallbackServerContext* context, const v1::StepRequest* request,
+    v1::StepResponse* response) {
+  return Serve(context, [this, request, response](const std::string& tenant) {
+    StepRequestView view;
+    absl::Status st = StepRequestFromProto(*request, &view);
+    if (!st.ok()) return st;
+    absl::StatusOr<std::vector<StepEntryResult>> results =
+        engine_->Step(tenant, view);
+    if (!results.ok()) return results.status();
+    response->set_request_id(request->request_id());
+    StepResultsToProto(std::move(*results), view, response);
+    return absl::OkStatus();
   });
 }
 
@@ -111,9 +129,19 @@ grpc::ServerUnaryReactor* KvMemoryService::GetStats(
     response->set_backend(identity_.backend);
     response->set_device(identity_.device);
     response->set_uptime_seconds(absl::ToInt64Seconds(absl::Now() - started_));
-    response->set_sessions(registry_->SessionCount());
+    EngineStats stats = engine_->Stats();
+    response->set_sessions(stats.sessions);
+    response->set_steps(stats.steps);
+    response->set_tokens_appended(stats.tokens_appended);
+    response->set_resident_bytes(stats.resident_bytes);
+    response->set_spilled_bytes(stats.spilled_bytes);
     return absl::OkStatus();
   });
+}
+
+grpc::ServerBidiReactor<v1::StepRequest, v1::StepStreamResponse>*
+KvMemoryService::StepStream(grpc::CallbackServerContext* context) {
+  return new StepStreamReactor(context, engine_, pool_, &accepting_);
 }
 
 }  // namespace kvmem

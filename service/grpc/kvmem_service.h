@@ -3,8 +3,9 @@
 // block (storage writes) run on a WorkPool, never on gRPC's callback threads.
 //
 // RPCs served here: CreateSession, GetSession, ListSessions, DeleteSession,
-// GetStats. Step, StepStream, Checkpoint, ExportSession and ImportSession
-// answer gRPC's UNIMPLEMENTED until the engine's step lands (issues 4-6).
+// Step, StepStream (service/grpc/step_stream.h) and GetStats. Checkpoint,
+// ExportSession and ImportSession answer gRPC's UNIMPLEMENTED until the
+// storage and service work lands (issues 5 and 6).
 //
 // Thread-safe.
 #ifndef KVMEM_SERVICE_GRPC_KVMEM_SERVICE_H_
@@ -15,7 +16,7 @@
 
 #include "absl/time/time.h"
 #include "kvmem/v1/kvmem.grpc.pb.h"
-#include "service/engine/session_registry.h"
+#include "service/engine/engine.h"
 #include "service/grpc/work_pool.h"
 
 namespace kvmem {
@@ -27,11 +28,12 @@ class KvMemoryService final : public v1::KvMemory::CallbackService {
     std::string backend;  // "cpu" or "cuda"
     std::string device;   // what the backend runs on
   };
-  // `registry` and `pool` must outlive the service.
-  KvMemoryService(SessionRegistry* registry, WorkPool* pool, Identity identity);
+  // `engine` and `pool` must outlive the service.
+  KvMemoryService(Engine* engine, WorkPool* pool, Identity identity);
 
   // From now on every RPC answers UNAVAILABLE (shutdown has begun).
   void StopAccepting() { accepting_.store(false); }
+  bool accepting() const { return accepting_.load(); }
 
   grpc::ServerUnaryReactor* CreateSession(
       grpc::CallbackServerContext* context,
@@ -47,6 +49,11 @@ class KvMemoryService final : public v1::KvMemory::CallbackService {
       grpc::CallbackServerContext* context,
       const v1::DeleteSessionRequest* request,
       v1::DeleteSessionResponse* response) override;
+  grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* context,
+                                 const v1::StepRequest* request,
+                                 v1::StepResponse* response) override;
+  grpc::ServerBidiReactor<v1::StepRequest, v1::StepStreamResponse>* StepStream(
+      grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* context,
                                      const v1::GetStatsRequest* request,
                                      v1::GetStatsResponse* response) override;
@@ -58,8 +65,8 @@ class KvMemoryService final : public v1::KvMemory::CallbackService {
   grpc::ServerUnaryReactor* Serve(grpc::CallbackServerContext* context,
                                   Handler handler);
 
-  SessionRegistry* const registry_;  // not owned
-  WorkPool* const pool_;             // not owned
+  Engine* const engine_;  // not owned
+  WorkPool* const pool_;  // not owned
   const Identity identity_;
   const absl::Time started_;
   std::atomic<bool> accepting_{true};

@@ -1,0 +1,348 @@
+#include "service/engine/engine.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "kernels/cpu/dtype.h"
+#include "service/engine/stream_state.h"
+
+namespace kvmem {
+
+// A session's live state. The config parts are fixed at creation; the rest
+// is guarded by `mu`.
+struct Engine::LiveSession {
+  uint64_t seq = 0;  // storage's session number: tells re-created ids apart
+  SessionConfig config;
+  StreamConfig stream_config;  // StreamStates point here; never moves
+  std::vector<uint8_t> dense;  // [layers]: layer attends densely
+  Mutex mu;
+  std::vector<int64_t> layer_next ABSL_GUARDED_BY(mu);  // [layers]
+  // [layers][kv_heads]; a layer's streams are made on its first step.
+  std::vector<std::vector<StreamState>> streams ABSL_GUARDED_BY(mu);
+};
+
+namespace {
+
+const char* ModeName(StepMode mode) {
+  switch (mode) {
+    case StepMode::kFetch:
+      return "FETCH";
+    case StepMode::kAttend:
+      return "ATTEND";
+    case StepMode::kAppend:
+      return "APPEND";
+  }
+  return "?";
+}
+
+// "entries[i].field".
+std::string Field(size_t i, const char* field) {
+  return absl::StrCat("entries[", i, "].", field);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Open(const Options& options,
+                                                     storage::Store* store) {
+  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<SessionRegistry> registry,
+                         SessionRegistry::Open(options.registry, store));
+  return std::unique_ptr<Engine>(new Engine(std::move(registry)));
+}
+
+Engine::Engine(std::unique_ptr<SessionRegistry> registry)
+    : registry_(std::move(registry)) {}
+
+Engine::~Engine() = default;
+
+std::shared_ptr<Engine::LiveSession> Engine::Live(const Key& key,
+                                                  const SessionInfo& info) {
+  MutexLock lock(&mu_);
+  auto it = live_.find(key);
+  if (it != live_.end() && it->second->seq == info.manifest.seq) {
+    return it->second;
+  }
+  auto live = std::make_shared<LiveSession>();
+  live->seq = info.manifest.seq;
+  live->config = info.manifest.config;
+  absl::StatusOr<StreamConfig> stream_config =
+      StreamConfig::FromSession(live->config);
+  // CreateSession validated the rotary parameters, so this holds; a
+  // manifest that fails it anyway serves with the defaults' positions.
+  if (stream_config.ok()) live->stream_config = std::move(*stream_config);
+  const int layers = live->config.shape.layers;
+  live->dense.assign(size_t(layers), 0);
+  for (int l : live->config.policy.dense_layers) live->dense[size_t(l)] = 1;
+  MutexLock session_lock(&live->mu);
+  live->layer_next = info.manifest.layer_next_positions;
+  live->layer_next.resize(size_t(layers), 0);
+  live->streams.resize(size_t(layers));
+  live_[key] = live;
+  return live;
+}
+
+void Engine::AddLiveFigures(SessionInfo* info) {
+  std::shared_ptr<LiveSession> live;
+  {
+    MutexLock lock(&mu_);
+    auto it = live_.find(
+        Key(info->manifest.config.tenant, info->manifest.config.session_id));
+    if (it == live_.end() || it->second->seq != info->manifest.seq) return;
+    live = it->second;
+  }
+  MutexLock lock(&live->mu);
+  info->manifest.layer_next_positions = live->layer_next;
+  info->position =
+      *std::min_element(live->layer_next.begin(), live->layer_next.end());
+  const int64_t row_bytes = live->stream_config.row_bytes();
+  for (const std::vector<StreamState>& layer : live->streams) {
+    for (const StreamState& stream : layer) {
+      info->resident_tokens += stream.resident_tokens();
+      info->spilled_pages += int64_t(stream.spilled_pages().size());
+      info->spilled_bytes += stream.spilled_tokens() * 2 * row_bytes;
+    }
+  }
+}
+
+absl::StatusOr<SessionInfo> Engine::CreateSession(SessionConfig config) {
+  return registry_->Create(std::move(config));
+}
+
+absl::StatusOr<SessionInfo> Engine::GetSession(const std::string& tenant,
+                                               const std::string& session_id) {
+  KVMEM_ASSIGN_OR_RETURN(SessionInfo info, registry_->Get(tenant, session_id));
+  AddLiveFigures(&info);
+  return info;
+}
+
+absl::StatusOr<SessionRegistry::ListPage> Engine::ListSessions(
+    const std::string& tenant, int page_size, const std::string& page_token,
+    const std::map<std::string, std::string>& label_filter) {
+  KVMEM_ASSIGN_OR_RETURN(
+      SessionRegistry::ListPage page,
+      registry_->List(tenant, page_size, page_token, label_filter));
+  for (SessionInfo& info : page.sessions) AddLiveFigures(&info);
+  return page;
+}
+
+absl::Status Engine::DeleteSession(const std::string& tenant,
+                                   const std::string& session_id) {
+  KVMEM_RETURN_IF_ERROR(registry_->Delete(tenant, session_id));
+  MutexLock lock(&mu_);
+  live_.erase(Key(tenant, session_id));
+  return absl::OkStatus();
+}
+
+// The per-session locks taken depend on the request, which Clang's
+// analysis cannot follow; the locking is confined to this function.
+absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
+    const std::string& tenant,
+    const StepRequestView& request) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const StepMode mode = request.mode;
+  if (mode != StepMode::kFetch && mode != StepMode::kAttend &&
+      mode != StepMode::kAppend) {
+    return absl::InvalidArgumentError(
+        "mode must be one of STEP_MODE_FETCH, STEP_MODE_ATTEND, "
+        "STEP_MODE_APPEND");
+  }
+  const size_t n = request.entries.size();
+  if (n == 0 || n > size_t{kMaxEntriesPerStep}) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "entries: ", n, " entries, want 1 to ", kMaxEntriesPerStep));
+  }
+
+  // Sessions: known, each once.
+  std::vector<std::shared_ptr<LiveSession>> sessions(n);
+  std::map<std::string, size_t> first_entry;
+  for (size_t i = 0; i < n; ++i) {
+    const std::string& id = request.entries[i].session_id;
+    KVMEM_RETURN_IF_ERROR(
+        ValidateSessionId(id, Field(i, "session_id").c_str()));
+    auto [it, fresh] = first_entry.emplace(id, i);
+    if (!fresh) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          Field(i, "session_id"), ": session \"", id, "\" repeats entries[",
+          it->second, "]; a request holds at most one entry per session"));
+    }
+    absl::StatusOr<SessionInfo> info = registry_->Get(tenant, id);
+    if (!info.ok()) {
+      return absl::Status(
+          info.status().code(),
+          absl::StrCat(Field(i, "session_id"), ": ", info.status().message()));
+    }
+    sessions[i] = Live(Key(tenant, id), *info);
+  }
+
+  // Lock every session of the request in address order.
+  std::vector<LiveSession*> order;
+  for (const auto& s : sessions) order.push_back(s.get());
+  std::sort(order.begin(), order.end());
+  for (LiveSession* s : order) s->mu.Lock();
+  struct Unlocker {
+    std::vector<LiveSession*>* order;
+    ~Unlocker() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      for (LiveSession* s : *order) s->mu.Unlock();
+    }
+  } unlocker{&order};
+
+  // Validate every entry against its session before applying any.
+  const int layer = request.layer;
+  for (size_t i = 0; i < n; ++i) {
+    const StepEntryView& e = request.entries[i];
+    LiveSession& s = *sessions[i];
+    const ModelShape& shape = s.config.shape;
+    if (layer < 0 || layer >= shape.layers) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "layer: ", layer, " is out of range for ", Field(i, "session_id"),
+          " \"", e.session_id, "\", which has ", shape.layers, " layers"));
+    }
+    if (e.num_tokens < 1 || e.num_tokens > kMaxTokensPerEntry) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(Field(i, "num_tokens"), " must be in [1, ",
+                       kMaxTokensPerEntry, "], got ", e.num_tokens));
+    }
+    const int64_t e_bytes = DTypeBytes(shape.dtype);
+    const int64_t want_q =
+        int64_t{e.num_tokens} * shape.query_heads * shape.head_dim * e_bytes;
+    const int64_t want_kv =
+        int64_t{e.num_tokens} * shape.kv_heads * shape.head_dim * e_bytes;
+    const bool q_optional = mode == StepMode::kAppend && e.q.empty();
+    if (!q_optional && int64_t(e.q.size()) != want_q) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          Field(i, "q"), ": ", e.q.size(), " bytes, want ", want_q,
+          " ([T=", e.num_tokens, ", Hq=", shape.query_heads,
+          ", D=", shape.head_dim, "] × ", e_bytes, " bytes)",
+          mode == StepMode::kAppend ? "; or empty in APPEND" : ""));
+    }
+    if (int64_t(e.k.size()) != want_kv) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(Field(i, "k"), ": ", e.k.size(), " bytes, want ",
+                       want_kv, " ([T=", e.num_tokens, ", H=", shape.kv_heads,
+                       ", D=", shape.head_dim, "] × ", e_bytes, " bytes)"));
+    }
+    if (int64_t(e.v.size()) != want_kv) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          Field(i, "v"), ": ", e.v.size(), " bytes, want ", want_kv));
+    }
+    const int64_t expected = s.layer_next[size_t(layer)];
+    if (e.position != expected) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          Field(i, "position"), ": got ", e.position, ", expected ", expected,
+          " (session \"", e.session_id, "\", layer ", layer, ")"));
+    }
+    std::vector<StreamState>& streams = s.streams[size_t(layer)];
+    if (streams.empty()) {
+      // Making empty streams changes nothing a caller can observe.
+      for (int h = 0; h < shape.kv_heads; ++h) {
+        absl::StatusOr<StreamState> stream =
+            StreamState::Create(&s.stream_config);
+        if (!stream.ok()) {
+          streams.clear();
+          return absl::InternalError(absl::StrCat(
+              Field(i, "session_id"),
+              ": cannot make its streams: ", stream.status().message()));
+        }
+        streams.push_back(std::move(*stream));
+      }
+    }
+  }
+
+  // Apply. Every input was checked above, so a stream step cannot fail
+  // here; INTERNAL would mean a bug, and is reported as such.
+  std::vector<StepEntryResult> results(n);
+  for (size_t i = 0; i < n; ++i) {
+    const StepEntryView& e = request.entries[i];
+    LiveSession& s = *sessions[i];
+    const ModelShape& shape = s.config.shape;
+    const int T = e.num_tokens, H = shape.kv_heads, Hq = shape.query_heads;
+    const int D = shape.head_dim, G = Hq / H;
+    const size_t row = size_t(D) * DTypeBytes(shape.dtype);
+    std::vector<float> q_all(e.q.empty() ? 0 : size_t(T) * Hq * D);
+    if (!e.q.empty())
+      cpu::LoadFloats(e.q.data(), shape.dtype, absl::MakeSpan(q_all));
+    std::vector<float> out_all, lse_all;
+    if (mode == StepMode::kAttend) {
+      out_all.resize(size_t(T) * Hq * D);
+      lse_all.resize(size_t(T) * Hq);
+    }
+    StepEntryResult& result = results[i];
+    std::vector<float> queries(q_all.empty() ? 0 : size_t(T) * G * D);
+    std::string keys(T * row, '\0'), values(T * row, '\0');
+    for (int h = 0; h < H; ++h) {
+      // This head's rows: queries [T, G, D], keys/values [T, D].
+      for (int t = 0; t < T; ++t) {
+        if (!q_all.empty()) {
+          std::copy_n(&q_all[(size_t(t) * Hq + size_t(h) * G) * D],
+                      size_t(G) * D, &queries[size_t(t) * G * D]);
+        }
+        memcpy(&keys[t * row], e.k.data() + (size_t(t) * H + h) * row, row);
+        memcpy(&values[t * row], e.v.data() + (size_t(t) * H + h) * row, row);
+      }
+      StreamStepInput input;
+      input.position = e.position;
+      input.num_tokens = T;
+      input.queries = queries;
+      input.keys = absl::Span<const uint8_t>(
+          reinterpret_cast<const uint8_t*>(keys.data()), keys.size());
+      input.values = absl::Span<const uint8_t>(
+          reinterpret_cast<const uint8_t*>(values.data()), values.size());
+      StreamStepOutput output;
+      absl::Status st = s.streams[size_t(layer)][size_t(h)].Step(
+          mode, s.dense[size_t(layer)], input, &output);
+      if (!st.ok()) {
+        return absl::InternalError(absl::StrCat(
+            Field(i, "session_id"), ": ", ModeName(mode), " step of KV head ",
+            h, " failed after validation: ", st.message()));
+      }
+      if (mode == StepMode::kAttend) {
+        for (int t = 0; t < T; ++t) {
+          std::copy_n(&output.out[size_t(t) * G * D], size_t(G) * D,
+                      &out_all[(size_t(t) * Hq + size_t(h) * G) * D]);
+          std::copy_n(&output.lse[size_t(t) * G], G,
+                      &lse_all[size_t(t) * Hq + size_t(h) * G]);
+        }
+      } else if (mode == StepMode::kFetch) {
+        result.heads.push_back(std::move(output.fetched));
+      }
+    }
+    if (mode == StepMode::kAttend) {
+      result.output.resize(out_all.size() * DTypeBytes(shape.dtype));
+      cpu::StoreFloats(out_all, shape.dtype, result.output.data());
+      result.lse.assign(reinterpret_cast<const char*>(lse_all.data()),
+                        lse_all.size() * sizeof(float));
+    }
+    s.layer_next[size_t(layer)] += T;
+    result.next_position = s.layer_next[size_t(layer)];
+    // Nothing is durable before the storage work (issue 5) lands.
+    result.durable_position = 0;
+    steps_.fetch_add(1, std::memory_order_relaxed);
+    tokens_appended_.fetch_add(T, std::memory_order_relaxed);
+  }
+  return results;
+}
+
+EngineStats Engine::Stats() {
+  EngineStats stats;
+  stats.sessions = registry_->SessionCount();
+  stats.steps = steps_.load(std::memory_order_relaxed);
+  stats.tokens_appended = tokens_appended_.load(std::memory_order_relaxed);
+  std::vector<std::shared_ptr<LiveSession>> live;
+  {
+    MutexLock lock(&mu_);
+    for (const auto& [key, session] : live_) live.push_back(session);
+  }
+  for (const auto& session : live) {
+    MutexLock lock(&session->mu);
+    const int64_t row_bytes = session->stream_config.row_bytes();
+    for (const std::vector<StreamState>& layer : session->streams) {
+      for (const StreamState& stream : layer) {
+        stats.resident_bytes +=
+            int64_t(stream.resident_tokens()) * 2 * row_bytes;
+        stats.spilled_bytes += stream.spilled_tokens() * 2 * row_bytes;
+      }
+    }
+  }
+  return stats;
+}
+
+}  // namespace kvmem

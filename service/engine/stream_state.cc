@@ -1,0 +1,437 @@
+#include "service/engine/stream_state.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "kernels/attention.h"
+#include "kernels/cpu/dtype.h"
+#include "kernels/page_score.h"
+#include "kernels/selection.h"
+
+namespace kvmem {
+namespace {
+
+RotaryParams ToRotaryParams(const RotaryConfig& r) {
+  RotaryParams p;
+  p.base = r.base_theta;
+  p.rotary_dims = r.rotary_dims;
+  p.pairing =
+      r.interleaved ? RotaryPairing::kInterleaved : RotaryPairing::kHalfSplit;
+  p.scaling = r.scaling;
+  p.factor = r.scaling_factor;
+  if (r.scaling == RotaryScaling::kLlama3) {
+    p.low_freq_factor = r.low_freq_factor;
+    p.high_freq_factor = r.high_freq_factor;
+    p.original_max_positions = double(r.original_max_positions);
+  }
+  return p;
+}
+
+}  // namespace
+
+absl::StatusOr<StreamConfig> StreamConfig::FromSession(
+    const SessionConfig& config) {
+  const ModelShape& shape = config.shape;
+  const CachePolicy& policy = config.policy;
+  StreamConfig c;
+  c.cascade.sinks = policy.sinks;
+  c.cascade.cascades = policy.cascades;
+  c.cascade.window = policy.window;
+  c.cascade.eager_fill = policy.eager_fill;
+  c.cascade.beta = policy.ema_beta;
+  c.head_dim = shape.head_dim;
+  c.group = shape.query_heads / shape.kv_heads;
+  c.dtype = shape.dtype;
+  c.page_tokens = policy.page_tokens;
+  c.budget_tokens = policy.step_budget_tokens;
+  c.recent_tokens = policy.recent_tokens;
+  c.softmax_scale = EffectiveSoftmaxScale(shape);
+  c.reduction = policy.score_reduction;
+  c.recall = policy.recall;
+  c.cache_rank = policy.positions_mode == PositionsMode::kCacheRank;
+  if (c.cache_rank) {
+    RotaryParams rotary = ToRotaryParams(shape.rotary);
+    KVMEM_ASSIGN_OR_RETURN(c.inv_freq,
+                           RotaryInverseFrequencies(rotary, c.head_dim));
+    c.pairing = rotary.pairing;
+    KVMEM_ASSIGN_OR_RETURN(c.digest_kind,
+                           RotationInvariantDigestKind(rotary, c.head_dim));
+  }
+  return c;
+}
+
+absl::StatusOr<StreamState> StreamState::Create(const StreamConfig* config) {
+  KVMEM_ASSIGN_OR_RETURN(
+      CascadeStream cascade,
+      CascadeStream::Create(config->cascade, config->row_bytes()));
+  return StreamState(config, std::move(cascade));
+}
+
+StreamState::StreamState(const StreamConfig* config, CascadeStream cascade)
+    : config_(config), cascade_(std::move(cascade)) {
+  // selection.md § Pages: the sinks form ⌈S/P⌉ pages, each cascade its own.
+  const int S = config->cascade.sinks;
+  const int W = config->cascade.window;
+  const int P = config->page_tokens;
+  auto add_pages = [&](int first, int count) {
+    for (int at = 0; at < count; at += P) {
+      page_first_slot_.push_back(first + at);
+      page_slots_.push_back(std::min(P, count - at));
+    }
+  };
+  add_pages(0, S);
+  for (int i = 0; i < config->cascade.cascades; ++i) add_pages(S + i * W, W);
+  slot_page_.resize(size_t(cascade_.num_slots()));
+  for (int p = 0; p < num_resident_pages(); ++p) {
+    for (int s = 0; s < page_slots_[p]; ++s) {
+      slot_page_[page_first_slot_[p] + s] = p;
+    }
+  }
+  page_digests_.assign(
+      size_t(num_resident_pages()) * kDigestRows * config->head_dim, 0.0f);
+  page_has_digest_.assign(size_t(num_resident_pages()), 0);
+}
+
+void StreamState::RefreshDigests(absl::Span<const int> slots) {
+  const int D = config_->head_dim;
+  int last_page = -1;
+  for (int slot : slots) {  // ascending, so a page's slots are adjacent
+    const int page = slot_page_[slot];
+    if (page == last_page) continue;
+    last_page = page;
+    const int first = page_first_slot_[page];
+    const int count = page_slots_[page];
+    std::vector<uint8_t> occupied(size_t(count), 0);
+    bool any = false;
+    for (int s = 0; s < count; ++s) {
+      occupied[s] = cascade_.slot_position(first + s) >= 0;
+      any = any || occupied[s];
+    }
+    page_has_digest_[page] = any;
+    if (!any) continue;
+    // A page's slots are consecutive, so its key rows are one run of bytes.
+    absl::Span<const uint8_t> keys(cascade_.key_row(first).data(),
+                                   size_t(count) * config_->row_bytes());
+    absl::Span<float> digest(&page_digests_[size_t(page) * kDigestRows * D],
+                             kDigestRows * D);
+    // Sizes are the stream's own, so this cannot fail.
+    cpu::ComputePageDigest(keys, config_->dtype, D, occupied,
+                           config_->digest_kind, digest)
+        .IgnoreError();
+  }
+}
+
+void StreamState::Spill(const EvictedTokens& evicted) {
+  const int D = config_->head_dim;
+  const size_t row = size_t(config_->row_bytes());
+  std::vector<float> key(static_cast<size_t>(D));
+  for (size_t e = 0; e < evicted.positions.size(); ++e) {
+    if (spilled_.empty() ||
+        int(spilled_.back().positions.size()) == config_->page_tokens) {
+      spilled_.emplace_back();
+      spilled_.back().digest.assign(size_t(kDigestRows) * D, 0.0f);
+    }
+    SpilledPage& page = spilled_.back();
+    const uint8_t* k = &evicted.keys[e * row];
+    page.positions.push_back(evicted.positions[e]);
+    page.keys.append(reinterpret_cast<const char*>(k), row);
+    page.values.append(reinterpret_cast<const char*>(&evicted.values[e * row]),
+                       row);
+    cpu::LoadFloats(k, config_->dtype, absl::MakeSpan(key));
+    // Sizes are the stream's own, so neither call can fail.
+    if (page.positions.size() == 1) {
+      cpu::SeedPageDigest(key, config_->digest_kind,
+                          absl::MakeSpan(page.digest))
+          .IgnoreError();
+    } else {
+      cpu::ExtendPageDigest(key, config_->digest_kind,
+                            absl::MakeSpan(page.digest))
+          .IgnoreError();
+    }
+    ++spilled_tokens_;
+  }
+}
+
+std::vector<StreamState::Attended> StreamState::AllResident() const {
+  std::vector<Attended> all;
+  for (int slot : cascade_.ResidentSlotsInOrder()) {
+    all.push_back({cascade_.slot_position(slot), slot, -1, -1});
+  }
+  return all;
+}
+
+std::vector<StreamState::Attended> StreamState::SelectForDecode(
+    absl::Span<const float> queries, bool dense_layer) const {
+  const int N = cascade_.num_slots();
+  const int S = config_->cascade.sinks;
+  const int64_t B = config_->budget_tokens;
+  const int num_spilled = config_->recall ? int(spilled_.size()) : 0;
+  const int64_t spilled_tokens = config_->recall ? spilled_tokens_ : 0;
+  const int64_t resident = cascade_.ResidentCount();
+
+  std::vector<uint8_t> chosen_slot(size_t(N), 0);
+  std::vector<uint8_t> chosen_spill(size_t(num_spilled), 0);
+  for (int s = 0; s < N; ++s) chosen_slot[s] = cascade_.slot_position(s) >= 0;
+
+  // Candidates, scored and filled greedily (selection.md steps 2–4).
+  std::vector<int> cand_page;  // resident page id, or −1 − spilled index
+  std::vector<int64_t> fresh;
+  auto fill = [&](int64_t always_in_tokens, int64_t budget) {
+    const int D = config_->head_dim;
+    std::vector<float> digests;
+    std::vector<int64_t> order;
+    for (size_t c = 0; c < cand_page.size(); ++c) {
+      const int id = cand_page[c];
+      const float* d = id >= 0 ? &page_digests_[size_t(id) * kDigestRows * D]
+                               : spilled_[size_t(-1 - id)].digest.data();
+      digests.insert(digests.end(), d, d + kDigestRows * D);
+      order.push_back(id >= 0 ? id : num_resident_pages() + (-1 - id));
+    }
+    std::vector<float> scores(cand_page.size());
+    std::vector<uint8_t> selected(cand_page.size(), 0);
+    // Inputs are the stream's own, consistent by construction.
+    cpu::ScorePages(queries, D, digests, config_->digest_kind,
+                    GroupReduction::kMax, absl::MakeSpan(scores))
+        .IgnoreError();
+    cpu::FillSelection(always_in_tokens, {scores, fresh, order}, budget,
+                       absl::MakeSpan(selected))
+        .IgnoreError();
+    return selected;
+  };
+
+  if (dense_layer) {
+    // Every resident token; recall only within what B leaves after them.
+    const int64_t left = B - (resident + 1);
+    if (num_spilled > 0 && left > 0) {
+      for (int p = 0; p < num_spilled; ++p) {
+        cand_page.push_back(-1 - p);
+        fresh.push_back(int64_t(spilled_[p].positions.size()));
+      }
+      std::vector<uint8_t> selected = fill(0, left);
+      for (int p = 0; p < num_spilled; ++p) chosen_spill[p] = selected[p];
+    }
+  } else if (resident + 1 + spilled_tokens <= B) {
+    std::fill(chosen_spill.begin(), chosen_spill.end(), 1);  // dense case
+  } else {
+    // Always in: the sinks, the newest `recent` tokens of cascade 0, and the
+    // new token (counted by the caller's +1).
+    std::vector<uint8_t> always(size_t(N), 0);
+    int64_t always_in = 1;
+    for (int s = 0; s < S; ++s) {
+      always[s] = chosen_slot[s];
+      always_in += always[s];
+    }
+    std::vector<int> c0 = cascade_.CascadeSlots(0);
+    for (int i = std::max(0, int(c0.size()) - config_->recent_tokens);
+         i < int(c0.size()); ++i) {
+      always[c0[i]] = 1;
+      ++always_in;
+    }
+    for (int p = 0; p < num_resident_pages(); ++p) {
+      int64_t n = 0;
+      for (int s = 0; s < page_slots_[p]; ++s) {
+        const int slot = page_first_slot_[p] + s;
+        n += chosen_slot[slot] && !always[slot];
+      }
+      if (n > 0) {
+        cand_page.push_back(p);
+        fresh.push_back(n);
+      }
+    }
+    for (int p = 0; p < num_spilled; ++p) {
+      cand_page.push_back(-1 - p);
+      fresh.push_back(int64_t(spilled_[p].positions.size()));
+    }
+    std::vector<uint8_t> selected = fill(always_in, B);
+    std::vector<uint8_t> page_on(size_t(num_resident_pages()), 0);
+    for (size_t c = 0; c < cand_page.size(); ++c) {
+      if (!selected[c]) continue;
+      if (cand_page[c] >= 0) {
+        page_on[cand_page[c]] = 1;
+      } else {
+        chosen_spill[size_t(-1 - cand_page[c])] = 1;
+      }
+    }
+    for (int s = 0; s < N; ++s) {
+      chosen_slot[s] = chosen_slot[s] && (always[s] || page_on[slot_page_[s]]);
+    }
+  }
+
+  std::vector<Attended> attended;
+  for (int s = 0; s < N; ++s) {
+    if (chosen_slot[s])
+      attended.push_back({cascade_.slot_position(s), s, -1, -1});
+  }
+  for (int p = 0; p < num_spilled; ++p) {
+    if (!chosen_spill[p]) continue;
+    for (int i = 0; i < int(spilled_[p].positions.size()); ++i) {
+      attended.push_back({spilled_[p].positions[i], -1, p, i});
+    }
+  }
+  std::sort(attended.begin(), attended.end(),
+            [](const Attended& a, const Attended& b) {
+              return a.position < b.position;
+            });
+  return attended;
+}
+
+const uint8_t* StreamState::KeyRow(const Attended& a) const {
+  if (a.slot >= 0) return cascade_.key_row(a.slot).data();
+  return reinterpret_cast<const uint8_t*>(
+      &spilled_[a.spill_page]
+           .keys[size_t(a.spill_index) * config_->row_bytes()]);
+}
+
+const uint8_t* StreamState::ValueRow(const Attended& a) const {
+  if (a.slot >= 0) return cascade_.value_row(a.slot).data();
+  return reinterpret_cast<const uint8_t*>(
+      &spilled_[a.spill_page]
+           .values[size_t(a.spill_index) * config_->row_bytes()]);
+}
+
+absl::Status StreamState::Step(StepMode mode, bool dense_layer,
+                               const StreamStepInput& in,
+                               StreamStepOutput* output) {
+  const int T = in.num_tokens;
+  const int D = config_->head_dim;
+  const int G = config_->group;
+  const int N = cascade_.num_slots();
+  const size_t row = size_t(config_->row_bytes());
+  if (T < 1 || in.keys.size() != T * row || in.values.size() != T * row ||
+      (!in.queries.empty() && in.queries.size() != size_t(T) * G * D)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "stream step: sizes do not match T=", T, " G=", G, " D=", D));
+  }
+  if (in.position != tokens_seen()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("position ", in.position, ", expected ", tokens_seen()));
+  }
+  const bool has_query = !in.queries.empty();
+
+  // 1. What the step attends to, and at which rotary positions.
+  std::vector<Attended> attended;
+  if (has_query) {
+    attended =
+        T == 1 ? SelectForDecode(in.queries, dense_layer) : AllResident();
+  }
+  const int64_t n_cache = int64_t(attended.size());
+  const int64_t total = n_cache + T;
+  std::vector<int64_t> rotary_at(size_t(n_cache), 0);
+  int64_t query_base = n_cache;  // ABSOLUTE: unused
+  if (config_->cache_rank && has_query) {
+    // Rank by original position among the sinks, every resident token and
+    // this step's recalled tokens (selection.md § Positions).
+    std::vector<int64_t> ranked;
+    for (const Attended& a : AllResident()) ranked.push_back(a.position);
+    for (const Attended& a : attended) {
+      if (a.slot < 0) ranked.push_back(a.position);
+    }
+    std::sort(ranked.begin(), ranked.end());
+    for (int64_t j = 0; j < n_cache; ++j) {
+      rotary_at[j] =
+          std::lower_bound(ranked.begin(), ranked.end(), attended[j].position) -
+          ranked.begin();
+    }
+    query_base = int64_t(ranked.size());
+  }
+
+  // 2. Gather keys/values (before insertion moves slots), rotating in
+  // CACHE_RANK mode; attend; reduce probabilities over the group.
+  std::vector<float> slot_probs(size_t(T) * N, 0.0f);
+  std::vector<float> self_probs(size_t(T) * T, 0.0f);
+  std::string keys, values;         // [total, D] session dtype
+  std::vector<float> rotated_keys;  // CACHE_RANK: [total, D] fp32
+  if (has_query) {
+    keys.reserve(total * row);
+    values.reserve(total * row);
+    for (const Attended& a : attended) {
+      keys.append(reinterpret_cast<const char*>(KeyRow(a)), row);
+      values.append(reinterpret_cast<const char*>(ValueRow(a)), row);
+    }
+    keys.append(reinterpret_cast<const char*>(in.keys.data()), T * row);
+    values.append(reinterpret_cast<const char*>(in.values.data()), T * row);
+    std::vector<float> queries(in.queries.begin(), in.queries.end());
+    HeadRowsView key_view{
+        absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(keys.data()),
+                                  keys.size()),
+        config_->dtype};
+    if (config_->cache_rank) {
+      rotated_keys.resize(size_t(total) * D);
+      cpu::LoadFloats(keys.data(), config_->dtype,
+                      absl::MakeSpan(rotated_keys));
+      for (int64_t j = 0; j < total; ++j) {
+        const int64_t at =
+            j < n_cache ? rotary_at[j] : query_base + (j - n_cache);
+        cpu::RotateHeadWithFrequencies(
+            config_->inv_freq, config_->pairing, at,
+            absl::MakeSpan(&rotated_keys[size_t(j) * D], size_t(D)));
+      }
+      for (int t = 0; t < T; ++t) {
+        for (int g = 0; g < G; ++g) {
+          cpu::RotateHeadWithFrequencies(
+              config_->inv_freq, config_->pairing, query_base + t,
+              absl::MakeSpan(&queries[(size_t(t) * G + g) * D], size_t(D)));
+        }
+      }
+      key_view = HeadRowsView::Fp32(rotated_keys);
+    }
+    HeadRowsView value_view{
+        absl::Span<const uint8_t>(
+            reinterpret_cast<const uint8_t*>(values.data()), values.size()),
+        config_->dtype};
+    std::vector<float> out(size_t(T) * G * D), lse(size_t(T) * G);
+    std::vector<float> probs(size_t(T) * G * total);
+    KVMEM_RETURN_IF_ERROR(cpu::AttendCausalChunk(
+        HeadRowsView::Fp32(queries), key_view, value_view, D, G, n_cache,
+        config_->softmax_scale, absl::MakeSpan(out), absl::MakeSpan(lse),
+        absl::MakeSpan(probs)));
+    for (int t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < total; ++j) {
+        const float r = ReduceGroupProbability(
+            &probs[size_t(t) * G * total + j], G, total, config_->reduction);
+        if (j < n_cache) {
+          // Recalled tokens are attended, not re-admitted: no score.
+          if (attended[j].slot >= 0)
+            slot_probs[size_t(t) * N + attended[j].slot] = r;
+        } else if (j - n_cache <= t) {
+          self_probs[size_t(t) * T + (j - n_cache)] = r;
+        }
+      }
+    }
+    if (mode == StepMode::kAttend) {
+      output->out = std::move(out);
+      output->lse = std::move(lse);
+    }
+  }
+
+  if (mode == StepMode::kFetch) {
+    FetchedHead& f = output->fetched;
+    f.positions.clear();
+    for (const Attended& a : attended) f.positions.push_back(a.position);
+    for (int t = 0; t < T; ++t) f.positions.push_back(in.position + t);
+    if (config_->cache_rank) {
+      f.k.resize(size_t(total) * row);
+      cpu::StoreFloats(rotated_keys, config_->dtype, f.k.data());
+      f.query_rotary_positions.clear();
+      for (int t = 0; t < T; ++t)
+        f.query_rotary_positions.push_back(query_base + t);
+    } else {
+      f.k = keys;
+    }
+    f.v = values;
+  }
+
+  // 3. Scores, then insertion; what leaves the cascade is spilled.
+  std::vector<float> initial(static_cast<size_t>(T));
+  KVMEM_RETURN_IF_ERROR(cascade_.UpdateScores(T, slot_probs, self_probs,
+                                              absl::MakeSpan(initial)));
+  InsertResult inserted;
+  KVMEM_RETURN_IF_ERROR(cascade_.InsertTokens(in.position, T, in.keys,
+                                              in.values, initial, &inserted));
+  RefreshDigests(inserted.changed_slots);
+  Spill(inserted.evicted);
+  return absl::OkStatus();
+}
+
+}  // namespace kvmem

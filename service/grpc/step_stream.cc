@@ -1,0 +1,75 @@
+#include "service/grpc/step_stream.h"
+
+#include "service/grpc/convert.h"
+#include "service/grpc/kvmem_service.h"
+
+namespace kvmem {
+
+StepStreamReactor::StepStreamReactor(grpc::CallbackServerContext* context,
+                                     Engine* engine, WorkPool* pool,
+                                     const std::atomic<bool>* accepting)
+    : engine_(engine),
+      pool_(pool),
+      accepting_(accepting),
+      tenant_(TenantOf(*context)) {
+  if (!accepting_->load()) {
+    Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        "kvmem-server is shutting down"));
+    return;
+  }
+  if (absl::Status st = ValidateTenant(tenant_); !st.ok()) {
+    Finish(ToGrpcStatus(st));
+    return;
+  }
+  StartRead(&request_);
+}
+
+void StepStreamReactor::OnReadDone(bool ok) {
+  if (!ok) {  // the worker closed its side (or the stream broke)
+    Finish(grpc::Status::OK);
+    return;
+  }
+  if (!pool_->Run([this] { Process(); })) {
+    Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        "kvmem-server is shutting down"));
+  }
+}
+
+void StepStreamReactor::Process() {
+  response_.Clear();
+  response_.set_request_id(request_.request_id());
+  absl::Status status;
+  if (!accepting_->load()) {
+    status = absl::UnavailableError("kvmem-server is shutting down");
+  } else {
+    StepRequestView view;
+    status = StepRequestFromProto(request_, &view);
+    if (status.ok()) {
+      absl::StatusOr<std::vector<StepEntryResult>> results =
+          engine_->Step(tenant_, view);
+      if (results.ok()) {
+        v1::StepResponse* reply = response_.mutable_response();
+        reply->set_request_id(request_.request_id());
+        StepResultsToProto(std::move(*results), view, reply);
+      } else {
+        status = results.status();
+      }
+    }
+  }
+  if (!status.ok()) {
+    response_.set_error_code(int(status.code()));
+    response_.set_error_message(std::string(status.message()));
+  }
+  StartWrite(&response_);
+}
+
+void StepStreamReactor::OnWriteDone(bool ok) {
+  if (!ok) {
+    Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                        "the stream broke while a reply was written"));
+    return;
+  }
+  StartRead(&request_);
+}
+
+}  // namespace kvmem

@@ -1,0 +1,48 @@
+// The server side of StepStream: one worker's bidirectional stream. Requests
+// are taken one at a time, in order: read, step on the WorkPool, write the
+// reply, read the next. An error answers its request only (in
+// StepStreamResponse.error_code) and the stream goes on.
+//
+// Exactly one of read, step or write is outstanding at any moment, so Finish
+// is called once, from the callback of the operation that ends the stream;
+// a cancelled stream's step in flight still applies wholly (the engine step
+// is atomic) and its reply is dropped. Deletes itself in OnDone.
+#ifndef KVMEM_SERVICE_GRPC_STEP_STREAM_H_
+#define KVMEM_SERVICE_GRPC_STEP_STREAM_H_
+
+#include <atomic>
+#include <string>
+
+#include "kvmem/v1/kvmem.grpc.pb.h"
+#include "service/engine/engine.h"
+#include "service/grpc/work_pool.h"
+
+namespace kvmem {
+
+class StepStreamReactor final
+    : public grpc::ServerBidiReactor<v1::StepRequest, v1::StepStreamResponse> {
+ public:
+  // `engine`, `pool` and `accepting` must outlive the stream (the server
+  // waits for every stream before destroying them).
+  StepStreamReactor(grpc::CallbackServerContext* context, Engine* engine,
+                    WorkPool* pool, const std::atomic<bool>* accepting);
+
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnDone() override { delete this; }
+
+ private:
+  // Runs on the pool: one request to one reply.
+  void Process();
+
+  Engine* const engine_;                // not owned
+  WorkPool* const pool_;                // not owned
+  const std::atomic<bool>* accepting_;  // not owned
+  std::string tenant_;
+  v1::StepRequest request_;
+  v1::StepStreamResponse response_;
+};
+
+}  // namespace kvmem
+
+#endif  // KVMEM_SERVICE_GRPC_STEP_STREAM_H_
