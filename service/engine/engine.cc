@@ -2,12 +2,25 @@
 
 #include <algorithm>
 
+#include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "kernels/cpu/dtype.h"
 #include "service/engine/stream_state.h"
 
 namespace kvmem {
+
+// What a (session, layer) keeps of its last applied step, so that an
+// identical repeat (a retry after a lost reply) is answered again instead of
+// being applied twice (DESIGN.md § Errors).
+struct Engine::LastStep {
+  int64_t position = -1;
+  int num_tokens = 0;
+  StepMode mode = StepMode::kAttend;
+  size_t fingerprint = 0;  // of q, k and v
+  bool kept = false;       // false: the reply was too large to keep
+  StepEntryResult reply;
+};
 
 // A session's live state. The config parts are fixed at creation; the rest
 // is guarded by `mu`.
@@ -20,6 +33,8 @@ struct Engine::LiveSession {
   std::vector<int64_t> layer_next ABSL_GUARDED_BY(mu);  // [layers]
   // [layers][kv_heads]; a layer's streams are made on its first step.
   std::vector<std::vector<StreamState>> streams ABSL_GUARDED_BY(mu);
+  // [layers]: each layer's last applied step, for answering retries.
+  std::vector<LastStep> last ABSL_GUARDED_BY(mu);
 };
 
 namespace {
@@ -34,6 +49,24 @@ const char* ModeName(StepMode mode) {
       return "APPEND";
   }
   return "?";
+}
+
+// FETCH replies larger than this are not kept for retries (a decode FETCH
+// of B = 2048 tokens of 8 heads × 128 × bf16 is 8 MiB per layer).
+constexpr size_t kMaxKeptReplyBytes = size_t{1} << 20;
+
+size_t ReplyBytes(const StepEntryResult& r) {
+  size_t bytes = r.output.size() + r.lse.size();
+  for (const FetchedHead& h : r.heads) {
+    bytes += h.k.size() + h.v.size() + 8 * h.positions.size();
+  }
+  return bytes;
+}
+
+size_t Fingerprint(const StepEntryView& e) {
+  return absl::Hash<std::tuple<absl::string_view, absl::string_view,
+                               absl::string_view>>()(
+      std::make_tuple(e.q, e.k, e.v));
 }
 
 // "entries[i].field".
@@ -77,6 +110,7 @@ std::shared_ptr<Engine::LiveSession> Engine::Live(const Key& key,
   live->layer_next = info.manifest.layer_next_positions;
   live->layer_next.resize(size_t(layers), 0);
   live->streams.resize(size_t(layers));
+  live->last.resize(size_t(layers));
   live_[key] = live;
   return live;
 }
@@ -187,6 +221,7 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
 
   // Validate every entry against its session before applying any.
   const int layer = request.layer;
+  std::vector<bool> replay(n, false);  // an identical retry of the last step
   for (size_t i = 0; i < n; ++i) {
     const StepEntryView& e = request.entries[i];
     LiveSession& s = *sessions[i];
@@ -225,6 +260,19 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
           Field(i, "v"), ": ", e.v.size(), " bytes, want ", want_kv));
     }
     const int64_t expected = s.layer_next[size_t(layer)];
+    const LastStep& last = s.last[size_t(layer)];
+    if (e.position == last.position && e.num_tokens == last.num_tokens &&
+        e.position + e.num_tokens == expected && mode == last.mode &&
+        Fingerprint(e) == last.fingerprint) {
+      if (!last.kept) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            Field(i, "position"), ": ", e.position,
+            " repeats the last FETCH step, whose reply was too large to keep "
+            "for a retry; expected ", expected));
+      }
+      replay[i] = true;
+      continue;
+    }
     if (e.position != expected) {
       return absl::FailedPreconditionError(absl::StrCat(
           Field(i, "position"), ": got ", e.position, ", expected ", expected,
@@ -253,6 +301,10 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
   for (size_t i = 0; i < n; ++i) {
     const StepEntryView& e = request.entries[i];
     LiveSession& s = *sessions[i];
+    if (replay[i]) {
+      results[i] = s.last[size_t(layer)].reply;
+      continue;
+    }
     const ModelShape& shape = s.config.shape;
     const int T = e.num_tokens, H = shape.kv_heads, Hq = shape.query_heads;
     const int D = shape.head_dim, G = Hq / H;
@@ -315,6 +367,13 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
     result.next_position = s.layer_next[size_t(layer)];
     // Nothing is durable before the storage work (issue 5) lands.
     result.durable_position = 0;
+    LastStep& last = s.last[size_t(layer)];
+    last.position = e.position;
+    last.num_tokens = T;
+    last.mode = mode;
+    last.fingerprint = Fingerprint(e);
+    last.kept = mode != StepMode::kFetch || ReplyBytes(result) <= kMaxKeptReplyBytes;
+    last.reply = last.kept ? result : StepEntryResult();
     steps_.fetch_add(1, std::memory_order_relaxed);
     tokens_appended_.fetch_add(T, std::memory_order_relaxed);
   }

@@ -66,6 +66,9 @@ class Engine {
   // - NOT_FOUND: `entries[i].session_id` unknown to `tenant`;
   // - FAILED_PRECONDITION: `entries[i].position` is not the layer's next,
   //   naming the expected one.
+  // An entry identical to the last applied step of its (session, layer) is
+  // a retry: it is answered with that step's reply and not applied again
+  // (FETCH replies over 1 MiB are not kept: FAILED_PRECONDITION).
   // On error nothing changes.
   absl::StatusOr<std::vector<StepEntryResult>> Step(
       const std::string& tenant, const StepRequestView& request);
@@ -73,6 +76,7 @@ class Engine {
   EngineStats Stats();
 
  private:
+  struct LastStep;
   struct LiveSession;
   using Key = std::pair<std::string, std::string>;  // (tenant, session_id)
 

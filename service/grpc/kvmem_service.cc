@@ -38,9 +38,18 @@ grpc::ServerUnaryReactor* KvMemoryService::Serve(
   }
   bool queued = pool_->Run([reactor, context, tenant = std::move(tenant),
                             handler = std::move(handler)]() mutable {
+    // A call whose deadline passed while it queued is refused whole: nothing
+    // is applied, and the caller learns which.
+    if (context->deadline() < std::chrono::system_clock::now()) {
+      reactor->Finish(grpc::Status(
+          grpc::StatusCode::DEADLINE_EXCEEDED,
+          "the deadline passed before the call ran; nothing was applied"));
+      return;
+    }
     if (context->IsCancelled()) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED,
-                                   "the call was cancelled before it ran"));
+      reactor->Finish(grpc::Status(
+          grpc::StatusCode::CANCELLED,
+          "the call was cancelled before it ran; nothing was applied"));
       return;
     }
     reactor->Finish(ToGrpcStatus(handler(tenant)));

@@ -476,3 +476,49 @@ TEST_F(EngineTest, ABatchOfSessionsMatchesEachSessionAlone) {
 
 }  // namespace
 }  // namespace kvmem
+
+namespace kvmem {
+namespace {
+
+TEST_F(EngineTest, AnIdenticalRetryIsAnsweredAgainNotAppliedTwice) {
+  SessionConfig c = Config("retry", DType::kFp32);
+  SessionConfig twin = Config("twin", DType::kFp32);
+  ASSERT_TRUE(engine_->CreateSession(c).ok());
+  ASSERT_TRUE(engine_->CreateSession(twin).ok());
+  for (int t = 0; t < 12; ++t) {
+    std::string q, k, v;
+    Random(8 * 64, DType::kFp32, &q);
+    Random(2 * 64, DType::kFp32, &k);
+    Random(2 * 64, DType::kFp32, &v);
+    for (StepMode mode : {StepMode::kAttend}) {
+      StepRequestView step{2, mode, {{"retry", t, 1, q, k, v}}};
+      absl::StatusOr<std::vector<StepEntryResult>> first =
+          engine_->Step("t", step);
+      ASSERT_TRUE(first.ok()) << first.status();
+      // The retry (say after a lost reply) gets the same answer...
+      absl::StatusOr<std::vector<StepEntryResult>> again =
+          engine_->Step("t", step);
+      ASSERT_TRUE(again.ok()) << again.status();
+      EXPECT_EQ((*again)[0].output, (*first)[0].output);
+      EXPECT_EQ((*again)[0].next_position, t + 1);
+      // ...and the session advanced once: it matches a twin stepped once.
+      StepRequestView once{2, mode, {{"twin", t, 1, q, k, v}}};
+      absl::StatusOr<std::vector<StepEntryResult>> twin_r =
+          engine_->Step("t", once);
+      ASSERT_TRUE(twin_r.ok());
+      EXPECT_EQ((*twin_r)[0].output, (*first)[0].output) << "token " << t;
+    }
+  }
+  // A repeat of the position with other bytes is not a retry.
+  std::string q, k, v;
+  Random(8 * 64, DType::kFp32, &q);
+  Random(2 * 64, DType::kFp32, &k);
+  Random(2 * 64, DType::kFp32, &v);
+  StepRequestView other{2, StepMode::kAttend, {{"retry", 11, 1, q, k, v}}};
+  absl::Status st = engine_->Step("t", other).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find("expected 12"), absl::string_view::npos) << st;
+}
+
+}  // namespace
+}  // namespace kvmem
