@@ -7,6 +7,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "service/log.h"
 #include "service/server.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
@@ -22,6 +23,9 @@ ABSL_FLAG(int, handler_threads, 8,
 ABSL_FLAG(int, max_message_bytes, 256 << 20,
           "largest gRPC request or response, bytes; larger ones are "
           "RESOURCE_EXHAUSTED");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "host:port serving Prometheus text metrics on GET /metrics (e.g. "
+          "127.0.0.1:9464); empty turns the endpoint off");
 ABSL_FLAG(int, shutdown_grace_ms, 5000,
           "on SIGTERM/SIGINT, how long calls in flight may take to finish");
 
@@ -47,6 +51,7 @@ int main(int argc, char** argv) {
   options.backend = absl::GetFlag(FLAGS_backend);
   options.handler_threads = absl::GetFlag(FLAGS_handler_threads);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   absl::StatusOr<std::unique_ptr<kvmem::Server>> server =
       kvmem::StartServer(options);
   if (!server.ok()) {
@@ -57,6 +62,13 @@ int main(int argc, char** argv) {
   std::printf("kvmem-server listening on %s (backend=%s on %s, data_dir=%s)\n",
               (*server)->address().c_str(), (*server)->backend().c_str(),
               (*server)->device().c_str(), options.data_dir.c_str());
+  if ((*server)->metrics_port() != 0) {
+    std::printf(
+        "kvmem-server metrics on http://%s:%d/metrics\n",
+        options.metrics_listen.substr(0, options.metrics_listen.rfind(':'))
+            .c_str(),
+        (*server)->metrics_port());
+  }
   std::fflush(stdout);
 
   kvmem::Server* running = server->get();
@@ -66,6 +78,7 @@ int main(int argc, char** argv) {
     sigwait(&stop_signals, &signal);
     std::printf("kvmem-server: signal %d, shutting down\n", signal);
     std::fflush(stdout);
+    kvmem::LogEvent("shutdown", {{"signal", std::to_string(signal)}});
     running->Shutdown(absl::Milliseconds(grace_ms));
   });
   running->Wait();

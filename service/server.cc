@@ -12,6 +12,8 @@
 #include "kernels/cuda/device_probe.h"
 #include "service/engine/engine.h"
 #include "service/grpc/kvmem_service.h"
+#include "service/metrics.h"
+#include "service/metrics_http.h"
 #include "storage/store.h"
 
 namespace kvmem {
@@ -30,11 +32,13 @@ class GrpcServer final : public Server {
  public:
   GrpcServer(std::unique_ptr<storage::Store> store,
              std::unique_ptr<Engine> engine, std::unique_ptr<WorkPool> pool,
+             std::unique_ptr<Metrics> metrics,
              std::unique_ptr<KvMemoryService> service, std::string backend,
              std::string device)
       : store_(std::move(store)),
         engine_(std::move(engine)),
         pool_(std::move(pool)),
+        metrics_(std::move(metrics)),
         service_(std::move(service)),
         backend_(std::move(backend)),
         device_(std::move(device)) {}
@@ -65,10 +69,23 @@ class GrpcServer final : public Server {
         server_->GetHealthCheckService();
     health->SetServingStatus("", true);
     health->SetServingStatus(kServiceName, true);
+    if (!options.metrics_listen.empty()) {
+      KVMEM_ASSIGN_OR_RETURN(
+          metrics_http_,
+          MetricsHttpServer::Start(options.metrics_listen, [this] {
+            Metrics::Gauges gauges;
+            gauges.engine = engine_->Stats();
+            gauges.storage_bytes = int64_t(store_->ApproximateBytes());
+            return metrics_->Render(gauges);
+          }));
+    }
     return absl::OkStatus();
   }
 
   int port() const override { return port_; }
+  int metrics_port() const override {
+    return metrics_http_ ? metrics_http_->port() : 0;
+  }
   std::string address() const override { return address_; }
   std::string backend() const override { return backend_; }
   std::string device() const override { return device_; }
@@ -79,6 +96,7 @@ class GrpcServer final : public Server {
       if (shut_down_) return;
       shut_down_ = true;
     }
+    metrics_http_.reset();  // its render reads the engine and storage
     if (server_ != nullptr) {
       server_->GetHealthCheckService()->SetServingStatus(false);
       service_->StopAccepting();
@@ -104,7 +122,9 @@ class GrpcServer final : public Server {
   std::unique_ptr<storage::Store> store_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<WorkPool> pool_;
+  std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<KvMemoryService> service_;
+  std::unique_ptr<MetricsHttpServer> metrics_http_;
   std::unique_ptr<grpc::Server> server_;
   const std::string backend_;
   const std::string device_;
@@ -176,12 +196,13 @@ absl::StatusOr<std::unique_ptr<Server>> StartServer(
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
                          Engine::Open(Engine::Options(), store.get()));
   auto pool = std::make_unique<WorkPool>(options.handler_threads);
+  auto metrics = std::make_unique<Metrics>();
   auto service = std::make_unique<KvMemoryService>(
-      engine.get(), pool.get(),
+      engine.get(), pool.get(), metrics.get(),
       KvMemoryService::Identity{kVersion, backend, device});
   auto server = std::make_unique<GrpcServer>(
-      std::move(store), std::move(engine), std::move(pool), std::move(service),
-      backend, device);
+      std::move(store), std::move(engine), std::move(pool), std::move(metrics),
+      std::move(service), backend, device);
   KVMEM_RETURN_IF_ERROR(server->Start(options));
   return std::unique_ptr<Server>(std::move(server));
 }

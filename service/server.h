@@ -22,6 +22,8 @@ struct ServerOptions {
   int handler_threads = 8;
   // Largest request or response message, bytes. 1 KiB..2 GiB-1.
   int max_message_bytes = 256 << 20;
+  // host:port serving Prometheus text on GET /metrics; empty = off.
+  std::string metrics_listen;
 
   // INVALID_ARGUMENT naming the field when out of range.
   absl::Status Validate() const;
@@ -33,6 +35,8 @@ class Server {
   virtual ~Server() = default;
   // The port actually bound (the chosen one when `listen` ends in `:0`).
   virtual int port() const = 0;
+  // The metrics endpoint's port, 0 when it is off.
+  virtual int metrics_port() const = 0;
   // "host:port" with the real port.
   virtual std::string address() const = 0;
   // "cpu" or "cuda", and the device it runs on.

@@ -5,6 +5,7 @@
 #include "absl/time/clock.h"
 #include "service/grpc/convert.h"
 #include "service/grpc/step_stream.h"
+#include "service/log.h"
 
 namespace kvmem {
 
@@ -16,11 +17,39 @@ std::string TenantOf(const grpc::CallbackServerContext& context) {
 }
 
 KvMemoryService::KvMemoryService(Engine* engine, WorkPool* pool,
-                                 Identity identity)
+                                 Metrics* metrics, Identity identity)
     : engine_(engine),
       pool_(pool),
+      metrics_(metrics),
       identity_(std::move(identity)),
       started_(absl::Now()) {}
+
+absl::Status RunStep(Engine* engine, const std::string& tenant,
+                     const StepRequestView& view, v1::StepResponse* response) {
+  absl::StatusOr<std::vector<StepEntryResult>> results =
+      engine->Step(tenant, view);
+  if (!results.ok()) return results.status();
+  StepResultsToProto(std::move(*results), view, response);
+  return absl::OkStatus();
+}
+
+void RecordStep(Metrics* metrics, const StepRequestView& view,
+                const absl::Status& status, absl::Time received) {
+  if (!status.ok()) {
+    LogEventThrottled(
+        "step_rejected",
+        {{"session", view.entries.empty() ? "" : view.entries[0].session_id},
+         {"entries", absl::StrCat(view.entries.size())},
+         {"layer", absl::StrCat(view.layer)},
+         {"code", absl::StatusCodeToString(status.code())},
+         {"message", std::string(status.message())}});
+  }
+  int64_t tokens = 0;
+  for (const StepEntryView& e : view.entries) tokens += e.num_tokens;
+  metrics->RecordStep(view.mode, int64_t(view.entries.size()), tokens,
+                      absl::ToDoubleSeconds(absl::Now() - received),
+                      status.code());
+}
 
 template <typename Handler>
 grpc::ServerUnaryReactor* KvMemoryService::Serve(
@@ -71,6 +100,9 @@ grpc::ServerUnaryReactor* KvMemoryService::CreateSession(
     absl::StatusOr<SessionInfo> info =
         engine_->CreateSession(std::move(config));
     if (!info.ok()) return info.status();
+    LogEvent(
+        "session_created",
+        {{"tenant", tenant}, {"session", info->manifest.config.session_id}});
     SessionToProto(*info, response);
     return absl::OkStatus();
   });
@@ -110,24 +142,28 @@ grpc::ServerUnaryReactor* KvMemoryService::DeleteSession(
     grpc::CallbackServerContext* context,
     const v1::DeleteSessionRequest* request, v1::DeleteSessionResponse*) {
   return Serve(context, [this, request](const std::string& tenant) {
-    return engine_->DeleteSession(tenant, request->session_id());
+    absl::Status st = engine_->DeleteSession(tenant, request->session_id());
+    if (st.ok()) {
+      LogEvent("session_deleted",
+               {{"tenant", tenant}, {"session", request->session_id()}});
+    }
+    return st;
   });
 }
 
 grpc::ServerUnaryReactor* KvMemoryService::Step(
     grpc::CallbackServerContext* context, const v1::StepRequest* request,
     v1::StepResponse* response) {
-  return Serve(context, [this, request, response](const std::string& tenant) {
-    StepRequestView view;
-    absl::Status st = StepRequestFromProto(*request, &view);
-    if (!st.ok()) return st;
-    absl::StatusOr<std::vector<StepEntryResult>> results =
-        engine_->Step(tenant, view);
-    if (!results.ok()) return results.status();
-    response->set_request_id(request->request_id());
-    StepResultsToProto(std::move(*results), view, response);
-    return absl::OkStatus();
-  });
+  const absl::Time received = absl::Now();
+  return Serve(context,
+               [this, request, response, received](const std::string& tenant) {
+                 StepRequestView view;
+                 absl::Status st = StepRequestFromProto(*request, &view);
+                 if (st.ok()) st = RunStep(engine_, tenant, view, response);
+                 if (st.ok()) response->set_request_id(request->request_id());
+                 RecordStep(metrics_, view, st, received);
+                 return st;
+               });
 }
 
 grpc::ServerUnaryReactor* KvMemoryService::GetStats(
@@ -150,7 +186,7 @@ grpc::ServerUnaryReactor* KvMemoryService::GetStats(
 
 grpc::ServerBidiReactor<v1::StepRequest, v1::StepStreamResponse>*
 KvMemoryService::StepStream(grpc::CallbackServerContext* context) {
-  return new StepStreamReactor(context, engine_, pool_, &accepting_);
+  return new StepStreamReactor(context, engine_, pool_, metrics_, &accepting_);
 }
 
 }  // namespace kvmem

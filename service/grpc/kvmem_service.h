@@ -18,6 +18,7 @@
 #include "kvmem/v1/kvmem.grpc.pb.h"
 #include "service/engine/engine.h"
 #include "service/grpc/work_pool.h"
+#include "service/metrics.h"
 
 namespace kvmem {
 
@@ -28,8 +29,9 @@ class KvMemoryService final : public v1::KvMemory::CallbackService {
     std::string backend;  // "cpu" or "cuda"
     std::string device;   // what the backend runs on
   };
-  // `engine` and `pool` must outlive the service.
-  KvMemoryService(Engine* engine, WorkPool* pool, Identity identity);
+  // `engine`, `pool` and `metrics` must outlive the service.
+  KvMemoryService(Engine* engine, WorkPool* pool, Metrics* metrics,
+                  Identity identity);
 
   // From now on every RPC answers UNAVAILABLE (shutdown has begun).
   void StopAccepting() { accepting_.store(false); }
@@ -65,12 +67,21 @@ class KvMemoryService final : public v1::KvMemory::CallbackService {
   grpc::ServerUnaryReactor* Serve(grpc::CallbackServerContext* context,
                                   Handler handler);
 
-  Engine* const engine_;  // not owned
-  WorkPool* const pool_;  // not owned
+  Engine* const engine_;    // not owned
+  WorkPool* const pool_;    // not owned
+  Metrics* const metrics_;  // not owned
   const Identity identity_;
   const absl::Time started_;
   std::atomic<bool> accepting_{true};
 };
+
+// Steps `view` on `engine` and fills `response`; the engine's status.
+absl::Status RunStep(Engine* engine, const std::string& tenant,
+                     const StepRequestView& view, v1::StepResponse* response);
+
+// Counts one step request of `view` that ended with `status`.
+void RecordStep(Metrics* metrics, const StepRequestView& view,
+                const absl::Status& status, absl::Time received);
 
 // The caller's tenant: metadata `kvmem-tenant`, or "default" when absent.
 std::string TenantOf(const grpc::CallbackServerContext& context);

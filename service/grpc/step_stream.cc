@@ -7,9 +7,11 @@ namespace kvmem {
 
 StepStreamReactor::StepStreamReactor(grpc::CallbackServerContext* context,
                                      Engine* engine, WorkPool* pool,
+                                     Metrics* metrics,
                                      const std::atomic<bool>* accepting)
     : engine_(engine),
       pool_(pool),
+      metrics_(metrics),
       accepting_(accepting),
       tenant_(TenantOf(*context)) {
   if (!accepting_->load()) {
@@ -29,6 +31,7 @@ void StepStreamReactor::OnReadDone(bool ok) {
     Finish(grpc::Status::OK);
     return;
   }
+  received_ = absl::Now();
   if (!pool_->Run([this] { Process(); })) {
     Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
                         "kvmem-server is shutting down"));
@@ -45,16 +48,15 @@ void StepStreamReactor::Process() {
     StepRequestView view;
     status = StepRequestFromProto(request_, &view);
     if (status.ok()) {
-      absl::StatusOr<std::vector<StepEntryResult>> results =
-          engine_->Step(tenant_, view);
-      if (results.ok()) {
-        v1::StepResponse* reply = response_.mutable_response();
+      v1::StepResponse* reply = response_.mutable_response();
+      status = RunStep(engine_, tenant_, view, reply);
+      if (status.ok()) {
         reply->set_request_id(request_.request_id());
-        StepResultsToProto(std::move(*results), view, reply);
       } else {
-        status = results.status();
+        response_.clear_response();
       }
     }
+    RecordStep(metrics_, view, status, received_);
   }
   if (!status.ok()) {
     response_.set_error_code(int(status.code()));

@@ -16,6 +16,7 @@
 #include "kvmem/v1/kvmem.grpc.pb.h"
 #include "service/engine/engine.h"
 #include "service/grpc/work_pool.h"
+#include "service/metrics.h"
 
 namespace kvmem {
 
@@ -25,7 +26,8 @@ class StepStreamReactor final
   // `engine`, `pool` and `accepting` must outlive the stream (the server
   // waits for every stream before destroying them).
   StepStreamReactor(grpc::CallbackServerContext* context, Engine* engine,
-                    WorkPool* pool, const std::atomic<bool>* accepting);
+                    WorkPool* pool, Metrics* metrics,
+                    const std::atomic<bool>* accepting);
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
@@ -37,10 +39,12 @@ class StepStreamReactor final
 
   Engine* const engine_;                // not owned
   WorkPool* const pool_;                // not owned
+  Metrics* const metrics_;              // not owned
   const std::atomic<bool>* accepting_;  // not owned
   std::string tenant_;
   v1::StepRequest request_;
   v1::StepStreamResponse response_;
+  absl::Time received_;  // of the request being processed
 };
 
 }  // namespace kvmem

@@ -2,6 +2,10 @@
 // real RocksDB in a temp dir, called through the generated gRPC stub.
 #include "service/server.h"
 
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <functional>
 #include <future>
@@ -44,6 +48,7 @@ class ServerTest : public ::testing::Test {
     options.listen = "127.0.0.1:0";
     options.data_dir = dir_.path();
     options.backend = "cpu";
+    if (tweak_) tweak_(&options);
     absl::StatusOr<std::unique_ptr<Server>> server = StartServer(options);
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = std::move(*server);
@@ -97,6 +102,7 @@ class ServerTest : public ::testing::Test {
   }
 
   testing::TempDir dir_;
+  std::function<void(ServerOptions*)> tweak_;  // applied by Start()
   std::unique_ptr<Server> server_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::KvMemory::Stub> stub_;
@@ -594,6 +600,108 @@ TEST_F(ServerTest, StepErrorsCarryTheirCodes) {
   ASSERT_TRUE(st.ok()) << st.error_message();
   EXPECT_EQ(got.results(0).next_position(), 1);
   EXPECT_TRUE(got.results(0).output().empty());
+}
+
+}  // namespace
+}  // namespace kvmem
+
+namespace kvmem {
+namespace {
+
+// GET `path` from 127.0.0.1:`port` over a plain socket; the whole reply.
+std::string HttpGet(int port, const std::string& path) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(uint16_t(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return "";
+  }
+  std::string request = "GET " + path + " HTTP/1.1\r\nHost: x\r\n\r\n";
+  (void)!write(fd, request.data(), request.size());
+  std::string reply;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof(buf))) > 0) reply.append(buf, size_t(n));
+  close(fd);
+  return reply;
+}
+
+TEST_F(ServerTest, MetricsCountStepsAndLatency) {
+  tweak_ = [](ServerOptions* o) { o->metrics_listen = "127.0.0.1:0"; };
+  Restart();
+  ASSERT_GT(server_->metrics_port(), 0);
+  v1::Session s;
+  ASSERT_TRUE(Create(SmallFp32("m"), &s).ok());
+  for (int t = 0; t < 3; ++t) {
+    v1::StepRequest r;
+    r.set_layer(0);
+    r.set_mode(v1::STEP_MODE_ATTEND);
+    *r.add_entries() = Entry("m", t, 1.0f);
+    v1::StepResponse got;
+    ASSERT_TRUE(stub_->Step(Context().get(), r, &got).ok());
+  }
+  v1::StepRequest bad;
+  bad.set_layer(0);
+  bad.set_mode(v1::STEP_MODE_APPEND);
+  *bad.add_entries() = Entry("m", 7, 1.0f);
+  v1::StepResponse got;
+  EXPECT_EQ(stub_->Step(Context().get(), bad, &got).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+  std::string page = HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_NE(page.find("HTTP/1.1 200 OK"), std::string::npos) << page;
+  EXPECT_NE(page.find("kvmem_step_requests_total{mode=\"attend\"} 3"),
+            std::string::npos)
+      << page;
+  EXPECT_NE(page.find("kvmem_step_tokens_total{mode=\"attend\"} 3"),
+            std::string::npos);
+  EXPECT_NE(
+      page.find("kvmem_step_results_total{code=\"FAILED_PRECONDITION\"} 1"),
+      std::string::npos);
+  EXPECT_NE(page.find("kvmem_step_latency_seconds_count 4"), std::string::npos);
+  EXPECT_NE(page.find("kvmem_sessions 1"), std::string::npos);
+  EXPECT_NE(HttpGet(server_->metrics_port(), "/other").find("404"),
+            std::string::npos);
+}
+
+TEST_F(ServerTest, OverLargeRequestIsResourceExhaustedNamingTheLimit) {
+  tweak_ = [](ServerOptions* o) { o->max_message_bytes = 64 << 10; };
+  Restart();
+  v1::Session s;
+  ASSERT_TRUE(Create(SmallFp32("big"), &s).ok());
+  v1::StepRequest r;
+  r.set_layer(0);
+  r.set_mode(v1::STEP_MODE_APPEND);
+  *r.add_entries() = Entry("big", 0, 1.0f);
+  r.mutable_entries(0)->set_q(std::string(100 << 10, 'x'));
+  v1::StepResponse got;
+  grpc::Status st = stub_->Step(Context().get(), r, &got);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(st.error_message().find("65536"), std::string::npos)
+      << st.error_message();
+  // Nothing was applied: position 0 is still expected.
+  *r.mutable_entries(0) = Entry("big", 0, 1.0f);
+  ASSERT_TRUE(stub_->Step(Context().get(), r, &got).ok());
+  EXPECT_EQ(got.results(0).next_position(), 1);
+}
+
+TEST_F(ServerTest, ExpiredDeadlineAppliesNothing) {
+  v1::Session s;
+  ASSERT_TRUE(Create(SmallFp32("late"), &s).ok());
+  v1::StepRequest r;
+  r.set_layer(0);
+  r.set_mode(v1::STEP_MODE_ATTEND);
+  *r.add_entries() = Entry("late", 0, 1.0f);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() -
+                       std::chrono::seconds(1));
+  v1::StepResponse got;
+  EXPECT_EQ(stub_->Step(&context, r, &got).error_code(),
+            grpc::StatusCode::DEADLINE_EXCEEDED);
+  ASSERT_TRUE(stub_->Step(Context().get(), r, &got).ok());
+  EXPECT_EQ(got.results(0).next_position(), 1);
 }
 
 }  // namespace
