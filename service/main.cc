@@ -23,6 +23,15 @@ ABSL_FLAG(int, handler_threads, 8,
 ABSL_FLAG(int, max_message_bytes, 256 << 20,
           "largest gRPC request or response, bytes; larger ones are "
           "RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, max_queued_requests, 1024,
+          "step requests waiting or running at once; more are "
+          "RESOURCE_EXHAUSTED at once");
+ABSL_FLAG(int64_t, max_queued_bytes, int64_t{1} << 30,
+          "tensor bytes of step requests waiting or running at once; more "
+          "are RESOURCE_EXHAUSTED at once");
+ABSL_FLAG(int64_t, memory_limit_bytes, 0,
+          "host bytes the sessions' live state may hold; steps past it are "
+          "RESOURCE_EXHAUSTED; 0 = 60% of physical memory");
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port serving Prometheus text metrics on GET /metrics (e.g. "
           "127.0.0.1:9464); empty turns the endpoint off");
@@ -52,6 +61,9 @@ int main(int argc, char** argv) {
   options.handler_threads = absl::GetFlag(FLAGS_handler_threads);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  options.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
+  options.max_queued_bytes = absl::GetFlag(FLAGS_max_queued_bytes);
+  options.memory_limit_bytes = absl::GetFlag(FLAGS_memory_limit_bytes);
   absl::StatusOr<std::unique_ptr<kvmem::Server>> server =
       kvmem::StartServer(options);
   if (!server.ok()) {

@@ -101,6 +101,13 @@ std::string Metrics::Render(const Gauges& gauges) const {
   Gauge(&out, "kvmem_spill_queue_bytes",
         "Bytes of spilled pages waiting for the storage writer.",
         gauges.spill_queue_bytes);
+  Gauge(&out, "kvmem_queued_step_bytes",
+        "Tensor bytes of step requests waiting or running.",
+        gauges.queued_step_bytes);
+  Gauge(&out, "kvmem_memory_bytes", "Host bytes of the sessions' live state.",
+        gauges.engine.memory_bytes);
+  Gauge(&out, "kvmem_memory_limit_bytes", "The engine's memory limit.",
+        gauges.engine.memory_limit_bytes);
   Gauge(&out, "kvmem_storage_bytes",
         "RocksDB live SST files and memtables, bytes.", gauges.storage_bytes);
   return out;

@@ -30,6 +30,7 @@ class Metrics {
   struct Gauges {
     EngineStats engine;
     int64_t spill_queue_bytes = 0;
+    int64_t queued_step_bytes = 0;
     int64_t storage_bytes = 0;
   };
   // The Prometheus exposition of every metric.

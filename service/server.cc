@@ -32,12 +32,14 @@ class GrpcServer final : public Server {
  public:
   GrpcServer(std::unique_ptr<storage::Store> store,
              std::unique_ptr<Engine> engine, std::unique_ptr<WorkPool> pool,
+             std::unique_ptr<Admission> admission,
              std::unique_ptr<Metrics> metrics,
              std::unique_ptr<KvMemoryService> service, std::string backend,
              std::string device)
       : store_(std::move(store)),
         engine_(std::move(engine)),
         pool_(std::move(pool)),
+        admission_(std::move(admission)),
         metrics_(std::move(metrics)),
         service_(std::move(service)),
         backend_(std::move(backend)),
@@ -76,6 +78,7 @@ class GrpcServer final : public Server {
             Metrics::Gauges gauges;
             gauges.engine = engine_->Stats();
             gauges.storage_bytes = int64_t(store_->ApproximateBytes());
+            gauges.queued_step_bytes = admission_->queued_bytes();
             return metrics_->Render(gauges);
           }));
     }
@@ -122,6 +125,7 @@ class GrpcServer final : public Server {
   std::unique_ptr<storage::Store> store_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<WorkPool> pool_;
+  std::unique_ptr<Admission> admission_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<KvMemoryService> service_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
@@ -178,6 +182,15 @@ absl::Status ServerOptions::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat(
         "--handler_threads must be in [1, 1024], got ", handler_threads));
   }
+  if (max_queued_requests < 1 || max_queued_bytes < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max_queued_requests and --max_queued_bytes must be >= 1, got ",
+        max_queued_requests, " and ", max_queued_bytes));
+  }
+  if (memory_limit_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--memory_limit_bytes must be >= 0, got ", memory_limit_bytes));
+  }
   if (max_message_bytes < 1024) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--max_message_bytes must be at least 1024, got ", max_message_bytes));
@@ -193,15 +206,20 @@ absl::StatusOr<std::unique_ptr<Server>> StartServer(
   KVMEM_ASSIGN_OR_RETURN(
       std::unique_ptr<storage::Store> store,
       storage::Store::Open(storage::Store::Options(), options.data_dir));
+  Engine::Options engine_options;
+  engine_options.memory_limit_bytes = options.memory_limit_bytes;
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
-                         Engine::Open(Engine::Options(), store.get()));
+                         Engine::Open(engine_options, store.get()));
   auto pool = std::make_unique<WorkPool>(options.handler_threads);
   auto metrics = std::make_unique<Metrics>();
+  auto admission = std::make_unique<Admission>(options.max_queued_requests,
+                                               options.max_queued_bytes);
   auto service = std::make_unique<KvMemoryService>(
-      engine.get(), pool.get(), metrics.get(),
+      engine.get(), pool.get(), admission.get(), metrics.get(),
       KvMemoryService::Identity{kVersion, backend, device});
   auto server = std::make_unique<GrpcServer>(
-      std::move(store), std::move(engine), std::move(pool), std::move(metrics),
+      std::move(store), std::move(engine), std::move(pool),
+      std::move(admission), std::move(metrics),
       std::move(service), backend, device);
   KVMEM_RETURN_IF_ERROR(server->Start(options));
   return std::unique_ptr<Server>(std::move(server));

@@ -22,6 +22,12 @@ struct ServerOptions {
   int handler_threads = 8;
   // Largest request or response message, bytes. 1 KiB..2 GiB-1.
   int max_message_bytes = 256 << 20;
+  // Step requests (and their tensor bytes) waiting or running at once;
+  // past either, a step is RESOURCE_EXHAUSTED at once. ≥ 1.
+  int64_t max_queued_requests = 1024;
+  int64_t max_queued_bytes = int64_t{1} << 30;
+  // Host bytes of the sessions' live state; 0 = 60% of physical memory.
+  int64_t memory_limit_bytes = 0;
   // host:port serving Prometheus text on GET /metrics; empty = off.
   std::string metrics_listen;
 

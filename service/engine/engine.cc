@@ -1,5 +1,7 @@
 #include "service/engine/engine.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "absl/hash/hash.h"
@@ -35,6 +37,10 @@ struct Engine::LiveSession {
   std::vector<std::vector<StreamState>> streams ABSL_GUARDED_BY(mu);
   // [layers]: each layer's last applied step, for answering retries.
   std::vector<LastStep> last ABSL_GUARDED_BY(mu);
+  // Host bytes of `streams`, counted in Engine::memory_bytes_.
+  int64_t memory_bytes ABSL_GUARDED_BY(mu) = 0;
+  // Set by DeleteSession: steps already holding this state are refused.
+  bool deleted ABSL_GUARDED_BY(mu) = false;
 };
 
 namespace {
@@ -80,11 +86,22 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Open(const Options& options,
                                                      storage::Store* store) {
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<SessionRegistry> registry,
                          SessionRegistry::Open(options.registry, store));
-  return std::unique_ptr<Engine>(new Engine(std::move(registry)));
+  int64_t limit = options.memory_limit_bytes;
+  if (limit < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "memory_limit_bytes must be >= 0 (0: 60% of RAM), got ", limit));
+  }
+  if (limit == 0) {
+    limit = int64_t(0.6 * double(sysconf(_SC_PHYS_PAGES)) *
+                    double(sysconf(_SC_PAGESIZE)));
+  }
+  return std::unique_ptr<Engine>(new Engine(std::move(registry), limit));
 }
 
-Engine::Engine(std::unique_ptr<SessionRegistry> registry)
-    : registry_(std::move(registry)) {}
+Engine::Engine(std::unique_ptr<SessionRegistry> registry,
+               int64_t memory_limit_bytes)
+    : registry_(std::move(registry)),
+      memory_limit_bytes_(memory_limit_bytes) {}
 
 Engine::~Engine() = default;
 
@@ -162,8 +179,20 @@ absl::StatusOr<SessionRegistry::ListPage> Engine::ListSessions(
 absl::Status Engine::DeleteSession(const std::string& tenant,
                                    const std::string& session_id) {
   KVMEM_RETURN_IF_ERROR(registry_->Delete(tenant, session_id));
-  MutexLock lock(&mu_);
-  live_.erase(Key(tenant, session_id));
+  std::shared_ptr<LiveSession> live;
+  {
+    MutexLock lock(&mu_);
+    auto it = live_.find(Key(tenant, session_id));
+    if (it == live_.end()) return absl::OkStatus();
+    live = std::move(it->second);
+    live_.erase(it);
+  }
+  // Steps already holding the state are refused from now on; its memory is
+  // returned now (the last holder frees it).
+  MutexLock lock(&live->mu);
+  live->deleted = true;
+  memory_bytes_.fetch_sub(live->memory_bytes);
+  live->memory_bytes = 0;
   return absl::OkStatus();
 }
 
@@ -222,10 +251,16 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
   // Validate every entry against its session before applying any.
   const int layer = request.layer;
   std::vector<bool> replay(n, false);  // an identical retry of the last step
+  int64_t step_growth = 0;             // bytes this request may add
   for (size_t i = 0; i < n; ++i) {
     const StepEntryView& e = request.entries[i];
     LiveSession& s = *sessions[i];
     const ModelShape& shape = s.config.shape;
+    if (s.deleted) {
+      return absl::NotFoundError(absl::StrCat(
+          Field(i, "session_id"), ": session \"", e.session_id,
+          "\" was deleted"));
+    }
     if (layer < 0 || layer >= shape.layers) {
       return absl::InvalidArgumentError(absl::StrCat(
           "layer: ", layer, " is out of range for ", Field(i, "session_id"),
@@ -279,6 +314,19 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
           " (session \"", e.session_id, "\", layer ", layer, ")"));
     }
     std::vector<StreamState>& streams = s.streams[size_t(layer)];
+    int64_t growth = int64_t{shape.kv_heads} *
+                     StreamState::StepGrowthBytes(s.stream_config, e.num_tokens);
+    if (streams.empty()) {
+      growth += int64_t{shape.kv_heads} * StreamState::FixedBytes(s.stream_config);
+    }
+    step_growth += growth;
+    const int64_t in_use = memory_bytes_.load(std::memory_order_relaxed);
+    if (in_use + step_growth > memory_limit_bytes_) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          Field(i, "session_id"), ": memory limit of ", memory_limit_bytes_,
+          " bytes reached (", in_use, " in use, this request needs up to ",
+          step_growth, "); delete sessions or raise --memory_limit_bytes"));
+    }
     if (streams.empty()) {
       // Making empty streams changes nothing a caller can observe.
       for (int h = 0; h < shape.kv_heads; ++h) {
@@ -292,6 +340,11 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
         }
         streams.push_back(std::move(*stream));
       }
+      // The streams exist from now on, whatever becomes of this request.
+      const int64_t made = int64_t{shape.kv_heads} *
+                           StreamState::FixedBytes(s.stream_config);
+      s.memory_bytes += made;
+      memory_bytes_.fetch_add(made);
     }
   }
 
@@ -320,6 +373,10 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
     StepEntryResult& result = results[i];
     std::vector<float> queries(q_all.empty() ? 0 : size_t(T) * G * D);
     std::string keys(T * row, '\0'), values(T * row, '\0');
+    int64_t bytes_before = 0, bytes_after = 0;
+    for (const StreamState& stream : s.streams[size_t(layer)]) {
+      bytes_before += stream.memory_bytes();
+    }
     for (int h = 0; h < H; ++h) {
       // This head's rows: queries [T, G, D], keys/values [T, D].
       for (int t = 0; t < T; ++t) {
@@ -363,6 +420,11 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       result.lse.assign(reinterpret_cast<const char*>(lse_all.data()),
                         lse_all.size() * sizeof(float));
     }
+    for (const StreamState& stream : s.streams[size_t(layer)]) {
+      bytes_after += stream.memory_bytes();
+    }
+    s.memory_bytes += bytes_after - bytes_before;
+    memory_bytes_.fetch_add(bytes_after - bytes_before);
     s.layer_next[size_t(layer)] += T;
     result.next_position = s.layer_next[size_t(layer)];
     // Nothing is durable before the storage work (issue 5) lands.
@@ -385,6 +447,8 @@ EngineStats Engine::Stats() {
   stats.sessions = registry_->SessionCount();
   stats.steps = steps_.load(std::memory_order_relaxed);
   stats.tokens_appended = tokens_appended_.load(std::memory_order_relaxed);
+  stats.memory_bytes = memory_bytes_.load(std::memory_order_relaxed);
+  stats.memory_limit_bytes = memory_limit_bytes_;
   std::vector<std::shared_ptr<LiveSession>> live;
   {
     MutexLock lock(&mu_);

@@ -27,6 +27,8 @@ namespace kvmem {
 
 struct EngineStats {
   int64_t sessions = 0;
+  int64_t memory_bytes = 0;        // host bytes of live state
+  int64_t memory_limit_bytes = 0;  // Options::memory_limit_bytes in force
   int64_t steps = 0;            // entries applied, all modes
   int64_t tokens_appended = 0;  // tokens × layers
   int64_t resident_bytes = 0;
@@ -37,6 +39,10 @@ class Engine {
  public:
   struct Options {
     SessionRegistry::Options registry;
+    // Host bytes the sessions' live state may hold (cascades, digests,
+    // spilled pages kept in memory). A step that could pass it is
+    // RESOURCE_EXHAUSTED. 0 means 60% of the machine's physical memory.
+    int64_t memory_limit_bytes = 0;
   };
 
   // Loads the sessions of `store` (which must outlive the engine).
@@ -65,7 +71,9 @@ class Engine {
   //   (q may be empty in APPEND only);
   // - NOT_FOUND: `entries[i].session_id` unknown to `tenant`;
   // - FAILED_PRECONDITION: `entries[i].position` is not the layer's next,
-  //   naming the expected one.
+  //   naming the expected one;
+  // - RESOURCE_EXHAUSTED: the step could take the engine past its memory
+  //   limit (the message gives the limit and the bytes in use).
   // An entry identical to the last applied step of its (session, layer) is
   // a retry: it is answered with that step's reply and not applied again
   // (FETCH replies over 1 MiB are not kept: FAILED_PRECONDITION).
@@ -80,7 +88,7 @@ class Engine {
   struct LiveSession;
   using Key = std::pair<std::string, std::string>;  // (tenant, session_id)
 
-  explicit Engine(std::unique_ptr<SessionRegistry> registry);
+  Engine(std::unique_ptr<SessionRegistry> registry, int64_t memory_limit_bytes);
   // The live state of `info`'s session, made on first use.
   std::shared_ptr<LiveSession> Live(const Key& key, const SessionInfo& info);
   // `info` with the live figures of its session, if it has live state.
@@ -93,6 +101,8 @@ class Engine {
   std::map<Key, std::shared_ptr<LiveSession>> live_ ABSL_GUARDED_BY(mu_);
   std::atomic<int64_t> steps_{0};
   std::atomic<int64_t> tokens_appended_{0};
+  const int64_t memory_limit_bytes_;
+  std::atomic<int64_t> memory_bytes_{0};  // Σ live sessions' memory_bytes
 };
 
 }  // namespace kvmem

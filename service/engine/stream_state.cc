@@ -61,6 +61,35 @@ absl::StatusOr<StreamConfig> StreamConfig::FromSession(
   return c;
 }
 
+namespace {
+
+// Per spilled token: its position and its key and value rows; per page: its
+// digest and the page's bookkeeping.
+int64_t SpilledTokenBytes(const StreamConfig& c) {
+  return 8 + 2 * int64_t{c.row_bytes()};
+}
+int64_t SpilledPageBytes(const StreamConfig& c) {
+  return int64_t{kDigestRows} * c.head_dim * 4 + int64_t{sizeof(SpilledPage)};
+}
+
+}  // namespace
+
+int64_t StreamState::FixedBytes(const StreamConfig& c) {
+  const int64_t slots =
+      c.cascade.sinks + int64_t{c.cascade.cascades} * c.cascade.window;
+  const int64_t pages = slots / c.page_tokens + c.cascade.cascades + 1;
+  // Per slot: key and value rows, position, score, page index.
+  return slots * (2 * int64_t{c.row_bytes()} + 8 + 4 + 4) +
+         pages * (int64_t{kDigestRows} * c.head_dim * 4 + 9);
+}
+
+int64_t StreamState::StepGrowthBytes(const StreamConfig& c, int tokens) {
+  // A step evicts at most `tokens` tokens, opening at most one page more
+  // than they fill.
+  return tokens * SpilledTokenBytes(c) +
+         (tokens / c.page_tokens + 1) * SpilledPageBytes(c);
+}
+
 absl::StatusOr<StreamState> StreamState::Create(const StreamConfig* config) {
   KVMEM_ASSIGN_OR_RETURN(
       CascadeStream cascade,
@@ -131,6 +160,7 @@ void StreamState::Spill(const EvictedTokens& evicted) {
         int(spilled_.back().positions.size()) == config_->page_tokens) {
       spilled_.emplace_back();
       spilled_.back().digest.assign(size_t(kDigestRows) * D, 0.0f);
+      spilled_bytes_ += SpilledPageBytes(*config_);
     }
     SpilledPage& page = spilled_.back();
     const uint8_t* k = &evicted.keys[e * row];
@@ -150,6 +180,7 @@ void StreamState::Spill(const EvictedTokens& evicted) {
           .IgnoreError();
     }
     ++spilled_tokens_;
+    spilled_bytes_ += SpilledTokenBytes(*config_);
   }
 }
 

@@ -84,6 +84,13 @@ class StreamState {
   int64_t tokens_seen() const { return cascade_.tokens_seen(); }
   int resident_tokens() const { return cascade_.ResidentCount(); }
   int64_t spilled_tokens() const { return spilled_tokens_; }
+  // Host bytes this stream holds: its cascade and digests (fixed at
+  // creation) and its spilled pages (growing).
+  int64_t memory_bytes() const { return FixedBytes(*config_) + spilled_bytes_; }
+  // Bytes a new stream of `config` holds before any token.
+  static int64_t FixedBytes(const StreamConfig& config);
+  // At most the bytes one step of `tokens` tokens adds to a stream.
+  static int64_t StepGrowthBytes(const StreamConfig& config, int tokens);
   const std::vector<SpilledPage>& spilled_pages() const { return spilled_; }
   const CascadeStream& cascade() const { return cascade_; }
 
@@ -120,6 +127,7 @@ class StreamState {
   std::vector<uint8_t> page_has_digest_;  // [pages]
   std::vector<SpilledPage> spilled_;      // the last one may be open (< P)
   int64_t spilled_tokens_ = 0;
+  int64_t spilled_bytes_ = 0;
 };
 
 }  // namespace kvmem

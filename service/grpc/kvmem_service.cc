@@ -17,10 +17,12 @@ std::string TenantOf(const grpc::CallbackServerContext& context) {
 }
 
 KvMemoryService::KvMemoryService(Engine* engine, WorkPool* pool,
-                                 Metrics* metrics, Identity identity)
+                                 Admission* admission, Metrics* metrics,
+                                 Identity identity)
     : engine_(engine),
       pool_(pool),
       metrics_(metrics),
+      admission_(admission),
       identity_(std::move(identity)),
       started_(absl::Now()) {}
 
@@ -155,15 +157,26 @@ grpc::ServerUnaryReactor* KvMemoryService::Step(
     grpc::CallbackServerContext* context, const v1::StepRequest* request,
     v1::StepResponse* response) {
   const absl::Time received = absl::Now();
-  return Serve(context,
-               [this, request, response, received](const std::string& tenant) {
-                 StepRequestView view;
-                 absl::Status st = StepRequestFromProto(*request, &view);
-                 if (st.ok()) st = RunStep(engine_, tenant, view, response);
-                 if (st.ok()) response->set_request_id(request->request_id());
-                 RecordStep(metrics_, view, st, received);
-                 return st;
-               });
+  const int64_t bytes = TensorBytes(*request);
+  if (absl::Status admitted = admission_->Admit(bytes); !admitted.ok()) {
+    StepRequestView view;
+    StepRequestFromProto(*request, &view).IgnoreError();  // for the metrics
+    RecordStep(metrics_, view, admitted, received);
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(ToGrpcStatus(admitted));
+    return reactor;
+  }
+  // Shared by the handler's copies; released when the last one goes.
+  auto ticket = std::make_shared<AdmissionTicket>(admission_, bytes);
+  return Serve(context, [this, request, response, received,
+                         ticket](const std::string& tenant) {
+    StepRequestView view;
+    absl::Status st = StepRequestFromProto(*request, &view);
+    if (st.ok()) st = RunStep(engine_, tenant, view, response);
+    if (st.ok()) response->set_request_id(request->request_id());
+    RecordStep(metrics_, view, st, received);
+    return st;
+  });
 }
 
 grpc::ServerUnaryReactor* KvMemoryService::GetStats(
@@ -186,7 +199,8 @@ grpc::ServerUnaryReactor* KvMemoryService::GetStats(
 
 grpc::ServerBidiReactor<v1::StepRequest, v1::StepStreamResponse>*
 KvMemoryService::StepStream(grpc::CallbackServerContext* context) {
-  return new StepStreamReactor(context, engine_, pool_, metrics_, &accepting_);
+  return new StepStreamReactor(context, engine_, pool_, admission_, metrics_,
+                               &accepting_);
 }
 
 }  // namespace kvmem

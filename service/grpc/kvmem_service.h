@@ -17,6 +17,7 @@
 #include "absl/time/time.h"
 #include "kvmem/v1/kvmem.grpc.pb.h"
 #include "service/engine/engine.h"
+#include "service/grpc/admission.h"
 #include "service/grpc/work_pool.h"
 #include "service/metrics.h"
 
@@ -29,9 +30,9 @@ class KvMemoryService final : public v1::KvMemory::CallbackService {
     std::string backend;  // "cpu" or "cuda"
     std::string device;   // what the backend runs on
   };
-  // `engine`, `pool` and `metrics` must outlive the service.
-  KvMemoryService(Engine* engine, WorkPool* pool, Metrics* metrics,
-                  Identity identity);
+  // `engine`, `pool`, `admission` and `metrics` must outlive the service.
+  KvMemoryService(Engine* engine, WorkPool* pool, Admission* admission,
+                  Metrics* metrics, Identity identity);
 
   // From now on every RPC answers UNAVAILABLE (shutdown has begun).
   void StopAccepting() { accepting_.store(false); }
@@ -70,6 +71,7 @@ class KvMemoryService final : public v1::KvMemory::CallbackService {
   Engine* const engine_;    // not owned
   WorkPool* const pool_;    // not owned
   Metrics* const metrics_;  // not owned
+  Admission* const admission_;  // not owned
   const Identity identity_;
   const absl::Time started_;
   std::atomic<bool> accepting_{true};

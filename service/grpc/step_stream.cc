@@ -7,11 +7,12 @@ namespace kvmem {
 
 StepStreamReactor::StepStreamReactor(grpc::CallbackServerContext* context,
                                      Engine* engine, WorkPool* pool,
-                                     Metrics* metrics,
+                                     Admission* admission, Metrics* metrics,
                                      const std::atomic<bool>* accepting)
     : engine_(engine),
       pool_(pool),
       metrics_(metrics),
+      admission_(admission),
       accepting_(accepting),
       tenant_(TenantOf(*context)) {
   if (!accepting_->load()) {
@@ -32,7 +33,22 @@ void StepStreamReactor::OnReadDone(bool ok) {
     return;
   }
   received_ = absl::Now();
+  admitted_bytes_ = TensorBytes(request_);
+  if (absl::Status admitted = admission_->Admit(admitted_bytes_);
+      !admitted.ok()) {
+    // Refused at once, on this thread: the reply is the error alone.
+    response_.Clear();
+    response_.set_request_id(request_.request_id());
+    response_.set_error_code(int(admitted.code()));
+    response_.set_error_message(std::string(admitted.message()));
+    StepRequestView view;
+    StepRequestFromProto(request_, &view).IgnoreError();  // for the metrics
+    RecordStep(metrics_, view, admitted, received_);
+    StartWrite(&response_);
+    return;
+  }
   if (!pool_->Run([this] { Process(); })) {
+    admission_->Release(admitted_bytes_);
     Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
                         "kvmem-server is shutting down"));
   }
@@ -58,6 +74,7 @@ void StepStreamReactor::Process() {
     }
     RecordStep(metrics_, view, status, received_);
   }
+  admission_->Release(admitted_bytes_);
   if (!status.ok()) {
     response_.set_error_code(int(status.code()));
     response_.set_error_message(std::string(status.message()));

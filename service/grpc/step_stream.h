@@ -15,6 +15,7 @@
 
 #include "kvmem/v1/kvmem.grpc.pb.h"
 #include "service/engine/engine.h"
+#include "service/grpc/admission.h"
 #include "service/grpc/work_pool.h"
 #include "service/metrics.h"
 
@@ -26,7 +27,7 @@ class StepStreamReactor final
   // `engine`, `pool` and `accepting` must outlive the stream (the server
   // waits for every stream before destroying them).
   StepStreamReactor(grpc::CallbackServerContext* context, Engine* engine,
-                    WorkPool* pool, Metrics* metrics,
+                    WorkPool* pool, Admission* admission, Metrics* metrics,
                     const std::atomic<bool>* accepting);
 
   void OnReadDone(bool ok) override;
@@ -40,6 +41,8 @@ class StepStreamReactor final
   Engine* const engine_;                // not owned
   WorkPool* const pool_;                // not owned
   Metrics* const metrics_;              // not owned
+  Admission* const admission_;          // not owned
+  int64_t admitted_bytes_ = 0;  // of the request being processed
   const std::atomic<bool>* accepting_;  // not owned
   std::string tenant_;
   v1::StepRequest request_;

@@ -1,6 +1,7 @@
 // The engine's step end to end on the CPU backend, against references
 // computed here in double precision.
 #include "service/engine/engine.h"
+#include "service/engine/stream_state.h"
 
 #include <cmath>
 #include <cstdio>
@@ -518,6 +519,72 @@ TEST_F(EngineTest, AnIdenticalRetryIsAnsweredAgainNotAppliedTwice) {
   absl::Status st = engine_->Step("t", other).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(st.message().find("expected 12"), absl::string_view::npos) << st;
+}
+
+}  // namespace
+}  // namespace kvmem
+
+namespace kvmem {
+namespace {
+
+TEST(EngineMemoryTest, StepsPastTheMemoryLimitAreRefusedAndDeleteReturnsIt) {
+  testing::TempDir dir;
+  absl::StatusOr<std::unique_ptr<storage::Store>> store =
+      storage::Store::Open(storage::Store::Options(), dir.path());
+  ASSERT_TRUE(store.ok());
+  SessionConfig c;
+  c.tenant = "t";
+  c.shape = {1, 2, 2, 64, DType::kFp32, std::nullopt, {}};
+  c.policy.sinks = 0;
+  c.policy.cascades = 1;
+  c.policy.window = 64;
+  c.policy.page_tokens = 16;
+  c.policy.recent_tokens = 16;
+  c.policy.dense_layers = {};
+  StreamConfig sc = *StreamConfig::FromSession(c);
+  // Room for one session's streams and some spill, not for two sessions.
+  Engine::Options options;
+  options.memory_limit_bytes =
+      3 * StreamState::FixedBytes(sc) + 2 * StreamState::StepGrowthBytes(sc, 1);
+  absl::StatusOr<std::unique_ptr<Engine>> engine =
+      Engine::Open(options, store->get());
+  ASSERT_TRUE(engine.ok());
+  c.session_id = "first";
+  ASSERT_TRUE((*engine)->CreateSession(c).ok());
+  c.session_id = "second";
+  ASSERT_TRUE((*engine)->CreateSession(c).ok());
+  std::string q(2 * 64 * 4, '\0'), k(2 * 64 * 4, '\0'), v(2 * 64 * 4, '\0');
+  for (size_t i = 0; i < q.size(); i += 4) q[i + 2] = k[i + 2] = v[i + 2] = 1;
+  StepRequestView first{0, StepMode::kAppend, {{"first", 0, 1, q, k, v}}};
+  ASSERT_TRUE((*engine)->Step("t", first).ok());
+  const int64_t after_first = (*engine)->Stats().memory_bytes;
+  EXPECT_EQ(after_first, 2 * StreamState::FixedBytes(sc));
+  StepRequestView second{0, StepMode::kAppend, {{"second", 0, 1, q, k, v}}};
+  absl::Status st = (*engine)->Step("t", second).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
+  EXPECT_NE(st.message().find(absl::StrCat(options.memory_limit_bytes)),
+            absl::string_view::npos)
+      << st;
+  // The refused session is unchanged (still at 0); the first one goes on.
+  EXPECT_EQ((*engine)->GetSession("t", "second")->manifest
+                .layer_next_positions[0], 0);
+  StepRequestView next{0, StepMode::kAppend, {{"first", 1, 1, q, k, v}}};
+  EXPECT_TRUE((*engine)->Step("t", next).ok());
+  // Deleting the first session returns its memory; the second now fits.
+  ASSERT_TRUE((*engine)->DeleteSession("t", "first").ok());
+  EXPECT_EQ((*engine)->Stats().memory_bytes, 0);
+  EXPECT_TRUE((*engine)->Step("t", second).ok());
+  // Spill grows the count: 200 tokens through a 64-token window.
+  for (int t = 1; t < 200; ++t) {
+    StepRequestView step{0, StepMode::kAppend, {{"second", t, 1, q, k, v}}};
+    absl::Status s2 = (*engine)->Step("t", step).status();
+    if (!s2.ok()) {
+      EXPECT_EQ(s2.code(), absl::StatusCode::kResourceExhausted) << s2;
+      EXPECT_LE((*engine)->Stats().memory_bytes, options.memory_limit_bytes);
+      return;
+    }
+  }
+  EXPECT_LE((*engine)->Stats().memory_bytes, options.memory_limit_bytes);
 }
 
 }  // namespace
