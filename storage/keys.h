@@ -26,6 +26,13 @@ inline uint64_t ReadBigEndian64(absl::string_view bytes, size_t at) {
   return v;
 }
 
+// Reads 4 big-endian bytes at `at`; the caller checks the length.
+inline uint32_t ReadBigEndian32(absl::string_view bytes, size_t at) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v = (v << 8) | uint8_t(bytes[at + i]);
+  return v;
+}
+
 // [seq]: the prefix of every key of one session.
 inline std::string SessionKey(uint64_t seq) {
   std::string key;
@@ -42,6 +49,8 @@ inline std::string PageKey(uint64_t seq, uint32_t layer, uint32_t kv_head,
   AppendBigEndian64(page_seq, &key);
   return key;
 }
+
+inline constexpr size_t kPageKeyBytes = 24;
 
 }  // namespace kvmem::storage
 

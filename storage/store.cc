@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
 #include "base/mutex.h"
 #include "base/status_macros.h"
 #include "rocksdb/cache.h"
@@ -13,6 +14,7 @@
 #include "rocksdb/write_batch.h"
 #include "storage/checksum.h"
 #include "storage/keys.h"
+#include "storage/spill_page.h"
 
 namespace kvmem::storage {
 namespace {
@@ -43,6 +45,44 @@ absl::Status FromRocks(const rocksdb::Status& s, absl::string_view op) {
     return absl::UnavailableError(msg);
   }
   return absl::InternalError(msg);
+}
+
+absl::string_view View(const rocksdb::Slice& s) {
+  return absl::string_view(s.data(), s.size());
+}
+
+// Stages one page and its digest record into `batch`. The page value is
+// framed in parts (frame header, head, keys, values, tail) so that the rows
+// are copied once, into the batch.
+absl::Status StagePage(const SpillBatch::Entry& entry,
+                       rocksdb::ColumnFamilyHandle* pages,
+                       rocksdb::ColumnFamilyHandle* digests,
+                       rocksdb::WriteBatch* batch) {
+  const SpillPage& page = *entry.page;
+  const PageId& id = entry.id;
+  const std::string key =
+      PageKey(id.session_seq, id.layer, id.kv_head, id.page_seq);
+  SpillPageParts parts = EncodeSpillPageParts(page);
+  uint32_t crc = Crc32c(parts.head);
+  crc = Crc32c(page.keys, crc);
+  crc = Crc32c(page.values, crc);
+  crc = Crc32c(parts.tail, crc);
+  const std::string header = FrameHeader(crc);
+  const rocksdb::Slice value_parts[] = {header, parts.head, page.keys,
+                                        page.values, parts.tail};
+  const rocksdb::Slice key_slice(key);
+  KVMEM_RETURN_IF_ERROR(
+      FromRocks(batch->Put(pages, rocksdb::SliceParts(&key_slice, 1),
+                           rocksdb::SliceParts(value_parts, 5)),
+                absl::StrCat("stage ", DescribePage(id))));
+  DigestRecord record;
+  record.tokens = uint32_t(page.tokens());
+  record.page_bytes = header.size() + parts.head.size() + page.keys.size() +
+                      page.values.size() + parts.tail.size();
+  record.digest = page.digest;
+  return FromRocks(
+      batch->Put(digests, key, FrameValue(EncodeDigestRecord(record))),
+      absl::StrCat("stage digest of ", DescribePage(id)));
 }
 
 class RocksStore final : public Store {
@@ -128,6 +168,115 @@ class RocksStore final : public Store {
     wo.sync = sync;
     return FromRocks(db_->Write(wo, &batch),
                      absl::StrCat("delete session #", seq));
+  }
+
+  absl::Status WriteSpill(const SpillBatch& batch, bool sync) override {
+    const SpillBatch* one[] = {&batch};
+    return WriteSpillGroup(one, sync);
+  }
+
+  absl::Status WriteSpillGroup(absl::Span<const SpillBatch* const> batches,
+                               bool sync) override {
+    size_t pages = 0, reserve_bytes = 0;
+    for (size_t b = 0; b < batches.size(); ++b) {
+      absl::Status st = batches[b]->Validate();
+      if (!st.ok()) {
+        return batches.size() == 1 ? st
+                                   : absl::InvalidArgumentError(absl::StrCat(
+                                         "batches[", b, "].", st.message()));
+      }
+      pages += batches[b]->pages.size();
+      // Page bodies, digest records, keys and framing: one allocation.
+      reserve_bytes += batches[b]->MemoryBytes() +
+                       batches[b]->pages.size() * 2 * (kPageKeyBytes + 32);
+    }
+    if (pages == 0) return absl::OkStatus();
+    rocksdb::WriteBatch write(reserve_bytes);
+    for (const SpillBatch* batch : batches) {
+      for (const SpillBatch::Entry& entry : batch->pages) {
+        KVMEM_RETURN_IF_ERROR(
+            StagePage(entry, cf_[kPages], cf_[kDigests], &write));
+      }
+    }
+    rocksdb::WriteOptions wo;
+    wo.sync = sync;
+    return FromRocks(db_->Write(wo, &write),
+                     absl::StrCat("write ", pages, " spilled pages"));
+  }
+
+  absl::StatusOr<std::vector<SpillPage>> ReadPages(
+      uint64_t seq, uint32_t layer, uint32_t kv_head,
+      absl::Span<const uint64_t> page_seqs) override {
+    const size_t n = page_seqs.size();
+    std::vector<std::string> keys(n);
+    std::vector<rocksdb::Slice> key_slices(n);
+    for (size_t i = 0; i < n; ++i) {
+      keys[i] = PageKey(seq, layer, kv_head, page_seqs[i]);
+      key_slices[i] = keys[i];
+    }
+    std::vector<rocksdb::PinnableSlice> values(n);
+    std::vector<rocksdb::Status> statuses(n);
+    rocksdb::ReadOptions ro;
+    ro.verify_checksums = true;
+    // Recalled pages are kept by the PageCache above; caching their blocks
+    // here too would hold them twice.
+    ro.fill_cache = false;
+    db_->MultiGet(ro, cf_[kPages], n, key_slices.data(), values.data(),
+                  statuses.data());
+    std::vector<SpillPage> pages;
+    pages.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      const std::string what =
+          DescribePage(PageId{seq, layer, kv_head, page_seqs[i]});
+      KVMEM_RETURN_IF_ERROR(
+          FromRocks(statuses[i], absl::StrCat("read ", what)));
+      KVMEM_ASSIGN_OR_RETURN(absl::string_view body,
+                             UnframeValue(View(values[i]), what));
+      KVMEM_ASSIGN_OR_RETURN(SpillPage page, DecodeSpillPage(body, what));
+      pages.push_back(std::move(page));
+    }
+    return pages;
+  }
+
+  absl::Status ForEachDigest(uint64_t seq,
+                             const DigestVisitor& visit) override {
+    const std::string begin = SessionKey(seq);
+    const std::string end = SessionKey(seq + 1);
+    rocksdb::Slice upper(end);
+    rocksdb::ReadOptions ro;
+    ro.verify_checksums = true;
+    ro.iterate_upper_bound = &upper;
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, cf_[kDigests]));
+    for (it->Seek(begin); it->Valid(); it->Next()) {
+      absl::string_view key = View(it->key());
+      if (key.size() != kPageKeyBytes) {
+        return absl::DataLossError(
+            absl::StrCat("digest key of session #", seq, " is ", key.size(),
+                         " bytes, want ", kPageKeyBytes));
+      }
+      const PageId id{ReadBigEndian64(key, 0), ReadBigEndian32(key, 8),
+                      ReadBigEndian32(key, 12), ReadBigEndian64(key, 16)};
+      const std::string what = absl::StrCat("digest of ", DescribePage(id));
+      KVMEM_ASSIGN_OR_RETURN(absl::string_view body,
+                             UnframeValue(View(it->value()), what));
+      KVMEM_ASSIGN_OR_RETURN(DigestRecord record,
+                             DecodeDigestRecord(body, what));
+      KVMEM_RETURN_IF_ERROR(visit(id, record));
+    }
+    return FromRocks(it->status(),
+                     absl::StrCat("scan digests of session #", seq));
+  }
+
+  absl::StatusOr<SpillCounts> CountSpilled(uint64_t seq) override {
+    SpillCounts counts;
+    KVMEM_RETURN_IF_ERROR(
+        ForEachDigest(seq, [&](const PageId&, const DigestRecord& record) {
+          ++counts.pages;
+          counts.tokens += record.tokens;
+          counts.page_bytes += record.page_bytes;
+          return absl::OkStatus();
+        }));
+    return counts;
   }
 
   uint64_t ApproximateBytes() override {

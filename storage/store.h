@@ -7,8 +7,9 @@
 // stream's pages are a contiguous sub-range):
 //   default      meta: `next_session_seq`
 //   manifests    [seq]                          → engine-encoded manifest
-//   pages        [seq][layer][kv_head][page]    → spilled page (later)
-//   digests      [seq][layer][kv_head][page]    → page digest (later)
+//   pages        [seq][layer][kv_head][page]    → spilled page
+//   digests      [seq][layer][kv_head][page]    → page digest record
+//                (formats in storage/spill_page.h)
 //   checkpoints  [seq][layer][kv_head]          → resident set (later)
 //   steplog      [seq][layer][position]         → logged step (later)
 // Every value is framed with a version byte and a CRC-32C verified on read
@@ -16,7 +17,10 @@
 //
 // Errors: RocksDB NotFound → NOT_FOUND, Corruption or a failed checksum →
 // DATA_LOSS, I/O errors and a full disk → UNAVAILABLE, anything else →
-// INTERNAL; each message names the operation and RocksDB's cause.
+// INTERNAL; each message names the operation and RocksDB's cause. After a
+// failed WAL append (disk full, I/O error) RocksDB 7.8 refuses every later
+// write with that cause until the store is reopened; what was written
+// before stays intact and a failed write leaves nothing behind.
 //
 // Thread-safe: every method may be called concurrently.
 #ifndef KVMEM_STORAGE_STORE_H_
@@ -26,10 +30,13 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+#include "storage/spill_page.h"
 
 namespace kvmem::storage {
 
@@ -86,6 +93,49 @@ class Store {
 
   // Bytes on disk of live SST files and of memtables (approximate).
   virtual uint64_t ApproximateBytes() = 0;
+
+  // Writes every page of `batch` (pages family) and its DigestRecord
+  // (digests family, same key) in one atomic write, replacing pages stored
+  // under the same ids. With `sync` the write is on disk when this returns.
+  // INVALID_ARGUMENT names `pages[i]` failing SpillBatch::Validate();
+  // UNAVAILABLE (I/O error, full disk), DATA_LOSS or INTERNAL carry
+  // RocksDB's cause. On error nothing is written. An empty batch is OK.
+  virtual absl::Status WriteSpill(const SpillBatch& batch, bool sync) = 0;
+
+  // WriteSpill of several batches (none null) in one atomic write: the
+  // SpillWriter's group commit. INVALID_ARGUMENT names `batches[b].pages[i]`.
+  virtual absl::Status WriteSpillGroup(
+      absl::Span<const SpillBatch* const> batches, bool sync) = 0;
+
+  // Reads pages `page_seqs` of stream (seq, layer, kv_head) with one
+  // MultiGet, each checksum-verified; result i is page_seqs[i]. NOT_FOUND
+  // names the first missing page; DATA_LOSS names a page that fails its
+  // checksum or format; UNAVAILABLE / INTERNAL with RocksDB's cause. On
+  // error no page is returned.
+  virtual absl::StatusOr<std::vector<SpillPage>> ReadPages(
+      uint64_t seq, uint32_t layer, uint32_t kv_head,
+      absl::Span<const uint64_t> page_seqs) = 0;
+
+  // Calls `visit(id, record)` for every spilled page of session `seq`, in
+  // key order (layer, kv_head, page_seq), reading digests only: how the
+  // in-memory digests are rebuilt on open. Stops at and returns the first
+  // non-OK status of `visit`. DATA_LOSS names a page whose digest record
+  // fails its checksum; UNAVAILABLE / INTERNAL for scan errors. `record`
+  // lives for the call only.
+  using DigestVisitor =
+      std::function<absl::Status(const PageId& id, const DigestRecord& record)>;
+  virtual absl::Status ForEachDigest(uint64_t seq,
+                                     const DigestVisitor& visit) = 0;
+
+  // Spilled pages, tokens and stored page bytes of session `seq`, summed
+  // over its digest records (a ForEachDigest scan; no page is read). Errors
+  // as ForEachDigest. An absent session has zero counts.
+  struct SpillCounts {
+    uint64_t pages = 0;
+    uint64_t tokens = 0;
+    uint64_t page_bytes = 0;
+  };
+  virtual absl::StatusOr<SpillCounts> CountSpilled(uint64_t seq) = 0;
 };
 
 }  // namespace kvmem::storage

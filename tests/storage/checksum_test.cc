@@ -1,5 +1,8 @@
 #include "storage/checksum.h"
 
+#include <random>
+#include <string>
+
 #include "gtest/gtest.h"
 
 namespace kvmem::storage {
@@ -11,6 +14,22 @@ TEST(Crc32c, MatchesPublishedCheckValues) {
   EXPECT_EQ(Crc32c(std::string(32, '\0')), 0x8A9136AAu);
   // Continuing a CRC equals one pass over the concatenation.
   EXPECT_EQ(Crc32c("6789", Crc32c("12345")), Crc32c("123456789"));
+}
+
+TEST(Crc32c, FastPathMatchesTheTableForEveryLengthAndOffset) {
+  EXPECT_EQ(Crc32cPortable("123456789"), 0xE3069283u);
+  std::mt19937_64 rng(7);
+  std::string bytes(4096, '\0');
+  for (char& c : bytes) c = char(rng());
+  for (size_t offset = 0; offset < 9; ++offset) {
+    for (size_t length = 0; length < 80; ++length) {
+      absl::string_view piece(bytes.data() + offset, length);
+      ASSERT_EQ(Crc32c(piece), Crc32cPortable(piece))
+          << "offset " << offset << " length " << length;
+      ASSERT_EQ(Crc32c(piece, 0x12345678u), Crc32cPortable(piece, 0x12345678u));
+    }
+  }
+  EXPECT_EQ(Crc32c(bytes), Crc32cPortable(bytes));
 }
 
 TEST(Frame, RoundTripsAndDetectsEveryFlippedBit) {

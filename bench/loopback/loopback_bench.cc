@@ -1,0 +1,461 @@
+// The step over loopback gRPC against a bare echo service in the same
+// binary and the same run: same client path (a generic stub sending the same
+// serialized request), same payload bytes in and out, no work on the echo
+// side. The echo is the floor kvmem's own cost is measured against.
+//
+// Table 1, per mode × batch × resident: per-layer round trip median and p99,
+// requests/s, payload GB/s, and the ratio to the echo.
+// Table 2, per token as a worker sees it: `layers` sequential layer round
+// trips of one decode token (ATTEND), ms per token.
+//
+// Cells whose KV would pass 60% of this machine's memory are reported as
+// "does not fit (N GiB)" with the largest batch that fits measured instead.
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <future>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/generic/async_generic_service.h"
+#include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/server_builder.h"
+#include "kvmem/v1/kvmem.grpc.pb.h"
+#include "service/server.h"
+
+ABSL_FLAG(std::string, modes, "attend,fetch", "step modes of table 1");
+ABSL_FLAG(std::string, batches, "1,8,32", "entries per request, table 1");
+ABSL_FLAG(std::string, resident, "4096,32768", "tokens per session, table 1");
+ABSL_FLAG(int, iterations, 100, "measured round trips per cell");
+ABSL_FLAG(int, warmup, 10, "unmeasured round trips per cell");
+ABSL_FLAG(int, token_layers, 32, "layers of the per-token table (0: skip)");
+ABSL_FLAG(std::string, token_batches, "1,32", "batches of the per-token table");
+ABSL_FLAG(std::string, token_resident, "4096,98304",
+          "tokens per session of the per-token table");
+ABSL_FLAG(int, token_iterations, 10, "decode tokens measured per cell");
+ABSL_FLAG(std::string, data_dir, "/tmp/kvmem-loopback-bench",
+          "server data directory (emptied first)");
+ABSL_FLAG(std::string, backend, "cpu", "server --backend");
+
+namespace kvmem {
+namespace {
+
+constexpr int kQueryHeads = 32, kKvHeads = 8, kHeadDim = 128;
+constexpr int kBudget = 2048, kSinks = 64, kCascades = 4, kPage = 16;
+
+// The echo: answers every call with `reply`, whatever was asked.
+class EchoService final : public grpc::CallbackGenericService {
+ public:
+  void set_reply(const std::string& bytes) { reply_ = bytes; }
+
+  grpc::ServerGenericBidiReactor* CreateReactor(
+      grpc::GenericCallbackServerContext*) override {
+    return new Reactor(&reply_);
+  }
+
+ private:
+  class Reactor final : public grpc::ServerGenericBidiReactor {
+   public:
+    explicit Reactor(const std::string* reply) : reply_(reply) {
+      StartRead(&in_);
+    }
+    void OnReadDone(bool ok) override {
+      if (!ok) {
+        Finish(grpc::Status::OK);
+        return;
+      }
+      grpc::Slice slice(*reply_);
+      out_ = grpc::ByteBuffer(&slice, 1);
+      StartWrite(&out_);
+    }
+    void OnWriteDone(bool ok) override {
+      if (!ok) {
+        Finish(grpc::Status::CANCELLED);
+        return;
+      }
+      StartRead(&in_);
+    }
+    void OnDone() override { delete this; }
+
+   private:
+    const std::string* reply_;
+    grpc::ByteBuffer in_, out_;
+  };
+
+  std::string reply_;  // written between cells, read during them
+};
+
+struct Timing {
+  std::vector<double> micros;
+  size_t request_bytes = 0, reply_bytes = 0;
+  std::string last_reply;
+  bool ok = true;
+  std::string error;
+};
+
+// One unary call of `method` with serialized `request` through `stub`.
+grpc::Status Call(grpc::GenericStub* stub, const std::string& method,
+                  const std::string& request, std::string* reply) {
+  grpc::Slice slice(request);
+  grpc::ByteBuffer in(&slice, 1), out;
+  grpc::ClientContext context;
+  std::promise<grpc::Status> done;
+  stub->UnaryCall(&context, method, grpc::StubOptions(), &in, &out,
+                  [&done](grpc::Status s) { done.set_value(s); });
+  grpc::Status status = done.get_future().get();
+  if (!status.ok()) return status;
+  std::vector<grpc::Slice> slices;
+  (void)out.Dump(&slices);
+  reply->clear();
+  for (const grpc::Slice& s : slices) {
+    reply->append(reinterpret_cast<const char*>(s.begin()), s.size());
+  }
+  return status;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, size_t(p * double(v.size())))];
+}
+
+std::string Bf16Bytes(std::mt19937* rng, size_t n) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::string bytes(n * 2, '\0');
+  for (size_t i = 0; i < n; ++i) {
+    float x = normal(*rng);
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    uint16_t h = uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+    memcpy(&bytes[2 * i], &h, 2);
+  }
+  return bytes;
+}
+
+// KV bytes of `sessions` sessions of `layers` layers holding `tokens`.
+double KvGiB(int sessions, int layers, int64_t tokens) {
+  return double(sessions) * layers * double(tokens) * kKvHeads * kHeadDim * 4 /
+         double(1 << 30);
+}
+
+double MachineGiB() {
+  return double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE)) /
+         double(1 << 30);
+}
+
+class Bench {
+ public:
+  Bench(std::string address, std::string echo_address, EchoService* echo)
+      : echo_(echo) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);
+    args.SetMaxSendMessageSize(-1);
+    kvmem_ = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
+        address, grpc::InsecureChannelCredentials(), args));
+    echo_stub_ = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
+        echo_address, grpc::InsecureChannelCredentials(), args));
+    rng_.seed(12345);
+  }
+
+  // Creates `count` sessions of `layers` layers and fills each layer to
+  // `tokens` tokens (APPEND chunks, no query). Returns their ids.
+  std::vector<std::string> MakeSessions(int count, int layers, int64_t tokens) {
+    std::vector<std::string> ids;
+    const int64_t window = std::max<int64_t>(
+        1024, (tokens + kCascades - 1) / kCascades / kPage * kPage + kPage);
+    for (int i = 0; i < count; ++i) {
+      v1::CreateSessionRequest create;
+      create.set_session_id(absl::StrCat("bench-", next_id_++));
+      v1::ModelShape* s = create.mutable_shape();
+      s->set_layers(layers);
+      s->set_kv_heads(kKvHeads);
+      s->set_query_heads(kQueryHeads);
+      s->set_head_dim(kHeadDim);
+      s->set_dtype(v1::DTYPE_BF16);
+      v1::CachePolicy* p = create.mutable_policy();
+      p->set_sinks(kSinks);
+      p->set_cascades(kCascades);
+      p->set_window(int(window));
+      p->set_page_tokens(kPage);
+      p->set_step_budget_tokens(kBudget);
+      p->set_dense_layers_set(true);  // every layer sparse, as measured
+      std::string reply;
+      grpc::Status st = Call(kvmem_.get(), "/kvmem.v1.KvMemory/CreateSession",
+                             create.SerializeAsString(), &reply);
+      if (!st.ok()) {
+        std::fprintf(stderr, "create: %s\n", st.error_message().c_str());
+        std::exit(1);
+      }
+      ids.push_back(create.session_id());
+      for (int l = 0; l < layers; ++l) {
+        for (int64_t at = 0; at < tokens; at += 1024) {
+          const int T = int(std::min<int64_t>(1024, tokens - at));
+          v1::StepRequest r;
+          r.set_layer(l);
+          r.set_mode(v1::STEP_MODE_APPEND);
+          v1::StepEntry* e = r.add_entries();
+          e->set_session_id(ids.back());
+          e->set_position(at);
+          e->set_num_tokens(T);
+          e->set_k(Bf16Bytes(&rng_, size_t(T) * kKvHeads * kHeadDim));
+          e->set_v(Bf16Bytes(&rng_, size_t(T) * kKvHeads * kHeadDim));
+          st = Call(kvmem_.get(), "/kvmem.v1.KvMemory/Step",
+                    r.SerializeAsString(), &reply);
+          if (!st.ok()) {
+            std::fprintf(stderr, "fill: %s\n", st.error_message().c_str());
+            std::exit(1);
+          }
+        }
+      }
+      position_[ids.back()] = tokens;
+    }
+    return ids;
+  }
+
+  // A decode step of `layer` for `ids` at their next positions.
+  v1::StepRequest DecodeRequest(const std::vector<std::string>& ids, int layer,
+                                v1::StepMode mode) {
+    v1::StepRequest r;
+    r.set_layer(layer);
+    r.set_mode(mode);
+    for (const std::string& id : ids) {
+      v1::StepEntry* e = r.add_entries();
+      e->set_session_id(id);
+      e->set_position(position_[id]);
+      e->set_num_tokens(1);
+      e->set_q(Bf16Bytes(&rng_, size_t(kQueryHeads) * kHeadDim));
+      e->set_k(Bf16Bytes(&rng_, size_t(kKvHeads) * kHeadDim));
+      e->set_v(Bf16Bytes(&rng_, size_t(kKvHeads) * kHeadDim));
+    }
+    return r;
+  }
+
+  // Round trips of decode steps on layer 0 of `ids` (each applies a token).
+  Timing RunKvmem(const std::vector<std::string>& ids, v1::StepMode mode,
+                  int warmup, int iterations) {
+    Timing t;
+    for (int i = 0; i < warmup + iterations; ++i) {
+      std::string request = DecodeRequest(ids, 0, mode).SerializeAsString();
+      absl::Time start = absl::Now();
+      grpc::Status st =
+          Call(kvmem_.get(), "/kvmem.v1.KvMemory/Step", request, &t.last_reply);
+      double us = absl::ToDoubleMicroseconds(absl::Now() - start);
+      if (!st.ok()) {
+        t.ok = false;
+        t.error = st.error_message();
+        return t;
+      }
+      for (const std::string& id : ids) ++position_[id];
+      if (i >= warmup) t.micros.push_back(us);
+      t.request_bytes = request.size();
+      t.reply_bytes = t.last_reply.size();
+    }
+    return t;
+  }
+
+  // The echo with the same request and reply bytes.
+  Timing RunEcho(const std::string& request, const std::string& reply,
+                 int warmup, int iterations) {
+    echo_->set_reply(reply);
+    Timing t;
+    for (int i = 0; i < warmup + iterations; ++i) {
+      absl::Time start = absl::Now();
+      grpc::Status st =
+          Call(echo_stub_.get(), "/bench.Echo/Step", request, &t.last_reply);
+      double us = absl::ToDoubleMicroseconds(absl::Now() - start);
+      if (!st.ok()) {
+        t.ok = false;
+        t.error = st.error_message();
+        return t;
+      }
+      if (i >= warmup) t.micros.push_back(us);
+    }
+    t.request_bytes = request.size();
+    t.reply_bytes = reply.size();
+    return t;
+  }
+
+  // Decode tokens through every layer in order; ms per token.
+  std::vector<double> RunTokens(const std::vector<std::string>& ids, int layers,
+                                int tokens, std::string* error) {
+    std::vector<double> ms;
+    for (int i = 0; i < tokens; ++i) {
+      absl::Time start = absl::Now();
+      for (int l = 0; l < layers; ++l) {
+        std::string reply;
+        grpc::Status st = Call(
+            kvmem_.get(), "/kvmem.v1.KvMemory/Step",
+            DecodeRequest(ids, l, v1::STEP_MODE_ATTEND).SerializeAsString(),
+            &reply);
+        if (!st.ok()) {
+          *error = st.error_message();
+          return ms;
+        }
+      }
+      for (const std::string& id : ids) ++position_[id];
+      ms.push_back(absl::ToDoubleMilliseconds(absl::Now() - start));
+    }
+    return ms;
+  }
+
+ private:
+  EchoService* echo_;
+  std::unique_ptr<grpc::GenericStub> kvmem_, echo_stub_;
+  std::mt19937 rng_;
+  std::map<std::string, int64_t> position_;
+  int next_id_ = 0;
+};
+
+std::vector<int64_t> Numbers(const std::string& list) {
+  std::vector<int64_t> out;
+  for (absl::string_view part : absl::StrSplit(list, ',', absl::SkipEmpty())) {
+    int64_t v;
+    if (absl::SimpleAtoi(part, &v)) out.push_back(v);
+  }
+  return out;
+}
+
+int Main() {
+  std::filesystem::remove_all(absl::GetFlag(FLAGS_data_dir));
+  ServerOptions options;
+  options.listen = "127.0.0.1:0";
+  options.data_dir = absl::GetFlag(FLAGS_data_dir);
+  options.backend = absl::GetFlag(FLAGS_backend);
+  options.max_message_bytes = 1 << 30;
+  options.max_queued_bytes = int64_t{4} << 30;
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "%s\n", server.status().ToString().c_str());
+    return 1;
+  }
+  EchoService echo;
+  grpc::ServerBuilder builder;
+  int echo_port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(),
+                           &echo_port);
+  builder.RegisterCallbackGenericService(&echo);
+  builder.SetMaxReceiveMessageSize(1 << 30);
+  builder.SetMaxSendMessageSize(1 << 30);
+  std::unique_ptr<grpc::Server> echo_server = builder.BuildAndStart();
+  Bench bench((*server)->address(), absl::StrCat("127.0.0.1:", echo_port),
+              &echo);
+  const double fit_gib = 0.6 * MachineGiB();
+  std::printf(
+      "kvmem loopback: backend %s on %s; shape %d query / %d KV "
+      "heads × %d bf16, budget %d, page %d; %.0f GiB RAM\n\n",
+      (*server)->backend().c_str(), (*server)->device().c_str(), kQueryHeads,
+      kKvHeads, kHeadDim, kBudget, kPage, MachineGiB());
+
+  std::printf(
+      "| mode | batch | resident | kvmem p50 µs | kvmem p99 µs | "
+      "echo p50 µs | echo p99 µs | kvmem req/s | kvmem GB/s | "
+      "echo GB/s | p50 / echo |\n|---|---|---|---|---|---|---|---|---|"
+      "---|---|\n");
+  const int warmup = absl::GetFlag(FLAGS_warmup);
+  const int iterations = absl::GetFlag(FLAGS_iterations);
+  for (int64_t resident : Numbers(absl::GetFlag(FLAGS_resident))) {
+    std::vector<int64_t> batches = Numbers(absl::GetFlag(FLAGS_batches));
+    int64_t most = *std::max_element(batches.begin(), batches.end());
+    while (most > 1 && KvGiB(int(most), 1, resident) > fit_gib) most /= 2;
+    std::vector<std::string> ids = bench.MakeSessions(int(most), 1, resident);
+    const std::vector<std::string> modes =
+        absl::StrSplit(absl::GetFlag(FLAGS_modes), ',', absl::SkipEmpty());
+    for (const std::string& mode_name : modes) {
+      const v1::StepMode mode =
+          mode_name == "fetch" ? v1::STEP_MODE_FETCH : v1::STEP_MODE_ATTEND;
+      for (int64_t batch : batches) {
+        if (batch > most) {
+          std::printf(
+              "| %s | %lld | %lld | does not fit (%.1f GiB) |||||||| "
+              "|\n",
+              mode_name.c_str(), (long long)batch, (long long)resident,
+              KvGiB(int(batch), 1, resident));
+          continue;
+        }
+        std::vector<std::string> cell(ids.begin(), ids.begin() + batch);
+        Timing k = bench.RunKvmem(cell, mode, warmup, iterations);
+        if (!k.ok) {
+          std::printf("| %s | %lld | %lld | error: %s |||||||| |\n",
+                      mode_name.c_str(), (long long)batch, (long long)resident,
+                      k.error.c_str());
+          continue;
+        }
+        Timing e = bench.RunEcho(
+            bench.DecodeRequest(cell, 0, mode).SerializeAsString(),
+            k.last_reply, warmup, iterations);
+        const double kp50 = Percentile(k.micros, 0.5);
+        const double ep50 = Percentile(e.micros, 0.5);
+        const double bytes = double(k.request_bytes + k.reply_bytes);
+        std::printf(
+            "| %s | %lld | %lld | %.0f | %.0f | %.0f | %.0f | %.0f | "
+            "%.3f | %.3f | %.2f |\n",
+            mode_name.c_str(), (long long)batch, (long long)resident, kp50,
+            Percentile(k.micros, 0.99), ep50, Percentile(e.micros, 0.99),
+            1e6 / kp50, bytes / kp50 / 1e3, bytes / ep50 / 1e3, kp50 / ep50);
+        std::fflush(stdout);
+      }
+    }
+  }
+
+  const int layers = absl::GetFlag(FLAGS_token_layers);
+  if (layers > 0) {
+    std::printf(
+        "\n| layers | batch | resident | ms per token p50 | "
+        "ms per token max |\n|---|---|---|---|---|\n");
+    for (int64_t resident : Numbers(absl::GetFlag(FLAGS_token_resident))) {
+      for (int64_t batch : Numbers(absl::GetFlag(FLAGS_token_batches))) {
+        int64_t fits = batch;
+        while (fits > 1 && KvGiB(int(fits), layers, resident) > fit_gib) {
+          fits /= 2;
+        }
+        if (KvGiB(int(fits), layers, resident) > fit_gib) {
+          std::printf("| %d | %lld | %lld | does not fit (%.1f GiB) | |\n",
+                      layers, (long long)batch, (long long)resident,
+                      KvGiB(int(batch), layers, resident));
+          continue;
+        }
+        if (fits != batch) {
+          std::printf("| %d | %lld | %lld | does not fit (%.1f GiB) | |\n",
+                      layers, (long long)batch, (long long)resident,
+                      KvGiB(int(batch), layers, resident));
+        }
+        std::vector<std::string> ids =
+            bench.MakeSessions(int(fits), layers, resident);
+        std::string error;
+        std::vector<double> ms = bench.RunTokens(
+            ids, layers, absl::GetFlag(FLAGS_token_iterations), &error);
+        if (!error.empty() || ms.empty()) {
+          std::printf("| %d | %lld | %lld | error: %s | |\n", layers,
+                      (long long)fits, (long long)resident, error.c_str());
+          continue;
+        }
+        std::printf("| %d | %lld | %lld | %.1f | %.1f |\n", layers,
+                    (long long)fits, (long long)resident, Percentile(ms, 0.5),
+                    *std::max_element(ms.begin(), ms.end()));
+        std::fflush(stdout);
+      }
+    }
+  }
+  echo_server->Shutdown();
+  (*server)->Shutdown(absl::Seconds(10));
+  std::filesystem::remove_all(absl::GetFlag(FLAGS_data_dir));
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvmem
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return kvmem::Main();
+}
