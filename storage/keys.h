@@ -52,6 +52,26 @@ inline std::string PageKey(uint64_t seq, uint32_t layer, uint32_t kv_head,
 
 inline constexpr size_t kPageKeyBytes = 24;
 
+// [seq][layer][position]: one logged step. Positions are ≥ 0, so their
+// big-endian bytes sort numerically.
+inline std::string LogKey(uint64_t seq, uint32_t layer, int64_t position) {
+  std::string key = SessionKey(seq);
+  AppendBigEndian32(layer, &key);
+  AppendBigEndian64(uint64_t(position), &key);
+  return key;
+}
+inline constexpr size_t kLogKeyBytes = 20;
+
+// [seq][layer][kv_head]: one stream's checkpoint.
+inline std::string CheckpointKey(uint64_t seq, uint32_t layer,
+                                 uint32_t kv_head) {
+  std::string key = SessionKey(seq);
+  AppendBigEndian32(layer, &key);
+  AppendBigEndian32(kv_head, &key);
+  return key;
+}
+inline constexpr size_t kCheckpointKeyBytes = 16;
+
 }  // namespace kvmem::storage
 
 #endif  // KVMEM_STORAGE_KEYS_H_

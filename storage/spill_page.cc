@@ -241,6 +241,7 @@ size_t SpillBatch::MemoryBytes() const {
   for (const Entry& e : pages) {
     if (e.page != nullptr) total += e.page->MemoryBytes();
   }
+  for (const LogRecord& r : log) total += r.body.size() + sizeof(LogRecord);
   return total;
 }
 

@@ -114,14 +114,26 @@ absl::StatusOr<DigestRecord> DecodeDigestRecord(absl::string_view body,
 // (shared_ptr) by the engine that built it, the SpillWriter's queue until
 // it is written, callers of SpillWriter::Lookup and the PageCache; it is
 // immutable once shared.
+// One applied step of one (session, layer) in the step log: opaque bytes
+// encoded by the engine, replayed after a crash.
+struct LogRecord {
+  uint64_t session_seq = 0;
+  uint32_t layer = 0;
+  int64_t position = 0;  // of the step's first token
+  std::string body;
+};
+
+// What one step writes in one atomic batch: the pages its evictions sealed
+// and its log records.
 struct SpillBatch {
   struct Entry {
     PageId id;
     std::shared_ptr<const SpillPage> page;  // never null
   };
   std::vector<Entry> pages;
+  std::vector<LogRecord> log;
 
-  // Sum of the pages' MemoryBytes().
+  // Sum of the pages' MemoryBytes() and the log bodies' sizes.
   size_t MemoryBytes() const;
   // OK when every page is non-null and valid; INVALID_ARGUMENT naming
   // `pages[i]` and the page otherwise.

@@ -190,18 +190,70 @@ class RocksStore final : public Store {
       reserve_bytes += batches[b]->MemoryBytes() +
                        batches[b]->pages.size() * 2 * (kPageKeyBytes + 32);
     }
-    if (pages == 0) return absl::OkStatus();
+    size_t records = 0;
+    for (const SpillBatch* batch : batches) records += batch->log.size();
+    if (pages == 0 && records == 0) return absl::OkStatus();
     rocksdb::WriteBatch write(reserve_bytes);
     for (const SpillBatch* batch : batches) {
       for (const SpillBatch::Entry& entry : batch->pages) {
         KVMEM_RETURN_IF_ERROR(
             StagePage(entry, cf_[kPages], cf_[kDigests], &write));
       }
+      for (const LogRecord& r : batch->log) {
+        KVMEM_RETURN_IF_ERROR(FromRocks(
+            write.Put(cf_[kStepLog], LogKey(r.session_seq, r.layer, r.position),
+                      FrameValue(r.body)),
+            "stage a step log record"));
+      }
     }
     rocksdb::WriteOptions wo;
     wo.sync = sync;
     return FromRocks(db_->Write(wo, &write),
                      absl::StrCat("write ", pages, " spilled pages"));
+  }
+
+  absl::Status ForEachLogRecord(uint64_t seq,
+                                const LogVisitor& visit) override {
+    return ScanSession(kStepLog, seq, kLogKeyBytes, "step log record",
+                       [&](absl::string_view key, absl::string_view body) {
+                         return visit(uint32_t(ReadBigEndian32(key, 8)),
+                                      int64_t(ReadBigEndian64(key, 12)), body);
+                       });
+  }
+
+  absl::Status WriteCheckpoint(const CheckpointWrite& c) override {
+    rocksdb::WriteBatch write;
+    KVMEM_RETURN_IF_ERROR(FromRocks(
+        write.Put(cf_[kManifests], SessionKey(c.seq), FrameValue(c.manifest)),
+        "stage manifest"));
+    for (const StreamRecord& r : c.streams) {
+      KVMEM_RETURN_IF_ERROR(FromRocks(
+          write.Put(cf_[kCheckpoints], CheckpointKey(c.seq, r.layer, r.kv_head),
+                    FrameValue(r.body)),
+          "stage checkpoint"));
+    }
+    KVMEM_RETURN_IF_ERROR(
+        FromRocks(write.DeleteRange(cf_[kStepLog], SessionKey(c.seq),
+                                    SessionKey(c.seq + 1)),
+                  "stage step log truncation"));
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    return FromRocks(db_->Write(wo, &write),
+                     absl::StrCat("checkpoint session #", c.seq));
+  }
+
+  absl::Status ForEachCheckpoint(uint64_t seq,
+                                 const CheckpointVisitor& visit) override {
+    return ScanSession(kCheckpoints, seq, kCheckpointKeyBytes,
+                       "checkpoint record",
+                       [&](absl::string_view key, absl::string_view body) {
+                         return visit(uint32_t(ReadBigEndian32(key, 8)),
+                                      uint32_t(ReadBigEndian32(key, 12)), body);
+                       });
+  }
+
+  absl::Status SyncWal() override {
+    return FromRocks(db_->SyncWAL(), "sync the write-ahead log");
   }
 
   absl::StatusOr<std::vector<SpillPage>> ReadPages(
@@ -296,6 +348,34 @@ class RocksStore final : public Store {
   }
 
  private:
+  // Calls `visit(key, body)` for every key of session `seq` in `family`,
+  // each of `key_bytes` bytes, bodies unframed and checked.
+  absl::Status ScanSession(
+      int family, uint64_t seq, size_t key_bytes, const char* what,
+      const std::function<absl::Status(absl::string_view, absl::string_view)>&
+          visit) {
+    rocksdb::ReadOptions ro;
+    ro.verify_checksums = true;
+    const std::string end = SessionKey(seq + 1);
+    rocksdb::Slice upper(end);
+    ro.iterate_upper_bound = &upper;
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, cf_[family]));
+    for (it->Seek(SessionKey(seq)); it->Valid(); it->Next()) {
+      absl::string_view key(it->key().data(), it->key().size());
+      const std::string described = absl::StrCat(what, " of session #", seq);
+      if (key.size() != key_bytes) {
+        return absl::DataLossError(absl::StrCat(
+            described, ": key of ", key.size(), " bytes, want ", key_bytes));
+      }
+      KVMEM_ASSIGN_OR_RETURN(absl::string_view body,
+                             UnframeValue(absl::string_view(it->value().data(),
+                                                            it->value().size()),
+                                          described));
+      KVMEM_RETURN_IF_ERROR(visit(key, body));
+    }
+    return FromRocks(it->status(), absl::StrCat("scan ", what, "s"));
+  }
+
   const std::unique_ptr<rocksdb::DB> db_;
   const std::vector<rocksdb::ColumnFamilyHandle*> cf_;  // owned; see dtor
   Mutex seq_mu_;

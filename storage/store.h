@@ -136,6 +136,42 @@ class Store {
     uint64_t page_bytes = 0;
   };
   virtual absl::StatusOr<SpillCounts> CountSpilled(uint64_t seq) = 0;
+
+  // Calls `visit(layer, position, body)` for every logged step of session
+  // `seq` (SpillBatch::log), in (layer, position) order. DATA_LOSS names a
+  // record failing its checksum; stops at `visit`'s first error.
+  using LogVisitor = std::function<absl::Status(
+      uint32_t layer, int64_t position, absl::string_view body)>;
+  virtual absl::Status ForEachLogRecord(uint64_t seq,
+                                        const LogVisitor& visit) = 0;
+
+  // A session's checkpoint: its manifest and every stream's state.
+  struct StreamRecord {
+    uint32_t layer = 0;
+    uint32_t kv_head = 0;
+    std::string body;  // engine-encoded
+  };
+  struct CheckpointWrite {
+    uint64_t seq = 0;
+    std::string manifest;
+    std::vector<StreamRecord> streams;
+  };
+  // In one synced write: replaces the manifest, writes every stream record,
+  // and deletes the session's step log (the checkpoint covers it). On error
+  // nothing is written.
+  virtual absl::Status WriteCheckpoint(const CheckpointWrite& checkpoint) = 0;
+
+  // Calls `visit(layer, kv_head, body)` for every stream record of session
+  // `seq`'s checkpoint, in key order. DATA_LOSS names a record failing its
+  // checksum.
+  using CheckpointVisitor = std::function<absl::Status(
+      uint32_t layer, uint32_t kv_head, absl::string_view body)>;
+  virtual absl::Status ForEachCheckpoint(uint64_t seq,
+                                         const CheckpointVisitor& visit) = 0;
+
+  // Makes every write so far durable (fsync of the write-ahead log): how
+  // ASYNC steps become durable every --wal_sync_ms.
+  virtual absl::Status SyncWal() = 0;
 };
 
 }  // namespace kvmem::storage

@@ -80,6 +80,17 @@ class FailingStore final : public Store {
   absl::StatusOr<SpillCounts> CountSpilled(uint64_t s) override {
     return base_->CountSpilled(s);
   }
+  absl::Status ForEachLogRecord(uint64_t s, const LogVisitor& v) override {
+    return base_->ForEachLogRecord(s, v);
+  }
+  absl::Status WriteCheckpoint(const CheckpointWrite& c) override {
+    return base_->WriteCheckpoint(c);
+  }
+  absl::Status ForEachCheckpoint(uint64_t s,
+                                 const CheckpointVisitor& v) override {
+    return base_->ForEachCheckpoint(s, v);
+  }
+  absl::Status SyncWal() override { return base_->SyncWal(); }
 
  private:
   std::unique_ptr<Store> base_;

@@ -1,0 +1,603 @@
+// Split-K decode attention: kernel 1 gives each (stream, split) block a
+// contiguous share of the stream's rows and writes a partial (o, lse); kernel
+// 2 merges the partials per stream and, when asked, turns the logits kept by
+// kernel 1 into the group-reduced probabilities.
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/decode_attention.h"
+#include "kernels/cuda/row_access.cuh"
+
+namespace kvmem::cuda {
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps per block
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileRows = 128;    // rows staged in shared memory at a time
+constexpr int kUnroll = 4;        // rows in flight per row group (strided)
+constexpr int kVectorUnroll = 8;  // rows in flight per row group (vector)
+constexpr int kMaxSplits = 64;
+constexpr int kMergeThreads = 128;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+size_t AlignUp(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+struct WorkspaceLayout {
+  size_t partial_out_offset = 0;  // [streams, splits, G, D] fp32
+  size_t partial_lse_offset = 0;  // [streams, splits, G] fp32
+  size_t logits_offset = 0;       // [rows_capacity, G] fp32 (probs only)
+  size_t bytes = 0;
+};
+
+WorkspaceLayout LayoutWorkspace(const DecodeAttentionShape& shape, int splits) {
+  WorkspaceLayout layout;
+  const size_t partials = size_t(shape.streams) * splits * shape.group;
+  layout.partial_lse_offset = AlignUp(partials * shape.head_dim * 4);
+  layout.logits_offset = layout.partial_lse_offset + AlignUp(partials * 4);
+  layout.bytes = layout.logits_offset;
+  if (shape.want_probs) {
+    layout.bytes += AlignUp(size_t(shape.rows_capacity) * shape.group * 4);
+  }
+  return layout;
+}
+
+struct SplitArgs {
+  RowLayout layout;
+  int group;
+  float scale;
+  const void* queries;
+  const void* key_rows;
+  const void* value_rows;
+  const int32_t* rows;
+  const int32_t* row_begin;
+  const int32_t* row_count;
+  float* partial_out;  // [streams, splits, G, D]
+  float* partial_lse;  // [streams, splits, G]
+  float* logits;       // [rows_capacity, G] or null
+};
+
+__device__ __forceinline__ float WarpMax(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));
+  }
+  return v;
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    v += __shfl_xor_sync(kFullMask, v, off);
+  }
+  return v;
+}
+
+// Block (split, stream). kG ≥ the runtime group: slots g ≥ group compute on
+// zero queries and are never written.
+// At most 170 registers (3 blocks a multiprocessor): measured faster on an
+// H100 than 210 registers and 2 blocks, despite a few spilled bytes at G 4.
+template <DType kT, int kG>
+__global__ void __launch_bounds__(kThreads, 3)
+    DecodeSplitKernel(const SplitArgs args) {
+  extern __shared__ float smem[];
+  const RowLayout& layout = args.layout;
+  const int head_dim = layout.head_dim;
+  const int group = args.group;
+  const int lpr = layout.lanes_per_row;
+  const int row_groups = kThreads / lpr;
+  const int tid = threadIdx.x;
+  const int rg = tid / lpr;
+  const int lane = tid % lpr;
+  const int stream = blockIdx.y;
+  const int split = blockIdx.x;
+  const int splits = gridDim.x;
+  const size_t row_bytes = size_t(head_dim) * DTypeBytes(kT);
+
+  float* s_p = smem;                                    // [kG, kTileRows]
+  float* s_combine = s_p + kG * kTileRows;              // [row_groups, kG, D]
+  float* s_m = s_combine + row_groups * kG * head_dim;  // [kG]
+  float* s_l = s_m + kG;                                // [kG]
+  float* s_alpha = s_l + kG;                            // [kG]
+  int* s_rows = reinterpret_cast<int*>(s_alpha + kG);   // [kTileRows]
+
+  const int n = args.row_count[stream];
+  const int begin = args.row_begin[stream];
+  const int chunk = (n + splits - 1) / splits;
+  const int lo = min(n, split * chunk);
+  const int hi = min(n, lo + chunk);
+
+  float q[kG][kLaneSlots];
+  float acc[kG][kLaneSlots];
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    if (g < group) {
+      const char* qrow = static_cast<const char*>(args.queries) +
+                         (size_t(stream) * group + g) * row_bytes;
+      LoadLaneChannels<kT>(layout, qrow, lane, q[g]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kLaneSlots; ++j) q[g][j] = 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kLaneSlots; ++j) acc[g][j] = 0.0f;
+  }
+  if (tid < kG) {
+    s_m[tid] = -INFINITY;
+    s_l[tid] = 0.0f;
+  }
+  const char* keys = static_cast<const char*>(args.key_rows);
+  const char* values = static_cast<const char*>(args.value_rows);
+  // Rows per row group per pass; the pass count is the same for every row
+  // group, so whole warps reach every shuffle.
+  const int stride = row_groups * kUnroll;
+
+  for (int tile = lo; tile < hi; tile += kTileRows) {
+    const int rows_in = min(kTileRows, hi - tile);
+    __syncthreads();  // the previous tile is done with s_rows and s_p
+    if (tid < rows_in) s_rows[tid] = args.rows[begin + tile + tid];
+    __syncthreads();
+
+    // Phase 1: scaled logits of the tile's rows into s_p. The vector path
+    // keeps all of a row group's rows of the tile in flight at once.
+    if (layout.vector) {
+      for (int r0 = rg; r0 < kTileRows; r0 += row_groups * kVectorUnroll) {
+        uint4 piece[kVectorUnroll];
+#pragma unroll
+        for (int u = 0; u < kVectorUnroll; ++u) {
+          const int r = r0 + u * row_groups;
+          piece[u] = r < rows_in
+                         ? LoadPiece(keys + size_t(s_rows[r]) * row_bytes, lane)
+                         : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kVectorUnroll; ++u) {
+          const int r = r0 + u * row_groups;
+          float x[kLaneSlots];
+          UnpackVector<kT>(piece[u], x);
+#pragma unroll
+          for (int g = 0; g < kG; ++g) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int j = 0; j < kLaneSlots; ++j) dot = fmaf(q[g][j], x[j], dot);
+            for (int off = lpr / 2; off > 0; off >>= 1) {
+              dot += __shfl_xor_sync(kFullMask, dot, off);
+            }
+            if (lane == 0 && r < rows_in && g < group) {
+              const float logit = dot * args.scale;
+              s_p[g * kTileRows + r] = logit;
+              if (args.logits != nullptr) {
+                args.logits[size_t(begin + tile + r) * group + g] = logit;
+              }
+            }
+          }
+        }
+      }
+    } else
+      for (int r0 = rg; r0 < kTileRows; r0 += stride) {
+        float x[kUnroll][kLaneSlots];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int r = r0 + u * row_groups;
+          if (r < rows_in) {
+            LoadLaneChannels<kT>(layout, keys + size_t(s_rows[r]) * row_bytes,
+                                 lane, x[u]);
+          } else {
+#pragma unroll
+            for (int j = 0; j < kLaneSlots; ++j) x[u][j] = 0.0f;
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int r = r0 + u * row_groups;
+#pragma unroll
+          for (int g = 0; g < kG; ++g) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int j = 0; j < kLaneSlots; ++j)
+              dot = fmaf(q[g][j], x[u][j], dot);
+            for (int off = lpr / 2; off > 0; off >>= 1) {
+              dot += __shfl_xor_sync(kFullMask, dot, off);
+            }
+            if (lane == 0 && r < rows_in && g < group) {
+              const float logit = dot * args.scale;
+              s_p[g * kTileRows + r] = logit;
+              if (args.logits != nullptr) {
+                args.logits[size_t(begin + tile + r) * group + g] = logit;
+              }
+            }
+          }
+        }
+      }
+    __syncthreads();
+
+    // Online softmax over tiles: warp w owns heads w, w + 4, ...
+    const int warp = tid / 32;
+    const int wl = tid % 32;
+    for (int g = warp; g < group; g += kWarps) {
+      float* p = s_p + g * kTileRows;
+      float tile_max = -INFINITY;
+      for (int r = wl; r < rows_in; r += 32) tile_max = fmaxf(tile_max, p[r]);
+      tile_max = WarpMax(tile_max);
+      const float m_old = s_m[g];
+      const float m_new = fmaxf(m_old, tile_max);
+      float sum = 0.0f;
+      for (int r = wl; r < rows_in; r += 32) {
+        const float w = expf(p[r] - m_new);
+        p[r] = w;
+        sum += w;
+      }
+      sum = WarpSum(sum);
+      __syncwarp();
+      if (wl == 0) {
+        const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+        s_alpha[g] = alpha;
+        s_l[g] = s_l[g] * alpha + sum;
+        s_m[g] = m_new;
+      }
+    }
+    __syncthreads();
+
+    // Phase 2: acc = alpha·acc + Σ p·v over the tile.
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+      const float alpha = g < group ? s_alpha[g] : 1.0f;
+#pragma unroll
+      for (int j = 0; j < kLaneSlots; ++j) acc[g][j] *= alpha;
+    }
+    if (layout.vector) {
+      for (int r0 = rg; r0 < kTileRows; r0 += row_groups * kVectorUnroll) {
+        uint4 piece[kVectorUnroll];
+#pragma unroll
+        for (int u = 0; u < kVectorUnroll; ++u) {
+          const int r = r0 + u * row_groups;
+          if (r < rows_in) {
+            piece[u] = LoadPiece(values + size_t(s_rows[r]) * row_bytes, lane);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kVectorUnroll; ++u) {
+          const int r = r0 + u * row_groups;
+          if (r < rows_in) {
+            float x[kLaneSlots];
+            UnpackVector<kT>(piece[u], x);
+#pragma unroll
+            for (int g = 0; g < kG; ++g) {
+              const float w = g < group ? s_p[g * kTileRows + r] : 0.0f;
+#pragma unroll
+              for (int j = 0; j < kLaneSlots; ++j) {
+                acc[g][j] = fmaf(w, x[j], acc[g][j]);
+              }
+            }
+          }
+        }
+      }
+    } else
+      for (int r0 = rg; r0 < kTileRows; r0 += stride) {
+        float x[kUnroll][kLaneSlots];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int r = r0 + u * row_groups;
+          if (r < rows_in) {
+            LoadLaneChannels<kT>(layout, values + size_t(s_rows[r]) * row_bytes,
+                                 lane, x[u]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int r = r0 + u * row_groups;
+          if (r < rows_in) {
+#pragma unroll
+            for (int g = 0; g < kG; ++g) {
+              const float w = g < group ? s_p[g * kTileRows + r] : 0.0f;
+#pragma unroll
+              for (int j = 0; j < kLaneSlots; ++j) {
+                acc[g][j] = fmaf(w, x[u][j], acc[g][j]);
+              }
+            }
+          }
+        }
+      }
+  }
+
+  // Combine the row groups' accumulators, then normalise.
+  __syncthreads();
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+#pragma unroll
+    for (int j = 0; j < kLaneSlots; ++j) {
+      const int c = SlotChannel<kT>(layout, lane, j);
+      if (c < head_dim) s_combine[(rg * kG + g) * head_dim + c] = acc[g][j];
+    }
+  }
+  __syncthreads();
+  const size_t partial = (size_t(stream) * splits + split) * group;
+  for (int idx = tid; idx < group * head_dim; idx += kThreads) {
+    const int g = idx / head_dim;
+    const int c = idx % head_dim;
+    float sum = 0.0f;
+    for (int r = 0; r < row_groups; ++r) {
+      sum += s_combine[(r * kG + g) * head_dim + c];
+    }
+    const float l = s_l[g];
+    args.partial_out[partial * head_dim + idx] = l > 0.0f ? sum / l : 0.0f;
+  }
+  if (tid < group) {
+    const float l = s_l[tid];
+    args.partial_lse[partial + tid] = l > 0.0f ? s_m[tid] + logf(l) : -INFINITY;
+  }
+}
+
+struct MergeArgs {
+  int group;
+  int head_dim;
+  int splits;
+  DType dtype;
+  ScoreReduction reduction;
+  const float* partial_out;
+  const float* partial_lse;
+  const float* logits;
+  const int32_t* row_begin;
+  const int32_t* row_count;
+  float* out_fp32;
+  void* out;
+  float* lse;
+  float* reduced_probs;
+};
+
+// Block per stream: lse = M + ln Σ e^(lse_i − M), o = Σ e^(lse_i − lse)·o_i.
+__global__ void __launch_bounds__(kMergeThreads)
+    DecodeMergeKernel(const MergeArgs args) {
+  __shared__ float s_weight[kMaxDecodeGroup][kMaxSplits];
+  __shared__ float s_lse[kMaxDecodeGroup];
+  const int stream = blockIdx.x;
+  const int group = args.group;
+  const int splits = args.splits;
+  const int tid = threadIdx.x;
+  const size_t base = size_t(stream) * splits * group;
+  if (tid < group) {
+    float top = -INFINITY;
+    for (int i = 0; i < splits; ++i) {
+      top = fmaxf(top, args.partial_lse[base + size_t(i) * group + tid]);
+    }
+    float total = 0.0f;
+    if (top != -INFINITY) {
+      for (int i = 0; i < splits; ++i) {
+        total += expf(args.partial_lse[base + size_t(i) * group + tid] - top);
+      }
+    }
+    for (int i = 0; i < splits; ++i) {
+      s_weight[tid][i] =
+          top == -INFINITY
+              ? 0.0f
+              : expf(args.partial_lse[base + size_t(i) * group + tid] - top) /
+                    total;
+    }
+    const float merged = top == -INFINITY ? -INFINITY : top + logf(total);
+    s_lse[tid] = merged;
+    args.lse[size_t(stream) * group + tid] = merged;
+  }
+  __syncthreads();
+  const int head_dim = args.head_dim;
+  for (int idx = tid; idx < group * head_dim; idx += kMergeThreads) {
+    const int g = idx / head_dim;
+    float o = 0.0f;
+    for (int i = 0; i < splits; ++i) {
+      const float w = s_weight[g][i];
+      if (w != 0.0f) {
+        o = fmaf(w,
+                 args.partial_out[(base + size_t(i) * group) * head_dim + idx],
+                 o);
+      }
+    }
+    const size_t at = size_t(stream) * group * head_dim + idx;
+    if (args.out_fp32 != nullptr) args.out_fp32[at] = o;
+    if (args.out != nullptr) {
+      if (args.dtype == DType::kFp32) {
+        static_cast<float*>(args.out)[at] = o;
+      } else {
+        static_cast<uint16_t*>(args.out)[at] =
+            args.dtype == DType::kBf16 ? FloatToBf16(o) : FloatToFp16(o);
+      }
+    }
+  }
+  if (args.reduced_probs == nullptr) return;
+  const int n = args.row_count[stream];
+  const int begin = args.row_begin[stream];
+  for (int t = tid; t < n; t += kMergeThreads) {
+    float p[kMaxDecodeGroup];
+#pragma unroll
+    for (int g = 0; g < kMaxDecodeGroup; ++g) {
+      p[g] = g < group
+                 ? expf(args.logits[size_t(begin + t) * group + g] - s_lse[g])
+                 : 0.0f;
+    }
+    args.reduced_probs[begin + t] =
+        ReduceGroupProbability(p, group, 1, args.reduction);
+  }
+}
+
+int GroupSlots(int group) {
+  return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+}
+
+template <DType kT>
+void* SplitKernelFor(int slots) {
+  switch (slots) {
+    case 1:
+      return reinterpret_cast<void*>(&DecodeSplitKernel<kT, 1>);
+    case 2:
+      return reinterpret_cast<void*>(&DecodeSplitKernel<kT, 2>);
+    case 4:
+      return reinterpret_cast<void*>(&DecodeSplitKernel<kT, 4>);
+    default:
+      return reinterpret_cast<void*>(&DecodeSplitKernel<kT, 8>);
+  }
+}
+
+absl::Status ValidateShape(const DecodeAttentionShape& shape) {
+  if (shape.streams < 1 || shape.streams > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("streams: ", shape.streams, ", want 1..65535"));
+  }
+  if (shape.group < 1 || shape.group > kMaxDecodeGroup) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("group: ", shape.group, ", want 1..", kMaxDecodeGroup));
+  }
+  if (shape.head_dim < 1 || shape.head_dim > kMaxDecodeHeadDim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "head_dim: ", shape.head_dim, ", want 1..", kMaxDecodeHeadDim));
+  }
+  if (shape.dtype != DType::kBf16 && shape.dtype != DType::kFp16 &&
+      shape.dtype != DType::kFp32) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dtype: ", static_cast<int>(shape.dtype), ", want bf16/fp16/fp32"));
+  }
+  if (shape.max_rows_per_stream < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_rows_per_stream: ", shape.max_rows_per_stream, ", want >= 1"));
+  }
+  if (shape.rows_capacity < 0 || shape.rows_capacity > INT32_MAX) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rows_capacity: ", shape.rows_capacity, ", want 0..2^31-1"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<DecodeAttentionPlan> PlanDecodeAttention(
+    const DecodeAttentionShape& shape, int multiprocessors) {
+  absl::Status valid = ValidateShape(shape);
+  if (!valid.ok()) return valid;
+  if (multiprocessors < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("multiprocessors: ", multiprocessors, ", want >= 1"));
+  }
+  // Enough rows per block to amortise its setup (at most 256), enough
+  // blocks to fill the device about four times over, no split under 32
+  // rows.
+  const int by_rows = (shape.max_rows_per_stream + 255) / 256;
+  const int by_device =
+      (4 * multiprocessors + shape.streams - 1) / shape.streams;
+  const int most = (shape.max_rows_per_stream + 31) / 32;
+  int splits = by_rows > by_device ? by_rows : by_device;
+  if (splits > most) splits = most;
+  if (splits > kMaxSplits) splits = kMaxSplits;
+  if (splits < 1) splits = 1;
+  DecodeAttentionPlan plan;
+  plan.splits = splits;
+  plan.workspace_bytes = LayoutWorkspace(shape, splits).bytes;
+  return plan;
+}
+
+absl::Status DecodeAttention(const DecodeAttentionShape& shape,
+                             const DecodeAttentionInputs& inputs,
+                             const DecodeAttentionOutputs& outputs,
+                             const DecodeAttentionPlan& plan, void* workspace,
+                             size_t workspace_bytes, cudaStream_t stream) {
+  absl::Status valid = ValidateShape(shape);
+  if (!valid.ok()) return valid;
+  if (inputs.queries == nullptr || inputs.key_rows == nullptr ||
+      inputs.value_rows == nullptr || inputs.rows == nullptr ||
+      inputs.row_begin == nullptr || inputs.row_count == nullptr) {
+    return absl::InvalidArgumentError(
+        "inputs: queries, key_rows, value_rows, rows, row_begin and "
+        "row_count must all be set");
+  }
+  if (!std::isfinite(inputs.softmax_scale) || inputs.softmax_scale <= 0.0f) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "softmax_scale: ", inputs.softmax_scale, ", want finite and > 0"));
+  }
+  if (inputs.reduction != ScoreReduction::kMax &&
+      inputs.reduction != ScoreReduction::kMean) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("reduction: ", static_cast<int>(inputs.reduction),
+                     ", want MAX or MEAN"));
+  }
+  if (outputs.lse == nullptr ||
+      (outputs.out_fp32 == nullptr && outputs.out == nullptr)) {
+    return absl::InvalidArgumentError(
+        "outputs: lse and at least one of out_fp32 / out must be set");
+  }
+  if (shape.want_probs != (outputs.reduced_probs != nullptr)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("outputs.reduced_probs: ",
+                     outputs.reduced_probs == nullptr ? "null" : "set",
+                     ", want it set iff shape.want_probs"));
+  }
+  if (plan.splits < 1 || plan.splits > kMaxSplits) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("plan.splits: ", plan.splits, ", want 1..", kMaxSplits));
+  }
+  const WorkspaceLayout ws = LayoutWorkspace(shape, plan.splits);
+  if (workspace == nullptr || workspace_bytes < ws.bytes ||
+      (reinterpret_cast<uintptr_t>(workspace) & 255u) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("workspace: ", workspace_bytes, " bytes",
+                     workspace == nullptr ? " (null)" : "",
+                     ", want >= ", ws.bytes, " bytes, 256-byte aligned"));
+  }
+  char* ws_base = static_cast<char*>(workspace);
+  const bool aligned = Aligned16(inputs.queries) &&
+                       Aligned16(inputs.key_rows) &&
+                       Aligned16(inputs.value_rows);
+  SplitArgs args;
+  args.layout = ChooseRowLayout(shape.head_dim, shape.dtype, aligned);
+  args.group = shape.group;
+  args.scale = inputs.softmax_scale;
+  args.queries = inputs.queries;
+  args.key_rows = inputs.key_rows;
+  args.value_rows = inputs.value_rows;
+  args.rows = inputs.rows;
+  args.row_begin = inputs.row_begin;
+  args.row_count = inputs.row_count;
+  args.partial_out = reinterpret_cast<float*>(ws_base + ws.partial_out_offset);
+  args.partial_lse = reinterpret_cast<float*>(ws_base + ws.partial_lse_offset);
+  args.logits = shape.want_probs
+                    ? reinterpret_cast<float*>(ws_base + ws.logits_offset)
+                    : nullptr;
+
+  const int slots = GroupSlots(shape.group);
+  const int row_groups = kThreads / args.layout.lanes_per_row;
+  const size_t smem =
+      sizeof(float) *
+          (size_t(slots) * kTileRows +
+           size_t(row_groups) * slots * shape.head_dim + 3 * size_t(slots)) +
+      sizeof(int) * kTileRows;
+  void* kernel =
+      shape.dtype == DType::kBf16   ? SplitKernelFor<DType::kBf16>(slots)
+      : shape.dtype == DType::kFp16 ? SplitKernelFor<DType::kFp16>(slots)
+                                    : SplitKernelFor<DType::kFp32>(slots);
+  if (smem > 48 * 1024) {
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  }
+  void* kernel_args[] = {&args};
+  KVMEM_CUDA_RETURN_IF_ERROR(
+      cudaLaunchKernel(kernel, dim3(plan.splits, shape.streams), dim3(kThreads),
+                       kernel_args, smem, stream));
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("DecodeSplitKernel");
+
+  MergeArgs merge;
+  merge.group = shape.group;
+  merge.head_dim = shape.head_dim;
+  merge.splits = plan.splits;
+  merge.dtype = shape.dtype;
+  merge.reduction = inputs.reduction;
+  merge.partial_out = args.partial_out;
+  merge.partial_lse = args.partial_lse;
+  merge.logits = args.logits;
+  merge.row_begin = inputs.row_begin;
+  merge.row_count = inputs.row_count;
+  merge.out_fp32 = outputs.out_fp32;
+  merge.out = outputs.out;
+  merge.lse = outputs.lse;
+  merge.reduced_probs = outputs.reduced_probs;
+  DecodeMergeKernel<<<shape.streams, kMergeThreads, 0, stream>>>(merge);
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("DecodeMergeKernel");
+  return absl::OkStatus();
+}
+
+}  // namespace kvmem::cuda

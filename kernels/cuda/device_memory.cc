@@ -1,0 +1,153 @@
+#include "kernels/cuda/device_memory.h"
+
+#include <utility>
+
+#include "kernels/cuda/cuda_status.h"
+
+namespace kvmem::cuda {
+
+// ---- DeviceBuffer ---------------------------------------------------------
+absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes) {
+  if (bytes == 0) return DeviceBuffer();
+  void* ptr = nullptr;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&ptr, bytes));
+  return DeviceBuffer(ptr, bytes);
+}
+
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
+    : ptr_(std::exchange(other.ptr_, nullptr)),
+      bytes_(std::exchange(other.bytes_, 0)) {}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  if (this != &other) {
+    if (ptr_ != nullptr) (void)cudaFree(ptr_);
+    ptr_ = std::exchange(other.ptr_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  // A destructor cannot report; cudaFree fails only after a sticky error,
+  // which the next checked call reports.
+  if (ptr_ != nullptr) (void)cudaFree(ptr_);
+}
+
+// ---- PinnedHostBuffer -----------------------------------------------------
+absl::StatusOr<PinnedHostBuffer> PinnedHostBuffer::Allocate(size_t bytes) {
+  if (bytes == 0) return PinnedHostBuffer();
+  void* ptr = nullptr;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMallocHost(&ptr, bytes));
+  return PinnedHostBuffer(ptr, bytes);
+}
+
+PinnedHostBuffer::PinnedHostBuffer(PinnedHostBuffer&& other) noexcept
+    : ptr_(std::exchange(other.ptr_, nullptr)),
+      bytes_(std::exchange(other.bytes_, 0)) {}
+
+PinnedHostBuffer& PinnedHostBuffer::operator=(
+    PinnedHostBuffer&& other) noexcept {
+  if (this != &other) {
+    if (ptr_ != nullptr) (void)cudaFreeHost(ptr_);
+    ptr_ = std::exchange(other.ptr_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+PinnedHostBuffer::~PinnedHostBuffer() {
+  if (ptr_ != nullptr) (void)cudaFreeHost(ptr_);
+}
+
+// ---- Stream ---------------------------------------------------------------
+absl::StatusOr<Stream> Stream::Create() {
+  cudaStream_t stream = nullptr;
+  KVMEM_CUDA_RETURN_IF_ERROR(
+      cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  return Stream(stream);
+}
+
+Stream::Stream(Stream&& other) noexcept
+    : stream_(std::exchange(other.stream_, nullptr)) {}
+
+Stream& Stream::operator=(Stream&& other) noexcept {
+  if (this != &other) {
+    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+    stream_ = std::exchange(other.stream_, nullptr);
+  }
+  return *this;
+}
+
+Stream::~Stream() {
+  if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+}
+
+absl::Status Stream::Synchronize() const {
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  return absl::OkStatus();
+}
+
+// ---- Event ----------------------------------------------------------------
+absl::StatusOr<Event> Event::Create(bool timing) {
+  cudaEvent_t event = nullptr;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(
+      &event, timing ? cudaEventDefault : cudaEventDisableTiming));
+  return Event(event);
+}
+
+Event::Event(Event&& other) noexcept
+    : event_(std::exchange(other.event_, nullptr)) {}
+
+Event& Event::operator=(Event&& other) noexcept {
+  if (this != &other) {
+    if (event_ != nullptr) (void)cudaEventDestroy(event_);
+    event_ = std::exchange(other.event_, nullptr);
+  }
+  return *this;
+}
+
+Event::~Event() {
+  if (event_ != nullptr) (void)cudaEventDestroy(event_);
+}
+
+absl::Status Event::Record(cudaStream_t stream) const {
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(event_, stream));
+  return absl::OkStatus();
+}
+
+absl::Status Event::Synchronize() const {
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(event_));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<float> Event::ElapsedMsSince(const Event& start) const {
+  float ms = 0.0f;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start.event_, event_));
+  return ms;
+}
+
+// ---- copies -----------------------------------------------------------------
+absl::Status CopyToDevice(void* device_dst, const void* host_src, size_t bytes,
+                          cudaStream_t stream) {
+  if (bytes == 0) return absl::OkStatus();
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_dst, host_src, bytes,
+                                             cudaMemcpyHostToDevice, stream));
+  return absl::OkStatus();
+}
+
+absl::Status CopyToHost(void* host_dst, const void* device_src, size_t bytes,
+                        cudaStream_t stream) {
+  if (bytes == 0) return absl::OkStatus();
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_dst, device_src, bytes,
+                                             cudaMemcpyDeviceToHost, stream));
+  return absl::OkStatus();
+}
+
+absl::Status FillDevice(void* device_dst, int byte, size_t bytes,
+                        cudaStream_t stream) {
+  if (bytes == 0) return absl::OkStatus();
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(device_dst, byte, bytes, stream));
+  return absl::OkStatus();
+}
+
+}  // namespace kvmem::cuda

@@ -1,0 +1,134 @@
+// Move-only owners of CUDA resources: device memory, pinned host memory,
+// streams and events (STYLE.md § Ownership and device). Each is made by a
+// StatusOr factory and frees its resource in its destructor. A moved-from
+// object owns nothing. Not thread-safe: one owner each; the CUDA objects
+// themselves may be used from any thread.
+#ifndef KVMEM_KERNELS_CUDA_DEVICE_MEMORY_H_
+#define KVMEM_KERNELS_CUDA_DEVICE_MEMORY_H_
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace kvmem::cuda {
+
+// `bytes` of device memory on the current device (cudaMalloc: 256-byte
+// aligned), uninitialised.
+class DeviceBuffer {
+ public:
+  // RESOURCE_EXHAUSTED when the device is out of memory; UNAVAILABLE with
+  // no device; INTERNAL otherwise. 0 bytes gives an empty buffer (null).
+  static absl::StatusOr<DeviceBuffer> Allocate(size_t bytes);
+
+  DeviceBuffer() = default;
+  DeviceBuffer(DeviceBuffer&& other) noexcept;
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer();
+
+  void* get() const { return ptr_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  DeviceBuffer(void* ptr, size_t bytes) : ptr_(ptr), bytes_(bytes) {}
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Page-locked host memory (cudaMallocHost) for asynchronous copies.
+class PinnedHostBuffer {
+ public:
+  // Errors as DeviceBuffer::Allocate.
+  static absl::StatusOr<PinnedHostBuffer> Allocate(size_t bytes);
+
+  PinnedHostBuffer() = default;
+  PinnedHostBuffer(PinnedHostBuffer&& other) noexcept;
+  PinnedHostBuffer& operator=(PinnedHostBuffer&& other) noexcept;
+  PinnedHostBuffer(const PinnedHostBuffer&) = delete;
+  PinnedHostBuffer& operator=(const PinnedHostBuffer&) = delete;
+  ~PinnedHostBuffer();
+
+  void* get() const { return ptr_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  PinnedHostBuffer(void* ptr, size_t bytes) : ptr_(ptr), bytes_(bytes) {}
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// A non-blocking CUDA stream (never synchronises with the legacy default
+// stream, which kvmem never uses).
+class Stream {
+ public:
+  // INTERNAL / UNAVAILABLE as the runtime reports.
+  static absl::StatusOr<Stream> Create();
+
+  Stream() = default;
+  Stream(Stream&& other) noexcept;
+  Stream& operator=(Stream&& other) noexcept;
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  ~Stream();
+
+  cudaStream_t get() const { return stream_; }
+  // Blocks the calling thread until the stream's work is done; for tests,
+  // benchmarks and the end of a step, never inside a launcher.
+  absl::Status Synchronize() const;
+
+ private:
+  explicit Stream(cudaStream_t stream) : stream_(stream) {}
+  cudaStream_t stream_ = nullptr;
+};
+
+// A CUDA event. `timing` false makes a cheaper event that only orders work.
+class Event {
+ public:
+  static absl::StatusOr<Event> Create(bool timing);
+
+  Event() = default;
+  Event(Event&& other) noexcept;
+  Event& operator=(Event&& other) noexcept;
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  ~Event();
+
+  cudaEvent_t get() const { return event_; }
+  absl::Status Record(cudaStream_t stream) const;
+  absl::Status Synchronize() const;
+  // Milliseconds from `start` to this event; both recorded and complete,
+  // both made with timing on.
+  absl::StatusOr<float> ElapsedMsSince(const Event& start) const;
+
+ private:
+  explicit Event(cudaEvent_t event) : event_(event) {}
+  cudaEvent_t event_ = nullptr;
+};
+
+// Asynchronous copies on `stream` (host memory should be pinned for the
+// copy to overlap). INTERNAL on a runtime error.
+absl::Status CopyToDevice(void* device_dst, const void* host_src, size_t bytes,
+                          cudaStream_t stream);
+absl::Status CopyToHost(void* host_dst, const void* device_src, size_t bytes,
+                        cudaStream_t stream);
+// Fills `bytes` bytes of device memory with `byte` (e.g. 0xff: NaN poison
+// for fp32, fp16 and bf16 alike).
+absl::Status FillDevice(void* device_dst, int byte, size_t bytes,
+                        cudaStream_t stream);
+
+}  // namespace kvmem::cuda
+
+#endif  // KVMEM_KERNELS_CUDA_DEVICE_MEMORY_H_

@@ -1,0 +1,259 @@
+// One thread per candidate page: the page's digest is staged as fp32 in
+// shared memory (rows padded to an odd word count, so the threads of a warp
+// read distinct banks), the group's queries as fp32 beside it, and each
+// thread runs the shared per-head bound over its own row.
+#include <map>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/page_scores.h"
+#include "kernels/cuda/row_access.cuh"
+
+namespace kvmem::cuda {
+namespace {
+
+constexpr int kMaxGridTiles = 1024;
+constexpr int kBatch = 8;  // loads in flight per thread while staging
+
+struct ScoreArgs {
+  int group;
+  int head_dim;
+  int pages_per_tile;  // = blockDim.x
+  bool vector;         // digest rows are whole, aligned 16-byte pieces
+  DigestKind kind;
+  GroupReduction reduction;
+  const void* queries;
+  const void* digests;
+  const int32_t* candidate_pages;
+  const int32_t* candidate_begin;
+  const int32_t* candidate_count;
+  float* scores;
+};
+
+int RowWords(int head_dim) { return 2 * head_dim + 1; }  // odd: no conflicts
+
+template <DType kQ, DType kDigest>
+__global__ void ScorePagesKernel(const ScoreArgs args) {
+  extern __shared__ float smem[];
+  const int head_dim = args.head_dim;
+  const int group = args.group;
+  const int row_words = 2 * head_dim + 1;
+  const int tid = threadIdx.x;
+  const int threads = blockDim.x;
+  const int stream = blockIdx.y;
+  float* s_query = smem;                       // [G, D]
+  float* s_rows = s_query + group * head_dim;  // [pages_per_tile, 2D+1]
+  int* s_page =
+      reinterpret_cast<int*>(s_rows + args.pages_per_tile * row_words);
+
+  const char* query_base = static_cast<const char*>(args.queries) +
+                           size_t(stream) * group * head_dim * DTypeBytes(kQ);
+  for (int i = tid; i < group * head_dim; i += threads) {
+    s_query[i] = ElementToFloat<kQ>(query_base, i);
+  }
+  const int n = args.candidate_count[stream];
+  const int begin = args.candidate_begin[stream];
+  const size_t digest_bytes = size_t(2) * head_dim * DTypeBytes(kDigest);
+  for (int tile = blockIdx.x * args.pages_per_tile; tile < n;
+       tile += gridDim.x * args.pages_per_tile) {
+    const int pages = min(args.pages_per_tile, n - tile);
+    __syncthreads();  // s_query written; the previous tile's rows are read
+    if (tid < pages) s_page[tid] = args.candidate_pages[begin + tile + tid];
+    __syncthreads();
+    // Stage the tile's digests: each thread keeps kBatch independent loads
+    // in flight (16-byte pieces where rows allow, else single elements).
+    const char* digests = static_cast<const char*>(args.digests);
+    if (args.vector) {
+      constexpr int kPer = kDigest == DType::kFp32 ? 4 : 8;
+      const int pieces_per_page = 2 * head_dim / kPer;
+      const int total = pages * pieces_per_page;
+      for (int first = tid; first < total; first += threads * kBatch) {
+        uint4 piece[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int idx = first + b * threads;
+          if (idx < total) {
+            const int p = idx / pieces_per_page;
+            const int k = idx - p * pieces_per_page;
+            piece[b] = __ldg(reinterpret_cast<const uint4*>(
+                                 digests + size_t(s_page[p]) * digest_bytes) +
+                             k);
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int idx = first + b * threads;
+          if (idx < total) {
+            const int p = idx / pieces_per_page;
+            const int k = idx - p * pieces_per_page;
+            float x[kLaneSlots];
+            UnpackVector<kDigest>(piece[b], x);
+            float* row = s_rows + p * row_words + k * kPer;
+#pragma unroll
+            for (int j = 0; j < kPer; ++j) row[j] = x[j];
+          }
+        }
+      }
+    } else {
+      const int per_page = 2 * head_dim;
+      const int total = pages * per_page;
+      for (int first = tid; first < total; first += threads * kBatch) {
+        float x[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int idx = first + b * threads;
+          if (idx < total) {
+            const int p = idx / per_page;
+            x[b] = ElementToFloat<kDigest>(
+                digests + size_t(s_page[p]) * digest_bytes, idx - p * per_page);
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int idx = first + b * threads;
+          if (idx < total) {
+            const int p = idx / per_page;
+            s_rows[p * row_words + idx - p * per_page] = x[b];
+          }
+        }
+      }
+    }
+    __syncthreads();
+    if (tid < pages) {
+      const float* row = s_rows + tid * row_words;
+      float score = 0.0f;
+      for (int g = 0; g < group; ++g) {
+        const float* q = s_query + g * head_dim;
+        const float bound =
+            args.kind.rotation_invariant
+                ? PairNormHeadBound(q, row, head_dim, args.kind.rotated_dims,
+                                    args.kind.pairing)
+                : QuestHeadBound(q, row, head_dim);
+        if (g == 0) {
+          score = bound;
+        } else if (args.reduction == GroupReduction::kMax) {
+          score = bound > score ? bound : score;
+        } else {
+          score = UnfusedAdd(score, bound);
+        }
+      }
+      args.scores[begin + tile + tid] = score;
+    }
+  }
+}
+
+template <DType kQ>
+void* KernelFor(DType digest) {
+  switch (digest) {
+    case DType::kBf16:
+      return reinterpret_cast<void*>(&ScorePagesKernel<kQ, DType::kBf16>);
+    case DType::kFp16:
+      return reinterpret_cast<void*>(&ScorePagesKernel<kQ, DType::kFp16>);
+    default:
+      return reinterpret_cast<void*>(&ScorePagesKernel<kQ, DType::kFp32>);
+  }
+}
+
+bool KnownDType(DType t) {
+  return t == DType::kBf16 || t == DType::kFp16 || t == DType::kFp32;
+}
+
+}  // namespace
+
+absl::Status ScorePages(const PageScoreShape& shape,
+                        const PageScoreInputs& inputs, float* scores,
+                        cudaStream_t stream) {
+  if (shape.streams < 1 || shape.streams > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("streams: ", shape.streams, ", want 1..65535"));
+  }
+  if (shape.group < 1 || shape.group > kMaxScoreGroup) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("group: ", shape.group, ", want 1..", kMaxScoreGroup));
+  }
+  if (shape.head_dim < 1 || shape.head_dim > kMaxScoreHeadDim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "head_dim: ", shape.head_dim, ", want 1..", kMaxScoreHeadDim));
+  }
+  if (!KnownDType(shape.query_dtype) || !KnownDType(shape.digest_dtype)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("query_dtype: ", static_cast<int>(shape.query_dtype),
+                     ", digest_dtype: ", static_cast<int>(shape.digest_dtype),
+                     "; want bf16/fp16/fp32"));
+  }
+  absl::Status valid = shape.kind.Validate(shape.head_dim);
+  if (!valid.ok()) return valid;
+  if (shape.kind.rotation_invariant && shape.digest_dtype != DType::kFp32) {
+    return absl::InvalidArgumentError(
+        "digest_dtype: rotation-invariant digests are fp32 (pair norms are "
+        "rounded up in fp32)");
+  }
+  if (shape.reduction != GroupReduction::kMax &&
+      shape.reduction != GroupReduction::kSum) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "reduction: ", static_cast<int>(shape.reduction), ", want MAX or SUM"));
+  }
+  if (shape.max_candidates_per_stream < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_candidates_per_stream: ", shape.max_candidates_per_stream,
+        ", want >= 1"));
+  }
+  if (inputs.queries == nullptr || inputs.digests == nullptr ||
+      inputs.candidate_pages == nullptr || inputs.candidate_begin == nullptr ||
+      inputs.candidate_count == nullptr || scores == nullptr) {
+    return absl::InvalidArgumentError(
+        "inputs: queries, digests, candidate_pages, candidate_begin, "
+        "candidate_count and scores must all be set");
+  }
+  ScoreArgs args;
+  args.group = shape.group;
+  args.head_dim = shape.head_dim;
+  args.kind = shape.kind;
+  args.reduction = shape.reduction;
+  args.queries = inputs.queries;
+  args.digests = inputs.digests;
+  args.candidate_pages = inputs.candidate_pages;
+  args.candidate_begin = inputs.candidate_begin;
+  args.candidate_count = inputs.candidate_count;
+  args.scores = scores;
+  args.vector =
+      (2 * shape.head_dim * DTypeBytes(shape.digest_dtype)) % 16 == 0 &&
+      Aligned16(inputs.digests);
+  // 64 pages a block where the staged rows fit in 72 KB, else 32.
+  const size_t row_bytes = sizeof(float) * RowWords(shape.head_dim);
+  args.pages_per_tile = 64 * row_bytes <= 72 * 1024 ? 64 : 32;
+  const size_t smem = sizeof(float) * shape.group * shape.head_dim +
+                      args.pages_per_tile * row_bytes +
+                      sizeof(int) * args.pages_per_tile;
+  void* kernel = shape.query_dtype == DType::kBf16
+                     ? KernelFor<DType::kBf16>(shape.digest_dtype)
+                 : shape.query_dtype == DType::kFp16
+                     ? KernelFor<DType::kFp16>(shape.digest_dtype)
+                     : KernelFor<DType::kFp32>(shape.digest_dtype);
+  if (smem > 48 * 1024) {
+    // Raised once per kernel to the most any launch needs (the driver call
+    // costs tens of microseconds; a step must not pay it). Per process, so
+    // for the current device only: a multi-device engine sets it per device.
+    static std::mutex mu;
+    static std::map<void*, int> raised;
+    std::lock_guard<std::mutex> lock(mu);
+    int& limit = raised[kernel];
+    if (limit < int(smem)) {
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      limit = int(smem);
+    }
+  }
+  int tiles = (shape.max_candidates_per_stream + args.pages_per_tile - 1) /
+              args.pages_per_tile;
+  if (tiles > kMaxGridTiles) tiles = kMaxGridTiles;
+  void* kernel_args[] = {&args};
+  KVMEM_CUDA_RETURN_IF_ERROR(
+      cudaLaunchKernel(kernel, dim3(tiles, shape.streams),
+                       dim3(args.pages_per_tile), kernel_args, smem, stream));
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ScorePagesKernel");
+  return absl::OkStatus();
+}
+
+}  // namespace kvmem::cuda

@@ -1,0 +1,221 @@
+// DecodeAttention against cpu::Attend on fresh random inputs: outputs
+// (fp32 and dtype), LSE and group-reduced probabilities, for every dtype,
+// D 64/128 (vector path) and 8/96 (other lane layouts), G 1/3/4, stream
+// lengths 0/1/7/65/4099 in one batch with rows scattered over a pool.
+#include "kernels/cuda/decode_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/attention.h"
+#include "kernels/policy_math.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace kvmem::cuda {
+namespace {
+
+using testing::Close;
+using testing::Download;
+using testing::Poisoned;
+using testing::Tolerance;
+using testing::Upload;
+
+struct Case {
+  int head_dim;
+  DType dtype;
+  int group;
+  ScoreReduction reduction;
+};
+
+void RunCase(const Case& c, std::mt19937& rng) {
+  SCOPED_TRACE(::testing::Message()
+               << "D=" << c.head_dim << " " << testing::DTypeName(c.dtype)
+               << " G=" << c.group);
+  const std::vector<int> lengths = {1, 7, 0, 65, 4099};
+  const int streams = static_cast<int>(lengths.size());
+  const int d = c.head_dim;
+  const size_t e = DTypeBytes(c.dtype);
+  const int pool_rows = std::accumulate(lengths.begin(), lengths.end(), 0) + 13;
+  const std::vector<uint8_t> keys =
+      testing::RandomRows(size_t(pool_rows) * d, c.dtype, rng);
+  const std::vector<uint8_t> values =
+      testing::RandomRows(size_t(pool_rows) * d, c.dtype, rng);
+  const std::vector<uint8_t> queries = testing::RandomRows(
+      size_t(streams) * c.group * d, c.dtype, rng, -2.0f, 2.0f);
+  // Rows: a random permutation of the pool, cut per stream, with gaps.
+  std::vector<int32_t> order(pool_rows);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<int32_t> rows;
+  std::vector<int32_t> begin(streams);
+  std::vector<int32_t> count(streams);
+  int next = 0;
+  for (int s = 0; s < streams; ++s) {
+    rows.resize(rows.size() + 2, -1);  // gap: never read
+    begin[s] = static_cast<int32_t>(rows.size());
+    count[s] = lengths[s];
+    for (int t = 0; t < lengths[s]; ++t) rows.push_back(order[next++]);
+  }
+  rows.resize(rows.size() + 3, -1);
+
+  Stream stream = testing::MakeStream();
+  DeviceBuffer d_keys = Upload(keys, stream.get());
+  DeviceBuffer d_values = Upload(values, stream.get());
+  DeviceBuffer d_queries = Upload(queries, stream.get());
+  DeviceBuffer d_rows = Upload(rows, stream.get());
+  DeviceBuffer d_begin = Upload(begin, stream.get());
+  DeviceBuffer d_count = Upload(count, stream.get());
+  const size_t out_elems = size_t(streams) * c.group * d;
+  DeviceBuffer d_out32 = Poisoned<float>(out_elems, stream.get());
+  DeviceBuffer d_out = Poisoned<uint8_t>(out_elems * e, stream.get());
+  DeviceBuffer d_lse = Poisoned<float>(size_t(streams) * c.group, stream.get());
+  DeviceBuffer d_probs = Poisoned<float>(rows.size(), stream.get());
+
+  DecodeAttentionShape shape;
+  shape.streams = streams;
+  shape.group = c.group;
+  shape.head_dim = d;
+  shape.dtype = c.dtype;
+  shape.max_rows_per_stream = 4099;
+  shape.rows_capacity = static_cast<int64_t>(rows.size());
+  shape.want_probs = true;
+  absl::StatusOr<DecodeAttentionPlan> plan = PlanDecodeAttention(shape, 132);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  absl::StatusOr<DeviceBuffer> workspace =
+      DeviceBuffer::Allocate(plan->workspace_bytes);
+  ASSERT_TRUE(workspace.ok()) << workspace.status();
+  DecodeAttentionInputs in;
+  in.queries = d_queries.get();
+  in.key_rows = d_keys.get();
+  in.value_rows = d_values.get();
+  in.rows = d_rows.as<int32_t>();
+  in.row_begin = d_begin.as<int32_t>();
+  in.row_count = d_count.as<int32_t>();
+  in.softmax_scale = 1.0f / std::sqrt(static_cast<float>(d));
+  in.reduction = c.reduction;
+  DecodeAttentionOutputs out;
+  out.out_fp32 = d_out32.as<float>();
+  out.out = d_out.get();
+  out.lse = d_lse.as<float>();
+  out.reduced_probs = d_probs.as<float>();
+  ASSERT_TRUE(DecodeAttention(shape, in, out, *plan, workspace->get(),
+                              workspace->bytes(), stream.get())
+                  .ok());
+  const std::vector<float> out32 = Download<float>(d_out32, out_elems, stream);
+  const std::vector<uint8_t> out_dtype =
+      Download<uint8_t>(d_out, out_elems * e, stream);
+  const std::vector<float> lse =
+      Download<float>(d_lse, size_t(streams) * c.group, stream);
+  const std::vector<float> probs =
+      Download<float>(d_probs, rows.size(), stream);
+
+  const double tol = Tolerance(c.dtype);
+  const size_t row_bytes = size_t(d) * e;
+  for (int s = 0; s < streams; ++s) {
+    const int n = lengths[s];
+    std::vector<uint8_t> k(size_t(n) * row_bytes);
+    std::vector<uint8_t> v(size_t(n) * row_bytes);
+    for (int t = 0; t < n; ++t) {
+      const size_t row = size_t(rows[begin[s] + t]);
+      std::copy_n(keys.data() + row * row_bytes, row_bytes,
+                  k.data() + t * row_bytes);
+      std::copy_n(values.data() + row * row_bytes, row_bytes,
+                  v.data() + t * row_bytes);
+    }
+    std::vector<float> ref_out(size_t(c.group) * d);
+    std::vector<float> ref_lse(c.group);
+    std::vector<float> ref_probs(size_t(c.group) * n);
+    const HeadRowsView q_view{
+        absl::MakeConstSpan(queries.data() + size_t(s) * c.group * row_bytes,
+                            c.group * row_bytes),
+        c.dtype};
+    ASSERT_TRUE(cpu::Attend(q_view, {absl::MakeConstSpan(k), c.dtype},
+                            {absl::MakeConstSpan(v), c.dtype}, d,
+                            in.softmax_scale, absl::MakeSpan(ref_out),
+                            absl::MakeSpan(ref_lse), absl::MakeSpan(ref_probs))
+                    .ok());
+    int bad = 0;
+    for (int g = 0; g < c.group; ++g) {
+      const float got_lse = lse[size_t(s) * c.group + g];
+      if (!Close(got_lse, ref_lse[g], tol) && ++bad <= 5) {
+        ADD_FAILURE() << "stream " << s << " lse[" << g << "] " << got_lse
+                      << " vs " << ref_lse[g];
+      }
+      for (int i = 0; i < d; ++i) {
+        const size_t at = (size_t(s) * c.group + g) * d + i;
+        const float ref = ref_out[size_t(g) * d + i];
+        const float got = out32[at];
+        const float got_dtype =
+            LoadElement(out_dtype.data(), c.dtype, int64_t(at));
+        // The dtype output is the fp32 output rounded once more.
+        if ((!Close(got, ref, tol) || !Close(got_dtype, ref, 2 * tol)) &&
+            ++bad <= 5) {
+          ADD_FAILURE() << "stream " << s << " out[" << g << "][" << i << "] "
+                        << got << " / " << got_dtype << " vs " << ref;
+        }
+      }
+    }
+    for (int t = 0; t < n; ++t) {
+      const float ref =
+          ReduceGroupProbability(ref_probs.data() + t, c.group, n, c.reduction);
+      const float got = probs[begin[s] + t];
+      if (!Close(got, ref, tol) && ++bad <= 5) {
+        ADD_FAILURE() << "stream " << s << " prob[" << t << "] " << got
+                      << " vs " << ref;
+      }
+    }
+    EXPECT_EQ(bad, 0) << "stream " << s << " (" << n << " rows)";
+  }
+  // Gaps between the streams' ranges are never written.
+  for (int s = 0; s < streams; ++s) {
+    EXPECT_TRUE(std::isnan(probs[begin[s] - 1])) << "gap before stream " << s;
+  }
+}
+
+TEST(DecodeAttentionTest, MatchesCpuAcrossShapes) {
+  KVMEM_REQUIRE_DEVICE();
+  std::mt19937 rng(testing::FreshSeed());
+  for (int d : {64, 128}) {
+    for (DType t : {DType::kBf16, DType::kFp16, DType::kFp32}) {
+      for (int g : {1, 4}) {
+        RunCase(
+            {d, t, g, g == 1 ? ScoreReduction::kMax : ScoreReduction::kMean},
+            rng);
+        RunCase({d, t, g, ScoreReduction::kMax}, rng);
+      }
+    }
+  }
+}
+
+TEST(DecodeAttentionTest, OtherLaneLayoutsAndGroups) {
+  KVMEM_REQUIRE_DEVICE();
+  std::mt19937 rng(testing::FreshSeed());
+  RunCase({8, DType::kBf16, 3, ScoreReduction::kMax}, rng);    // 1 lane a row
+  RunCase({96, DType::kFp16, 3, ScoreReduction::kMean}, rng);  // strided
+  RunCase({4, DType::kFp32, 8, ScoreReduction::kMax}, rng);    // golden size
+  RunCase({256, DType::kBf16, 8, ScoreReduction::kMax}, rng);  // largest
+}
+
+TEST(DecodeAttentionTest, RejectsBadArguments) {
+  DecodeAttentionShape shape;
+  shape.streams = 1;
+  shape.group = 9;
+  shape.head_dim = 128;
+  shape.max_rows_per_stream = 16;
+  EXPECT_EQ(PlanDecodeAttention(shape, 132).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  shape.group = 4;
+  absl::StatusOr<DecodeAttentionPlan> plan = PlanDecodeAttention(shape, 132);
+  ASSERT_TRUE(plan.ok());
+  DecodeAttentionInputs in;  // null pointers
+  DecodeAttentionOutputs out;
+  EXPECT_EQ(DecodeAttention(shape, in, out, *plan, nullptr, 0, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kvmem::cuda
