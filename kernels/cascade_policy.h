@@ -82,6 +82,24 @@ class CascadeStream {
                             absl::Span<const float> initial_scores,
                             InsertResult* result);
 
+  // The whole state, bit for bit: what a checkpoint stores.
+  struct Snapshot {
+    int64_t tokens_seen = 0;
+    int64_t score_exponent = 0;
+    std::vector<int64_t> positions;  // [num_slots]
+    std::vector<float> scores;       // [num_slots] u
+    std::vector<uint8_t> keys;       // [num_slots, row_bytes]
+    std::vector<uint8_t> values;     // [num_slots, row_bytes]
+    std::vector<int> stored;         // [C]
+    std::vector<int> head;           // [C]
+  };
+  Snapshot Export() const;
+  // The stream `snapshot` describes. INVALID_ARGUMENT (naming the field)
+  // when its sizes do not fit `params` and `row_bytes`, or a cascade's
+  // stored/head is out of range.
+  static absl::StatusOr<CascadeStream> Import(const CascadeParams& params,
+                                              int row_bytes, Snapshot snapshot);
+
   const CascadeParams& params() const { return params_; }
   int row_bytes() const { return row_bytes_; }
   int num_slots() const { return int(positions_.size()); }

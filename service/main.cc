@@ -32,6 +32,9 @@ ABSL_FLAG(int64_t, max_queued_bytes, int64_t{1} << 30,
 ABSL_FLAG(int64_t, memory_limit_bytes, 0,
           "host bytes the sessions' live state may hold; steps past it are "
           "RESOURCE_EXHAUSTED; 0 = 60% of physical memory");
+ABSL_FLAG(int, wal_sync_ms, 100,
+          "ASYNC sessions: how often the write-ahead log is synced, which "
+          "advances their durable_position (ms)");
 ABSL_FLAG(std::string, metrics_listen, "",
           "host:port serving Prometheus text metrics on GET /metrics (e.g. "
           "127.0.0.1:9464); empty turns the endpoint off");
@@ -64,6 +67,7 @@ int main(int argc, char** argv) {
   options.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
   options.max_queued_bytes = absl::GetFlag(FLAGS_max_queued_bytes);
   options.memory_limit_bytes = absl::GetFlag(FLAGS_memory_limit_bytes);
+  options.wal_sync_ms = absl::GetFlag(FLAGS_wal_sync_ms);
   absl::StatusOr<std::unique_ptr<kvmem::Server>> server =
       kvmem::StartServer(options);
   if (!server.ok()) {

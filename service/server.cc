@@ -12,6 +12,7 @@
 #include "kernels/cuda/device_probe.h"
 #include "service/engine/engine.h"
 #include "service/grpc/kvmem_service.h"
+#include "service/log.h"
 #include "service/metrics.h"
 #include "service/metrics_http.h"
 #include "storage/store.h"
@@ -79,6 +80,7 @@ class GrpcServer final : public Server {
             gauges.engine = engine_->Stats();
             gauges.storage_bytes = int64_t(store_->ApproximateBytes());
             gauges.queued_step_bytes = admission_->queued_bytes();
+            gauges.spill_queue_bytes = gauges.engine.spill_queue_bytes;
             return metrics_->Render(gauges);
           }));
     }
@@ -107,6 +109,14 @@ class GrpcServer final : public Server {
       server_->Wait();
     }
     pool_.reset();  // runs what was queued, joins its threads
+    // A graceful stop checkpoints every live session (DESIGN.md §
+    // Persistence), so a restart needs no replay.
+    absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> saved =
+        engine_->Checkpoint("", "", /*all_tenants=*/true);
+    if (!saved.ok()) {
+      LogEvent("shutdown_checkpoint_failed",
+               {{"error", std::string(saved.status().message())}});
+    }
     engine_.reset();
     store_.reset();  // closes RocksDB
     MutexLock lock(&mu_);
@@ -208,6 +218,7 @@ absl::StatusOr<std::unique_ptr<Server>> StartServer(
       storage::Store::Open(storage::Store::Options(), options.data_dir));
   Engine::Options engine_options;
   engine_options.memory_limit_bytes = options.memory_limit_bytes;
+  engine_options.wal_sync_ms = options.wal_sync_ms;
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
                          Engine::Open(engine_options, store.get()));
   auto pool = std::make_unique<WorkPool>(options.handler_threads);
@@ -219,8 +230,8 @@ absl::StatusOr<std::unique_ptr<Server>> StartServer(
       KvMemoryService::Identity{kVersion, backend, device});
   auto server = std::make_unique<GrpcServer>(
       std::move(store), std::move(engine), std::move(pool),
-      std::move(admission), std::move(metrics),
-      std::move(service), backend, device);
+      std::move(admission), std::move(metrics), std::move(service), backend,
+      device);
   KVMEM_RETURN_IF_ERROR(server->Start(options));
   return std::unique_ptr<Server>(std::move(server));
 }

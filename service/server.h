@@ -26,6 +26,8 @@ struct ServerOptions {
   // past either, a step is RESOURCE_EXHAUSTED at once. ≥ 1.
   int64_t max_queued_requests = 1024;
   int64_t max_queued_bytes = int64_t{1} << 30;
+  // ASYNC sessions: how often the write-ahead log is synced, ms. ≥ 1.
+  int wal_sync_ms = 100;
   // Host bytes of the sessions' live state; 0 = 60% of physical memory.
   int64_t memory_limit_bytes = 0;
   // host:port serving Prometheus text on GET /metrics; empty = off.

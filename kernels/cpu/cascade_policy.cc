@@ -332,4 +332,55 @@ absl::Status CascadeStream::InsertTokens(int64_t first_position, int num_tokens,
   return absl::OkStatus();
 }
 
+CascadeStream::Snapshot CascadeStream::Export() const {
+  Snapshot s;
+  s.tokens_seen = tokens_seen_;
+  s.score_exponent = score_exponent_;
+  s.positions = positions_;
+  s.scores = scores_;
+  s.keys = keys_;
+  s.values = values_;
+  s.stored = stored_;
+  s.head = head_;
+  return s;
+}
+
+absl::StatusOr<CascadeStream> CascadeStream::Import(const CascadeParams& params,
+                                                    int row_bytes,
+                                                    Snapshot snapshot) {
+  absl::StatusOr<CascadeStream> made = Create(params, row_bytes);
+  if (!made.ok()) return made.status();
+  CascadeStream& c = *made;
+  const size_t slots = c.positions_.size();
+  const size_t cascades = size_t(params.cascades);
+  if (snapshot.positions.size() != slots || snapshot.scores.size() != slots ||
+      snapshot.keys.size() != slots * size_t(row_bytes) ||
+      snapshot.values.size() != slots * size_t(row_bytes) ||
+      snapshot.stored.size() != cascades || snapshot.head.size() != cascades) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("snapshot: sizes do not fit ", slots, " slots of ",
+                     row_bytes, " bytes and ", cascades, " cascades"));
+  }
+  for (size_t i = 0; i < cascades; ++i) {
+    if (snapshot.stored[i] < 0 || snapshot.stored[i] > params.window ||
+        snapshot.head[i] < 0 || snapshot.head[i] >= params.window) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "snapshot: cascade ", i, " stored ", snapshot.stored[i], " head ",
+          snapshot.head[i], " out of range for window ", params.window));
+    }
+  }
+  if (snapshot.tokens_seen < 0 || snapshot.score_exponent < 0) {
+    return absl::InvalidArgumentError("snapshot: negative counters");
+  }
+  c.tokens_seen_ = snapshot.tokens_seen;
+  c.score_exponent_ = snapshot.score_exponent;
+  c.positions_ = std::move(snapshot.positions);
+  c.scores_ = std::move(snapshot.scores);
+  c.keys_ = std::move(snapshot.keys);
+  c.values_ = std::move(snapshot.values);
+  c.stored_ = std::move(snapshot.stored);
+  c.head_ = std::move(snapshot.head);
+  return made;
+}
+
 }  // namespace kvmem

@@ -3,59 +3,17 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <future>
 
 #include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "kernels/cpu/dtype.h"
-#include "service/engine/stream_state.h"
+#include "service/engine/live_session.h"
+#include "service/engine/step_log.h"
 
 namespace kvmem {
-
-// What a (session, layer) keeps of its last applied step, so that an
-// identical repeat (a retry after a lost reply) is answered again instead of
-// being applied twice (DESIGN.md § Errors).
-struct Engine::LastStep {
-  int64_t position = -1;
-  int num_tokens = 0;
-  StepMode mode = StepMode::kAttend;
-  size_t fingerprint = 0;  // of q, k and v
-  bool kept = false;       // false: the reply was too large to keep
-  StepEntryResult reply;
-};
-
-// A session's live state. The config parts are fixed at creation; the rest
-// is guarded by `mu`.
-struct Engine::LiveSession {
-  uint64_t seq = 0;  // storage's session number: tells re-created ids apart
-  SessionConfig config;
-  StreamConfig stream_config;  // StreamStates point here; never moves
-  std::vector<uint8_t> dense;  // [layers]: layer attends densely
-  Mutex mu;
-  std::vector<int64_t> layer_next ABSL_GUARDED_BY(mu);  // [layers]
-  // [layers][kv_heads]; a layer's streams are made on its first step.
-  std::vector<std::vector<StreamState>> streams ABSL_GUARDED_BY(mu);
-  // [layers]: each layer's last applied step, for answering retries.
-  std::vector<LastStep> last ABSL_GUARDED_BY(mu);
-  // Host bytes of `streams`, counted in Engine::memory_bytes_.
-  int64_t memory_bytes ABSL_GUARDED_BY(mu) = 0;
-  // Set by DeleteSession: steps already holding this state are refused.
-  bool deleted ABSL_GUARDED_BY(mu) = false;
-};
-
 namespace {
-
-const char* ModeName(StepMode mode) {
-  switch (mode) {
-    case StepMode::kFetch:
-      return "FETCH";
-    case StepMode::kAttend:
-      return "ATTEND";
-    case StepMode::kAppend:
-      return "APPEND";
-  }
-  return "?";
-}
 
 // FETCH replies larger than this are not kept for retries (a decode FETCH
 // of B = 2048 tokens of 8 heads × 128 × bf16 is 8 MiB per layer).
@@ -70,8 +28,8 @@ size_t ReplyBytes(const StepEntryResult& r) {
 }
 
 size_t Fingerprint(const StepEntryView& e) {
-  return absl::Hash<std::tuple<absl::string_view, absl::string_view,
-                               absl::string_view>>()(
+  return absl::Hash<
+      std::tuple<absl::string_view, absl::string_view, absl::string_view>>()(
       std::make_tuple(e.q, e.k, e.v));
 }
 
@@ -80,79 +38,139 @@ std::string Field(size_t i, const char* field) {
   return absl::StrCat("entries[", i, "].", field);
 }
 
+// `status` with `prefix: ` before its message.
+absl::Status Annotate(const absl::Status& status, const std::string& prefix) {
+  return absl::Status(status.code(),
+                      absl::StrCat(prefix, ": ", status.message()));
+}
+
 }  // namespace
+
+std::vector<HeadWork> SplitHeads(const ModelShape& shape, int T,
+                                 absl::string_view q, absl::string_view k,
+                                 absl::string_view v) {
+  const int H = shape.kv_heads, Hq = shape.query_heads, D = shape.head_dim;
+  const int G = Hq / H;
+  const size_t row = size_t(D) * DTypeBytes(shape.dtype);
+  std::vector<float> q_all(q.empty() ? 0 : size_t(T) * Hq * D);
+  if (!q.empty()) cpu::LoadFloats(q.data(), shape.dtype, absl::MakeSpan(q_all));
+  std::vector<HeadWork> heads(static_cast<size_t>(H));
+  for (int h = 0; h < H; ++h) {
+    HeadWork& w = heads[size_t(h)];
+    if (!q_all.empty()) w.queries.resize(size_t(T) * G * D);
+    w.keys.resize(T * row);
+    w.values.resize(T * row);
+    for (int t = 0; t < T; ++t) {
+      if (!q_all.empty()) {
+        std::copy_n(&q_all[(size_t(t) * Hq + size_t(h) * G) * D], size_t(G) * D,
+                    &w.queries[size_t(t) * G * D]);
+      }
+      memcpy(&w.keys[t * row], k.data() + (size_t(t) * H + h) * row, row);
+      memcpy(&w.values[t * row], v.data() + (size_t(t) * H + h) * row, row);
+    }
+  }
+  return heads;
+}
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Open(const Options& options,
                                                      storage::Store* store) {
-  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<SessionRegistry> registry,
-                         SessionRegistry::Open(options.registry, store));
   int64_t limit = options.memory_limit_bytes;
   if (limit < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "memory_limit_bytes must be >= 0 (0: 60% of RAM), got ", limit));
   }
+  if (options.wal_sync_ms < 1 || options.max_log_bytes < (int64_t{1} << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "wal_sync_ms must be >= 1 and max_log_bytes >= 1 MiB, got ",
+        options.wal_sync_ms, " and ", options.max_log_bytes));
+  }
   if (limit == 0) {
     limit = int64_t(0.6 * double(sysconf(_SC_PHYS_PAGES)) *
                     double(sysconf(_SC_PAGESIZE)));
   }
-  return std::unique_ptr<Engine>(new Engine(std::move(registry), limit));
+  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<SessionRegistry> registry,
+                         SessionRegistry::Open(options.registry, store));
+  std::unique_ptr<Engine> engine(
+      new Engine(options, store, std::move(registry), limit));
+  storage::SpillWriter::Options writer;
+  writer.max_queued_bytes = options.spill_queue_bytes;
+  KVMEM_ASSIGN_OR_RETURN(engine->writer_,
+                         storage::SpillWriter::Start(writer, store));
+  engine->sync_thread_ = std::thread([e = engine.get()] { e->SyncLoop(); });
+  return engine;
 }
 
-Engine::Engine(std::unique_ptr<SessionRegistry> registry,
+Engine::Engine(const Options& options, storage::Store* store,
+               std::unique_ptr<SessionRegistry> registry,
                int64_t memory_limit_bytes)
-    : registry_(std::move(registry)),
+    : options_(options),
+      store_(store),
+      registry_(std::move(registry)),
+      page_cache_(
+          std::make_unique<storage::PageCache>(options.page_cache_bytes)),
       memory_limit_bytes_(memory_limit_bytes) {}
 
-Engine::~Engine() = default;
+Engine::~Engine() {
+  {
+    MutexLock lock(&sync_mu_);
+    stopping_ = true;
+  }
+  sync_wake_.notify_all();
+  if (sync_thread_.joinable()) sync_thread_.join();
+  writer_.reset();  // drains what is queued
+}
 
 std::shared_ptr<Engine::LiveSession> Engine::Live(const Key& key,
                                                   const SessionInfo& info) {
   MutexLock lock(&mu_);
   auto it = live_.find(key);
-  if (it != live_.end() && it->second->seq == info.manifest.seq) {
+  if (it != live_.end() && it->second->manifest.seq == info.manifest.seq) {
     return it->second;
   }
   auto live = std::make_shared<LiveSession>();
-  live->seq = info.manifest.seq;
-  live->config = info.manifest.config;
+  live->manifest = info.manifest;
   absl::StatusOr<StreamConfig> stream_config =
-      StreamConfig::FromSession(live->config);
+      StreamConfig::FromSession(live->config());
   // CreateSession validated the rotary parameters, so this holds; a
   // manifest that fails it anyway serves with the defaults' positions.
   if (stream_config.ok()) live->stream_config = std::move(*stream_config);
-  const int layers = live->config.shape.layers;
-  live->dense.assign(size_t(layers), 0);
-  for (int l : live->config.policy.dense_layers) live->dense[size_t(l)] = 1;
-  MutexLock session_lock(&live->mu);
-  live->layer_next = info.manifest.layer_next_positions;
-  live->layer_next.resize(size_t(layers), 0);
-  live->streams.resize(size_t(layers));
-  live->last.resize(size_t(layers));
+  const size_t layers = size_t(live->config().shape.layers);
+  live->dense.assign(layers, 0);
+  for (int l : live->config().policy.dense_layers) live->dense[size_t(l)] = 1;
+  {
+    MutexLock session_lock(&live->mu);
+    live->layer_next.assign(layers, 0);
+    live->streams.resize(layers);
+    live->last.resize(layers);
+  }
+  {
+    MutexLock durable_lock(&live->durable_mu);
+    live->written_next.assign(layers, 0);
+    live->synced_next.assign(layers, 0);
+  }
   live_[key] = live;
   return live;
 }
 
-void Engine::AddLiveFigures(SessionInfo* info) {
-  std::shared_ptr<LiveSession> live;
-  {
-    MutexLock lock(&mu_);
-    auto it = live_.find(
-        Key(info->manifest.config.tenant, info->manifest.config.session_id));
-    if (it == live_.end() || it->second->seq != info->manifest.seq) return;
-    live = it->second;
-  }
+absl::Status Engine::AddLiveFigures(SessionInfo* info) {
+  std::shared_ptr<LiveSession> live =
+      Live(Key(info->manifest.config.tenant, info->manifest.config.session_id),
+           *info);
   MutexLock lock(&live->mu);
+  if (!live->woken) KVMEM_RETURN_IF_ERROR(Wake(*live));
   info->manifest.layer_next_positions = live->layer_next;
   info->position =
       *std::min_element(live->layer_next.begin(), live->layer_next.end());
+  info->manifest.durable_position = live->DurablePosition();
   const int64_t row_bytes = live->stream_config.row_bytes();
   for (const std::vector<StreamState>& layer : live->streams) {
     for (const StreamState& stream : layer) {
       info->resident_tokens += stream.resident_tokens();
-      info->spilled_pages += int64_t(stream.spilled_pages().size());
+      info->spilled_pages += stream.spilled_pages();
       info->spilled_bytes += stream.spilled_tokens() * 2 * row_bytes;
     }
   }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<SessionInfo> Engine::CreateSession(SessionConfig config) {
@@ -162,7 +180,7 @@ absl::StatusOr<SessionInfo> Engine::CreateSession(SessionConfig config) {
 absl::StatusOr<SessionInfo> Engine::GetSession(const std::string& tenant,
                                                const std::string& session_id) {
   KVMEM_ASSIGN_OR_RETURN(SessionInfo info, registry_->Get(tenant, session_id));
-  AddLiveFigures(&info);
+  KVMEM_RETURN_IF_ERROR(AddLiveFigures(&info));
   return info;
 }
 
@@ -172,27 +190,99 @@ absl::StatusOr<SessionRegistry::ListPage> Engine::ListSessions(
   KVMEM_ASSIGN_OR_RETURN(
       SessionRegistry::ListPage page,
       registry_->List(tenant, page_size, page_token, label_filter));
-  for (SessionInfo& info : page.sessions) AddLiveFigures(&info);
+  for (SessionInfo& info : page.sessions) {
+    KVMEM_RETURN_IF_ERROR(AddLiveFigures(&info));
+  }
   return page;
 }
 
 absl::Status Engine::DeleteSession(const std::string& tenant,
                                    const std::string& session_id) {
-  KVMEM_RETURN_IF_ERROR(registry_->Delete(tenant, session_id));
+  const Key key(tenant, session_id);
   std::shared_ptr<LiveSession> live;
   {
     MutexLock lock(&mu_);
-    auto it = live_.find(Key(tenant, session_id));
-    if (it == live_.end()) return absl::OkStatus();
-    live = std::move(it->second);
-    live_.erase(it);
+    auto it = live_.find(key);
+    if (it != live_.end()) live = it->second;
   }
-  // Steps already holding the state are refused from now on; its memory is
-  // returned now (the last holder frees it).
-  MutexLock lock(&live->mu);
-  live->deleted = true;
-  memory_bytes_.fetch_sub(live->memory_bytes);
-  live->memory_bytes = 0;
+  if (live != nullptr) {
+    // Refuse steps from now on, and let those queued reach storage before
+    // the range deletion, so none lands after it.
+    MutexLock lock(&live->mu);
+    live->deleted = true;
+  }
+  absl::Status flushed = writer_->Flush();
+  absl::Status deleted =
+      flushed.ok() ? registry_->Delete(tenant, session_id) : flushed;
+  if (!deleted.ok()) {
+    if (live != nullptr) {
+      MutexLock lock(&live->mu);
+      live->deleted = false;
+    }
+    return deleted;
+  }
+  if (live != nullptr) {
+    {
+      MutexLock lock(&mu_);
+      auto it = live_.find(key);
+      if (it != live_.end() && it->second == live) live_.erase(it);
+    }
+    page_cache_->EraseSession(live->manifest.seq);
+    MutexLock lock(&live->mu);
+    memory_bytes_.fetch_sub(live->memory_bytes);
+    live->memory_bytes = 0;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::MakeStreams(LiveSession& s, int layer,
+                                 const std::string& field) {
+  std::vector<StreamState>& streams = s.streams[size_t(layer)];
+  const int H = s.config().shape.kv_heads;
+  for (int h = 0; h < H; ++h) {
+    absl::StatusOr<StreamState> stream = StreamState::Create(&s.stream_config);
+    if (!stream.ok()) {
+      streams.clear();
+      return absl::InternalError(absl::StrCat(
+          field, ": cannot make its streams: ", stream.status().message()));
+    }
+    streams.push_back(std::move(*stream));
+  }
+  // The streams exist from now on, whatever becomes of the request.
+  const int64_t made = int64_t{H} * StreamState::FixedBytes(s.stream_config);
+  s.memory_bytes += made;
+  memory_bytes_.fetch_add(made);
+  return absl::OkStatus();
+}
+
+absl::Status Engine::LoadRecalled(uint64_t seq, int layer, int head,
+                                  HeadWork* work) {
+  const std::vector<uint64_t>& wanted = work->selection.recall;
+  work->recalled.assign(wanted.size(), nullptr);
+  std::vector<uint64_t> missing;
+  std::vector<size_t> missing_at;
+  for (size_t i = 0; i < wanted.size(); ++i) {
+    const storage::PageId id{seq, uint32_t(layer), uint32_t(head), wanted[i]};
+    // Still queued for the writer (read-your-writes), else cached.
+    std::shared_ptr<const storage::SpillPage> page = writer_->Lookup(id);
+    if (page == nullptr) page = page_cache_->Lookup(id);
+    if (page == nullptr) {
+      missing.push_back(wanted[i]);
+      missing_at.push_back(i);
+    }
+    work->recalled[i] = std::move(page);
+  }
+  if (missing.empty()) return absl::OkStatus();
+  KVMEM_ASSIGN_OR_RETURN(
+      std::vector<storage::SpillPage> pages,
+      store_->ReadPages(seq, uint32_t(layer), uint32_t(head), missing));
+  for (size_t j = 0; j < pages.size(); ++j) {
+    auto page = std::make_shared<const storage::SpillPage>(std::move(pages[j]));
+    page_cache_->Insert(
+        storage::PageId{seq, uint32_t(layer), uint32_t(head), missing[j]},
+        page);
+    work->recalled[missing_at[j]] = std::move(page);
+  }
   return absl::OkStatus();
 }
 
@@ -228,216 +318,304 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
           it->second, "]; a request holds at most one entry per session"));
     }
     absl::StatusOr<SessionInfo> info = registry_->Get(tenant, id);
-    if (!info.ok()) {
-      return absl::Status(
-          info.status().code(),
-          absl::StrCat(Field(i, "session_id"), ": ", info.status().message()));
-    }
+    if (!info.ok()) return Annotate(info.status(), Field(i, "session_id"));
     sessions[i] = Live(Key(tenant, id), *info);
   }
 
-  // Lock every session of the request in address order.
-  std::vector<LiveSession*> order;
-  for (const auto& s : sessions) order.push_back(s.get());
-  std::sort(order.begin(), order.end());
-  for (LiveSession* s : order) s->mu.Lock();
-  struct Unlocker {
-    std::vector<LiveSession*>* order;
-    ~Unlocker() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      for (LiveSession* s : *order) s->mu.Unlock();
-    }
-  } unlocker{&order};
+  std::vector<StepEntryResult> results(n);
+  std::shared_ptr<std::promise<absl::Status>> synced;  // STEP_SYNC requests
+  {
+    // Lock every session of the request in address order.
+    std::vector<LiveSession*> order;
+    for (const auto& s : sessions) order.push_back(s.get());
+    std::sort(order.begin(), order.end());
+    for (LiveSession* s : order) s->mu.Lock();
+    struct Unlocker {
+      std::vector<LiveSession*>* order;
+      ~Unlocker() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        for (LiveSession* s : *order) s->mu.Unlock();
+      }
+    } unlocker{&order};
 
-  // Validate every entry against its session before applying any.
-  const int layer = request.layer;
-  std::vector<bool> replay(n, false);  // an identical retry of the last step
-  int64_t step_growth = 0;             // bytes this request may add
-  for (size_t i = 0; i < n; ++i) {
-    const StepEntryView& e = request.entries[i];
-    LiveSession& s = *sessions[i];
-    const ModelShape& shape = s.config.shape;
-    if (s.deleted) {
-      return absl::NotFoundError(absl::StrCat(
-          Field(i, "session_id"), ": session \"", e.session_id,
-          "\" was deleted"));
-    }
-    if (layer < 0 || layer >= shape.layers) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "layer: ", layer, " is out of range for ", Field(i, "session_id"),
-          " \"", e.session_id, "\", which has ", shape.layers, " layers"));
-    }
-    if (e.num_tokens < 1 || e.num_tokens > kMaxTokensPerEntry) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(Field(i, "num_tokens"), " must be in [1, ",
-                       kMaxTokensPerEntry, "], got ", e.num_tokens));
-    }
-    const int64_t e_bytes = DTypeBytes(shape.dtype);
-    const int64_t want_q =
-        int64_t{e.num_tokens} * shape.query_heads * shape.head_dim * e_bytes;
-    const int64_t want_kv =
-        int64_t{e.num_tokens} * shape.kv_heads * shape.head_dim * e_bytes;
-    const bool q_optional = mode == StepMode::kAppend && e.q.empty();
-    if (!q_optional && int64_t(e.q.size()) != want_q) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          Field(i, "q"), ": ", e.q.size(), " bytes, want ", want_q,
-          " ([T=", e.num_tokens, ", Hq=", shape.query_heads,
-          ", D=", shape.head_dim, "] × ", e_bytes, " bytes)",
-          mode == StepMode::kAppend ? "; or empty in APPEND" : ""));
-    }
-    if (int64_t(e.k.size()) != want_kv) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(Field(i, "k"), ": ", e.k.size(), " bytes, want ",
-                       want_kv, " ([T=", e.num_tokens, ", H=", shape.kv_heads,
-                       ", D=", shape.head_dim, "] × ", e_bytes, " bytes)"));
-    }
-    if (int64_t(e.v.size()) != want_kv) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          Field(i, "v"), ": ", e.v.size(), " bytes, want ", want_kv));
-    }
-    const int64_t expected = s.layer_next[size_t(layer)];
-    const LastStep& last = s.last[size_t(layer)];
-    if (e.position == last.position && e.num_tokens == last.num_tokens &&
-        e.position + e.num_tokens == expected && mode == last.mode &&
-        Fingerprint(e) == last.fingerprint) {
-      if (!last.kept) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            Field(i, "position"), ": ", e.position,
-            " repeats the last FETCH step, whose reply was too large to keep "
-            "for a retry; expected ", expected));
+    // Sessions are woken (recovered from storage) and healthy.
+    for (size_t i = 0; i < n; ++i) {
+      LiveSession& s = *sessions[i];
+      if (!s.woken) {
+        absl::Status woke = Wake(s);
+        if (!woke.ok()) return Annotate(woke, Field(i, "session_id"));
       }
-      replay[i] = true;
-      continue;
+      MutexLock lock(&s.durable_mu);
+      if (!s.write_error.ok()) {
+        return absl::UnavailableError(absl::StrCat(
+            Field(i, "session_id"),
+            ": an earlier write of this session "
+            "failed (",
+            s.write_error.message(),
+            "); its steps are refused "
+            "until a restart recovers it at its durable position"));
+      }
     }
-    if (e.position != expected) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          Field(i, "position"), ": got ", e.position, ", expected ", expected,
-          " (session \"", e.session_id, "\", layer ", layer, ")"));
-    }
-    std::vector<StreamState>& streams = s.streams[size_t(layer)];
-    int64_t growth = int64_t{shape.kv_heads} *
-                     StreamState::StepGrowthBytes(s.stream_config, e.num_tokens);
-    if (streams.empty()) {
-      growth += int64_t{shape.kv_heads} * StreamState::FixedBytes(s.stream_config);
-    }
-    step_growth += growth;
-    const int64_t in_use = memory_bytes_.load(std::memory_order_relaxed);
-    if (in_use + step_growth > memory_limit_bytes_) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          Field(i, "session_id"), ": memory limit of ", memory_limit_bytes_,
-          " bytes reached (", in_use, " in use, this request needs up to ",
-          step_growth, "); delete sessions or raise --memory_limit_bytes"));
-    }
-    if (streams.empty()) {
-      // Making empty streams changes nothing a caller can observe.
-      for (int h = 0; h < shape.kv_heads; ++h) {
-        absl::StatusOr<StreamState> stream =
-            StreamState::Create(&s.stream_config);
-        if (!stream.ok()) {
-          streams.clear();
-          return absl::InternalError(absl::StrCat(
-              Field(i, "session_id"),
-              ": cannot make its streams: ", stream.status().message()));
+
+    // Validate every entry against its session before applying any.
+    const int layer = request.layer;
+    std::vector<bool> replay(n, false);  // an identical retry of the last step
+    int64_t step_growth = 0;             // bytes this request may add
+    for (size_t i = 0; i < n; ++i) {
+      const StepEntryView& e = request.entries[i];
+      LiveSession& s = *sessions[i];
+      const ModelShape& shape = s.config().shape;
+      if (s.deleted) {
+        return absl::NotFoundError(absl::StrCat(Field(i, "session_id"),
+                                                ": session \"", e.session_id,
+                                                "\" was deleted"));
+      }
+      if (layer < 0 || layer >= shape.layers) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "layer: ", layer, " is out of range for ", Field(i, "session_id"),
+            " \"", e.session_id, "\", which has ", shape.layers, " layers"));
+      }
+      if (e.num_tokens < 1 || e.num_tokens > kMaxTokensPerEntry) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(Field(i, "num_tokens"), " must be in [1, ",
+                         kMaxTokensPerEntry, "], got ", e.num_tokens));
+      }
+      const int64_t e_bytes = DTypeBytes(shape.dtype);
+      const int64_t want_q =
+          int64_t{e.num_tokens} * shape.query_heads * shape.head_dim * e_bytes;
+      const int64_t want_kv =
+          int64_t{e.num_tokens} * shape.kv_heads * shape.head_dim * e_bytes;
+      const bool q_optional = mode == StepMode::kAppend && e.q.empty();
+      if (!q_optional && int64_t(e.q.size()) != want_q) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            Field(i, "q"), ": ", e.q.size(), " bytes, want ", want_q,
+            " ([T=", e.num_tokens, ", Hq=", shape.query_heads,
+            ", D=", shape.head_dim, "] × ", e_bytes, " bytes)",
+            mode == StepMode::kAppend ? "; or empty in APPEND" : ""));
+      }
+      if (int64_t(e.k.size()) != want_kv) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(Field(i, "k"), ": ", e.k.size(), " bytes, want ",
+                         want_kv, " ([T=", e.num_tokens, ", H=", shape.kv_heads,
+                         ", D=", shape.head_dim, "] × ", e_bytes, " bytes)"));
+      }
+      if (int64_t(e.v.size()) != want_kv) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            Field(i, "v"), ": ", e.v.size(), " bytes, want ", want_kv));
+      }
+      const int64_t expected = s.layer_next[size_t(layer)];
+      const LastStep& last = s.last[size_t(layer)];
+      if (e.position == last.position && e.num_tokens == last.num_tokens &&
+          e.position + e.num_tokens == expected && mode == last.mode &&
+          Fingerprint(e) == last.fingerprint) {
+        if (!last.kept) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              Field(i, "position"), ": ", e.position,
+              " repeats the last FETCH step, whose reply was too large to keep "
+              "for a retry; expected ",
+              expected));
         }
-        streams.push_back(std::move(*stream));
+        replay[i] = true;
+        continue;
       }
-      // The streams exist from now on, whatever becomes of this request.
-      const int64_t made = int64_t{shape.kv_heads} *
-                           StreamState::FixedBytes(s.stream_config);
-      s.memory_bytes += made;
-      memory_bytes_.fetch_add(made);
+      if (e.position != expected) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            Field(i, "position"), ": got ", e.position, ", expected ", expected,
+            " (session \"", e.session_id, "\", layer ", layer, ")"));
+      }
+      std::vector<StreamState>& streams = s.streams[size_t(layer)];
+      int64_t growth =
+          int64_t{shape.kv_heads} *
+          StreamState::StepGrowthBytes(s.stream_config, e.num_tokens);
+      if (streams.empty()) {
+        growth +=
+            int64_t{shape.kv_heads} * StreamState::FixedBytes(s.stream_config);
+      }
+      step_growth += growth;
+      const int64_t in_use = memory_bytes_.load(std::memory_order_relaxed);
+      if (in_use + step_growth > memory_limit_bytes_) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            Field(i, "session_id"), ": memory limit of ", memory_limit_bytes_,
+            " bytes reached (", in_use, " in use, this request needs up to ",
+            step_growth, "); delete sessions or raise --memory_limit_bytes"));
+      }
+      if (streams.empty()) {
+        KVMEM_RETURN_IF_ERROR(MakeStreams(s, layer, Field(i, "session_id")));
+      }
+    }
+
+    // Plan: each stream's selection, and the spilled pages it recalls, read
+    // before anything changes (a failed read refuses the whole request).
+    std::vector<std::vector<HeadWork>> work(n);
+    for (size_t i = 0; i < n; ++i) {
+      if (replay[i]) continue;
+      const StepEntryView& e = request.entries[i];
+      LiveSession& s = *sessions[i];
+      work[i] = SplitHeads(s.config().shape, e.num_tokens, e.q, e.k, e.v);
+      for (size_t h = 0; h < work[i].size(); ++h) {
+        HeadWork& w = work[i][h];
+        absl::StatusOr<StreamSelection> selection =
+            s.streams[size_t(layer)][h].Select(
+                s.dense[size_t(layer)], w.Input(e.position, e.num_tokens));
+        if (!selection.ok()) {
+          return absl::InternalError(absl::StrCat(
+              Field(i, "session_id"), ": selection failed after validation: ",
+              selection.status().message()));
+        }
+        w.selection = std::move(*selection);
+        absl::Status loaded = LoadRecalled(s.manifest.seq, layer, int(h), &w);
+        if (!loaded.ok()) {
+          return Annotate(loaded, absl::StrCat(Field(i, "session_id"),
+                                               ": recall of KV head ", h));
+        }
+      }
+    }
+
+    // Apply. Every input was checked and read above, so a stream step
+    // cannot fail here; INTERNAL would mean a bug, and says so.
+    storage::SpillBatch batch;
+    bool sync = false;
+    struct Written {
+      std::shared_ptr<LiveSession> session;
+      int64_t end;
+    };
+    std::vector<Written> written;
+    for (size_t i = 0; i < n; ++i) {
+      LiveSession& s = *sessions[i];
+      if (replay[i]) {
+        results[i] = s.last[size_t(layer)].reply;
+        continue;
+      }
+      const StepEntryView& e = request.entries[i];
+      const ModelShape& shape = s.config().shape;
+      const int T = e.num_tokens, H = shape.kv_heads, Hq = shape.query_heads;
+      const int D = shape.head_dim, G = Hq / H;
+      StepEntryResult& result = results[i];
+      std::vector<float> out_all, lse_all;
+      if (mode == StepMode::kAttend) {
+        out_all.resize(size_t(T) * Hq * D);
+        lse_all.resize(size_t(T) * Hq);
+      }
+      int64_t bytes_before = 0, bytes_after = 0;
+      for (const StreamState& stream : s.streams[size_t(layer)]) {
+        bytes_before += stream.memory_bytes();
+      }
+      for (int h = 0; h < H; ++h) {
+        HeadWork& w = work[i][size_t(h)];
+        StreamStepOutput output;
+        absl::Status st = s.streams[size_t(layer)][size_t(h)].Apply(
+            mode, w.Input(e.position, T), w.selection, w.recalled, &output);
+        if (!st.ok()) {
+          return absl::InternalError(
+              absl::StrCat(Field(i, "session_id"), ": step of KV head ", h,
+                           " failed after validation: ", st.message()));
+        }
+        if (mode == StepMode::kAttend) {
+          for (int t = 0; t < T; ++t) {
+            std::copy_n(&output.out[size_t(t) * G * D], size_t(G) * D,
+                        &out_all[(size_t(t) * Hq + size_t(h) * G) * D]);
+            std::copy_n(&output.lse[size_t(t) * G], G,
+                        &lse_all[size_t(t) * Hq + size_t(h) * G]);
+          }
+        } else if (mode == StepMode::kFetch) {
+          result.heads.push_back(std::move(output.fetched));
+        }
+        for (size_t p = 0; p < output.sealed.size(); ++p) {
+          batch.pages.push_back(
+              {storage::PageId{s.manifest.seq, uint32_t(layer), uint32_t(h),
+                               output.sealed_seqs[p]},
+               std::move(output.sealed[p])});
+        }
+      }
+      if (mode == StepMode::kAttend) {
+        result.output.resize(out_all.size() * DTypeBytes(shape.dtype));
+        cpu::StoreFloats(out_all, shape.dtype, result.output.data());
+        result.lse.assign(reinterpret_cast<const char*>(lse_all.data()),
+                          lse_all.size() * sizeof(float));
+      }
+      for (const StreamState& stream : s.streams[size_t(layer)]) {
+        bytes_after += stream.memory_bytes();
+      }
+      s.memory_bytes += bytes_after - bytes_before;
+      memory_bytes_.fetch_add(bytes_after - bytes_before);
+      s.layer_next[size_t(layer)] += T;
+      result.next_position = s.layer_next[size_t(layer)];
+      // The step log record, in the same batch as the pages it sealed.
+      batch.log.push_back({s.manifest.seq, uint32_t(layer), e.position,
+                           EncodeLoggedStep(T, e.q, e.k, e.v)});
+      s.log_bytes += int64_t(batch.log.back().body.size());
+      sync = sync || s.config().durability == Durability::kStepSync;
+      written.push_back({sessions[i], s.layer_next[size_t(layer)]});
+      LastStep& last = s.last[size_t(layer)];
+      last.position = e.position;
+      last.num_tokens = T;
+      last.mode = mode;
+      last.fingerprint = Fingerprint(e);
+      last.kept =
+          mode != StepMode::kFetch || ReplyBytes(result) <= kMaxKeptReplyBytes;
+      last.reply = last.kept ? result : StepEntryResult();
+      steps_.fetch_add(1, std::memory_order_relaxed);
+      tokens_appended_.fetch_add(T, std::memory_order_relaxed);
+    }
+
+    // Write the request's batch: STEP_SYNC waits for it (below, unlocked).
+    if (!written.empty()) {
+      if (sync) synced = std::make_shared<std::promise<absl::Status>>();
+      auto done = [written, layer, sync, synced](const absl::Status& st) {
+        for (const Written& w : written) {
+          MutexLock lock(&w.session->durable_mu);
+          if (!st.ok()) {
+            if (w.session->write_error.ok()) w.session->write_error = st;
+            continue;
+          }
+          int64_t& at = w.session->written_next[size_t(layer)];
+          at = std::max(at, w.end);
+          if (sync) {
+            int64_t& durable = w.session->synced_next[size_t(layer)];
+            durable = std::max(durable, w.end);
+          }
+        }
+        if (synced != nullptr) synced->set_value(st);
+      };
+      storage::SpillWriter::EnqueueOptions enqueue;
+      enqueue.sync = sync;
+      absl::Status queued = writer_->Enqueue(batch, enqueue, done);
+      if (!queued.ok()) {
+        // Applied in memory but not logged: the sessions refuse steps until
+        // a restart recovers them from storage.
+        for (const Written& w : written) {
+          MutexLock lock(&w.session->durable_mu);
+          if (w.session->write_error.ok()) w.session->write_error = queued;
+        }
+        return absl::UnavailableError(absl::StrCat(
+            "storage: the step's write was refused (", queued.message(),
+            "); retry after the server recovers"));
+      }
+    }
+    // Sessions whose log grew past max_log_bytes checkpoint now.
+    for (size_t i = 0; i < n; ++i) {
+      LiveSession& s = *sessions[i];
+      if (s.log_bytes > options_.max_log_bytes) {
+        absl::Status st = CheckpointLocked(s);
+        if (!st.ok()) {
+          MutexLock lock(&s.durable_mu);
+          if (s.write_error.ok()) s.write_error = st;
+        }
+      }
     }
   }
 
-  // Apply. Every input was checked above, so a stream step cannot fail
-  // here; INTERNAL would mean a bug, and is reported as such.
-  std::vector<StepEntryResult> results(n);
+  if (synced != nullptr) {
+    absl::Status st = synced->get_future().get();
+    if (!st.ok()) {
+      return absl::UnavailableError(absl::StrCat(
+          "storage: the step was applied but its synced write failed (",
+          st.message(),
+          "); the session resumes at its durable position "
+          "after a restart"));
+    }
+  }
   for (size_t i = 0; i < n; ++i) {
-    const StepEntryView& e = request.entries[i];
-    LiveSession& s = *sessions[i];
-    if (replay[i]) {
-      results[i] = s.last[size_t(layer)].reply;
-      continue;
-    }
-    const ModelShape& shape = s.config.shape;
-    const int T = e.num_tokens, H = shape.kv_heads, Hq = shape.query_heads;
-    const int D = shape.head_dim, G = Hq / H;
-    const size_t row = size_t(D) * DTypeBytes(shape.dtype);
-    std::vector<float> q_all(e.q.empty() ? 0 : size_t(T) * Hq * D);
-    if (!e.q.empty())
-      cpu::LoadFloats(e.q.data(), shape.dtype, absl::MakeSpan(q_all));
-    std::vector<float> out_all, lse_all;
-    if (mode == StepMode::kAttend) {
-      out_all.resize(size_t(T) * Hq * D);
-      lse_all.resize(size_t(T) * Hq);
-    }
-    StepEntryResult& result = results[i];
-    std::vector<float> queries(q_all.empty() ? 0 : size_t(T) * G * D);
-    std::string keys(T * row, '\0'), values(T * row, '\0');
-    int64_t bytes_before = 0, bytes_after = 0;
-    for (const StreamState& stream : s.streams[size_t(layer)]) {
-      bytes_before += stream.memory_bytes();
-    }
-    for (int h = 0; h < H; ++h) {
-      // This head's rows: queries [T, G, D], keys/values [T, D].
-      for (int t = 0; t < T; ++t) {
-        if (!q_all.empty()) {
-          std::copy_n(&q_all[(size_t(t) * Hq + size_t(h) * G) * D],
-                      size_t(G) * D, &queries[size_t(t) * G * D]);
-        }
-        memcpy(&keys[t * row], e.k.data() + (size_t(t) * H + h) * row, row);
-        memcpy(&values[t * row], e.v.data() + (size_t(t) * H + h) * row, row);
-      }
-      StreamStepInput input;
-      input.position = e.position;
-      input.num_tokens = T;
-      input.queries = queries;
-      input.keys = absl::Span<const uint8_t>(
-          reinterpret_cast<const uint8_t*>(keys.data()), keys.size());
-      input.values = absl::Span<const uint8_t>(
-          reinterpret_cast<const uint8_t*>(values.data()), values.size());
-      StreamStepOutput output;
-      absl::Status st = s.streams[size_t(layer)][size_t(h)].Step(
-          mode, s.dense[size_t(layer)], input, &output);
-      if (!st.ok()) {
-        return absl::InternalError(absl::StrCat(
-            Field(i, "session_id"), ": ", ModeName(mode), " step of KV head ",
-            h, " failed after validation: ", st.message()));
-      }
-      if (mode == StepMode::kAttend) {
-        for (int t = 0; t < T; ++t) {
-          std::copy_n(&output.out[size_t(t) * G * D], size_t(G) * D,
-                      &out_all[(size_t(t) * Hq + size_t(h) * G) * D]);
-          std::copy_n(&output.lse[size_t(t) * G], G,
-                      &lse_all[size_t(t) * Hq + size_t(h) * G]);
-        }
-      } else if (mode == StepMode::kFetch) {
-        result.heads.push_back(std::move(output.fetched));
-      }
-    }
-    if (mode == StepMode::kAttend) {
-      result.output.resize(out_all.size() * DTypeBytes(shape.dtype));
-      cpu::StoreFloats(out_all, shape.dtype, result.output.data());
-      result.lse.assign(reinterpret_cast<const char*>(lse_all.data()),
-                        lse_all.size() * sizeof(float));
-    }
-    for (const StreamState& stream : s.streams[size_t(layer)]) {
-      bytes_after += stream.memory_bytes();
-    }
-    s.memory_bytes += bytes_after - bytes_before;
-    memory_bytes_.fetch_add(bytes_after - bytes_before);
-    s.layer_next[size_t(layer)] += T;
-    result.next_position = s.layer_next[size_t(layer)];
-    // Nothing is durable before the storage work (issue 5) lands.
-    result.durable_position = 0;
-    LastStep& last = s.last[size_t(layer)];
-    last.position = e.position;
-    last.num_tokens = T;
-    last.mode = mode;
-    last.fingerprint = Fingerprint(e);
-    last.kept = mode != StepMode::kFetch || ReplyBytes(result) <= kMaxKeptReplyBytes;
-    last.reply = last.kept ? result : StepEntryResult();
-    steps_.fetch_add(1, std::memory_order_relaxed);
-    tokens_appended_.fetch_add(T, std::memory_order_relaxed);
+    results[i].durable_position = sessions[i]->DurablePosition();
   }
   return results;
 }
@@ -449,12 +627,8 @@ EngineStats Engine::Stats() {
   stats.tokens_appended = tokens_appended_.load(std::memory_order_relaxed);
   stats.memory_bytes = memory_bytes_.load(std::memory_order_relaxed);
   stats.memory_limit_bytes = memory_limit_bytes_;
-  std::vector<std::shared_ptr<LiveSession>> live;
-  {
-    MutexLock lock(&mu_);
-    for (const auto& [key, session] : live_) live.push_back(session);
-  }
-  for (const auto& session : live) {
+  stats.spill_queue_bytes = int64_t(writer_->stats().queued_bytes);
+  for (const auto& session : AllLive()) {
     MutexLock lock(&session->mu);
     const int64_t row_bytes = session->stream_config.row_bytes();
     for (const std::vector<StreamState>& layer : session->streams) {

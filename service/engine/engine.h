@@ -1,7 +1,15 @@
 // The engine: every session's live state and the step over a batch of
 // sessions (DESIGN.md § A decode step), on the CPU backend. Lifecycle calls
 // go through the persisted SessionRegistry; live state (streams, positions)
-// is built lazily on a session's first step.
+// is built lazily on a session's first use: from its last checkpoint and
+// the step log after it (DESIGN.md § Persistence), so a restart — graceful
+// or a crash — resumes every session where its storage says.
+//
+// Each applied request writes one batch (sealed spill pages and the step
+// log records of its entries) through a background SpillWriter: ASYNC
+// sessions reply at once and become durable when the write-ahead log is
+// synced (every wal_sync_ms); a request holding a STEP_SYNC session replies
+// only after its batch is synced.
 //
 // Thread-safe. Steps of different sessions run concurrently; a request
 // locks its sessions (in a fixed order, so requests sharing sessions cannot
@@ -11,9 +19,11 @@
 #define KVMEM_SERVICE_ENGINE_ENGINE_H_
 
 #include <atomic>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -21,18 +31,23 @@
 #include "base/mutex.h"
 #include "service/engine/session_registry.h"
 #include "service/engine/step_types.h"
+#include "storage/page_cache.h"
+#include "storage/spill_writer.h"
 #include "storage/store.h"
 
 namespace kvmem {
+
+struct HeadWork;  // service/engine/live_session.h
 
 struct EngineStats {
   int64_t sessions = 0;
   int64_t memory_bytes = 0;        // host bytes of live state
   int64_t memory_limit_bytes = 0;  // Options::memory_limit_bytes in force
-  int64_t steps = 0;            // entries applied, all modes
-  int64_t tokens_appended = 0;  // tokens × layers
+  int64_t steps = 0;               // entries applied, all modes
+  int64_t tokens_appended = 0;     // tokens × layers
   int64_t resident_bytes = 0;
   int64_t spilled_bytes = 0;
+  int64_t spill_queue_bytes = 0;  // batches waiting for the writer
 };
 
 class Engine {
@@ -43,6 +58,14 @@ class Engine {
     // spilled pages kept in memory). A step that could pass it is
     // RESOURCE_EXHAUSTED. 0 means 60% of the machine's physical memory.
     int64_t memory_limit_bytes = 0;
+    // ASYNC sessions: how often the write-ahead log is synced, ms. ≥ 1.
+    int wal_sync_ms = 100;
+    // A session checkpoints itself when its step log passes this. ≥ 1 MiB.
+    int64_t max_log_bytes = int64_t{256} << 20;
+    // Bytes of spill batches waiting for the writer before steps wait.
+    size_t spill_queue_bytes = size_t{256} << 20;
+    // Recalled spilled pages kept in memory (LRU), bytes.
+    size_t page_cache_bytes = size_t{256} << 20;
   };
 
   // Loads the sessions of `store` (which must outlive the engine).
@@ -81,6 +104,15 @@ class Engine {
   absl::StatusOr<std::vector<StepEntryResult>> Step(
       const std::string& tenant, const StepRequestView& request);
 
+  // Makes `session_id` (or, when empty, every session of `tenant`; with
+  // `all_tenants`, every live session) durable now: a checkpoint of every
+  // stream, the step log truncated. Returns (session_id, durable position)
+  // pairs. NOT_FOUND for an unknown session; UNAVAILABLE / DATA_LOSS when
+  // storage fails.
+  absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> Checkpoint(
+      const std::string& tenant, const std::string& session_id,
+      bool all_tenants = false);
+
   EngineStats Stats();
 
  private:
@@ -88,13 +120,34 @@ class Engine {
   struct LiveSession;
   using Key = std::pair<std::string, std::string>;  // (tenant, session_id)
 
-  Engine(std::unique_ptr<SessionRegistry> registry, int64_t memory_limit_bytes);
-  // The live state of `info`'s session, made on first use.
+  Engine(const Options& options, storage::Store* store,
+         std::unique_ptr<SessionRegistry> registry, int64_t memory_limit_bytes);
+  // The live state of `info`'s session, made on first use (not yet
+  // recovered: Wake does that under the session's lock).
   std::shared_ptr<LiveSession> Live(const Key& key, const SessionInfo& info);
-  // `info` with the live figures of its session, if it has live state.
-  void AddLiveFigures(SessionInfo* info);
+  // Rebuilds `s` from its checkpoint and step log, once. Caller holds s.mu.
+  absl::Status Wake(LiveSession& s);
+  // `info` with the live figures of its session, waking it if needed.
+  absl::Status AddLiveFigures(SessionInfo* info);
+  // Checkpoints `s`. Caller holds s.mu (held across the synced write: a
+  // checkpoint must not interleave with a step of the same session).
+  absl::Status CheckpointLocked(LiveSession& s);
+  // Every wal_sync_ms: syncs the write-ahead log, then advances the
+  // durable positions of what was written before the sync.
+  void SyncLoop();
+  std::vector<std::shared_ptr<LiveSession>> AllLive();
+  // Makes layer `layer`'s streams of `s` (caller holds s.mu); INTERNAL
+  // naming `field` if the policy cannot make them.
+  absl::Status MakeStreams(LiveSession& s, int layer, const std::string& field);
+  // Fills work->recalled with the pages work->selection.recall names: from
+  // the writer's queue, the page cache, or storage (one MultiGet).
+  absl::Status LoadRecalled(uint64_t seq, int layer, int head, HeadWork* work);
 
+  const Options options_;
+  storage::Store* const store_;  // not owned; outlives the engine
   std::unique_ptr<SessionRegistry> registry_;
+  std::unique_ptr<storage::SpillWriter> writer_;
+  std::unique_ptr<storage::PageCache> page_cache_;
   Mutex mu_;
   // Shared with steps in flight, which keep a deleted session's state
   // alive until they finish.
@@ -103,6 +156,10 @@ class Engine {
   std::atomic<int64_t> tokens_appended_{0};
   const int64_t memory_limit_bytes_;
   std::atomic<int64_t> memory_bytes_{0};  // Σ live sessions' memory_bytes
+  Mutex sync_mu_;
+  std::condition_variable_any sync_wake_;
+  bool stopping_ ABSL_GUARDED_BY(sync_mu_) = false;
+  std::thread sync_thread_;
 };
 
 }  // namespace kvmem

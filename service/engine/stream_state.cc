@@ -63,14 +63,55 @@ absl::StatusOr<StreamConfig> StreamConfig::FromSession(
 
 namespace {
 
-// Per spilled token: its position and its key and value rows; per page: its
-// digest and the page's bookkeeping.
-int64_t SpilledTokenBytes(const StreamConfig& c) {
+// Host bytes of one spilled token in the open page, and of one sealed
+// page's reference (digest and bookkeeping).
+int64_t OpenTokenBytes(const StreamConfig& c) {
   return 8 + 2 * int64_t{c.row_bytes()};
 }
-int64_t SpilledPageBytes(const StreamConfig& c) {
-  return int64_t{kDigestRows} * c.head_dim * 4 + int64_t{sizeof(SpilledPage)};
+int64_t SealedRefBytes(const StreamConfig& c) {
+  return int64_t{kDigestRows} * c.head_dim * 4 + int64_t{sizeof(SealedPageRef)};
 }
+
+// Little-endian fields of a checkpoint body.
+constexpr uint8_t kCheckpointFormat = 1;
+
+template <typename T>
+void Put(std::string* out, const T& v) {
+  out->append(reinterpret_cast<const char*>(&v), sizeof(T));
+}
+template <typename T>
+void PutVector(std::string* out, const std::vector<T>& v) {
+  Put<uint64_t>(out, v.size());
+  out->append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+
+class Reader {
+ public:
+  explicit Reader(absl::string_view in) : in_(in) {}
+  template <typename T>
+  bool Get(T* v) {
+    if (in_.size() - at_ < sizeof(T)) return false;
+    memcpy(v, in_.data() + at_, sizeof(T));
+    at_ += sizeof(T);
+    return true;
+  }
+  template <typename T>
+  bool GetVector(std::vector<T>* v, uint64_t max_elems) {
+    uint64_t n;
+    if (!Get(&n) || n > max_elems || (in_.size() - at_) / sizeof(T) < n) {
+      return false;
+    }
+    v->resize(n);
+    memcpy(v->data(), in_.data() + at_, n * sizeof(T));
+    at_ += n * sizeof(T);
+    return true;
+  }
+  bool Done() const { return at_ == in_.size(); }
+
+ private:
+  absl::string_view in_;
+  size_t at_ = 0;
+};
 
 }  // namespace
 
@@ -84,10 +125,10 @@ int64_t StreamState::FixedBytes(const StreamConfig& c) {
 }
 
 int64_t StreamState::StepGrowthBytes(const StreamConfig& c, int tokens) {
-  // A step evicts at most `tokens` tokens, opening at most one page more
-  // than they fill.
-  return tokens * SpilledTokenBytes(c) +
-         (tokens / c.page_tokens + 1) * SpilledPageBytes(c);
+  // The open page gains at most `tokens` tokens; each page sealed meanwhile
+  // leaves a reference.
+  return tokens * OpenTokenBytes(c) +
+         (tokens / c.page_tokens + 1) * SealedRefBytes(c);
 }
 
 absl::StatusOr<StreamState> StreamState::Create(const StreamConfig* config) {
@@ -120,6 +161,88 @@ StreamState::StreamState(const StreamConfig* config, CascadeStream cascade)
   page_digests_.assign(
       size_t(num_resident_pages()) * kDigestRows * config->head_dim, 0.0f);
   page_has_digest_.assign(size_t(num_resident_pages()), 0);
+  open_.row_bytes = uint32_t(config->row_bytes());
+}
+
+std::string StreamState::EncodeCheckpoint() const {
+  std::string out;
+  Put<uint8_t>(&out, kCheckpointFormat);
+  CascadeStream::Snapshot snap = cascade_.Export();
+  Put(&out, snap.tokens_seen);
+  Put(&out, snap.score_exponent);
+  PutVector(&out, snap.positions);
+  PutVector(&out, snap.scores);
+  PutVector(&out, snap.keys);
+  PutVector(&out, snap.values);
+  PutVector(&out, snap.stored);
+  PutVector(&out, snap.head);
+  Put(&out, next_page_seq_);
+  Put(&out, spilled_tokens_);
+  PutVector(&out, open_.positions);
+  Put<uint64_t>(&out, open_.keys.size());
+  out.append(open_.keys);
+  Put<uint64_t>(&out, open_.values.size());
+  out.append(open_.values);
+  PutVector(&out, open_.digest);
+  return out;
+}
+
+absl::StatusOr<StreamState> StreamState::Restore(const StreamConfig* config,
+                                                 absl::string_view body) {
+  Reader r(body);
+  uint8_t format = 0;
+  CascadeStream::Snapshot snap;
+  const uint64_t slots =
+      config->cascade.sinks +
+      uint64_t(config->cascade.cascades) * uint64_t(config->cascade.window);
+  const uint64_t row = uint64_t(config->row_bytes());
+  uint64_t next_page = 0;
+  int64_t spilled = 0;
+  std::vector<int64_t> open_positions;
+  std::vector<float> open_digest;
+  bool ok =
+      r.Get(&format) && format == kCheckpointFormat &&
+      r.Get(&snap.tokens_seen) && r.Get(&snap.score_exponent) &&
+      r.GetVector(&snap.positions, slots) && r.GetVector(&snap.scores, slots) &&
+      r.GetVector(&snap.keys, slots * row) &&
+      r.GetVector(&snap.values, slots * row) && r.GetVector(&snap.stored, 64) &&
+      r.GetVector(&snap.head, 64) && r.Get(&next_page) && r.Get(&spilled) &&
+      r.GetVector(&open_positions, uint64_t(config->page_tokens));
+  std::vector<uint8_t> k_bytes, v_bytes;
+  ok = ok && r.GetVector(&k_bytes, open_positions.size() * row) &&
+       r.GetVector(&v_bytes, open_positions.size() * row) &&
+       r.GetVector(&open_digest, uint64_t(kDigestRows) * config->head_dim) &&
+       r.Done() && k_bytes.size() == open_positions.size() * row &&
+       v_bytes.size() == k_bytes.size();
+  if (!ok) {
+    return absl::DataLossError(absl::StrCat(
+        "stream checkpoint of ", body.size(),
+        " bytes is malformed or does not fit the session's policy"));
+  }
+  absl::StatusOr<CascadeStream> cascade = CascadeStream::Import(
+      config->cascade, config->row_bytes(), std::move(snap));
+  if (!cascade.ok()) {
+    return absl::DataLossError(
+        absl::StrCat("stream checkpoint: ", cascade.status().message()));
+  }
+  StreamState stream(config, std::move(*cascade));
+  std::vector<int> all(size_t(stream.cascade_.num_slots()));
+  for (size_t i = 0; i < all.size(); ++i) all[i] = int(i);
+  stream.RefreshDigests(all);
+  stream.next_page_seq_ = next_page;
+  stream.spilled_tokens_ = spilled;
+  stream.open_.positions = std::move(open_positions);
+  stream.open_.keys.assign(k_bytes.begin(), k_bytes.end());
+  stream.open_.values.assign(v_bytes.begin(), v_bytes.end());
+  stream.open_.digest = std::move(open_digest);
+  stream.spill_bytes_ =
+      int64_t(stream.open_.positions.size()) * OpenTokenBytes(*config);
+  return stream;
+}
+
+void StreamState::AddSealedPage(SealedPageRef page) {
+  sealed_.push_back(std::move(page));
+  spill_bytes_ += SealedRefBytes(*config_);
 }
 
 void StreamState::RefreshDigests(absl::Span<const int> slots) {
@@ -151,210 +274,261 @@ void StreamState::RefreshDigests(absl::Span<const int> slots) {
   }
 }
 
-void StreamState::Spill(const EvictedTokens& evicted) {
+void StreamState::Spill(const EvictedTokens& evicted,
+                        StreamStepOutput* output) {
   const int D = config_->head_dim;
   const size_t row = size_t(config_->row_bytes());
   std::vector<float> key(static_cast<size_t>(D));
   for (size_t e = 0; e < evicted.positions.size(); ++e) {
-    if (spilled_.empty() ||
-        int(spilled_.back().positions.size()) == config_->page_tokens) {
-      spilled_.emplace_back();
-      spilled_.back().digest.assign(size_t(kDigestRows) * D, 0.0f);
-      spilled_bytes_ += SpilledPageBytes(*config_);
-    }
-    SpilledPage& page = spilled_.back();
     const uint8_t* k = &evicted.keys[e * row];
-    page.positions.push_back(evicted.positions[e]);
-    page.keys.append(reinterpret_cast<const char*>(k), row);
-    page.values.append(reinterpret_cast<const char*>(&evicted.values[e * row]),
-                       row);
+    open_.positions.push_back(evicted.positions[e]);
+    open_.keys.append(reinterpret_cast<const char*>(k), row);
+    open_.values.append(reinterpret_cast<const char*>(&evicted.values[e * row]),
+                        row);
     cpu::LoadFloats(k, config_->dtype, absl::MakeSpan(key));
     // Sizes are the stream's own, so neither call can fail.
-    if (page.positions.size() == 1) {
+    if (open_.positions.size() == 1) {
+      open_.digest.assign(size_t(kDigestRows) * D, 0.0f);
       cpu::SeedPageDigest(key, config_->digest_kind,
-                          absl::MakeSpan(page.digest))
+                          absl::MakeSpan(open_.digest))
           .IgnoreError();
     } else {
       cpu::ExtendPageDigest(key, config_->digest_kind,
-                            absl::MakeSpan(page.digest))
+                            absl::MakeSpan(open_.digest))
           .IgnoreError();
     }
     ++spilled_tokens_;
-    spilled_bytes_ += SpilledTokenBytes(*config_);
+    if (int(open_.positions.size()) == config_->page_tokens) {
+      sealed_.push_back({next_page_seq_, config_->page_tokens, open_.digest});
+      output->sealed_seqs.push_back(next_page_seq_);
+      output->sealed.push_back(
+          std::make_shared<const storage::SpillPage>(std::move(open_)));
+      ++next_page_seq_;
+      open_ = storage::SpillPage();
+      open_.row_bytes = uint32_t(row);
+    }
   }
+  spill_bytes_ = int64_t(sealed_.size()) * SealedRefBytes(*config_) +
+                 int64_t(open_.positions.size()) * OpenTokenBytes(*config_);
 }
 
-std::vector<StreamState::Attended> StreamState::AllResident() const {
-  std::vector<Attended> all;
-  for (int slot : cascade_.ResidentSlotsInOrder()) {
-    all.push_back({cascade_.slot_position(slot), slot, -1, -1});
+std::vector<int> StreamState::ResidentSlots() const {
+  std::vector<int> slots;
+  for (int s = 0; s < cascade_.num_slots(); ++s) {
+    if (cascade_.slot_position(s) >= 0) slots.push_back(s);
   }
-  return all;
+  return slots;
 }
 
-std::vector<StreamState::Attended> StreamState::SelectForDecode(
-    absl::Span<const float> queries, bool dense_layer) const {
+absl::Status StreamState::CheckInput(const StreamStepInput& in) const {
+  const int T = in.num_tokens;
+  const size_t row = size_t(config_->row_bytes());
+  if (T < 1 || in.keys.size() != T * row || in.values.size() != T * row ||
+      (!in.queries.empty() &&
+       in.queries.size() != size_t(T) * config_->group * config_->head_dim)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("stream step: sizes do not match T=", T,
+                     " G=", config_->group, " D=", config_->head_dim));
+  }
+  if (in.position != tokens_seen()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("position ", in.position, ", expected ", tokens_seen()));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StreamSelection> StreamState::Select(
+    bool dense_layer, const StreamStepInput& in) const {
+  KVMEM_RETURN_IF_ERROR(CheckInput(in));
+  StreamSelection sel;
+  if (in.queries.empty()) return sel;  // no query, no attention
+  sel.slots = ResidentSlots();
+  if (in.num_tokens > 1) return sel;  // a chunk: dense over the residents
+
   const int N = cascade_.num_slots();
   const int S = config_->cascade.sinks;
+  const int D = config_->head_dim;
   const int64_t B = config_->budget_tokens;
-  const int num_spilled = config_->recall ? int(spilled_.size()) : 0;
-  const int64_t spilled_tokens = config_->recall ? spilled_tokens_ : 0;
-  const int64_t resident = cascade_.ResidentCount();
+  const bool recall = config_->recall;
+  const int64_t resident = int64_t(sel.slots.size());
+  const int64_t spilled = recall ? spilled_tokens_ : 0;
+  const int num_sealed = recall ? int(sealed_.size()) : 0;
+  const bool open_in = recall && !open_.positions.empty();
 
-  std::vector<uint8_t> chosen_slot(size_t(N), 0);
-  std::vector<uint8_t> chosen_spill(size_t(num_spilled), 0);
-  for (int s = 0; s < N; ++s) chosen_slot[s] = cascade_.slot_position(s) >= 0;
-
-  // Candidates, scored and filled greedily (selection.md steps 2–4).
-  std::vector<int> cand_page;  // resident page id, or −1 − spilled index
+  // Candidates are numbered: resident pages [0, R), sealed pages [R, R+K),
+  // the open page R+K: also their tie order (selection.md step 4).
+  std::vector<int> cand;  // resident page id, or R + spilled index
   std::vector<int64_t> fresh;
-  auto fill = [&](int64_t always_in_tokens, int64_t budget) {
-    const int D = config_->head_dim;
-    std::vector<float> digests;
-    std::vector<int64_t> order;
-    for (size_t c = 0; c < cand_page.size(); ++c) {
-      const int id = cand_page[c];
-      const float* d = id >= 0 ? &page_digests_[size_t(id) * kDigestRows * D]
-                               : spilled_[size_t(-1 - id)].digest.data();
-      digests.insert(digests.end(), d, d + kDigestRows * D);
-      order.push_back(id >= 0 ? id : num_resident_pages() + (-1 - id));
+  std::vector<float> digests;
+  auto add_spilled = [&] {
+    for (int p = 0; p < num_sealed; ++p) {
+      cand.push_back(num_resident_pages() + p);
+      fresh.push_back(sealed_[p].tokens);
+      digests.insert(digests.end(), sealed_[p].digest.begin(),
+                     sealed_[p].digest.end());
     }
-    std::vector<float> scores(cand_page.size());
-    std::vector<uint8_t> selected(cand_page.size(), 0);
+    if (open_in) {
+      cand.push_back(num_resident_pages() + num_sealed);
+      fresh.push_back(int64_t(open_.positions.size()));
+      digests.insert(digests.end(), open_.digest.begin(), open_.digest.end());
+    }
+  };
+  auto fill = [&](int64_t always_in, int64_t budget) {
+    std::vector<float> scores(cand.size());
+    std::vector<uint8_t> selected(cand.size(), 0);
+    std::vector<int64_t> order(cand.begin(), cand.end());
     // Inputs are the stream's own, consistent by construction.
-    cpu::ScorePages(queries, D, digests, config_->digest_kind,
+    cpu::ScorePages(in.queries, D, digests, config_->digest_kind,
                     GroupReduction::kMax, absl::MakeSpan(scores))
         .IgnoreError();
-    cpu::FillSelection(always_in_tokens, {scores, fresh, order}, budget,
+    cpu::FillSelection(always_in, {scores, fresh, order}, budget,
                        absl::MakeSpan(selected))
         .IgnoreError();
     return selected;
+  };
+  auto take_spilled = [&](const std::vector<uint8_t>& selected, size_t from) {
+    for (size_t c = from; c < cand.size(); ++c) {
+      if (!selected[c]) continue;
+      const int p = cand[c] - num_resident_pages();
+      if (p < num_sealed) {
+        sel.recall.push_back(sealed_[p].page_seq);
+      } else {
+        sel.open_page = true;
+      }
+    }
   };
 
   if (dense_layer) {
     // Every resident token; recall only within what B leaves after them.
     const int64_t left = B - (resident + 1);
-    if (num_spilled > 0 && left > 0) {
-      for (int p = 0; p < num_spilled; ++p) {
-        cand_page.push_back(-1 - p);
-        fresh.push_back(int64_t(spilled_[p].positions.size()));
-      }
-      std::vector<uint8_t> selected = fill(0, left);
-      for (int p = 0; p < num_spilled; ++p) chosen_spill[p] = selected[p];
+    if (recall && left > 0) {
+      add_spilled();
+      if (!cand.empty()) take_spilled(fill(0, left), 0);
     }
-  } else if (resident + 1 + spilled_tokens <= B) {
-    std::fill(chosen_spill.begin(), chosen_spill.end(), 1);  // dense case
-  } else {
-    // Always in: the sinks, the newest `recent` tokens of cascade 0, and the
-    // new token (counted by the caller's +1).
-    std::vector<uint8_t> always(size_t(N), 0);
-    int64_t always_in = 1;
-    for (int s = 0; s < S; ++s) {
-      always[s] = chosen_slot[s];
-      always_in += always[s];
+    return sel;
+  }
+  if (resident + 1 + spilled <= B) {  // the dense case: everything
+    for (int p = 0; p < num_sealed; ++p) {
+      sel.recall.push_back(sealed_[p].page_seq);
     }
-    std::vector<int> c0 = cascade_.CascadeSlots(0);
-    for (int i = std::max(0, int(c0.size()) - config_->recent_tokens);
-         i < int(c0.size()); ++i) {
-      always[c0[i]] = 1;
-      ++always_in;
+    sel.open_page = open_in;
+    return sel;
+  }
+  // Always in: the sinks, the newest `recent` tokens of cascade 0, and the
+  // new token.
+  std::vector<uint8_t> always(size_t(N), 0);
+  int64_t always_in = 1;
+  for (int s = 0; s < S; ++s) {
+    always[s] = cascade_.slot_position(s) >= 0;
+    always_in += always[s];
+  }
+  std::vector<int> c0 = cascade_.CascadeSlots(0);
+  for (int i = std::max(0, int(c0.size()) - config_->recent_tokens);
+       i < int(c0.size()); ++i) {
+    always[c0[i]] = 1;
+    ++always_in;
+  }
+  for (int p = 0; p < num_resident_pages(); ++p) {
+    int64_t n = 0;
+    for (int s = 0; s < page_slots_[p]; ++s) {
+      const int slot = page_first_slot_[p] + s;
+      n += cascade_.slot_position(slot) >= 0 && !always[slot];
     }
-    for (int p = 0; p < num_resident_pages(); ++p) {
-      int64_t n = 0;
-      for (int s = 0; s < page_slots_[p]; ++s) {
-        const int slot = page_first_slot_[p] + s;
-        n += chosen_slot[slot] && !always[slot];
-      }
-      if (n > 0) {
-        cand_page.push_back(p);
-        fresh.push_back(n);
-      }
-    }
-    for (int p = 0; p < num_spilled; ++p) {
-      cand_page.push_back(-1 - p);
-      fresh.push_back(int64_t(spilled_[p].positions.size()));
-    }
-    std::vector<uint8_t> selected = fill(always_in, B);
-    std::vector<uint8_t> page_on(size_t(num_resident_pages()), 0);
-    for (size_t c = 0; c < cand_page.size(); ++c) {
-      if (!selected[c]) continue;
-      if (cand_page[c] >= 0) {
-        page_on[cand_page[c]] = 1;
-      } else {
-        chosen_spill[size_t(-1 - cand_page[c])] = 1;
-      }
-    }
-    for (int s = 0; s < N; ++s) {
-      chosen_slot[s] = chosen_slot[s] && (always[s] || page_on[slot_page_[s]]);
+    if (n > 0) {
+      cand.push_back(p);
+      fresh.push_back(n);
+      digests.insert(digests.end(), &page_digests_[size_t(p) * kDigestRows * D],
+                     &page_digests_[size_t(p + 1) * kDigestRows * D]);
     }
   }
-
-  std::vector<Attended> attended;
+  const size_t first_spilled = cand.size();
+  add_spilled();
+  std::vector<uint8_t> selected = fill(always_in, B);
+  std::vector<uint8_t> page_on(size_t(num_resident_pages()), 0);
+  for (size_t c = 0; c < first_spilled; ++c) page_on[cand[c]] = selected[c];
+  take_spilled(selected, first_spilled);
+  sel.slots.clear();
   for (int s = 0; s < N; ++s) {
-    if (chosen_slot[s])
-      attended.push_back({cascade_.slot_position(s), s, -1, -1});
+    if (cascade_.slot_position(s) >= 0 &&
+        (always[s] || page_on[slot_page_[s]])) {
+      sel.slots.push_back(s);
+    }
   }
-  for (int p = 0; p < num_spilled; ++p) {
-    if (!chosen_spill[p]) continue;
-    for (int i = 0; i < int(spilled_[p].positions.size()); ++i) {
-      attended.push_back({spilled_[p].positions[i], -1, p, i});
+  return sel;
+}
+
+absl::Status StreamState::Apply(
+    StepMode mode, const StreamStepInput& in, const StreamSelection& sel,
+    absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled,
+    StreamStepOutput* output) {
+  KVMEM_RETURN_IF_ERROR(CheckInput(in));
+  const int T = in.num_tokens;
+  const int D = config_->head_dim;
+  const int G = config_->group;
+  const int N = cascade_.num_slots();
+  const size_t row = size_t(config_->row_bytes());
+  if (recalled.size() != sel.recall.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("stream step: ", recalled.size(), " recalled pages for ",
+                     sel.recall.size(), " selected"));
+  }
+  for (const auto& page : recalled) {
+    if (page == nullptr || page->row_bytes != row) {
+      return absl::InvalidArgumentError(
+          "stream step: a recalled page is missing or of another shape");
+    }
+  }
+  const bool has_query = !in.queries.empty();
+
+  // 1. What the step attends to, ascending by original position: slot ≥ 0,
+  // or a spilled page's row (page −1 is the open page).
+  struct Attended {
+    int64_t position;
+    int slot;
+    int page;
+    int row;
+  };
+  std::vector<Attended> attended;
+  for (int s : sel.slots)
+    attended.push_back({cascade_.slot_position(s), s, 0, 0});
+  if (sel.open_page) {
+    for (size_t i = 0; i < open_.positions.size(); ++i) {
+      attended.push_back({open_.positions[i], -1, -1, int(i)});
+    }
+  }
+  for (size_t p = 0; p < recalled.size(); ++p) {
+    for (size_t i = 0; i < recalled[p]->positions.size(); ++i) {
+      attended.push_back({recalled[p]->positions[i], -1, int(p), int(i)});
     }
   }
   std::sort(attended.begin(), attended.end(),
             [](const Attended& a, const Attended& b) {
               return a.position < b.position;
             });
-  return attended;
-}
+  auto key_row = [&](const Attended& a) -> const char* {
+    if (a.slot >= 0) {
+      return reinterpret_cast<const char*>(cascade_.key_row(a.slot).data());
+    }
+    const storage::SpillPage& page = a.page < 0 ? open_ : *recalled[a.page];
+    return &page.keys[size_t(a.row) * row];
+  };
+  auto value_row = [&](const Attended& a) -> const char* {
+    if (a.slot >= 0) {
+      return reinterpret_cast<const char*>(cascade_.value_row(a.slot).data());
+    }
+    const storage::SpillPage& page = a.page < 0 ? open_ : *recalled[a.page];
+    return &page.values[size_t(a.row) * row];
+  };
 
-const uint8_t* StreamState::KeyRow(const Attended& a) const {
-  if (a.slot >= 0) return cascade_.key_row(a.slot).data();
-  return reinterpret_cast<const uint8_t*>(
-      &spilled_[a.spill_page]
-           .keys[size_t(a.spill_index) * config_->row_bytes()]);
-}
-
-const uint8_t* StreamState::ValueRow(const Attended& a) const {
-  if (a.slot >= 0) return cascade_.value_row(a.slot).data();
-  return reinterpret_cast<const uint8_t*>(
-      &spilled_[a.spill_page]
-           .values[size_t(a.spill_index) * config_->row_bytes()]);
-}
-
-absl::Status StreamState::Step(StepMode mode, bool dense_layer,
-                               const StreamStepInput& in,
-                               StreamStepOutput* output) {
-  const int T = in.num_tokens;
-  const int D = config_->head_dim;
-  const int G = config_->group;
-  const int N = cascade_.num_slots();
-  const size_t row = size_t(config_->row_bytes());
-  if (T < 1 || in.keys.size() != T * row || in.values.size() != T * row ||
-      (!in.queries.empty() && in.queries.size() != size_t(T) * G * D)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "stream step: sizes do not match T=", T, " G=", G, " D=", D));
-  }
-  if (in.position != tokens_seen()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("position ", in.position, ", expected ", tokens_seen()));
-  }
-  const bool has_query = !in.queries.empty();
-
-  // 1. What the step attends to, and at which rotary positions.
-  std::vector<Attended> attended;
-  if (has_query) {
-    attended =
-        T == 1 ? SelectForDecode(in.queries, dense_layer) : AllResident();
-  }
   const int64_t n_cache = int64_t(attended.size());
   const int64_t total = n_cache + T;
   std::vector<int64_t> rotary_at(size_t(n_cache), 0);
-  int64_t query_base = n_cache;  // ABSOLUTE: unused
+  int64_t query_base = n_cache;
   if (config_->cache_rank && has_query) {
     // Rank by original position among the sinks, every resident token and
     // this step's recalled tokens (selection.md § Positions).
     std::vector<int64_t> ranked;
-    for (const Attended& a : AllResident()) ranked.push_back(a.position);
+    for (int s : ResidentSlots()) ranked.push_back(cascade_.slot_position(s));
     for (const Attended& a : attended) {
       if (a.slot < 0) ranked.push_back(a.position);
     }
@@ -377,8 +551,8 @@ absl::Status StreamState::Step(StepMode mode, bool dense_layer,
     keys.reserve(total * row);
     values.reserve(total * row);
     for (const Attended& a : attended) {
-      keys.append(reinterpret_cast<const char*>(KeyRow(a)), row);
-      values.append(reinterpret_cast<const char*>(ValueRow(a)), row);
+      keys.append(key_row(a), row);
+      values.append(value_row(a), row);
     }
     keys.append(reinterpret_cast<const char*>(in.keys.data()), T * row);
     values.append(reinterpret_cast<const char*>(in.values.data()), T * row);
@@ -423,8 +597,9 @@ absl::Status StreamState::Step(StepMode mode, bool dense_layer,
             &probs[size_t(t) * G * total + j], G, total, config_->reduction);
         if (j < n_cache) {
           // Recalled tokens are attended, not re-admitted: no score.
-          if (attended[j].slot >= 0)
+          if (attended[j].slot >= 0) {
             slot_probs[size_t(t) * N + attended[j].slot] = r;
+          }
         } else if (j - n_cache <= t) {
           self_probs[size_t(t) * T + (j - n_cache)] = r;
         }
@@ -445,8 +620,9 @@ absl::Status StreamState::Step(StepMode mode, bool dense_layer,
       f.k.resize(size_t(total) * row);
       cpu::StoreFloats(rotated_keys, config_->dtype, f.k.data());
       f.query_rotary_positions.clear();
-      for (int t = 0; t < T; ++t)
+      for (int t = 0; t < T; ++t) {
         f.query_rotary_positions.push_back(query_base + t);
+      }
     } else {
       f.k = keys;
     }
@@ -461,7 +637,7 @@ absl::Status StreamState::Step(StepMode mode, bool dense_layer,
   KVMEM_RETURN_IF_ERROR(cascade_.InsertTokens(in.position, T, in.keys,
                                               in.values, initial, &inserted));
   RefreshDigests(inserted.changed_slots);
-  Spill(inserted.evicted);
+  Spill(inserted.evicted, output);
   return absl::OkStatus();
 }
 

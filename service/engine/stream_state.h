@@ -1,14 +1,16 @@
 // One stream (session, layer, KV head) on the CPU backend: its cascade
-// (kernels/cascade_policy.h), the digests of its resident pages, and the
-// pages of tokens that left the cascade (spilled; kept in host memory until
-// storage takes them). A step here is selection.md end to end: select,
-// attend, update scores, insert, spill.
+// (kernels/cascade_policy.h), the digests of its resident pages, and its
+// spilled pages: the open one in memory, sealed ones in storage with their
+// digests here. A step is selection.md end to end, in two parts so that
+// everything that can fail (reading recalled pages) happens before anything
+// changes: Select (const), then Apply (cannot fail on checked inputs).
 //
 // Not thread-safe: the session's lock serialises steps of its streams.
 #ifndef KVMEM_SERVICE_ENGINE_STREAM_STATE_H_
 #define KVMEM_SERVICE_ENGINE_STREAM_STATE_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -19,6 +21,7 @@
 #include "kernels/rotary.h"
 #include "service/engine/session_config.h"
 #include "service/engine/step_types.h"
+#include "storage/spill_page.h"
 
 namespace kvmem {
 
@@ -44,21 +47,27 @@ struct StreamConfig {
   static absl::StatusOr<StreamConfig> FromSession(const SessionConfig& config);
 };
 
-// A page of tokens that left the cascade, in eviction order.
-struct SpilledPage {
-  std::vector<int64_t> positions;  // [n ≤ P], original positions
-  std::string keys;                // [n, D] session dtype
-  std::string values;              // [n, D]
-  std::vector<float> digest;       // [2, D]
+// A sealed spilled page: in storage, its digest here.
+struct SealedPageRef {
+  uint64_t page_seq = 0;
+  int tokens = 0;
+  std::vector<float> digest;  // [2, D]
 };
 
 // One step's inputs for this stream: T tokens.
 struct StreamStepInput {
   int64_t position = 0;
   int num_tokens = 1;
-  absl::Span<const float> queries;   // [T, G, D] fp32; empty in APPEND
+  absl::Span<const float> queries;   // [T, G, D] fp32; empty: no attention
   absl::Span<const uint8_t> keys;    // [T, D] session dtype
   absl::Span<const uint8_t> values;  // [T, D]
+};
+
+// What a decode step attends to, chosen before anything changes.
+struct StreamSelection {
+  std::vector<int> slots;        // resident slots, ascending
+  bool open_page = false;        // the open spilled page
+  std::vector<uint64_t> recall;  // sealed pages to read, ascending
 };
 
 // One step's outputs for this stream.
@@ -66,56 +75,67 @@ struct StreamStepOutput {
   std::vector<float> out;  // ATTEND: [T, G, D] fp32
   std::vector<float> lse;  // ATTEND: [T, G]
   FetchedHead fetched;     // FETCH
+  // Pages the step's evictions sealed, for the step's write batch.
+  std::vector<std::shared_ptr<const storage::SpillPage>> sealed;
+  std::vector<uint64_t> sealed_seqs;  // their page numbers
 };
 
 class StreamState {
  public:
   // `config` must outlive the stream (the session owns both).
   static absl::StatusOr<StreamState> Create(const StreamConfig* config);
+  // The stream a checkpoint body describes (EncodeCheckpoint); sealed
+  // pages are added by the caller (AddSealedPage). DATA_LOSS when `body`
+  // is malformed or does not fit `config`.
+  static absl::StatusOr<StreamState> Restore(const StreamConfig* config,
+                                             absl::string_view body);
 
-  // Applies one step. `mode` decides what is computed into *output; with
-  // queries absent (APPEND without q) the step adds no attention to the
-  // scores. Steps of T > 1 attend densely and causally (no budget, no
-  // recall). FAILED_PRECONDITION if input.position is not tokens_seen();
-  // INVALID_ARGUMENT on sizes. On error nothing changes.
-  absl::Status Step(StepMode mode, bool dense_layer,
-                    const StreamStepInput& input, StreamStepOutput* output);
+  // The selection of a step (selection.md). T > 1 or no query: every
+  // resident token (dense, causal), nothing recalled. INVALID_ARGUMENT on
+  // sizes; FAILED_PRECONDITION if input.position is not tokens_seen().
+  absl::StatusOr<StreamSelection> Select(bool dense_layer,
+                                         const StreamStepInput& input) const;
+
+  // Applies the step: attends over `selection` plus the new tokens, updates
+  // scores, inserts, spills. `recalled[i]` holds page `selection.recall[i]`.
+  // `mode` decides what *output gets. INVALID_ARGUMENT if `recalled` does
+  // not match; nothing changes then.
+  absl::Status Apply(
+      StepMode mode, const StreamStepInput& input,
+      const StreamSelection& selection,
+      absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled,
+      StreamStepOutput* output);
+
+  // State for a checkpoint: cascade bit for bit, the open spilled page and
+  // the next page number. Sealed pages are in storage already.
+  std::string EncodeCheckpoint() const;
+  // Registers a sealed page found in storage on recovery.
+  void AddSealedPage(SealedPageRef page);
+  uint64_t next_page_seq() const { return next_page_seq_; }
 
   int64_t tokens_seen() const { return cascade_.tokens_seen(); }
   int resident_tokens() const { return cascade_.ResidentCount(); }
   int64_t spilled_tokens() const { return spilled_tokens_; }
+  int64_t spilled_pages() const { return int64_t(sealed_.size()); }
+  const CascadeStream& cascade() const { return cascade_; }
   // Host bytes this stream holds: its cascade and digests (fixed at
-  // creation) and its spilled pages (growing).
-  int64_t memory_bytes() const { return FixedBytes(*config_) + spilled_bytes_; }
+  // creation), sealed pages' digests and the open page.
+  int64_t memory_bytes() const { return FixedBytes(*config_) + spill_bytes_; }
   // Bytes a new stream of `config` holds before any token.
   static int64_t FixedBytes(const StreamConfig& config);
   // At most the bytes one step of `tokens` tokens adds to a stream.
   static int64_t StepGrowthBytes(const StreamConfig& config, int tokens);
-  const std::vector<SpilledPage>& spilled_pages() const { return spilled_; }
-  const CascadeStream& cascade() const { return cascade_; }
 
  private:
-  // A token the step attends to, and where it comes from.
-  struct Attended {
-    int64_t position;
-    int slot;         // resident slot, or −1
-    int spill_page;   // spilled page index, or −1
-    int spill_index;  // row within that page
-  };
-
   StreamState(const StreamConfig* config, CascadeStream cascade);
   int num_resident_pages() const { return int(page_first_slot_.size()); }
+  absl::Status CheckInput(const StreamStepInput& input) const;
   // Recomputes the digests of the resident pages holding `slots`.
   void RefreshDigests(absl::Span<const int> slots);
-  // Appends evicted tokens to the open spilled page, sealing full ones.
-  void Spill(const EvictedTokens& evicted);
-  // selection.md for one decode query: the attended tokens, ascending.
-  std::vector<Attended> SelectForDecode(absl::Span<const float> queries,
-                                        bool dense_layer) const;
-  std::vector<Attended> AllResident() const;
-  // Key and value row bytes of `a`.
-  const uint8_t* KeyRow(const Attended& a) const;
-  const uint8_t* ValueRow(const Attended& a) const;
+  // Appends evicted tokens to the open page, sealing full ones into
+  // *output.
+  void Spill(const EvictedTokens& evicted, StreamStepOutput* output);
+  std::vector<int> ResidentSlots() const;
 
   const StreamConfig* config_;  // not owned
   CascadeStream cascade_;
@@ -125,9 +145,11 @@ class StreamState {
   std::vector<int> slot_page_;            // [num_slots] → page
   std::vector<float> page_digests_;       // [pages, 2, D]
   std::vector<uint8_t> page_has_digest_;  // [pages]
-  std::vector<SpilledPage> spilled_;      // the last one may be open (< P)
+  std::vector<SealedPageRef> sealed_;     // ascending page_seq
+  storage::SpillPage open_;               // < P tokens; digest valid if any
+  uint64_t next_page_seq_ = 0;            // of the open page
   int64_t spilled_tokens_ = 0;
-  int64_t spilled_bytes_ = 0;
+  int64_t spill_bytes_ = 0;
 };
 
 }  // namespace kvmem

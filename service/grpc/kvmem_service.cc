@@ -179,6 +179,26 @@ grpc::ServerUnaryReactor* KvMemoryService::Step(
   });
 }
 
+grpc::ServerUnaryReactor* KvMemoryService::Checkpoint(
+    grpc::CallbackServerContext* context, const v1::CheckpointRequest* request,
+    v1::CheckpointResponse* response) {
+  return Serve(context, [this, request, response](const std::string& tenant) {
+    if (!request->session_id().empty()) {
+      absl::Status st = ValidateSessionId(request->session_id(), "session_id");
+      if (!st.ok()) return st;
+    }
+    absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> durable =
+        engine_->Checkpoint(tenant, request->session_id());
+    if (!durable.ok()) return durable.status();
+    for (const auto& [id, position] : *durable) {
+      v1::CheckpointResponse::Durable* d = response->add_sessions();
+      d->set_session_id(id);
+      d->set_durable_position(position);
+    }
+    return absl::OkStatus();
+  });
+}
+
 grpc::ServerUnaryReactor* KvMemoryService::GetStats(
     grpc::CallbackServerContext* context, const v1::GetStatsRequest*,
     v1::GetStatsResponse* response) {
@@ -193,6 +213,7 @@ grpc::ServerUnaryReactor* KvMemoryService::GetStats(
     response->set_tokens_appended(stats.tokens_appended);
     response->set_resident_bytes(stats.resident_bytes);
     response->set_spilled_bytes(stats.spilled_bytes);
+    response->set_spill_queue_bytes(stats.spill_queue_bytes);
     return absl::OkStatus();
   });
 }

@@ -3,9 +3,9 @@
 // block (storage writes) run on a WorkPool, never on gRPC's callback threads.
 //
 // RPCs served here: CreateSession, GetSession, ListSessions, DeleteSession,
-// Step, StepStream (service/grpc/step_stream.h) and GetStats. Checkpoint,
-// ExportSession and ImportSession answer gRPC's UNIMPLEMENTED until the
-// storage and service work lands (issues 5 and 6).
+// Step, StepStream (service/grpc/step_stream.h), Checkpoint and GetStats.
+// ExportSession and ImportSession answer gRPC's UNIMPLEMENTED (not built
+// yet: moving sessions between servers is the cluster work's).
 //
 // Thread-safe.
 #ifndef KVMEM_SERVICE_GRPC_KVMEM_SERVICE_H_
@@ -57,6 +57,10 @@ class KvMemoryService final : public v1::KvMemory::CallbackService {
                                  v1::StepResponse* response) override;
   grpc::ServerBidiReactor<v1::StepRequest, v1::StepStreamResponse>* StepStream(
       grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* Checkpoint(
+      grpc::CallbackServerContext* context,
+      const v1::CheckpointRequest* request,
+      v1::CheckpointResponse* response) override;
   grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* context,
                                      const v1::GetStatsRequest* request,
                                      v1::GetStatsResponse* response) override;
@@ -68,9 +72,9 @@ class KvMemoryService final : public v1::KvMemory::CallbackService {
   grpc::ServerUnaryReactor* Serve(grpc::CallbackServerContext* context,
                                   Handler handler);
 
-  Engine* const engine_;    // not owned
-  WorkPool* const pool_;    // not owned
-  Metrics* const metrics_;  // not owned
+  Engine* const engine_;        // not owned
+  WorkPool* const pool_;        // not owned
+  Metrics* const metrics_;      // not owned
   Admission* const admission_;  // not owned
   const Identity identity_;
   const absl::Time started_;

@@ -42,7 +42,7 @@ class StepStreamReactor final
   WorkPool* const pool_;                // not owned
   Metrics* const metrics_;              // not owned
   Admission* const admission_;          // not owned
-  int64_t admitted_bytes_ = 0;  // of the request being processed
+  int64_t admitted_bytes_ = 0;          // of the request being processed
   const std::atomic<bool>* accepting_;  // not owned
   std::string tenant_;
   v1::StepRequest request_;

@@ -276,10 +276,6 @@ def test_prefill_chunks_then_decode(client: kvmem.Client,
         assert session.refresh().layer_next_positions == [100] * 4
 
 
-# Strict: once the server reports durability, this mark must go.
-@pytest.mark.xfail(strict=True, reason=(
-    "the engine reports durable_position 0 until the storage work (issue 5) "
-    "lands (service/engine/engine.cc at 72e40b6)"))
 def test_durable_position(client: kvmem.Client,
                           rng: np.random.Generator) -> None:
     with client.create_session(shape_of("fp32", layers=2), POLICY,

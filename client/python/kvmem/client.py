@@ -39,7 +39,7 @@ class ServerStats:
     tokens_appended: int
     resident_bytes: int
     spilled_bytes: int
-    spill_queue_depth: int
+    spill_queue_bytes: int
     device_pool_bytes: int
     device_pool_used_bytes: int
 

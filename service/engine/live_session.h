@@ -1,0 +1,98 @@
+// Internal to the engine (engine.cc, engine_recovery.cc): one session's live
+// state, and the per-head work of one step. Not a public header.
+#ifndef KVMEM_SERVICE_ENGINE_LIVE_SESSION_H_
+#define KVMEM_SERVICE_ENGINE_LIVE_SESSION_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "base/mutex.h"
+#include "service/engine/engine.h"
+#include "service/engine/manifest_codec.h"
+#include "service/engine/stream_state.h"
+
+namespace kvmem {
+
+// What a (session, layer) keeps of its last applied step, so that an
+// identical repeat (a retry after a lost reply) is answered again instead of
+// being applied twice (DESIGN.md § Errors).
+struct Engine::LastStep {
+  int64_t position = -1;
+  int num_tokens = 0;
+  StepMode mode = StepMode::kAttend;
+  size_t fingerprint = 0;  // of q, k and v
+  bool kept = false;       // false: the reply was too large to keep
+  StepEntryResult reply;
+};
+
+// A session's live state. The config parts are fixed at creation; the rest
+// is guarded by `mu`, and what the writer's callbacks and the sync loop
+// update by `durable_mu` (never held while taking `mu`).
+struct Engine::LiveSession {
+  SessionManifest manifest;    // as created; manifest.seq keys its storage
+  StreamConfig stream_config;  // StreamStates point here; never moves
+  std::vector<uint8_t> dense;  // [layers]: layer attends densely
+  const SessionConfig& config() const { return manifest.config; }
+
+  Mutex mu;
+  // False until Wake rebuilt the state from checkpoint and step log.
+  bool woken ABSL_GUARDED_BY(mu) = false;
+  std::vector<int64_t> layer_next ABSL_GUARDED_BY(mu);  // [layers]
+  // [layers][kv_heads]; a layer's streams are made on its first step.
+  std::vector<std::vector<StreamState>> streams ABSL_GUARDED_BY(mu);
+  // [layers]: each layer's last applied step, for answering retries.
+  std::vector<LastStep> last ABSL_GUARDED_BY(mu);
+  // Host bytes of `streams`, counted in Engine::memory_bytes_.
+  int64_t memory_bytes ABSL_GUARDED_BY(mu) = 0;
+  // Step log bytes since the last checkpoint.
+  int64_t log_bytes ABSL_GUARDED_BY(mu) = 0;
+  // Set by DeleteSession: steps already holding this state are refused.
+  bool deleted ABSL_GUARDED_BY(mu) = false;
+
+  Mutex durable_mu;
+  // [layers]: end position of the last step whose batch is written / synced.
+  std::vector<int64_t> written_next ABSL_GUARDED_BY(durable_mu);
+  std::vector<int64_t> synced_next ABSL_GUARDED_BY(durable_mu);
+  // A failed write of this session's steps: its memory is ahead of its
+  // storage, so it refuses steps until a restart recovers it.
+  absl::Status write_error ABSL_GUARDED_BY(durable_mu);
+
+  // Tokens durable in every layer.
+  int64_t DurablePosition() {
+    MutexLock lock(&durable_mu);
+    int64_t durable = synced_next.empty() ? 0 : synced_next[0];
+    for (int64_t p : synced_next) durable = std::min(durable, p);
+    return durable;
+  }
+};
+
+// One KV head's share of one entry of a step.
+struct HeadWork {
+  std::vector<float> queries;  // [T, G, D] fp32; empty: no attention
+  std::string keys, values;    // [T, D] session dtype
+  StreamSelection selection;
+  std::vector<std::shared_ptr<const storage::SpillPage>> recalled;
+
+  StreamStepInput Input(int64_t position, int num_tokens) const {
+    StreamStepInput in;
+    in.position = position;
+    in.num_tokens = num_tokens;
+    in.queries = queries;
+    in.keys = absl::Span<const uint8_t>(
+        reinterpret_cast<const uint8_t*>(keys.data()), keys.size());
+    in.values = absl::Span<const uint8_t>(
+        reinterpret_cast<const uint8_t*>(values.data()), values.size());
+    return in;
+  }
+};
+
+// Splits an entry's q [T, Hq, D], k and v [T, H, D] into per-head work.
+std::vector<HeadWork> SplitHeads(const ModelShape& shape, int num_tokens,
+                                 absl::string_view q, absl::string_view k,
+                                 absl::string_view v);
+
+}  // namespace kvmem
+
+#endif  // KVMEM_SERVICE_ENGINE_LIVE_SESSION_H_
