@@ -108,6 +108,18 @@ std::string Metrics::Render(const Gauges& gauges) const {
         gauges.engine.memory_bytes);
   Gauge(&out, "kvmem_memory_limit_bytes", "The engine's memory limit.",
         gauges.engine.memory_limit_bytes);
+  Gauge(&out, "kvmem_rocksdb_bytes_written",
+        "Bytes RocksDB wrote since the server started (WAL and memtables).",
+        gauges.storage_bytes_written);
+  Gauge(&out, "kvmem_rocksdb_stall_micros",
+        "Microseconds RocksDB held writes back (write stall), total.",
+        gauges.storage_stall_micros);
+  Gauge(&out, "kvmem_rocksdb_write_stopped",
+        "1 while RocksDB stops writes (too many L0 files or memtables).",
+        gauges.storage_write_stopped);
+  Gauge(&out, "kvmem_rocksdb_delayed_write_rate",
+        "Bytes/s RocksDB lets through while it delays writes.",
+        gauges.storage_delayed_write_rate);
   Gauge(&out, "kvmem_storage_bytes",
         "RocksDB live SST files and memtables, bytes.", gauges.storage_bytes);
   return out;

@@ -31,6 +31,10 @@ class Metrics {
     EngineStats engine;
     int64_t spill_queue_bytes = 0;
     int64_t queued_step_bytes = 0;
+    int64_t storage_bytes_written = 0;
+    int64_t storage_stall_micros = 0;
+    int64_t storage_write_stopped = 0;
+    int64_t storage_delayed_write_rate = 0;
     int64_t storage_bytes = 0;
   };
   // The Prometheus exposition of every metric.

@@ -78,7 +78,13 @@ class GrpcServer final : public Server {
           MetricsHttpServer::Start(options.metrics_listen, [this] {
             Metrics::Gauges gauges;
             gauges.engine = engine_->Stats();
-            gauges.storage_bytes = int64_t(store_->ApproximateBytes());
+            storage::Store::StorageStats storage = store_->Stats();
+            gauges.storage_bytes = int64_t(storage.live_bytes);
+            gauges.storage_bytes_written = int64_t(storage.bytes_written);
+            gauges.storage_stall_micros = int64_t(storage.stall_micros);
+            gauges.storage_write_stopped = storage.write_stopped;
+            gauges.storage_delayed_write_rate =
+                int64_t(storage.delayed_write_rate);
             gauges.queued_step_bytes = admission_->queued_bytes();
             gauges.spill_queue_bytes = gauges.engine.spill_queue_bytes;
             return metrics_->Render(gauges);

@@ -10,6 +10,7 @@
 #include "rocksdb/cache.h"
 #include "rocksdb/convenience.h"
 #include "rocksdb/db.h"
+#include "rocksdb/statistics.h"
 #include "rocksdb/table.h"
 #include "rocksdb/write_batch.h"
 #include "storage/checksum.h"
@@ -88,8 +89,12 @@ absl::Status StagePage(const SpillBatch::Entry& entry,
 class RocksStore final : public Store {
  public:
   RocksStore(std::unique_ptr<rocksdb::DB> db,
-             std::vector<rocksdb::ColumnFamilyHandle*> cf, uint64_t next_seq)
-      : db_(std::move(db)), cf_(std::move(cf)), next_seq_(next_seq) {}
+             std::vector<rocksdb::ColumnFamilyHandle*> cf, uint64_t next_seq,
+             std::shared_ptr<rocksdb::Statistics> statistics)
+      : db_(std::move(db)),
+        cf_(std::move(cf)),
+        statistics_(std::move(statistics)),
+        next_seq_(next_seq) {}
 
   ~RocksStore() override {
     for (rocksdb::ColumnFamilyHandle* h : cf_) {
@@ -166,8 +171,35 @@ class RocksStore final : public Store {
     }
     rocksdb::WriteOptions wo;
     wo.sync = sync;
-    return FromRocks(db_->Write(wo, &batch),
-                     absl::StrCat("delete session #", seq));
+    KVMEM_RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch),
+                                    absl::StrCat("delete session #", seq)));
+    // Reclaim the space now rather than whenever compaction reaches the
+    // range: a deleted session's pages can be gigabytes. The deletion is
+    // already durable, so a failure here only delays the reclaim.
+    rocksdb::Slice from(begin), to(end);
+    for (int f = kPages; f < kNumFamilies; ++f) {
+      db_->CompactRange(rocksdb::CompactRangeOptions(), cf_[f], &from, &to)
+          .PermitUncheckedError();
+    }
+    return absl::OkStatus();
+  }
+
+  StorageStats Stats() override {
+    StorageStats stats;
+    stats.live_bytes = ApproximateBytes();
+    uint64_t v = 0;
+    if (db_->GetIntProperty(rocksdb::DB::Properties::kIsWriteStopped, &v)) {
+      stats.write_stopped = v != 0;
+    }
+    if (db_->GetIntProperty(rocksdb::DB::Properties::kActualDelayedWriteRate,
+                            &v)) {
+      stats.delayed_write_rate = v;
+    }
+    if (statistics_ != nullptr) {
+      stats.bytes_written = statistics_->getTickerCount(rocksdb::BYTES_WRITTEN);
+      stats.stall_micros = statistics_->getTickerCount(rocksdb::STALL_MICROS);
+    }
+    return stats;
   }
 
   absl::Status WriteSpill(const SpillBatch& batch, bool sync) override {
@@ -378,6 +410,8 @@ class RocksStore final : public Store {
 
   const std::unique_ptr<rocksdb::DB> db_;
   const std::vector<rocksdb::ColumnFamilyHandle*> cf_;  // owned; see dtor
+  // Shared with RocksDB, which counts into it.
+  const std::shared_ptr<rocksdb::Statistics> statistics_;
   Mutex seq_mu_;
   uint64_t next_seq_ ABSL_GUARDED_BY(seq_mu_);
 };
@@ -430,6 +464,8 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const Options& options,
   dbo.create_missing_column_families = options.create_if_missing;
   // Steps of many sessions write concurrently; let RocksDB group them.
   dbo.enable_pipelined_write = true;
+  // Tickers for /metrics (bytes written, stall time); a few atomic adds.
+  dbo.statistics = rocksdb::CreateDBStatistics();
   std::shared_ptr<rocksdb::Cache> cache =
       rocksdb::NewLRUCache(options.block_cache_bytes);
   std::vector<rocksdb::ColumnFamilyDescriptor> families;
@@ -472,8 +508,8 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const Options& options,
     }
     return st;
   }
-  return std::unique_ptr<Store>(
-      new RocksStore(std::move(db), std::move(handles), next_seq));
+  return std::unique_ptr<Store>(new RocksStore(
+      std::move(db), std::move(handles), next_seq, dbo.statistics));
 }
 
 }  // namespace kvmem::storage

@@ -94,6 +94,16 @@ class Store {
   // Bytes on disk of live SST files and of memtables (approximate).
   virtual uint64_t ApproximateBytes() = 0;
 
+  // Figures for /metrics.
+  struct StorageStats {
+    uint64_t live_bytes = 0;          // as ApproximateBytes()
+    uint64_t bytes_written = 0;       // since open, WAL and memtables
+    uint64_t stall_micros = 0;        // writes held back by RocksDB, total
+    bool write_stopped = false;       // writes are stopped right now
+    uint64_t delayed_write_rate = 0;  // bytes/s while writes are delayed
+  };
+  virtual StorageStats Stats() = 0;
+
   // Writes every page of `batch` (pages family) and its DigestRecord
   // (digests family, same key) in one atomic write, replacing pages stored
   // under the same ids. With `sync` the write is on disk when this returns.

@@ -279,6 +279,15 @@ int Describe(Client& client, const std::string& id, bool json) {
   rows.push_back({"position", absl::StrCat(s.position())});
   rows.push_back({"durable_position", absl::StrCat(s.durable_position())});
   rows.push_back({"resident_tokens", absl::StrCat(s.resident_tokens())});
+  {
+    std::string per_cascade;
+    for (int i = 0; i < s.resident_tokens_per_cascade_size(); ++i) {
+      absl::StrAppend(&per_cascade, i == 0 ? "sinks " : ", c",
+                      i == 0 ? "" : absl::StrCat(i - 1, " "),
+                      s.resident_tokens_per_cascade(i));
+    }
+    rows.push_back({"resident_per_cascade", per_cascade});
+  }
   rows.push_back({"spilled_pages", absl::StrCat(s.spilled_pages())});
   rows.push_back({"spilled_bytes", absl::StrCat(s.spilled_bytes())});
   rows.push_back({"created", Time(s.create_time_unix_micros())});

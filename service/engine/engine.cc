@@ -163,8 +163,18 @@ absl::Status Engine::AddLiveFigures(SessionInfo* info) {
       *std::min_element(live->layer_next.begin(), live->layer_next.end());
   info->manifest.durable_position = live->DurablePosition();
   const int64_t row_bytes = live->stream_config.row_bytes();
+  const int cascades = live->config().policy.cascades;
+  info->resident_tokens_per_cascade.assign(size_t(cascades) + 1, 0);
   for (const std::vector<StreamState>& layer : live->streams) {
     for (const StreamState& stream : layer) {
+      const CascadeStream& c = stream.cascade();
+      int64_t in_cascades = 0;
+      for (int i = 0; i < cascades; ++i) {
+        info->resident_tokens_per_cascade[size_t(i) + 1] += c.stored(i);
+        in_cascades += c.stored(i);
+      }
+      info->resident_tokens_per_cascade[0] +=
+          stream.resident_tokens() - in_cascades;
       info->resident_tokens += stream.resident_tokens();
       info->spilled_pages += stream.spilled_pages();
       info->spilled_bytes += stream.spilled_tokens() * 2 * row_bytes;
@@ -174,7 +184,11 @@ absl::Status Engine::AddLiveFigures(SessionInfo* info) {
 }
 
 absl::StatusOr<SessionInfo> Engine::CreateSession(SessionConfig config) {
-  return registry_->Create(std::move(config));
+  KVMEM_ASSIGN_OR_RETURN(SessionInfo info,
+                         registry_->Create(std::move(config)));
+  // Described as GetSession will describe it.
+  KVMEM_RETURN_IF_ERROR(AddLiveFigures(&info));
+  return info;
 }
 
 absl::StatusOr<SessionInfo> Engine::GetSession(const std::string& tenant,

@@ -28,6 +28,8 @@ struct SessionInfo {
   SessionManifest manifest;
   int64_t position = 0;  // tokens stored in every layer
   int64_t resident_tokens = 0;
+  // [1 + cascades]: sinks, then each cascade; summed over streams.
+  std::vector<int64_t> resident_tokens_per_cascade;
   int64_t spilled_pages = 0;
   int64_t spilled_bytes = 0;
   int64_t last_used_unix_micros = 0;

@@ -154,6 +154,9 @@ void SessionToProto(const SessionInfo& info, v1::Session* out) {
   for (int64_t pos : m.layer_next_positions) out->add_layer_next_positions(pos);
   out->set_durable_position(m.durable_position);
   out->set_resident_tokens(info.resident_tokens);
+  for (int64_t n : info.resident_tokens_per_cascade) {
+    out->add_resident_tokens_per_cascade(n);
+  }
   out->set_spilled_pages(info.spilled_pages);
   out->set_spilled_bytes(info.spilled_bytes);
   out->set_create_time_unix_micros(m.create_time_unix_micros);

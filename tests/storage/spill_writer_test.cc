@@ -91,6 +91,7 @@ class FailingStore final : public Store {
     return base_->ForEachCheckpoint(s, v);
   }
   absl::Status SyncWal() override { return base_->SyncWal(); }
+  StorageStats Stats() override { return base_->Stats(); }
 
  private:
   std::unique_ptr<Store> base_;

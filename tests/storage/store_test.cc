@@ -1,6 +1,7 @@
 #include "storage/store.h"
 
 #include <memory>
+#include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -154,6 +155,47 @@ TEST(Keys, OneStreamsPagesAreOneOrderedRange) {
   EXPECT_LT(PageKey(1, 0, 1, 0), PageKey(1, 1, 0, 0));
   EXPECT_LT(PageKey(1, 7, 7, ~uint64_t{0}), SessionKey(2));
   EXPECT_GE(PageKey(1, 0, 0, 0), SessionKey(1));
+}
+
+}  // namespace
+}  // namespace kvmem::storage
+
+namespace kvmem::storage {
+namespace {
+
+TEST(Store, DeletedSessionsSpaceIsReclaimed) {
+  testing::TempDir dir;
+  std::unique_ptr<Store> store = OpenOrDie(dir.path());
+  ASSERT_NE(store, nullptr);
+  // 2 MiB of incompressible pages (256 pages of 8 KiB): 15/16 of them for
+  // session 3, the rest for session 4.
+  std::mt19937 rng(1);
+  for (int batch = 0; batch < 16; ++batch) {
+    SpillBatch spill;
+    for (int p = 0; p < 16; ++p) {
+      auto page = std::make_shared<SpillPage>();
+      page->row_bytes = 256;
+      for (int t = 0; t < 16; ++t) page->positions.push_back(t);
+      page->keys.resize(16 * 256);
+      page->values.resize(16 * 256);
+      for (char& c : page->keys) c = char(rng());
+      for (char& c : page->values) c = char(rng());
+      page->digest.assign(4, 1.0f);
+      spill.pages.push_back(
+          {PageId{batch < 15 ? 3u : 4u, 0, 0, uint64_t(batch * 16 + p)}, page});
+    }
+    ASSERT_TRUE(store->WriteSpill(spill, false).ok());
+  }
+  const uint64_t before = store->Stats().live_bytes;
+  EXPECT_GT(before, uint64_t{1} << 20);
+  ASSERT_TRUE(store->DeleteSession(3, true).ok());
+  const uint64_t after = store->Stats().live_bytes;
+  EXPECT_LT(after, before / 4) << before << " -> " << after;
+  // Session 4 is untouched.
+  absl::StatusOr<Store::SpillCounts> counts = store->CountSpilled(4);
+  ASSERT_TRUE(counts.ok());
+  EXPECT_EQ(counts->pages, 16u);
+  EXPECT_GE(store->Stats().bytes_written, uint64_t{2} << 20);
 }
 
 }  // namespace

@@ -58,6 +58,9 @@ class Session:
             message.layer_next_positions)
         self.durable_position: int = message.durable_position
         self.resident_tokens: int = message.resident_tokens
+        # [sinks, cascade 0, cascade 1, ...], summed over streams.
+        self.resident_tokens_per_cascade: List[int] = list(
+            message.resident_tokens_per_cascade)
         self.spilled_pages: int = message.spilled_pages
         self.spilled_bytes: int = message.spilled_bytes
         self.create_time_unix_micros: int = message.create_time_unix_micros

@@ -193,6 +193,11 @@ TEST_F(WorkersTest, FourWorkersSixteenSessionsMatchTheInProcessEngine) {
   ASSERT_TRUE(stub_->GetSession(&context, get, &s).ok());
   EXPECT_EQ(s.position(), kTokens);
   EXPECT_EQ(s.resident_tokens(), kLayers * kKvHeads * 68);
+  // Sinks, then two full cascades of 32, in every stream.
+  ASSERT_EQ(s.resident_tokens_per_cascade_size(), 3);
+  EXPECT_EQ(s.resident_tokens_per_cascade(0), kLayers * kKvHeads * 4);
+  EXPECT_EQ(s.resident_tokens_per_cascade(1), kLayers * kKvHeads * 32);
+  EXPECT_EQ(s.resident_tokens_per_cascade(2), kLayers * kKvHeads * 32);
   EXPECT_GT(s.spilled_pages(), 0);
 }
 
