@@ -63,7 +63,9 @@ class CascadeStream {
   // the step's new token i, read for q ≥ i only. Writes initial_scores [T]:
   // each new token's u, at the scale resident u has after the call.
   // Advances n by T and renormalises (also mid-step when a factor would pass
-  // 2^64). INVALID_ARGUMENT on sizes or T < 1; then nothing changes.
+  // 2^64). Both probs and self_probs empty: a step without attention, the
+  // same as all zeros. INVALID_ARGUMENT on sizes or T < 1; then nothing
+  // changes.
   absl::Status UpdateScores(int num_tokens, absl::Span<const float> probs,
                             absl::Span<const float> self_probs,
                             absl::Span<float> initial_scores);

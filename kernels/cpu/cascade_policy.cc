@@ -170,12 +170,15 @@ absl::Status CascadeStream::UpdateScores(int num_tokens,
     return absl::InvalidArgumentError(
         absl::StrCat("num_tokens: ", num_tokens, ", want >= 1"));
   }
-  if (int64_t(probs.size()) != t_count * slots) {
+  // Empty probs and self_probs: a step without attention (APPEND without a
+  // query), as if every probability were 0, without T × slots zeros.
+  const bool no_attention = probs.empty() && self_probs.empty();
+  if (!no_attention && int64_t(probs.size()) != t_count * slots) {
     return absl::InvalidArgumentError(
         absl::StrCat("probs: ", probs.size(), " floats, want ", t_count * slots,
                      " (", t_count, " x ", slots, ")"));
   }
-  if (int64_t(self_probs.size()) != t_count * t_count) {
+  if (!no_attention && int64_t(self_probs.size()) != t_count * t_count) {
     return absl::InvalidArgumentError(
         absl::StrCat("self_probs: ", self_probs.size(), " floats, want ",
                      t_count * t_count));
@@ -186,7 +189,7 @@ absl::Status CascadeStream::UpdateScores(int num_tokens,
   }
   // Check every value read before changing anything. `!(p >= 0)` catches NaN;
   // +inf would poison the stream's scores for good.
-  for (int64_t q = 0; q < t_count; ++q) {
+  for (int64_t q = 0; q < t_count && !no_attention; ++q) {
     for (int64_t s = params_.sinks; s < slots; ++s) {
       float p = probs[q * slots + s];
       if (positions_[s] >= 0 && !(p >= 0.0f && std::isfinite(p))) {
@@ -209,6 +212,10 @@ absl::Status CascadeStream::UpdateScores(int num_tokens,
         NeedsMidStepRenormalisation(params_.beta, score_exponent_ + 1)) {
       // Only the first q new tokens have partial sums; the rest are 0.
       Renormalise(initial_scores);
+    }
+    if (no_attention) {  // u + factor·0 = u: only n advances
+      ++score_exponent_;
+      continue;
     }
     const float factor = IncrementFactor(params_.beta, score_exponent_ + 1);
     const float* row = probs.data() + q * slots;

@@ -543,8 +543,9 @@ absl::Status StreamState::Apply(
 
   // 2. Gather keys/values (before insertion moves slots), rotating in
   // CACHE_RANK mode; attend; reduce probabilities over the group.
-  std::vector<float> slot_probs(size_t(T) * N, 0.0f);
-  std::vector<float> self_probs(size_t(T) * T, 0.0f);
+  // Empty without a query: UpdateScores reads that as no attention.
+  std::vector<float> slot_probs(has_query ? size_t(T) * N : 0, 0.0f);
+  std::vector<float> self_probs(has_query ? size_t(T) * T : 0, 0.0f);
   std::string keys, values;         // [total, D] session dtype
   std::vector<float> rotated_keys;  // CACHE_RANK: [total, D] fp32
   if (has_query) {

@@ -418,3 +418,50 @@ TEST(CascadeErrors, ReduceGroup) {
 
 }  // namespace
 }  // namespace kvmem::cascade_test
+
+namespace kvmem {
+namespace {
+
+// A step without attention (empty probabilities) is the same as one whose
+// probabilities are all zero: same scores, same exponent, same decisions.
+TEST(CascadeNoAttention, EmptyProbsEqualZeros) {
+  CascadeParams params;
+  params.sinks = 2;
+  params.cascades = 2;
+  params.window = 4;
+  params.beta = 0.5;
+  absl::StatusOr<CascadeStream> a = CascadeStream::Create(params, 4);
+  absl::StatusOr<CascadeStream> b = CascadeStream::Create(params, 4);
+  ASSERT_TRUE(a.ok() && b.ok());
+  std::vector<uint8_t> rows(4 * 3, 7);
+  for (int step = 0; step < 20; ++step) {
+    const int T = 1 + step % 3;
+    // Give the streams some nonzero scores first, identically.
+    std::vector<float> probs(size_t(T) * a->num_slots(), 0.25f);
+    std::vector<float> self(size_t(T) * T, 0.5f);
+    std::vector<float> init_a(static_cast<size_t>(T)),
+        init_b(static_cast<size_t>(T));
+    if (step % 2 == 0) {
+      ASSERT_TRUE(a->UpdateScores(T, probs, self, absl::MakeSpan(init_a)).ok());
+      ASSERT_TRUE(b->UpdateScores(T, probs, self, absl::MakeSpan(init_b)).ok());
+    } else {
+      std::fill(probs.begin(), probs.end(), 0.0f);
+      std::fill(self.begin(), self.end(), 0.0f);
+      ASSERT_TRUE(a->UpdateScores(T, probs, self, absl::MakeSpan(init_a)).ok());
+      ASSERT_TRUE(b->UpdateScores(T, {}, {}, absl::MakeSpan(init_b)).ok());
+    }
+    EXPECT_EQ(init_a, init_b) << "step " << step;
+    InsertResult ra, rb;
+    absl::Span<const uint8_t> kv(rows.data(), size_t(T) * 4);
+    ASSERT_TRUE(a->InsertTokens(a->tokens_seen(), T, kv, kv, init_a, &ra).ok());
+    ASSERT_TRUE(b->InsertTokens(b->tokens_seen(), T, kv, kv, init_b, &rb).ok());
+    EXPECT_EQ(a->score_exponent(), b->score_exponent());
+    for (int s = 0; s < a->num_slots(); ++s) {
+      ASSERT_EQ(a->slot_position(s), b->slot_position(s)) << "step " << step;
+      ASSERT_EQ(FloatBits(a->slot_score(s)), FloatBits(b->slot_score(s)));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kvmem
