@@ -38,9 +38,9 @@ KVMEM_HD float QuestHeadBound(const float* q, const float* digest,
   const float* high = digest + head_dim;
   float bound = 0.0f;
   for (int i = 0; i < head_dim; ++i) {
-    const float up = UnfusedMul(q[i], high[i]);
-    const float down = UnfusedMul(q[i], low[i]);
-    bound = UnfusedAdd(bound, up > down ? up : down);
+    const float up = MulF(q[i], high[i]);
+    const float down = MulF(q[i], low[i]);
+    bound = AddF(bound, up > down ? up : down);
   }
   return bound;
 }
@@ -58,14 +58,13 @@ KVMEM_HD float PairNormHeadBound(const float* q, const float* digest,
     int a = 0;
     int b = 0;
     RotaryPairChannels(pairing, rotated_dims, i, &a, &b);
-    const float q_norm =
-        sqrtf(UnfusedAdd(UnfusedMul(q[a], q[a]), UnfusedMul(q[b], q[b])));
-    bound = UnfusedAdd(bound, UnfusedMul(q_norm, high[a]));
+    const float q_norm = sqrtf(AddF(MulF(q[a], q[a]), MulF(q[b], q[b])));
+    bound = AddF(bound, MulF(q_norm, high[a]));
   }
   for (int i = rotated_dims; i < head_dim; ++i) {
-    const float up = UnfusedMul(q[i], high[i]);
-    const float down = UnfusedMul(q[i], low[i]);
-    bound = UnfusedAdd(bound, up > down ? up : down);
+    const float up = MulF(q[i], high[i]);
+    const float down = MulF(q[i], low[i]);
+    bound = AddF(bound, up > down ? up : down);
   }
   return bound;
 }

@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "kernels/dtype.h"
+#include "kernels/policy_math.h"  // MulF, AddF: never-fused fp32 ops
 
 namespace kvmem {
 
@@ -61,28 +62,6 @@ KVMEM_HD void RotaryPairChannels(RotaryPairing pairing, int rotated_dims,
   }
 }
 
-// fp32 product and sum that are rounded separately, never fused into an
-// FMA, so that the CPU oracle and the CUDA backend round alike (nvcc fuses
-// by default; GCC may where FMA is enabled).
-KVMEM_HD float UnfusedMul(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  float product = a * b;
-#if defined(__GNUC__)
-  __asm__("" : "+m"(product));  // opaque: the product cannot join an FMA
-#endif
-  return product;
-#endif
-}
-KVMEM_HD float UnfusedAdd(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
 // Turns the pair (*a, *b) by `angle_rad`: a' = a·cos − b·sin,
 // b' = a·sin + b·cos. cos and sin are taken in fp64, rounded to fp32, and
 // the products are fp32, as DESIGN.md § Contract fixes.
@@ -91,8 +70,8 @@ KVMEM_HD void RotatePair(double angle_rad, float* a, float* b) {
   const float s = static_cast<float>(sin(angle_rad));
   const float x = *a;
   const float y = *b;
-  *a = UnfusedAdd(UnfusedMul(x, c), -UnfusedMul(y, s));
-  *b = UnfusedAdd(UnfusedMul(x, s), UnfusedMul(y, c));
+  *a = AddF(MulF(x, c), -MulF(y, s));
+  *b = AddF(MulF(x, s), MulF(y, c));
 }
 
 // Angular speed of each pair, scaling applied: [rotated_dims / 2] fp64,

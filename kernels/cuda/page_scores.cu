@@ -135,7 +135,7 @@ __global__ void ScorePagesKernel(const ScoreArgs args) {
         } else if (args.reduction == GroupReduction::kMax) {
           score = bound > score ? bound : score;
         } else {
-          score = UnfusedAdd(score, bound);
+          score = AddF(score, bound);
         }
       }
       args.scores[begin + tile + tid] = score;

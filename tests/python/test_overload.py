@@ -6,10 +6,7 @@ Runs the kvmem-server binary in its own process (so its RSS is its own) with
 one handler thread and a queue of 4 requests. Debian's /usr/bin/python3.
 """
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 
 import grpc
@@ -18,8 +15,10 @@ import pytest
 
 BUILD = os.environ.get("KVMEM_BUILD", "build/release")
 sys.path.insert(0, os.path.join(BUILD, "python"))
+sys.path.insert(0, os.path.dirname(__file__))
 from kvmem.v1 import kvmem_pb2 as pb  # noqa: E402
 from kvmem.v1 import kvmem_pb2_grpc as rpc  # noqa: E402
+from server_util import running_server, rss_mb  # noqa: E402
 
 SESSIONS = 16
 FLOOD = 400            # requests in flight at once
@@ -27,31 +26,11 @@ T, HQ, H, D = 64, 8, 2, 128
 RSS_BOUND_MB = 400     # stated bound on the server's RSS during the flood
 
 
-def rss_mb(pid):
-    with open("/proc/%d/status" % pid) as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmRSS")
-
-
 @pytest.fixture
 def server():
-    with tempfile.TemporaryDirectory() as data_dir:
-        proc = subprocess.Popen(
-            [os.path.join(BUILD, "service", "kvmem-server"),
-             "--listen=127.0.0.1:0", "--data_dir=" + data_dir,
-             "--handler_threads=1", "--max_queued_requests=4",
-             "--max_queued_bytes=%d" % (64 << 20)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        line = proc.stdout.readline()
-        match = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
-        assert match, line
-        try:
-            yield proc, match.group(1)
-        finally:
-            proc.kill()
-            proc.wait()
+    with running_server("--handler_threads=1", "--max_queued_requests=4",
+                        "--max_queued_bytes=%d" % (64 << 20)) as running:
+        yield running
 
 
 def entry(rng, session, position):

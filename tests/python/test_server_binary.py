@@ -4,40 +4,26 @@ reflection, the README's quick start, and a graceful stop on SIGTERM.
 Run with Debian's /usr/bin/python3 -m pytest; KVMEM_BUILD names the build
 directory (holding service/kvmem-server and python/)."""
 import os
-import re
 import signal
-import subprocess
 import sys
-import tempfile
 
 import grpc
 import pytest
 
 BUILD = os.environ.get("KVMEM_BUILD", "build/release")
 sys.path.insert(0, os.path.join(BUILD, "python"))
+sys.path.insert(0, os.path.dirname(__file__))
 from kvmem.v1 import kvmem_pb2 as pb  # noqa: E402
 from kvmem.v1 import kvmem_pb2_grpc as rpc  # noqa: E402
+from server_util import running_server  # noqa: E402
 
 IDENTITY = (lambda b: b, lambda b: b)
 
 
 @pytest.fixture
 def server():
-    with tempfile.TemporaryDirectory() as data_dir:
-        proc = subprocess.Popen(
-            [os.path.join(BUILD, "service", "kvmem-server"),
-             "--listen=127.0.0.1:0", "--data_dir=" + data_dir],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        line = proc.stdout.readline()
-        match = re.search(r"listening on (127\.0\.0\.1:(\d+))", line)
-        assert match, "start line was: %r" % line
-        assert int(match.group(2)) > 0
-        try:
-            yield proc, match.group(1)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with running_server() as running:
+        yield running
 
 
 def health(channel, service=""):

@@ -8,11 +8,9 @@ The server and the dying worker are separate processes (Debian's
 /usr/bin/python3 runs both sides).
 """
 import os
-import re
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -22,8 +20,10 @@ import pytest
 
 BUILD = os.environ.get("KVMEM_BUILD", "build/release")
 sys.path.insert(0, os.path.join(BUILD, "python"))
+sys.path.insert(0, os.path.dirname(__file__))
 from kvmem.v1 import kvmem_pb2 as pb  # noqa: E402
 from kvmem.v1 import kvmem_pb2_grpc as rpc  # noqa: E402
+from server_util import running_server, rss_mb  # noqa: E402
 
 SESSIONS = 4
 LAYERS = 2
@@ -61,29 +61,10 @@ WORKER = textwrap.dedent("""
 """ % (LAYERS, HQ, D, H, D, H, D))
 
 
-def rss_mb(pid):
-    with open("/proc/%d/status" % pid) as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmRSS")
-
-
 @pytest.fixture
 def server():
-    with tempfile.TemporaryDirectory() as data_dir:
-        proc = subprocess.Popen(
-            [os.path.join(BUILD, "service", "kvmem-server"),
-             "--listen=127.0.0.1:0", "--data_dir=" + data_dir],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        match = re.search(r"listening on (127\.0\.0\.1:\d+)",
-                          proc.stdout.readline())
-        assert match
-        try:
-            yield proc, match.group(1)
-        finally:
-            proc.kill()
-            proc.wait()
+    with running_server() as running:
+        yield running
 
 
 def step_all(stub, rng, t):
