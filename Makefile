@@ -3,7 +3,7 @@
 JOBS ?= 2
 ARGS ?=
 
-.PHONY: deps build run test build-asan test-asan format-check clean
+.PHONY: deps build run test build-asan test-asan format-check thread-safety-check clean
 
 deps:
 	@scripts/install-deps.sh
@@ -36,3 +36,10 @@ format-check:
 
 clean:
 	rm -rf build compile_commands.json
+
+# Clang's lock analysis (kvmem::Mutex annotations) over the code that locks.
+thread-safety-check: build
+	@for f in $$(git ls-files 'service/*.cc' 'storage/*.cc' 'client/cpp/*.cc'); do \
+	  clang++-14 -std=c++17 -fsyntax-only -Wthread-safety -Werror -I. \
+	    -Ibuild/release/proto -I/usr/local/cuda/include $$f || exit 1; \
+	done; echo "thread-safety: clean"

@@ -250,7 +250,8 @@ absl::Status Engine::DeleteSession(const std::string& tenant,
 }
 
 absl::Status Engine::MakeStreams(LiveSession& s, int layer,
-                                 const std::string& field) {
+                                 const std::string& field)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
   std::vector<StreamState>& streams = s.streams[size_t(layer)];
   const int H = s.config().shape.kv_heads;
   for (int h = 0; h < H; ++h) {

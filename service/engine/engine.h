@@ -125,6 +125,9 @@ class Engine {
   // The live state of `info`'s session, made on first use (not yet
   // recovered: Wake does that under the session's lock).
   std::shared_ptr<LiveSession> Live(const Key& key, const SessionInfo& info);
+  // The three helpers below need the caller to hold s.mu; LiveSession is
+  // incomplete here, so Clang's analysis cannot be told, and their
+  // definitions opt out of it.
   // Rebuilds `s` from its checkpoint and step log, once. Caller holds s.mu.
   absl::Status Wake(LiveSession& s);
   // `info` with the live figures of its session, waking it if needed.

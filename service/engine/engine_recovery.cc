@@ -19,7 +19,7 @@ std::vector<std::shared_ptr<Engine::LiveSession>> Engine::AllLive() {
   return all;
 }
 
-absl::Status Engine::Wake(LiveSession& s) {
+absl::Status Engine::Wake(LiveSession& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const uint64_t seq = s.manifest.seq;
   const int layers = s.config().shape.layers;
   const int H = s.config().shape.kv_heads;
@@ -132,7 +132,8 @@ absl::Status Engine::Wake(LiveSession& s) {
   return absl::OkStatus();
 }
 
-absl::Status Engine::CheckpointLocked(LiveSession& s) {
+absl::Status Engine::CheckpointLocked(LiveSession& s)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
   // Queued batches first: the checkpoint truncates the log they write.
   KVMEM_RETURN_IF_ERROR(writer_->Flush());
   storage::Store::CheckpointWrite c;

@@ -32,7 +32,9 @@ absl::StatusOr<std::unique_ptr<SessionRegistry>> SessionRegistry::Open(
     const Options& options, storage::Store* store) {
   std::unique_ptr<SessionRegistry> registry(
       new SessionRegistry(options, store));
-  MutexLock lock(&registry->mu_);
+  // Read outside the lock (a lambda's body is opaque to the analysis), then
+  // published under it.
+  std::map<Key, Entry> loaded;
   const int64_t now = NowMicros();
   KVMEM_RETURN_IF_ERROR(store->ForEachManifest(
       [&](uint64_t seq, absl::string_view body) -> absl::Status {
@@ -45,9 +47,11 @@ absl::StatusOr<std::unique_ptr<SessionRegistry>> SessionRegistry::Open(
         entry.manifest = std::move(*manifest);
         entry.last_used_unix_micros = now;
         Key key(entry.manifest.config.tenant, entry.manifest.config.session_id);
-        registry->sessions_.emplace(std::move(key), std::move(entry));
+        loaded.emplace(std::move(key), std::move(entry));
         return absl::OkStatus();
       }));
+  MutexLock lock(&registry->mu_);
+  registry->sessions_ = std::move(loaded);
   return registry;
 }
 
