@@ -222,6 +222,19 @@ class Bench {
     return ids;
   }
 
+  // Deletes `ids`, returning their memory before the next cells.
+  void DeleteSessions(const std::vector<std::string>& ids) {
+    for (const std::string& id : ids) {
+      v1::DeleteSessionRequest del;
+      del.set_session_id(id);
+      std::string reply;
+      Call(kvmem_.get(), "/kvmem.v1.KvMemory/DeleteSession",
+           del.SerializeAsString(), &reply)
+          .IgnoreError();
+      position_.erase(id);
+    }
+  }
+
   // A decode step of `layer` for `ids` at their next positions.
   v1::StepRequest DecodeRequest(const std::vector<std::string>& ids, int layer,
                                 v1::StepMode mode) {
@@ -405,6 +418,7 @@ int Main() {
         std::fflush(stdout);
       }
     }
+    bench.DeleteSessions(ids);
   }
 
   const int layers = absl::GetFlag(FLAGS_token_layers);
@@ -437,12 +451,14 @@ int Main() {
         if (!error.empty() || ms.empty()) {
           std::printf("| %d | %lld | %lld | error: %s | |\n", layers,
                       (long long)fits, (long long)resident, error.c_str());
+          bench.DeleteSessions(ids);
           continue;
         }
         std::printf("| %d | %lld | %lld | %.1f | %.1f |\n", layers,
                     (long long)fits, (long long)resident, Percentile(ms, 0.5),
                     *std::max_element(ms.begin(), ms.end()));
         std::fflush(stdout);
+        bench.DeleteSessions(ids);
       }
     }
   }
