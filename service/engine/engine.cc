@@ -301,6 +301,77 @@ absl::Status Engine::LoadRecalled(uint64_t seq, int layer, int head,
   return absl::OkStatus();
 }
 
+absl::Status Engine::ApplyEntry(
+    LiveSession& s, int layer, StepMode mode, int64_t position, int T,
+    std::vector<HeadWork>& work, StepEntryResult* result,
+    storage::SpillBatch* batch) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const ModelShape& shape = s.config().shape;
+  const int H = shape.kv_heads, Hq = shape.query_heads;
+  const int D = shape.head_dim, G = Hq / H;
+  std::vector<StreamState>& streams = s.streams[size_t(layer)];
+  std::vector<float> out_all, lse_all;
+  if (mode == StepMode::kAttend) {
+    out_all.resize(size_t(T) * Hq * D);
+    lse_all.resize(size_t(T) * Hq);
+  }
+  int64_t bytes_before = 0, bytes_after = 0;
+  for (const StreamState& stream : streams) {
+    bytes_before += stream.memory_bytes();
+  }
+  for (int h = 0; h < H; ++h) {
+    HeadWork& w = work[size_t(h)];
+    StreamStepOutput output;
+    absl::Status st = streams[size_t(h)].Apply(
+        mode, w.Input(position, T), w.selection, w.recalled, &output);
+    if (!st.ok()) {
+      return absl::InternalError(absl::StrCat(
+          "step of KV head ", h, " failed after validation: ", st.message()));
+    }
+    if (mode == StepMode::kAttend) {
+      for (int t = 0; t < T; ++t) {
+        std::copy_n(&output.out[size_t(t) * G * D], size_t(G) * D,
+                    &out_all[(size_t(t) * Hq + size_t(h) * G) * D]);
+        std::copy_n(&output.lse[size_t(t) * G], G,
+                    &lse_all[size_t(t) * Hq + size_t(h) * G]);
+      }
+    } else if (mode == StepMode::kFetch) {
+      result->heads.push_back(std::move(output.fetched));
+    }
+    if (batch == nullptr) continue;  // replay: the pages are stored already
+    for (size_t p = 0; p < output.sealed.size(); ++p) {
+      batch->pages.push_back(
+          {storage::PageId{s.manifest.seq, uint32_t(layer), uint32_t(h),
+                           output.sealed_seqs[p]},
+           std::move(output.sealed[p])});
+    }
+  }
+  if (mode == StepMode::kAttend) {
+    result->output.resize(out_all.size() * DTypeBytes(shape.dtype));
+    cpu::StoreFloats(out_all, shape.dtype, result->output.data());
+    result->lse.assign(reinterpret_cast<const char*>(lse_all.data()),
+                       lse_all.size() * sizeof(float));
+  }
+  for (const StreamState& stream : streams) {
+    bytes_after += stream.memory_bytes();
+  }
+  s.memory_bytes += bytes_after - bytes_before;
+  memory_bytes_.fetch_add(bytes_after - bytes_before);
+  s.layer_next[size_t(layer)] += T;
+  result->next_position = s.layer_next[size_t(layer)];
+  return absl::OkStatus();
+}
+
+void KeepLastStep(StepMode mode, const StepEntryView& e,
+                  const StepEntryResult& result, Engine::LastStep* last) {
+  last->position = e.position;
+  last->num_tokens = e.num_tokens;
+  last->mode = mode;
+  last->fingerprint = Fingerprint(e);
+  last->kept =
+      mode != StepMode::kFetch || ReplyBytes(result) <= kMaxKeptReplyBytes;
+  last->reply = last->kept ? result : StepEntryResult();
+}
+
 // The per-session locks taken depend on the request, which Clang's
 // analysis cannot follow; the locking is confined to this function.
 absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
@@ -501,73 +572,18 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
         continue;
       }
       const StepEntryView& e = request.entries[i];
-      const ModelShape& shape = s.config().shape;
-      const int T = e.num_tokens, H = shape.kv_heads, Hq = shape.query_heads;
-      const int D = shape.head_dim, G = Hq / H;
+      const int T = e.num_tokens;
       StepEntryResult& result = results[i];
-      std::vector<float> out_all, lse_all;
-      if (mode == StepMode::kAttend) {
-        out_all.resize(size_t(T) * Hq * D);
-        lse_all.resize(size_t(T) * Hq);
-      }
-      int64_t bytes_before = 0, bytes_after = 0;
-      for (const StreamState& stream : s.streams[size_t(layer)]) {
-        bytes_before += stream.memory_bytes();
-      }
-      for (int h = 0; h < H; ++h) {
-        HeadWork& w = work[i][size_t(h)];
-        StreamStepOutput output;
-        absl::Status st = s.streams[size_t(layer)][size_t(h)].Apply(
-            mode, w.Input(e.position, T), w.selection, w.recalled, &output);
-        if (!st.ok()) {
-          return absl::InternalError(
-              absl::StrCat(Field(i, "session_id"), ": step of KV head ", h,
-                           " failed after validation: ", st.message()));
-        }
-        if (mode == StepMode::kAttend) {
-          for (int t = 0; t < T; ++t) {
-            std::copy_n(&output.out[size_t(t) * G * D], size_t(G) * D,
-                        &out_all[(size_t(t) * Hq + size_t(h) * G) * D]);
-            std::copy_n(&output.lse[size_t(t) * G], G,
-                        &lse_all[size_t(t) * Hq + size_t(h) * G]);
-          }
-        } else if (mode == StepMode::kFetch) {
-          result.heads.push_back(std::move(output.fetched));
-        }
-        for (size_t p = 0; p < output.sealed.size(); ++p) {
-          batch.pages.push_back(
-              {storage::PageId{s.manifest.seq, uint32_t(layer), uint32_t(h),
-                               output.sealed_seqs[p]},
-               std::move(output.sealed[p])});
-        }
-      }
-      if (mode == StepMode::kAttend) {
-        result.output.resize(out_all.size() * DTypeBytes(shape.dtype));
-        cpu::StoreFloats(out_all, shape.dtype, result.output.data());
-        result.lse.assign(reinterpret_cast<const char*>(lse_all.data()),
-                          lse_all.size() * sizeof(float));
-      }
-      for (const StreamState& stream : s.streams[size_t(layer)]) {
-        bytes_after += stream.memory_bytes();
-      }
-      s.memory_bytes += bytes_after - bytes_before;
-      memory_bytes_.fetch_add(bytes_after - bytes_before);
-      s.layer_next[size_t(layer)] += T;
-      result.next_position = s.layer_next[size_t(layer)];
+      absl::Status applied =
+          ApplyEntry(s, layer, mode, e.position, T, work[i], &result, &batch);
+      if (!applied.ok()) return Annotate(applied, Field(i, "session_id"));
       // The step log record, in the same batch as the pages it sealed.
       batch.log.push_back({s.manifest.seq, uint32_t(layer), e.position,
-                           EncodeLoggedStep(T, e.q, e.k, e.v)});
+                           EncodeLoggedStep(mode, T, e.q, e.k, e.v)});
       s.log_bytes += int64_t(batch.log.back().body.size());
       sync = sync || s.config().durability == Durability::kStepSync;
       written.push_back({sessions[i], s.layer_next[size_t(layer)]});
-      LastStep& last = s.last[size_t(layer)];
-      last.position = e.position;
-      last.num_tokens = T;
-      last.mode = mode;
-      last.fingerprint = Fingerprint(e);
-      last.kept =
-          mode != StepMode::kFetch || ReplyBytes(result) <= kMaxKeptReplyBytes;
-      last.reply = last.kept ? result : StepEntryResult();
+      KeepLastStep(mode, e, result, &s.last[size_t(layer)]);
       steps_.fetch_add(1, std::memory_order_relaxed);
       tokens_appended_.fetch_add(T, std::memory_order_relaxed);
     }

@@ -116,8 +116,11 @@ class Engine {
   EngineStats Stats();
 
  private:
+ public:  // for engine-internal helpers (live_session.h)
   struct LastStep;
   struct LiveSession;
+
+ private:
   using Key = std::pair<std::string, std::string>;  // (tenant, session_id)
 
   Engine(const Options& options, storage::Store* store,
@@ -142,6 +145,14 @@ class Engine {
   // Makes layer `layer`'s streams of `s` (caller holds s.mu); INTERNAL
   // naming `field` if the policy cannot make them.
   absl::Status MakeStreams(LiveSession& s, int layer, const std::string& field);
+  // Applies one entry's step to layer `layer` of `s` (selections and
+  // recalled pages in `work`): fills *result and appends the sealed pages to
+  // *batch (null when replaying the log: they are stored already). INTERNAL
+  // if a stream step fails, which validation rules out. Caller holds s.mu.
+  absl::Status ApplyEntry(LiveSession& s, int layer, StepMode mode,
+                          int64_t position, int num_tokens,
+                          std::vector<HeadWork>& work, StepEntryResult* result,
+                          storage::SpillBatch* batch);
   // Fills work->recalled with the pages work->selection.recall names: from
   // the writer's queue, the page cache, or storage (one MultiGet).
   absl::Status LoadRecalled(uint64_t seq, int layer, int head, HeadWork* work);

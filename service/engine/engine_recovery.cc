@@ -89,31 +89,44 @@ absl::Status Engine::Wake(LiveSession& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
         log.emplace(std::make_pair(layer, position), std::move(step));
         return absl::OkStatus();
       }));
+  // The last logged step of each layer (by position), whose reply is kept
+  // again so that a worker's retry after the restart is answered.
+  std::map<uint32_t, int64_t> last_logged;
+  for (const auto& [key, step] : log) last_logged[key.first] = key.second;
   int64_t replayed_bytes = 0;
   for (auto& [key, step] : log) {
     const int layer = int(key.first);
-    if (key.second != next[size_t(layer)]) continue;  // after a gap: dropped
+    const int64_t position = key.second;
+    if (position != next[size_t(layer)]) continue;  // after a gap: dropped
     if (s.streams[size_t(layer)].empty()) {
       KVMEM_RETURN_IF_ERROR(MakeStreams(s, layer, "replay"));
     }
+    // The same select, recall and apply as the original step; its pages
+    // are stored already. Only the last step's reply is computed in full.
+    s.layer_next[size_t(layer)] = position;
+    const bool last = last_logged[key.first] == position;
+    const StepMode mode = last ? step.mode : StepMode::kAppend;
     std::vector<HeadWork> work =
         SplitHeads(s.config().shape, step.num_tokens, step.q, step.k, step.v);
-    int64_t before = 0, after = 0;
     for (size_t h = 0; h < work.size(); ++h) {
-      StreamState& stream = s.streams[size_t(layer)][h];
-      before += stream.memory_bytes();
-      StreamStepInput input = work[h].Input(key.second, step.num_tokens);
       KVMEM_ASSIGN_OR_RETURN(work[h].selection,
-                             stream.Select(s.dense[size_t(layer)], input));
+                             s.streams[size_t(layer)][h].Select(
+                                 s.dense[size_t(layer)],
+                                 work[h].Input(position, step.num_tokens)));
       KVMEM_RETURN_IF_ERROR(LoadRecalled(seq, layer, int(h), &work[h]));
-      StreamStepOutput output;  // its sealed pages are in storage already
-      KVMEM_RETURN_IF_ERROR(stream.Apply(StepMode::kAppend, input,
-                                         work[h].selection, work[h].recalled,
-                                         &output));
-      after += stream.memory_bytes();
     }
-    s.memory_bytes += after - before;
-    memory_bytes_.fetch_add(after - before);
+    StepEntryResult reply;
+    KVMEM_RETURN_IF_ERROR(ApplyEntry(s, layer, mode, position, step.num_tokens,
+                                     work, &reply, nullptr));
+    if (last) {
+      StepEntryView entry;
+      entry.position = position;
+      entry.num_tokens = step.num_tokens;
+      entry.q = step.q;
+      entry.k = step.k;
+      entry.v = step.v;
+      KeepLastStep(step.mode, entry, reply, &s.last[size_t(layer)]);
+    }
     next[size_t(layer)] += step.num_tokens;
     replayed_bytes += int64_t(step.q.size() + step.k.size() + step.v.size());
   }

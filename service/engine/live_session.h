@@ -88,6 +88,10 @@ struct HeadWork {
   }
 };
 
+// Records `e`'s applied step and its reply in *last, for retries.
+void KeepLastStep(StepMode mode, const StepEntryView& e,
+                  const StepEntryResult& result, Engine::LastStep* last);
+
 // Splits an entry's q [T, Hq, D], k and v [T, H, D] into per-head work.
 std::vector<HeadWork> SplitHeads(const ModelShape& shape, int num_tokens,
                                  absl::string_view q, absl::string_view k,

@@ -29,11 +29,12 @@ bool GetBytes(absl::string_view in, size_t* at, std::string* bytes) {
 
 }  // namespace
 
-std::string EncodeLoggedStep(int num_tokens, absl::string_view q,
+std::string EncodeLoggedStep(StepMode mode, int num_tokens, absl::string_view q,
                              absl::string_view k, absl::string_view v) {
   std::string out;
-  out.reserve(1 + 4 + 24 + q.size() + k.size() + v.size());
+  out.reserve(2 + 4 + 24 + q.size() + k.size() + v.size());
   out.push_back(char(kLoggedStepFormat));
+  out.push_back(char(mode));
   const int32_t t = num_tokens;
   out.append(reinterpret_cast<const char*>(&t), 4);
   PutBytes(&out, q);
@@ -45,9 +46,11 @@ std::string EncodeLoggedStep(int num_tokens, absl::string_view q,
 absl::StatusOr<LoggedStep> DecodeLoggedStep(absl::string_view body) {
   LoggedStep step;
   int32_t t = 0;
-  size_t at = 5;
-  bool ok = body.size() >= 5 && uint8_t(body[0]) == kLoggedStepFormat;
-  if (ok) memcpy(&t, body.data() + 1, 4);
+  size_t at = 6;
+  bool ok = body.size() >= 6 && uint8_t(body[0]) == kLoggedStepFormat;
+  const int mode = ok ? int(uint8_t(body[1])) : 0;
+  ok = ok && mode >= int(StepMode::kFetch) && mode <= int(StepMode::kAppend);
+  if (ok) memcpy(&t, body.data() + 2, 4);
   ok = ok && t >= 1 && GetBytes(body, &at, &step.q) &&
        GetBytes(body, &at, &step.k) && GetBytes(body, &at, &step.v) &&
        at == body.size();
@@ -56,6 +59,7 @@ absl::StatusOr<LoggedStep> DecodeLoggedStep(absl::string_view body) {
         absl::StrCat("logged step of ", body.size(), " bytes is malformed"));
   }
   step.num_tokens = t;
+  step.mode = StepMode(mode);
   return step;
 }
 

@@ -23,6 +23,8 @@ def test_three_kill_cycles_lose_nothing_durable(
         argv += ["--seed", os.environ["KVMEM_CRASH_SEED"]]
     result = crash_test.run(crash_test.parse_args(argv))
     assert result.error is None, result.error
-    assert result.kills == 3
+    # One SIGKILL under load per cycle, and with 20% odds one more during
+    # the check that follows it.
+    assert 3 <= result.kills <= 6, result.kills
     assert result.passed, "%d violations (seed %d):\n%s" % (
         result.violations, result.seed, "\n".join(result.violation_lines))

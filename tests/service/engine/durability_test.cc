@@ -145,6 +145,33 @@ TEST_P(DurabilityTest, RestartedSessionAnswersLikeOneThatNeverStopped) {
                     Drive(twin.engine(), "s", 160, 170, StepMode::kAttend));
 }
 
+// After a crash the log is replayed, and with it each layer's kept reply: a
+// worker that lost the reply of its last step gets it again, once.
+TEST(DurabilityTest, ARetryAfterACrashIsAnsweredFromTheReplayedLog) {
+  testing::TempDir dir;
+  Node node(dir.path());
+  ASSERT_TRUE(
+      node.engine()->CreateSession(Config("retry", Durability::kAsync)).ok());
+  std::vector<StepEntryResult> before =
+      Drive(node.engine(), "retry", 0, 30, StepMode::kAttend);
+  ASSERT_EQ(before.size(), 90u);
+  node.Restart(/*graceful=*/false);
+  for (int l = 0; l < 3; ++l) {
+    std::string q = Tensor(l, 29, 0, kHq * kD);
+    std::string k = Tensor(l, 29, 1, kH * kD);
+    std::string v = Tensor(l, 29, 2, kH * kD);
+    StepRequestView again{l, StepMode::kAttend, {{"retry", 29, 1, q, k, v}}};
+    absl::StatusOr<std::vector<StepEntryResult>> got =
+        node.engine()->Step("t", again);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ((*got)[0].output, before[size_t(29 * 3 + l)].output);
+    EXPECT_EQ((*got)[0].next_position, 30);
+  }
+  absl::StatusOr<SessionInfo> info = node.engine()->GetSession("t", "retry");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->position, 30);  // answered, not applied again
+}
+
 INSTANTIATE_TEST_SUITE_P(GracefulOrReplayed, DurabilityTest, ::testing::Bool());
 
 TEST(DurabilityTest, StepSyncRepliesAreDurable) {
