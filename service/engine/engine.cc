@@ -7,6 +7,8 @@
 
 #include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "base/status_macros.h"
 #include "kernels/cpu/dtype.h"
 #include "service/engine/live_session.h"
@@ -32,6 +34,8 @@ size_t Fingerprint(const StepEntryView& e) {
       std::tuple<absl::string_view, absl::string_view, absl::string_view>>()(
       std::make_tuple(e.q, e.k, e.v));
 }
+
+int64_t WallMicros() { return absl::ToUnixMicros(absl::Now()); }
 
 // "entries[i].field".
 std::string Field(size_t i, const char* field) {
@@ -406,6 +410,7 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
     absl::StatusOr<SessionInfo> info = registry_->Get(tenant, id);
     if (!info.ok()) return Annotate(info.status(), Field(i, "session_id"));
     sessions[i] = Live(Key(tenant, id), *info);
+    registry_->Touch(tenant, id, Now());
   }
 
   std::vector<StepEntryResult> results(n);
@@ -523,6 +528,25 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
             Field(i, "session_id"), ": memory limit of ", memory_limit_bytes_,
             " bytes reached (", in_use, " in use, this request needs up to ",
             step_growth, "); delete sessions or raise --memory_limit_bytes"));
+      }
+      const int64_t quota = s.config().policy.spill_quota_bytes;
+      if (quota > 0) {
+        // A step evicts at most T tokens per stream.
+        const int64_t row = s.stream_config.row_bytes();
+        int64_t spilled = 0;
+        for (const std::vector<StreamState>& layer_streams : s.streams) {
+          for (const StreamState& stream : layer_streams) {
+            spilled += stream.spilled_tokens() * 2 * row;
+          }
+        }
+        const int64_t may_spill =
+            int64_t{e.num_tokens} * shape.kv_heads * 2 * row;
+        if (spilled + may_spill > quota) {
+          return absl::ResourceExhaustedError(absl::StrCat(
+              Field(i, "session_id"), ": spill quota of ", quota,
+              " bytes (policy.spill_quota_bytes) reached: ", spilled,
+              " bytes spilled, this step may spill ", may_spill, " more"));
+        }
       }
       if (streams.empty()) {
         KVMEM_RETURN_IF_ERROR(MakeStreams(s, layer, Field(i, "session_id")));
@@ -649,6 +673,19 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
     results[i].durable_position = sessions[i]->DurablePosition();
   }
   return results;
+}
+
+int64_t Engine::Now() const {
+  return options_.now_unix_micros ? options_.now_unix_micros() : WallMicros();
+}
+
+int Engine::SweepExpired() {
+  int deleted = 0;
+  for (const auto& [tenant, id] : registry_->Expired(Now())) {
+    // NOT_FOUND: deleted meanwhile. Other errors: tried again next sweep.
+    if (DeleteSession(tenant, id).ok()) ++deleted;
+  }
+  return deleted;
 }
 
 EngineStats Engine::Stats() {

@@ -20,6 +20,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -66,6 +67,8 @@ class Engine {
     size_t spill_queue_bytes = size_t{256} << 20;
     // Recalled spilled pages kept in memory (LRU), bytes.
     size_t page_cache_bytes = size_t{256} << 20;
+    // The clock for idle time-to-live, Unix µs; tests substitute their own.
+    std::function<int64_t()> now_unix_micros;
   };
 
   // Loads the sessions of `store` (which must outlive the engine).
@@ -115,6 +118,10 @@ class Engine {
 
   EngineStats Stats();
 
+  // Deletes every session idle past its policy.idle_ttl_seconds (the sync
+  // loop calls this about once a second). Returns how many it deleted.
+  int SweepExpired();
+
  private:
  public:  // for engine-internal helpers (live_session.h)
   struct LastStep;
@@ -142,6 +149,7 @@ class Engine {
   // durable positions of what was written before the sync.
   void SyncLoop();
   std::vector<std::shared_ptr<LiveSession>> AllLive();
+  int64_t Now() const;  // Options::now_unix_micros, or the wall clock
   // Makes layer `layer`'s streams of `s` (caller holds s.mu); INTERNAL
   // naming `field` if the policy cannot make them.
   absl::Status MakeStreams(LiveSession& s, int layer, const std::string& field);

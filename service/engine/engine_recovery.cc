@@ -5,6 +5,7 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "base/status_macros.h"
 #include "service/engine/engine.h"
 #include "service/engine/live_session.h"
@@ -212,7 +213,12 @@ absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> Engine::Checkpoint(
 }
 
 void Engine::SyncLoop() {
+  absl::Time last_sweep = absl::Now();
   for (;;) {
+    if (absl::Now() - last_sweep >= absl::Seconds(1)) {
+      SweepExpired();
+      last_sweep = absl::Now();
+    }
     {
       std::unique_lock<Mutex> lock(sync_mu_);
       sync_wake_.wait_for(

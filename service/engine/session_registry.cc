@@ -187,6 +187,31 @@ absl::Status SessionRegistry::Delete(const std::string& tenant,
   return absl::OkStatus();
 }
 
+void SessionRegistry::Touch(const std::string& tenant,
+                            const std::string& session_id,
+                            int64_t now_unix_micros) {
+  MutexLock lock(&mu_);
+  auto it = sessions_.find(Key(tenant, session_id));
+  if (it != sessions_.end()) {
+    it->second.last_used_unix_micros =
+        std::max(it->second.last_used_unix_micros, now_unix_micros);
+  }
+}
+
+std::vector<std::pair<std::string, std::string>> SessionRegistry::Expired(
+    int64_t now_unix_micros) {
+  std::vector<std::pair<std::string, std::string>> expired;
+  MutexLock lock(&mu_);
+  for (const auto& [key, entry] : sessions_) {
+    const int64_t ttl = entry.manifest.config.policy.idle_ttl_seconds;
+    if (entry.state == State::kReady && ttl > 0 &&
+        now_unix_micros - entry.last_used_unix_micros > ttl * 1000000) {
+      expired.push_back(key);
+    }
+  }
+  return expired;
+}
+
 int64_t SessionRegistry::SessionCount() {
   MutexLock lock(&mu_);
   int64_t n = 0;

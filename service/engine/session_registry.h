@@ -77,6 +77,15 @@ class SessionRegistry {
   // Sessions of every tenant.
   int64_t SessionCount();
 
+  // Marks the session used at `now_unix_micros` (a step). Unknown: no-op.
+  void Touch(const std::string& tenant, const std::string& session_id,
+             int64_t now_unix_micros);
+
+  // (tenant, session_id) of every session whose policy.idle_ttl_seconds is
+  // set and which has not been used for that long at `now_unix_micros`.
+  std::vector<std::pair<std::string, std::string>> Expired(
+      int64_t now_unix_micros);
+
  private:
   enum class State { kReady, kCreating, kDeleting };
   struct Entry {

@@ -2,11 +2,13 @@
 // before and after a restart (graceful, or without a checkpoint so that the
 // step log is replayed), STEP_SYNC steps report themselves durable, and a
 // spilled needle comes back from storage through recall.
+#include <atomic>
 #include <cstdio>
 #include <random>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "kernels/dtype.h"
 #include "service/engine/engine.h"
@@ -249,6 +251,64 @@ TEST(DurabilityTest, ANeedleSpilledToStorageIsRecalledAfterARestart) {
                                    int64_t(10)))
         << "the needle was not recalled";
   }
+}
+
+}  // namespace
+}  // namespace kvmem
+
+namespace kvmem {
+namespace {
+
+TEST(SessionLimitsTest, IdleSessionsExpireAndSpillQuotaIsEnforced) {
+  testing::TempDir dir;
+  absl::StatusOr<std::unique_ptr<storage::Store>> store =
+      storage::Store::Open(storage::Store::Options(), dir.path());
+  ASSERT_TRUE(store.ok());
+  // µs; starts at the wall clock (creation uses it), then moved by the test.
+  std::atomic<int64_t> now{absl::ToUnixMicros(absl::Now())};
+  Engine::Options options;
+  options.now_unix_micros = [&now] { return now.load(); };
+  absl::StatusOr<std::unique_ptr<Engine>> engine =
+      Engine::Open(options, store->get());
+  ASSERT_TRUE(engine.ok());
+
+  SessionConfig idle = Config("idle", Durability::kAsync);
+  idle.policy.idle_ttl_seconds = 5;
+  ASSERT_TRUE((*engine)->CreateSession(idle).ok());
+  ASSERT_TRUE(
+      (*engine)->CreateSession(Config("forever", Durability::kAsync)).ok());
+  now += 3'000'000;
+  Drive(engine->get(), "idle", 0, 1, StepMode::kAppend);  // used at +3 s
+  now += 4'000'000;
+  EXPECT_EQ((*engine)->SweepExpired(), 0);  // idle for 4 s < 5 s
+  now += 2'000'000;
+  EXPECT_EQ((*engine)->SweepExpired(), 1);  // idle for 6 s
+  EXPECT_EQ((*engine)->GetSession("t", "idle").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_TRUE((*engine)->GetSession("t", "forever").ok());
+
+  // The quota holds 10 tokens' worth of spill in every layer (3 layers ×
+  // 2 KV heads × (k + v) × 64 × bf16 per token).
+  SessionConfig capped = Config("capped", Durability::kAsync);
+  const int64_t per_token = 3 * kH * 2 * kD * 2;  // 3 layers
+  capped.policy.spill_quota_bytes = 10 * per_token;
+  ASSERT_TRUE((*engine)->CreateSession(capped).ok());
+  int64_t t = 0;
+  absl::Status refused;
+  for (; t < 200 && refused.ok(); ++t) {
+    for (int l = 0; l < 3 && refused.ok(); ++l) {
+      std::string k = Tensor(l, t, 1, kH * kD), v = Tensor(l, t, 2, kH * kD);
+      StepRequestView r{l, StepMode::kAppend, {{"capped", t, 1, "", k, v}}};
+      refused = (*engine)->Step("t", r).status();
+    }
+  }
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_NE(refused.message().find("spill quota"), absl::string_view::npos);
+  absl::StatusOr<SessionInfo> info = (*engine)->GetSession("t", "capped");
+  ASSERT_TRUE(info.ok());
+  // Evictions start after 68 tokens; the quota stops it 10 tokens later.
+  EXPECT_GE(info->position, 68);
+  EXPECT_LE(info->spilled_bytes, capped.policy.spill_quota_bytes);
 }
 
 }  // namespace
