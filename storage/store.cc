@@ -1,6 +1,8 @@
 #include "storage/store.h"
 
 #include <algorithm>
+#include <cstdarg>
+#include <cstdio>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -34,6 +36,20 @@ enum Family {
 };
 constexpr const char* kFamilyNames[kNumFamilies] = {
     "default", "manifests", "pages", "digests", "checkpoints", "steplog"};
+
+// RocksDB's own log goes to stderr, warnings and errors only, instead of a
+// LOG file in the data directory: a LOG file that cannot be written (a full
+// disk) trips an assertion in Debian's RocksDB 7.8 and aborts the server.
+class StderrLogger final : public rocksdb::Logger {
+ public:
+  StderrLogger() : rocksdb::Logger(rocksdb::InfoLogLevel::WARN_LEVEL) {}
+  using rocksdb::Logger::Logv;
+  void Logv(const char* format, va_list ap) override {
+    char line[1024];
+    vsnprintf(line, sizeof(line), format, ap);
+    std::fprintf(stderr, "rocksdb: %s\n", line);
+  }
+};
 
 // The one place RocksDB statuses become absl statuses.
 absl::Status FromRocks(const rocksdb::Status& s, absl::string_view op) {
@@ -171,8 +187,8 @@ class RocksStore final : public Store {
     }
     rocksdb::WriteOptions wo;
     wo.sync = sync;
-    KVMEM_RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch),
-                                    absl::StrCat("delete session #", seq)));
+    KVMEM_RETURN_IF_ERROR(
+        Written(db_->Write(wo, &batch), absl::StrCat("delete session #", seq)));
     // Reclaim the space now rather than whenever compaction reaches the
     // range: a deleted session's pages can be gigabytes. The deletion is
     // already durable, so a failure here only delays the reclaim.
@@ -240,8 +256,8 @@ class RocksStore final : public Store {
     }
     rocksdb::WriteOptions wo;
     wo.sync = sync;
-    return FromRocks(db_->Write(wo, &write),
-                     absl::StrCat("write ", pages, " spilled pages"));
+    return Written(db_->Write(wo, &write),
+                   absl::StrCat("write ", pages, " spilled pages"));
   }
 
   absl::Status ForEachLogRecord(uint64_t seq,
@@ -270,8 +286,8 @@ class RocksStore final : public Store {
                   "stage step log truncation"));
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    return FromRocks(db_->Write(wo, &write),
-                     absl::StrCat("checkpoint session #", c.seq));
+    return Written(db_->Write(wo, &write),
+                   absl::StrCat("checkpoint session #", c.seq));
   }
 
   absl::Status ForEachCheckpoint(uint64_t seq,
@@ -285,7 +301,13 @@ class RocksStore final : public Store {
   }
 
   absl::Status SyncWal() override {
-    return FromRocks(db_->SyncWAL(), "sync the write-ahead log");
+    {
+      MutexLock lock(&failure_mu_);
+      // RocksDB 7.8 asserts (and may crash) when the WAL is synced after an
+      // append failed; the failure is final until a reopen anyway.
+      if (!failure_.ok()) return failure_;
+    }
+    return Written(db_->SyncWAL(), "sync the write-ahead log");
   }
 
   absl::StatusOr<std::vector<SpillPage>> ReadPages(
@@ -380,6 +402,20 @@ class RocksStore final : public Store {
   }
 
  private:
+  // FromRocks of a write's status; an I/O failure is remembered, since
+  // RocksDB refuses every later write until the database is reopened.
+  absl::Status Written(const rocksdb::Status& s, absl::string_view op) {
+    absl::Status st = FromRocks(s, op);
+    if (!st.ok() && st.code() == absl::StatusCode::kUnavailable) {
+      MutexLock lock(&failure_mu_);
+      if (failure_.ok()) {
+        failure_ = absl::UnavailableError(absl::StrCat(
+            "storage failed earlier and needs a restart: ", st.message()));
+      }
+    }
+    return st;
+  }
+
   // Calls `visit(key, body)` for every key of session `seq` in `family`,
   // each of `key_bytes` bytes, bodies unframed and checked.
   absl::Status ScanSession(
@@ -412,6 +448,8 @@ class RocksStore final : public Store {
   const std::vector<rocksdb::ColumnFamilyHandle*> cf_;  // owned; see dtor
   // Shared with RocksDB, which counts into it.
   const std::shared_ptr<rocksdb::Statistics> statistics_;
+  Mutex failure_mu_;
+  absl::Status failure_ ABSL_GUARDED_BY(failure_mu_);
   Mutex seq_mu_;
   uint64_t next_seq_ ABSL_GUARDED_BY(seq_mu_);
 };
@@ -464,6 +502,7 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const Options& options,
   dbo.create_missing_column_families = options.create_if_missing;
   // Steps of many sessions write concurrently; let RocksDB group them.
   dbo.enable_pipelined_write = true;
+  dbo.info_log = std::make_shared<StderrLogger>();
   // Tickers for /metrics (bytes written, stall time); a few atomic adds.
   dbo.statistics = rocksdb::CreateDBStatistics();
   std::shared_ptr<rocksdb::Cache> cache =

@@ -2,7 +2,10 @@
 // before and after a restart (graceful, or without a checkpoint so that the
 // step log is replayed), STEP_SYNC steps report themselves durable, and a
 // spilled needle comes back from storage through recall.
+#include <sys/resource.h>
+
 #include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <random>
 #include <thread>
@@ -309,6 +312,71 @@ TEST(SessionLimitsTest, IdleSessionsExpireAndSpillQuotaIsEnforced) {
   // Evictions start after 68 tokens; the quota stops it 10 tokens later.
   EXPECT_GE(info->position, 68);
   EXPECT_LE(info->spilled_bytes, capped.policy.spill_quota_bytes);
+}
+
+}  // namespace
+}  // namespace kvmem
+
+namespace kvmem {
+namespace {
+
+// A real storage failure (a file-size limit below the WAL's next append):
+// the STEP_SYNC step that hit it answers UNAVAILABLE with the cause, its
+// session refuses further steps, and after a restart every session resumes
+// at its durable position with its data intact.
+TEST(StorageFaultTest, AFailedWriteIsUnavailableAndCorruptsNothing) {
+  testing::TempDir dir;
+  std::vector<StepEntryResult> fetched_before;
+  {
+    Node node(dir.path());
+    ASSERT_TRUE(
+        node.engine()->CreateSession(Config("a", Durability::kStepSync)).ok());
+    ASSERT_TRUE(
+        node.engine()->CreateSession(Config("b", Durability::kStepSync)).ok());
+    Drive(node.engine(), "a", 0, 20, StepMode::kAppend);
+    Drive(node.engine(), "b", 0, 20, StepMode::kAppend);
+
+    struct rlimit old_limit;
+    ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old_limit), 0);
+    struct sigaction ignore = {}, old_action;
+    ignore.sa_handler = SIG_IGN;
+    ASSERT_EQ(sigaction(SIGXFSZ, &ignore, &old_action), 0);
+    struct rlimit limit = old_limit;
+    limit.rlim_cur = 4096;  // below the WAL's size: its next append fails
+    ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limit), 0);
+    std::string q = Tensor(0, 20, 0, kHq * kD), k = Tensor(0, 20, 1, kH * kD);
+    std::string v = Tensor(0, 20, 2, kH * kD);
+    StepRequestView step{0, StepMode::kAppend, {{"a", 20, 1, q, k, v}}};
+    absl::Status failed = node.engine()->Step("t", step).status();
+    ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &old_limit), 0);
+    ASSERT_EQ(sigaction(SIGXFSZ, &old_action, nullptr), 0);
+    EXPECT_EQ(failed.code(), absl::StatusCode::kUnavailable) << failed;
+    EXPECT_NE(failed.message().find("File too large"), absl::string_view::npos)
+        << failed;
+    // The session whose write failed refuses steps until a restart.
+    StepRequestView next{1, StepMode::kAppend, {{"a", 20, 1, q, k, v}}};
+    absl::Status refused = node.engine()->Step("t", next).status();
+    EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable) << refused;
+    EXPECT_NE(refused.message().find("restart"), absl::string_view::npos);
+  }
+  // Restart: RocksDB reopens, every session is at its durable position (the
+  // failed step was never durable) and its data reads back.
+  Node node(dir.path());
+  for (const char* id : {"a", "b"}) {
+    absl::StatusOr<SessionInfo> info = node.engine()->GetSession("t", id);
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(info->manifest.durable_position, 20) << id;
+    EXPECT_EQ(info->manifest.layer_next_positions,
+              std::vector<int64_t>({20, 20, 20}))
+        << id;
+  }
+  testing::TempDir twin_dir;
+  Node twin(twin_dir.path());
+  ASSERT_TRUE(
+      twin.engine()->CreateSession(Config("a", Durability::kStepSync)).ok());
+  Drive(twin.engine(), "a", 0, 20, StepMode::kAppend);
+  ExpectSameReplies(Drive(node.engine(), "a", 20, 22, StepMode::kFetch),
+                    Drive(twin.engine(), "a", 20, 22, StepMode::kFetch));
 }
 
 }  // namespace
