@@ -6,6 +6,7 @@ namespace kvmem::cpu {
 void LoadFloats(const void* src, DType t, absl::Span<float> out) {
   // One loop per type, so the compiler can vectorise each.
   const size_t n = out.size();
+  if (n == 0) return;  // `src` may be null then, which memcpy must not see
   switch (t) {
     case DType::kFp32:
       memcpy(out.data(), src, n * sizeof(float));

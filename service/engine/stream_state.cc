@@ -102,7 +102,7 @@ class Reader {
       return false;
     }
     v->resize(n);
-    memcpy(v->data(), in_.data() + at_, n * sizeof(T));
+    if (n > 0) memcpy(v->data(), in_.data() + at_, n * sizeof(T));
     at_ += n * sizeof(T);
     return true;
   }
