@@ -55,8 +55,8 @@ class Engine {
  public:
   struct Options {
     SessionRegistry::Options registry;
-    // Host bytes the sessions' live state may hold (cascades, digests,
-    // spilled pages kept in memory). A step that could pass it is
+    // Host bytes the sessions' live state may hold (cascades, digests, open
+    // spill pages, sealed pages' digests). A step that could pass it is
     // RESOURCE_EXHAUSTED. 0 means 60% of the machine's physical memory.
     int64_t memory_limit_bytes = 0;
     // ASYNC sessions: how often the write-ahead log is synced, ms. ≥ 1.

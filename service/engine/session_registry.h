@@ -1,6 +1,6 @@
 // Every session of a server: created, described, listed and deleted, with
 // its manifest persisted in storage so that sessions survive restarts.
-// The step (issue 4 onwards) looks sessions up here.
+// The engine (engine.h) looks sessions up here and keeps their live state.
 //
 // Thread-safe. Storage writes happen outside the registry's lock: a session
 // being created or deleted is reserved in the index first, so concurrent
