@@ -13,6 +13,7 @@
 #include "kernels/cpu/dtype.h"
 #include "service/engine/live_session.h"
 #include "service/engine/step_log.h"
+#include "storage/checksum.h"
 
 namespace kvmem {
 namespace {
@@ -29,10 +30,15 @@ size_t ReplyBytes(const StepEntryResult& r) {
   return bytes;
 }
 
-size_t Fingerprint(const StepEntryView& e) {
-  return absl::Hash<
-      std::tuple<absl::string_view, absl::string_view, absl::string_view>>()(
-      std::make_tuple(e.q, e.k, e.v));
+// Stable across restarts (kept replies are checkpointed): the CRC-32C of
+// q, k and v each, folded with their lengths.
+uint64_t Fingerprint(const StepEntryView& e) {
+  uint64_t f = 0;
+  for (absl::string_view t : {e.q, e.k, e.v}) {
+    f = (f * 0x100000001b3ull) ^
+        ((uint64_t(storage::Crc32c(t)) << 32) | uint32_t(t.size()));
+  }
+  return f;
 }
 
 int64_t WallMicros() { return absl::ToUnixMicros(absl::Now()); }

@@ -12,6 +12,13 @@
 #include "service/engine/step_log.h"
 
 namespace kvmem {
+namespace {
+
+// The checkpoint record of a layer's kept step (retries after a restart)
+// uses this head number, past any stream's.
+constexpr uint32_t kKeptStepRecord = 0xffffffffu;
+
+}  // namespace
 
 std::vector<std::shared_ptr<Engine::LiveSession>> Engine::AllLive() {
   MutexLock lock(&mu_);
@@ -26,10 +33,15 @@ absl::Status Engine::Wake(LiveSession& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const int H = s.config().shape.kv_heads;
   // 1. The last checkpoint: every stream of a checkpointed layer.
   std::vector<std::vector<StreamState>> streams(static_cast<size_t>(layers));
+  std::vector<LastStep> kept(static_cast<size_t>(layers));
   KVMEM_RETURN_IF_ERROR(store_->ForEachCheckpoint(
       seq,
       [&](uint32_t layer, uint32_t head,
           absl::string_view body) -> absl::Status {
+        if (head == kKeptStepRecord && layer < uint32_t(layers)) {
+          KVMEM_ASSIGN_OR_RETURN(kept[layer], DecodeLastStep(body));
+          return absl::OkStatus();
+        }
         if (layer >= uint32_t(layers) || head != streams[layer].size()) {
           return absl::DataLossError(
               absl::StrCat("checkpoint of layer ", layer, " KV head ", head,
@@ -74,6 +86,7 @@ absl::Status Engine::Wake(LiveSession& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
       memory += stream.memory_bytes();
   }
   s.streams = std::move(streams);
+  s.last = std::move(kept);  // replay below replaces a layer's if it steps
   s.memory_bytes += memory;
   memory_bytes_.fetch_add(memory);
 
@@ -161,6 +174,11 @@ absl::Status Engine::CheckpointLocked(LiveSession& s)
     for (size_t h = 0; h < s.streams[l].size(); ++h) {
       c.streams.push_back(
           {uint32_t(l), uint32_t(h), s.streams[l][h].EncodeCheckpoint()});
+    }
+    // The layer's kept step, under a head number no stream has.
+    if (s.last[l].position >= 0 && s.last[l].kept) {
+      c.streams.push_back(
+          {uint32_t(l), kKeptStepRecord, EncodeLastStep(s.last[l])});
     }
   }
   KVMEM_RETURN_IF_ERROR(store_->WriteCheckpoint(c));

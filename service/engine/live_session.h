@@ -22,8 +22,8 @@ struct Engine::LastStep {
   int64_t position = -1;
   int num_tokens = 0;
   StepMode mode = StepMode::kAttend;
-  size_t fingerprint = 0;  // of q, k and v
-  bool kept = false;       // false: the reply was too large to keep
+  uint64_t fingerprint = 0;  // of q, k and v; stable across restarts
+  bool kept = false;         // false: the reply was too large to keep
   StepEntryResult reply;
 };
 
@@ -87,6 +87,11 @@ struct HeadWork {
     return in;
   }
 };
+
+// A layer's kept step as a checkpoint stores it (step_log.cc), so that a
+// retry after a graceful restart is still answered.
+std::string EncodeLastStep(const Engine::LastStep& last);
+absl::StatusOr<Engine::LastStep> DecodeLastStep(absl::string_view body);
 
 // Records `e`'s applied step and its reply in *last, for retries.
 void KeepLastStep(StepMode mode, const StepEntryView& e,
