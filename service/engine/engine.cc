@@ -41,8 +41,6 @@ uint64_t Fingerprint(const StepEntryView& e) {
   return f;
 }
 
-int64_t WallMicros() { return absl::ToUnixMicros(absl::Now()); }
-
 // "entries[i].field".
 std::string Field(size_t i, const char* field) {
   return absl::StrCat("entries[", i, "].", field);
@@ -128,135 +126,6 @@ Engine::~Engine() {
   sync_wake_.notify_all();
   if (sync_thread_.joinable()) sync_thread_.join();
   writer_.reset();  // drains what is queued
-}
-
-std::shared_ptr<Engine::LiveSession> Engine::Live(const Key& key,
-                                                  const SessionInfo& info) {
-  MutexLock lock(&mu_);
-  auto it = live_.find(key);
-  if (it != live_.end() && it->second->manifest.seq == info.manifest.seq) {
-    return it->second;
-  }
-  auto live = std::make_shared<LiveSession>();
-  live->manifest = info.manifest;
-  absl::StatusOr<StreamConfig> stream_config =
-      StreamConfig::FromSession(live->config());
-  // CreateSession validated the rotary parameters, so this holds; a
-  // manifest that fails it anyway serves with the defaults' positions.
-  if (stream_config.ok()) live->stream_config = std::move(*stream_config);
-  const size_t layers = size_t(live->config().shape.layers);
-  live->dense.assign(layers, 0);
-  for (int l : live->config().policy.dense_layers) live->dense[size_t(l)] = 1;
-  {
-    MutexLock session_lock(&live->mu);
-    live->layer_next.assign(layers, 0);
-    live->streams.resize(layers);
-    live->last.resize(layers);
-  }
-  {
-    MutexLock durable_lock(&live->durable_mu);
-    live->written_next.assign(layers, 0);
-    live->synced_next.assign(layers, 0);
-  }
-  live_[key] = live;
-  return live;
-}
-
-absl::Status Engine::AddLiveFigures(SessionInfo* info) {
-  std::shared_ptr<LiveSession> live =
-      Live(Key(info->manifest.config.tenant, info->manifest.config.session_id),
-           *info);
-  MutexLock lock(&live->mu);
-  if (!live->woken) KVMEM_RETURN_IF_ERROR(Wake(*live));
-  info->manifest.layer_next_positions = live->layer_next;
-  info->position =
-      *std::min_element(live->layer_next.begin(), live->layer_next.end());
-  info->manifest.durable_position = live->DurablePosition();
-  const int64_t row_bytes = live->stream_config.row_bytes();
-  const int cascades = live->config().policy.cascades;
-  info->resident_tokens_per_cascade.assign(size_t(cascades) + 1, 0);
-  for (const std::vector<StreamState>& layer : live->streams) {
-    for (const StreamState& stream : layer) {
-      const CascadeStream& c = stream.cascade();
-      int64_t in_cascades = 0;
-      for (int i = 0; i < cascades; ++i) {
-        info->resident_tokens_per_cascade[size_t(i) + 1] += c.stored(i);
-        in_cascades += c.stored(i);
-      }
-      info->resident_tokens_per_cascade[0] +=
-          stream.resident_tokens() - in_cascades;
-      info->resident_tokens += stream.resident_tokens();
-      info->spilled_pages += stream.spilled_pages();
-      info->spilled_bytes += stream.spilled_tokens() * 2 * row_bytes;
-    }
-  }
-  return absl::OkStatus();
-}
-
-absl::StatusOr<SessionInfo> Engine::CreateSession(SessionConfig config) {
-  KVMEM_ASSIGN_OR_RETURN(SessionInfo info,
-                         registry_->Create(std::move(config)));
-  // Described as GetSession will describe it.
-  KVMEM_RETURN_IF_ERROR(AddLiveFigures(&info));
-  return info;
-}
-
-absl::StatusOr<SessionInfo> Engine::GetSession(const std::string& tenant,
-                                               const std::string& session_id) {
-  KVMEM_ASSIGN_OR_RETURN(SessionInfo info, registry_->Get(tenant, session_id));
-  KVMEM_RETURN_IF_ERROR(AddLiveFigures(&info));
-  return info;
-}
-
-absl::StatusOr<SessionRegistry::ListPage> Engine::ListSessions(
-    const std::string& tenant, int page_size, const std::string& page_token,
-    const std::map<std::string, std::string>& label_filter) {
-  KVMEM_ASSIGN_OR_RETURN(
-      SessionRegistry::ListPage page,
-      registry_->List(tenant, page_size, page_token, label_filter));
-  for (SessionInfo& info : page.sessions) {
-    KVMEM_RETURN_IF_ERROR(AddLiveFigures(&info));
-  }
-  return page;
-}
-
-absl::Status Engine::DeleteSession(const std::string& tenant,
-                                   const std::string& session_id) {
-  const Key key(tenant, session_id);
-  std::shared_ptr<LiveSession> live;
-  {
-    MutexLock lock(&mu_);
-    auto it = live_.find(key);
-    if (it != live_.end()) live = it->second;
-  }
-  if (live != nullptr) {
-    // Refuse steps from now on, and let those queued reach storage before
-    // the range deletion, so none lands after it.
-    MutexLock lock(&live->mu);
-    live->deleted = true;
-  }
-  absl::Status flushed = writer_->Flush();
-  absl::Status deleted =
-      flushed.ok() ? registry_->Delete(tenant, session_id) : flushed;
-  if (!deleted.ok()) {
-    if (live != nullptr) {
-      MutexLock lock(&live->mu);
-      live->deleted = false;
-    }
-    return deleted;
-  }
-  if (live != nullptr) {
-    {
-      MutexLock lock(&mu_);
-      auto it = live_.find(key);
-      if (it != live_.end() && it->second == live) live_.erase(it);
-    }
-    page_cache_->EraseSession(live->manifest.seq);
-    MutexLock lock(&live->mu);
-    memory_bytes_.fetch_sub(live->memory_bytes);
-    live->memory_bytes = 0;
-  }
-  return absl::OkStatus();
 }
 
 absl::Status Engine::MakeStreams(LiveSession& s, int layer,
@@ -679,41 +548,6 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
     results[i].durable_position = sessions[i]->DurablePosition();
   }
   return results;
-}
-
-int64_t Engine::Now() const {
-  return options_.now_unix_micros ? options_.now_unix_micros() : WallMicros();
-}
-
-int Engine::SweepExpired() {
-  int deleted = 0;
-  for (const auto& [tenant, id] : registry_->Expired(Now())) {
-    // NOT_FOUND: deleted meanwhile. Other errors: tried again next sweep.
-    if (DeleteSession(tenant, id).ok()) ++deleted;
-  }
-  return deleted;
-}
-
-EngineStats Engine::Stats() {
-  EngineStats stats;
-  stats.sessions = registry_->SessionCount();
-  stats.steps = steps_.load(std::memory_order_relaxed);
-  stats.tokens_appended = tokens_appended_.load(std::memory_order_relaxed);
-  stats.memory_bytes = memory_bytes_.load(std::memory_order_relaxed);
-  stats.memory_limit_bytes = memory_limit_bytes_;
-  stats.spill_queue_bytes = int64_t(writer_->stats().queued_bytes);
-  for (const auto& session : AllLive()) {
-    MutexLock lock(&session->mu);
-    const int64_t row_bytes = session->stream_config.row_bytes();
-    for (const std::vector<StreamState>& layer : session->streams) {
-      for (const StreamState& stream : layer) {
-        stats.resident_bytes +=
-            int64_t(stream.resident_tokens()) * 2 * row_bytes;
-        stats.spilled_bytes += stream.spilled_tokens() * 2 * row_bytes;
-      }
-    }
-  }
-  return stats;
 }
 
 }  // namespace kvmem

@@ -130,6 +130,8 @@ class StreamState {
   StreamState(const StreamConfig* config, CascadeStream cascade);
   int num_resident_pages() const { return int(page_first_slot_.size()); }
   absl::Status CheckInput(const StreamStepInput& input) const;
+  // spill_bytes_ from the sealed references and the open page.
+  void RecountSpillBytes();
   // Recomputes the digests of the resident pages holding `slots`.
   void RefreshDigests(absl::Span<const int> slots);
   // Appends evicted tokens to the open page, sealing full ones into
