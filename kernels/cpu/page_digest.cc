@@ -86,11 +86,12 @@ absl::StatusOr<DigestKind> RotationInvariantDigestKind(
 }
 
 namespace cpu {
+namespace {
 
-absl::Status ComputePageDigest(absl::Span<const uint8_t> keys, DType dtype,
-                               int head_dim, absl::Span<const uint8_t> occupied,
-                               const DigestKind& kind,
-                               absl::Span<float> digest) {
+// Checks shared by both digest entry points: a valid `kind`, and key bytes
+// that are whole rows. The number of rows.
+absl::StatusOr<size_t> CheckKeys(absl::Span<const uint8_t> keys, DType dtype,
+                                 int head_dim, const DigestKind& kind) {
   absl::Status valid = kind.Validate(head_dim);
   if (!valid.ok()) return valid;
   const size_t row_bytes = static_cast<size_t>(head_dim) * DTypeBytes(dtype);
@@ -98,12 +99,24 @@ absl::Status ComputePageDigest(absl::Span<const uint8_t> keys, DType dtype,
     return absl::InvalidArgumentError(absl::StrCat(
         "keys: ", keys.size(), " bytes, want a multiple of ", row_bytes));
   }
-  const size_t rows = keys.size() / row_bytes;
+  return keys.size() / row_bytes;
+}
+
+}  // namespace
+
+absl::Status ComputePageDigest(absl::Span<const uint8_t> keys, DType dtype,
+                               int head_dim, absl::Span<const uint8_t> occupied,
+                               const DigestKind& kind,
+                               absl::Span<float> digest) {
+  absl::StatusOr<size_t> key_rows = CheckKeys(keys, dtype, head_dim, kind);
+  if (!key_rows.ok()) return key_rows.status();
+  const size_t row_bytes = static_cast<size_t>(head_dim) * DTypeBytes(dtype);
+  const size_t rows = *key_rows;
   if (!occupied.empty() && occupied.size() != rows) {
     return absl::InvalidArgumentError(
         absl::StrCat("occupied: ", occupied.size(), " entries, want ", rows));
   }
-  valid = CheckDigestSize(head_dim, digest.size());
+  absl::Status valid = CheckDigestSize(head_dim, digest.size());
   if (!valid.ok()) return valid;
   std::vector<float> key(head_dim);
   std::vector<float> result(digest.size());
@@ -130,14 +143,10 @@ absl::Status ComputePageDigests(absl::Span<const uint8_t> keys, DType dtype,
     return absl::InvalidArgumentError(
         absl::StrCat("page_tokens: ", page_tokens, ", want >= 1"));
   }
-  absl::Status valid = kind.Validate(head_dim);
-  if (!valid.ok()) return valid;
+  absl::StatusOr<size_t> key_rows = CheckKeys(keys, dtype, head_dim, kind);
+  if (!key_rows.ok()) return key_rows.status();
   const size_t row_bytes = static_cast<size_t>(head_dim) * DTypeBytes(dtype);
-  if (keys.size() % row_bytes != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "keys: ", keys.size(), " bytes, want a multiple of ", row_bytes));
-  }
-  const size_t rows = keys.size() / row_bytes;
+  const size_t rows = *key_rows;
   const size_t pages = (rows + page_tokens - 1) / page_tokens;
   const size_t digest_floats = static_cast<size_t>(kDigestRows) * head_dim;
   if (digests.size() != pages * digest_floats) {
