@@ -40,6 +40,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "grpcpp/create_channel.h"
+#include "kernels/dtype.h"
 #include "kvmem/v1/kvmem.grpc.pb.h"
 #include "service/server.h"
 
@@ -85,11 +86,7 @@ std::string RandomBf16(size_t elements) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::string bytes(elements * 2, '\0');
   for (size_t i = 0; i < elements; ++i) {
-    const float x = normal(rng);
-    uint32_t bits;
-    std::memcpy(&bits, &x, 4);
-    const uint16_t h = uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-    std::memcpy(&bytes[2 * i], &h, 2);
+    StoreElement(bytes.data(), DType::kBf16, int64_t(i), normal(rng));
   }
   return bytes;
 }

@@ -31,6 +31,7 @@
 #include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/server_builder.h"
+#include "kernels/dtype.h"
 #include "kvmem/v1/kvmem.grpc.pb.h"
 #include "service/server.h"
 
@@ -133,11 +134,7 @@ std::string Bf16Bytes(std::mt19937* rng, size_t n) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::string bytes(n * 2, '\0');
   for (size_t i = 0; i < n; ++i) {
-    float x = normal(*rng);
-    uint32_t bits;
-    memcpy(&bits, &x, 4);
-    uint16_t h = uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-    memcpy(&bytes[2 * i], &h, 2);
+    StoreElement(bytes.data(), DType::kBf16, int64_t(i), normal(*rng));
   }
   return bytes;
 }

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
+#include "kernels/dtype.h"
 #include "kvmem/v1/kvmem.grpc.pb.h"
 #include "service/engine/engine.h"
 #include "service/server.h"
@@ -70,11 +71,7 @@ std::string Tensor(int session, int layer, int token, int which, int elems) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::string bytes(size_t(elems) * 2, '\0');
   for (int i = 0; i < elems; ++i) {
-    uint32_t bits;
-    float x = normal(rng);
-    memcpy(&bits, &x, 4);
-    uint16_t h = uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-    memcpy(&bytes[size_t(i) * 2], &h, 2);
+    StoreElement(bytes.data(), DType::kBf16, i, normal(rng));
   }
   return bytes;
 }
