@@ -98,6 +98,9 @@ std::string Metrics::Render(const Gauges& gauges) const {
   Gauge(&out, "kvmem_spilled_bytes",
         "Bytes of keys and values spilled out of cascades.",
         gauges.engine.spilled_bytes);
+  Gauge(&out, "kvmem_hibernations",
+        "Idle sessions hibernated to make room since start.",
+        gauges.engine.hibernations);
   Gauge(&out, "kvmem_spill_queue_bytes",
         "Bytes of spilled pages waiting for the storage writer.",
         gauges.spill_queue_bytes);

@@ -304,8 +304,10 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
     } unlocker{&order};
 
     // Sessions are woken (recovered from storage) and healthy.
+    const int64_t now_used = use_clock_.fetch_add(1) + 1;
     for (size_t i = 0; i < n; ++i) {
       LiveSession& s = *sessions[i];
+      s.last_used.store(now_used, std::memory_order_relaxed);
       if (!s.woken) {
         absl::Status woke = Wake(s);
         if (!woke.ok()) return Annotate(woke, Field(i, "session_id"));
@@ -397,12 +399,17 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
             int64_t{shape.kv_heads} * StreamState::FixedBytes(s.stream_config);
       }
       step_growth += growth;
-      const int64_t in_use = memory_bytes_.load(std::memory_order_relaxed);
+      int64_t in_use = memory_bytes_.load(std::memory_order_relaxed);
       if (in_use + step_growth > memory_limit_bytes_) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            Field(i, "session_id"), ": memory limit of ", memory_limit_bytes_,
-            " bytes reached (", in_use, " in use, this request needs up to ",
-            step_growth, "); delete sessions or raise --memory_limit_bytes"));
+        const int hibernated = HibernateIdle(order, step_growth);
+        in_use = memory_bytes_.load(std::memory_order_relaxed);
+        if (in_use + step_growth > memory_limit_bytes_) {
+          return absl::ResourceExhaustedError(absl::StrCat(
+              Field(i, "session_id"), ": memory limit of ", memory_limit_bytes_,
+              " bytes reached (", in_use, " in use after hibernating ",
+              hibernated, " idle sessions, this request needs up to ",
+              step_growth, "); delete sessions or raise --memory_limit_bytes"));
+        }
       }
       const int64_t quota = s.config().policy.spill_quota_bytes;
       if (quota > 0) {

@@ -49,6 +49,7 @@ struct EngineStats {
   int64_t resident_bytes = 0;
   int64_t spilled_bytes = 0;
   int64_t spill_queue_bytes = 0;  // batches waiting for the writer
+  int64_t hibernations = 0;       // idle sessions hibernated for room
 };
 
 class Engine {
@@ -56,8 +57,11 @@ class Engine {
   struct Options {
     SessionRegistry::Options registry;
     // Host bytes the sessions' live state may hold (cascades, digests, open
-    // spill pages, sealed pages' digests). A step that could pass it is
-    // RESOURCE_EXHAUSTED. 0 means 60% of the machine's physical memory.
+    // spill pages, sealed pages' digests). A step that could pass it first
+    // hibernates the least recently used idle sessions (checkpointed, then
+    // dropped from memory; woken from storage on their next request), and
+    // is RESOURCE_EXHAUSTED only when that does not make room. 0 means 60%
+    // of the machine's physical memory.
     int64_t memory_limit_bytes = 0;
     // ASYNC sessions: how often the write-ahead log is synced, ms. ≥ 1.
     int wal_sync_ms = 100;
@@ -99,7 +103,8 @@ class Engine {
   // - FAILED_PRECONDITION: `entries[i].position` is not the layer's next,
   //   naming the expected one;
   // - RESOURCE_EXHAUSTED: the step could take the engine past its memory
-  //   limit (the message gives the limit and the bytes in use).
+  //   limit even after hibernating every idle session (the message gives
+  //   the limit and the bytes in use).
   // An entry identical to the last applied step of its (session, layer) is
   // a retry: it is answered with that step's reply and not applied again
   // (FETCH replies over 1 MiB are not kept: FAILED_PRECONDITION).
@@ -145,6 +150,14 @@ class Engine {
   // Checkpoints `s`. Caller holds s.mu (held across the synced write: a
   // checkpoint must not interleave with a step of the same session).
   absl::Status CheckpointLocked(LiveSession& s);
+  // Checkpoints `s`, then drops its live state (Wake rebuilds it on the
+  // next use). Caller holds s.mu.
+  absl::Status HibernateLocked(LiveSession& s);
+  // Hibernates idle sessions, least recently used first, skipping `busy`
+  // (whose locks the caller holds) and any whose lock another request
+  // holds, until memory_bytes_ + `want` fits the limit. Returns how many it
+  // hibernated.
+  int HibernateIdle(const std::vector<LiveSession*>& busy, int64_t want);
   // Every wal_sync_ms: syncs the write-ahead log, then advances the
   // durable positions of what was written before the sync.
   void SyncLoop();
@@ -175,6 +188,8 @@ class Engine {
   // alive until they finish.
   std::map<Key, std::shared_ptr<LiveSession>> live_ ABSL_GUARDED_BY(mu_);
   std::atomic<int64_t> steps_{0};
+  std::atomic<int64_t> use_clock_{0};  // ticks once per request, for LRU
+  std::atomic<int64_t> hibernations_{0};
   std::atomic<int64_t> tokens_appended_{0};
   const int64_t memory_limit_bytes_;
   std::atomic<int64_t> memory_bytes_{0};  // Σ live sessions' memory_bytes

@@ -189,6 +189,54 @@ absl::Status Engine::CheckpointLocked(LiveSession& s)
   return absl::OkStatus();
 }
 
+absl::Status Engine::HibernateLocked(LiveSession& s)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  KVMEM_RETURN_IF_ERROR(CheckpointLocked(s));
+  // Everything the checkpoint holds is rebuilt by Wake; layer_next keeps
+  // its size for Wake to refill.
+  for (std::vector<StreamState>& layer : s.streams) layer.clear();
+  for (LastStep& last : s.last) last = LastStep();
+  memory_bytes_.fetch_sub(s.memory_bytes);
+  s.memory_bytes = 0;
+  s.woken = false;
+  hibernations_.fetch_add(1, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+int Engine::HibernateIdle(const std::vector<LiveSession*>& busy, int64_t want) {
+  std::vector<std::shared_ptr<LiveSession>> idle = AllLive();
+  std::sort(idle.begin(), idle.end(), [](const auto& a, const auto& b) {
+    return a->last_used.load(std::memory_order_relaxed) <
+           b->last_used.load(std::memory_order_relaxed);
+  });
+  int hibernated = 0;
+  for (const std::shared_ptr<LiveSession>& s : idle) {
+    if (memory_bytes_.load(std::memory_order_relaxed) + want <=
+        memory_limit_bytes_) {
+      break;
+    }
+    if (std::find(busy.begin(), busy.end(), s.get()) != busy.end()) continue;
+    // Another request holds it: not idle. Never wait here, the caller holds
+    // its own sessions' locks.
+    if (!s->mu.TryLock()) continue;
+    [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      bool healthy;
+      {
+        MutexLock lock(&s->durable_mu);
+        healthy = s->write_error.ok();
+      }
+      // A session whose writes failed keeps its state for the restart
+      // that recovers it; a failed checkpoint leaves it awake.
+      if (s->woken && !s->deleted && healthy && s->memory_bytes > 0 &&
+          HibernateLocked(*s).ok()) {
+        ++hibernated;
+      }
+      s->mu.Unlock();
+    }();
+  }
+  return hibernated;
+}
+
 absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> Engine::Checkpoint(
     const std::string& tenant, const std::string& session_id,
     bool all_tenants) {

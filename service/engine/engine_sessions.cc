@@ -166,6 +166,7 @@ EngineStats Engine::Stats() {
   stats.memory_bytes = memory_bytes_.load(std::memory_order_relaxed);
   stats.memory_limit_bytes = memory_limit_bytes_;
   stats.spill_queue_bytes = int64_t(writer_->stats().queued_bytes);
+  stats.hibernations = hibernations_.load(std::memory_order_relaxed);
   for (const auto& session : AllLive()) {
     MutexLock lock(&session->mu);
     const int64_t row_bytes = session->stream_config.row_bytes();

@@ -3,6 +3,7 @@
 #ifndef KVMEM_SERVICE_ENGINE_LIVE_SESSION_H_
 #define KVMEM_SERVICE_ENGINE_LIVE_SESSION_H_
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -50,6 +51,9 @@ struct Engine::LiveSession {
   int64_t log_bytes ABSL_GUARDED_BY(mu) = 0;
   // Set by DeleteSession: steps already holding this state are refused.
   bool deleted ABSL_GUARDED_BY(mu) = false;
+  // Engine::use_clock_ at this session's last step: the least recently
+  // used idle session is hibernated first. Read without `mu`.
+  std::atomic<int64_t> last_used{0};
 
   Mutex durable_mu;
   // [layers]: end position of the last step whose batch is written / synced.

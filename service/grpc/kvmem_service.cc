@@ -214,6 +214,7 @@ grpc::ServerUnaryReactor* KvMemoryService::GetStats(
     response->set_resident_bytes(stats.resident_bytes);
     response->set_spilled_bytes(stats.spilled_bytes);
     response->set_spill_queue_bytes(stats.spill_queue_bytes);
+    response->set_hibernations(stats.hibernations);
     return absl::OkStatus();
   });
 }

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -528,13 +529,107 @@ TEST_F(EngineTest, AnIdenticalRetryIsAnsweredAgainNotAppliedTwice) {
 namespace kvmem {
 namespace {
 
-TEST(EngineMemoryTest, StepsPastTheMemoryLimitAreRefusedAndDeleteReturnsIt) {
+// Two sessions under a memory limit that holds one: each step of one
+// hibernates the other (checkpointed, dropped), which wakes from storage on
+// its next step and answers exactly as an engine without a limit does.
+TEST(EngineMemoryTest, PastTheLimitIdleSessionsHibernateAndWakeExactly) {
+  const unsigned seed = std::random_device{}();
+  std::printf("seed %u\n", seed);
+  std::mt19937 rng(seed);
+  SessionConfig c;
+  c.tenant = "t";
+  c.shape = {1, 2, 2, 64, DType::kFp32, std::nullopt, {}};
+  c.policy.sinks = 2;
+  c.policy.cascades = 2;
+  c.policy.window = 16;
+  c.policy.page_tokens = 8;
+  c.policy.recent_tokens = 8;
+  c.policy.step_budget_tokens = 24;
+  c.policy.ema_beta = 0.99;
+  c.policy.dense_layers = {};
+  StreamConfig sc = *StreamConfig::FromSession(c);
+  const int kTokens = 120;  // spills and recalls: 34 slots per stream
+  // Room for one session's streams and all of its spill, not for two.
+  Engine::Options limited;
+  limited.memory_limit_bytes = 3 * StreamState::FixedBytes(sc);
+  testing::TempDir dir_limited, dir_free;
+  auto open = [](const Engine::Options& options, const std::string& path,
+                 std::unique_ptr<storage::Store>* store) {
+    *store = std::move(*storage::Store::Open(storage::Store::Options(), path));
+    return std::move(*Engine::Open(options, store->get()));
+  };
+  std::unique_ptr<storage::Store> store_limited, store_free;
+  std::unique_ptr<Engine> engine =
+      open(limited, dir_limited.path(), &store_limited);
+  std::unique_ptr<Engine> reference =
+      open(Engine::Options(), dir_free.path(), &store_free);
+  for (Engine* e : {engine.get(), reference.get()}) {
+    for (const char* id : {"first", "second"}) {
+      c.session_id = id;
+      ASSERT_TRUE(e->CreateSession(c).ok());
+    }
+  }
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto tensor = [&](int heads) {
+    std::string bytes(size_t(heads) * 64 * 4, '\0');
+    for (size_t i = 0; i < bytes.size(); i += 4) {
+      const float x = normal(rng);
+      memcpy(&bytes[i], &x, 4);
+    }
+    return bytes;
+  };
+  for (int t = 0; t < kTokens; ++t) {
+    for (const char* id : {"first", "second"}) {
+      const std::string q = tensor(2), k = tensor(2), v = tensor(2);
+      StepRequestView step{0, StepMode::kAttend, {{id, t, 1, q, k, v}}};
+      absl::StatusOr<std::vector<StepEntryResult>> got =
+          engine->Step("t", step);
+      absl::StatusOr<std::vector<StepEntryResult>> want =
+          reference->Step("t", step);
+      ASSERT_TRUE(got.ok()) << id << " at " << t << ": " << got.status();
+      ASSERT_TRUE(want.ok()) << want.status();
+      ASSERT_EQ((*got)[0].output, (*want)[0].output) << id << " at " << t;
+      ASSERT_EQ((*got)[0].lse, (*want)[0].lse) << id << " at " << t;
+      ASSERT_LE(engine->Stats().memory_bytes, limited.memory_limit_bytes);
+    }
+  }
+  // Every step after the first pair found the other session idle.
+  EXPECT_GE(engine->Stats().hibernations, 2 * kTokens - 2);
+  EXPECT_EQ(reference->Stats().hibernations, 0);
+  // Both in one request: neither is idle, so nothing can make room, and
+  // nothing changes.
+  const std::string q = tensor(2), k = tensor(2), v = tensor(2);
+  StepRequestView both{
+      0,
+      StepMode::kAttend,
+      {{"first", kTokens, 1, q, k, v}, {"second", kTokens, 1, q, k, v}}};
+  absl::Status st = engine->Step("t", both).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
+  EXPECT_NE(st.message().find(absl::StrCat(limited.memory_limit_bytes)),
+            absl::string_view::npos)
+      << st;
+  for (const char* id : {"first", "second"}) {
+    EXPECT_EQ(engine->GetSession("t", id)->manifest.layer_next_positions[0],
+              kTokens);
+  }
+  // Deleting a session returns its memory; the request then fits.
+  ASSERT_TRUE(engine->DeleteSession("t", "first").ok());
+  ASSERT_TRUE(reference->DeleteSession("t", "first").ok());
+  StepRequestView second{
+      0, StepMode::kAttend, {{"second", kTokens, 1, q, k, v}}};
+  absl::StatusOr<std::vector<StepEntryResult>> got = engine->Step("t", second);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ((*got)[0].output, (*reference->Step("t", second))[0].output);
+}
+
+TEST(EngineMemoryTest, ARequestLargerThanTheLimitIsRefusedAndChangesNothing) {
   testing::TempDir dir;
   absl::StatusOr<std::unique_ptr<storage::Store>> store =
       storage::Store::Open(storage::Store::Options(), dir.path());
   ASSERT_TRUE(store.ok());
   SessionConfig c;
   c.tenant = "t";
+  c.session_id = "big";
   c.shape = {1, 2, 2, 64, DType::kFp32, std::nullopt, {}};
   c.policy.sinks = 0;
   c.policy.cascades = 1;
@@ -543,50 +638,23 @@ TEST(EngineMemoryTest, StepsPastTheMemoryLimitAreRefusedAndDeleteReturnsIt) {
   c.policy.recent_tokens = 16;
   c.policy.dense_layers = {};
   StreamConfig sc = *StreamConfig::FromSession(c);
-  // Room for one session's streams and some spill, not for two sessions.
   Engine::Options options;
-  options.memory_limit_bytes =
-      3 * StreamState::FixedBytes(sc) + 2 * StreamState::StepGrowthBytes(sc, 1);
+  options.memory_limit_bytes = StreamState::FixedBytes(sc);  // not 2 heads
   absl::StatusOr<std::unique_ptr<Engine>> engine =
       Engine::Open(options, store->get());
   ASSERT_TRUE(engine.ok());
-  c.session_id = "first";
-  ASSERT_TRUE((*engine)->CreateSession(c).ok());
-  c.session_id = "second";
   ASSERT_TRUE((*engine)->CreateSession(c).ok());
   std::string q(2 * 64 * 4, '\0'), k(2 * 64 * 4, '\0'), v(2 * 64 * 4, '\0');
   for (size_t i = 0; i < q.size(); i += 4) q[i + 2] = k[i + 2] = v[i + 2] = 1;
-  StepRequestView first{0, StepMode::kAppend, {{"first", 0, 1, q, k, v}}};
-  ASSERT_TRUE((*engine)->Step("t", first).ok());
-  const int64_t after_first = (*engine)->Stats().memory_bytes;
-  EXPECT_EQ(after_first, 2 * StreamState::FixedBytes(sc));
-  StepRequestView second{0, StepMode::kAppend, {{"second", 0, 1, q, k, v}}};
-  absl::Status st = (*engine)->Step("t", second).status();
+  StepRequestView first{0, StepMode::kAppend, {{"big", 0, 1, q, k, v}}};
+  absl::Status st = (*engine)->Step("t", first).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
   EXPECT_NE(st.message().find(absl::StrCat(options.memory_limit_bytes)),
             absl::string_view::npos)
       << st;
-  // The refused session is unchanged (still at 0); the first one goes on.
-  EXPECT_EQ(
-      (*engine)->GetSession("t", "second")->manifest.layer_next_positions[0],
-      0);
-  StepRequestView next{0, StepMode::kAppend, {{"first", 1, 1, q, k, v}}};
-  EXPECT_TRUE((*engine)->Step("t", next).ok());
-  // Deleting the first session returns its memory; the second now fits.
-  ASSERT_TRUE((*engine)->DeleteSession("t", "first").ok());
   EXPECT_EQ((*engine)->Stats().memory_bytes, 0);
-  EXPECT_TRUE((*engine)->Step("t", second).ok());
-  // Spill grows the count: 200 tokens through a 64-token window.
-  for (int t = 1; t < 200; ++t) {
-    StepRequestView step{0, StepMode::kAppend, {{"second", t, 1, q, k, v}}};
-    absl::Status s2 = (*engine)->Step("t", step).status();
-    if (!s2.ok()) {
-      EXPECT_EQ(s2.code(), absl::StatusCode::kResourceExhausted) << s2;
-      EXPECT_LE((*engine)->Stats().memory_bytes, options.memory_limit_bytes);
-      return;
-    }
-  }
-  EXPECT_LE((*engine)->Stats().memory_bytes, options.memory_limit_bytes);
+  EXPECT_EQ((*engine)->GetSession("t", "big")->manifest.layer_next_positions[0],
+            0);
 }
 
 }  // namespace
