@@ -113,6 +113,9 @@ class CascadeStream {
   float slot_score(int s) const { return scores_[s]; }
   absl::Span<const uint8_t> key_row(int s) const;
   absl::Span<const uint8_t> value_row(int s) const;
+  // Every slot's rows, [num_slots, row_bytes] (empty slots hold zeros).
+  absl::Span<const uint8_t> all_keys() const { return keys_; }
+  absl::Span<const uint8_t> all_values() const { return values_; }
   // s = u·β^n rounded to fp32 (0 for sinks and empty slots), for reports.
   float ReportedScore(int s) const;
   // n: query tokens since the last renormalisation (DESIGN.md).

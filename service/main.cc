@@ -18,6 +18,9 @@ ABSL_FLAG(std::string, data_dir, "./kvmem-data",
           "created if missing; one server per directory");
 ABSL_FLAG(std::string, backend, "auto",
           "auto: CUDA where a device is present, else CPU; cpu; cuda");
+ABSL_FLAG(int64_t, device_memory, 0,
+          "CUDA backend: bytes of the device pool for resident keys and "
+          "values; 0 = 80% of the device's free memory at start");
 ABSL_FLAG(int, handler_threads, 8,
           "threads running handlers that may block on storage (1..1024)");
 ABSL_FLAG(int, max_message_bytes, 256 << 20,
@@ -61,6 +64,7 @@ int main(int argc, char** argv) {
   options.listen = absl::GetFlag(FLAGS_listen);
   options.data_dir = absl::GetFlag(FLAGS_data_dir);
   options.backend = absl::GetFlag(FLAGS_backend);
+  options.device_memory_bytes = absl::GetFlag(FLAGS_device_memory);
   options.handler_threads = absl::GetFlag(FLAGS_handler_threads);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);

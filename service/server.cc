@@ -10,6 +10,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server_builder.h"
 #include "kernels/cuda/device_probe.h"
+#include "service/engine/device_backend.h"
 #include "service/engine/engine.h"
 #include "service/grpc/kvmem_service.h"
 #include "service/log.h"
@@ -156,32 +157,41 @@ class GrpcServer final : public Server {
   bool done_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-// Which backend serves, and on what. The CUDA backend's kernels arrive with
-// issue 8; until then a CUDA device is reported but the CPU backend serves.
-absl::Status ChooseBackend(const std::string& flag, std::string* backend,
-                           std::string* device) {
+// Which backend serves, and on what: the CUDA backend where asked for (or,
+// with auto, where a device is present), its pool made now so that a
+// device that cannot hold it fails the start, not a later step.
+absl::Status ChooseBackend(const ServerOptions& options, std::string* backend,
+                           std::string* device,
+                           std::shared_ptr<DeviceBackend>* cuda_backend) {
+  const std::string& flag = options.backend;
+  if (flag != "auto" && flag != "cpu" && flag != "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--backend must be one of auto, cpu, cuda, got \"", flag, "\""));
+  }
   cuda::DeviceProbe probe = cuda::ProbeDevices();
-  if (flag == "cpu" || (flag == "auto")) {
+  if (flag == "cpu" || (flag == "auto" && probe.device_count == 0)) {
     *backend = "cpu";
     *device = HostName();
-    if (probe.device_count > 0 && flag == "auto") {
-      absl::StrAppend(device, " (CUDA device ", probe.device_name,
-                      " present; the CUDA step kernels are issue 8)");
-    }
     return absl::OkStatus();
   }
-  if (flag == "cuda") {
-    if (probe.device_count == 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "--backend=cuda: no CUDA device (", probe.why_none, ")"));
-    }
-    return absl::FailedPreconditionError(absl::StrCat(
-        "--backend=cuda: device ", probe.device_name,
-        " found, but this build has no CUDA step kernels yet (issue 8); "
-        "use --backend=cpu or auto"));
+  if (probe.device_count == 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--backend=cuda: no CUDA device (", probe.why_none, ")"));
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "--backend must be one of auto, cpu, cuda, got \"", flag, "\""));
+  DeviceBackend::Options device_options;
+  device_options.pool_bytes = size_t(options.device_memory_bytes);
+  absl::StatusOr<std::unique_ptr<DeviceBackend>> made =
+      DeviceBackend::Create(device_options);
+  if (!made.ok()) {
+    return absl::Status(
+        made.status().code(),
+        absl::StrCat("--backend=", flag, " on ", probe.device_name, ": ",
+                     made.status().message()));
+  }
+  *cuda_backend = std::move(*made);
+  *backend = "cuda";
+  *device = probe.device_name;
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -203,6 +213,10 @@ absl::Status ServerOptions::Validate() const {
         "--max_queued_requests and --max_queued_bytes must be >= 1, got ",
         max_queued_requests, " and ", max_queued_bytes));
   }
+  if (device_memory_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--device_memory must be >= 0, got ", device_memory_bytes));
+  }
   if (memory_limit_bytes < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--memory_limit_bytes must be >= 0, got ", memory_limit_bytes));
@@ -218,13 +232,16 @@ absl::StatusOr<std::unique_ptr<Server>> StartServer(
     const ServerOptions& options) {
   KVMEM_RETURN_IF_ERROR(options.Validate());
   std::string backend, device;
-  KVMEM_RETURN_IF_ERROR(ChooseBackend(options.backend, &backend, &device));
+  std::shared_ptr<DeviceBackend> cuda_backend;
+  KVMEM_RETURN_IF_ERROR(
+      ChooseBackend(options, &backend, &device, &cuda_backend));
   KVMEM_ASSIGN_OR_RETURN(
       std::unique_ptr<storage::Store> store,
       storage::Store::Open(storage::Store::Options(), options.data_dir));
   Engine::Options engine_options;
   engine_options.memory_limit_bytes = options.memory_limit_bytes;
   engine_options.wal_sync_ms = options.wal_sync_ms;
+  engine_options.device = cuda_backend;
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
                          Engine::Open(engine_options, store.get()));
   auto pool = std::make_unique<WorkPool>(options.handler_threads);

@@ -18,6 +18,9 @@ struct ServerOptions {
   std::string data_dir = "./kvmem-data";
   // "auto" (CUDA where a device is present, else CPU), "cpu" or "cuda".
   std::string backend = "auto";
+  // CUDA backend: bytes of the device pool holding resident keys and
+  // values; 0 = 80% of the device's free memory at start.
+  int64_t device_memory_bytes = 0;
   // Threads that run handlers which may block on storage. 1..1024.
   int handler_threads = 8;
   // Largest request or response message, bytes. 1 KiB..2 GiB-1.

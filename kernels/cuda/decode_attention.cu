@@ -492,6 +492,20 @@ absl::StatusOr<DecodeAttentionPlan> PlanDecodeAttention(
   return plan;
 }
 
+absl::StatusOr<DecodeAttentionPlan> PlanDecodeAttentionSplits(
+    const DecodeAttentionShape& shape, int splits) {
+  absl::Status valid = ValidateShape(shape);
+  if (!valid.ok()) return valid;
+  if (splits < 1 || splits > kMaxSplits) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("splits: ", splits, ", want 1..", kMaxSplits));
+  }
+  DecodeAttentionPlan plan;
+  plan.splits = splits;
+  plan.workspace_bytes = LayoutWorkspace(shape, splits).bytes;
+  return plan;
+}
+
 absl::Status DecodeAttention(const DecodeAttentionShape& shape,
                              const DecodeAttentionInputs& inputs,
                              const DecodeAttentionOutputs& outputs,

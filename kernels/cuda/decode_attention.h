@@ -81,6 +81,13 @@ struct DecodeAttentionPlan {
 absl::StatusOr<DecodeAttentionPlan> PlanDecodeAttention(
     const DecodeAttentionShape& shape, int multiprocessors);
 
+// A plan with exactly `splits` (1..64) thread blocks per stream. Results
+// then depend only on each stream's rows, not on the batch around it: the
+// engine's choice, so that a step gives the same bits whatever it is
+// batched with. INVALID_ARGUMENT names a bad field.
+absl::StatusOr<DecodeAttentionPlan> PlanDecodeAttentionSplits(
+    const DecodeAttentionShape& shape, int splits);
+
 // Enqueues the attention of every stream on `stream`: one split launch and
 // one merge launch for the whole batch. `workspace` (plan.workspace_bytes,
 // 256-byte aligned, e.g. a DeviceBuffer) is scratch owned by the caller and

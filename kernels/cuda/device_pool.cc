@@ -18,6 +18,10 @@ absl::Status DevicePoolOptions::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("free_fraction must be in (0, 1], got ", free_fraction));
   }
+  if (planes < 1 || planes > 8) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("planes must be in [1, 8], got ", planes));
+  }
   return absl::OkStatus();
 }
 
@@ -28,23 +32,24 @@ absl::StatusOr<std::unique_ptr<DevicePool>> DevicePool::Create(
   KVMEM_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
   size_t bytes = options.pool_bytes;
   if (bytes == 0) bytes = size_t(double(free_bytes) * options.free_fraction);
-  const size_t blocks = bytes / options.block_bytes;
+  const size_t blocks = bytes / (options.block_bytes * options.planes);
   if (blocks == 0 || blocks > size_t{INT32_MAX}) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "device pool of ", bytes, " bytes holds ", blocks, " blocks of ",
-        options.block_bytes, " bytes, want 1 to 2^31-1"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("device pool of ", bytes, " bytes holds ", blocks,
+                     " blocks of ", options.block_bytes, " bytes × ",
+                     options.planes, " planes, want 1 to 2^31-1"));
   }
-  absl::StatusOr<DeviceBuffer> memory =
-      DeviceBuffer::Allocate(blocks * options.block_bytes);
+  const size_t total = blocks * options.block_bytes * options.planes;
+  absl::StatusOr<DeviceBuffer> memory = DeviceBuffer::Allocate(total);
   if (!memory.ok()) {
-    return absl::Status(
-        memory.status().code(),
-        absl::StrCat("device pool of ", blocks * options.block_bytes,
-                     " bytes (", free_bytes, " free of ", total_bytes,
-                     "): ", memory.status().message()));
+    return absl::Status(memory.status().code(),
+                        absl::StrCat("device pool of ", total, " bytes (",
+                                     free_bytes, " free of ", total_bytes,
+                                     "): ", memory.status().message()));
   }
   return std::unique_ptr<DevicePool>(
-      new DevicePool(std::move(*memory), options.block_bytes, int32_t(blocks)));
+      new DevicePool(std::move(*memory), options.block_bytes, int32_t(blocks),
+                     options.planes));
 }
 
 }  // namespace kvmem::cuda

@@ -58,7 +58,54 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+__global__ void __launch_bounds__(kThreads)
+    ScatterRowsKernel(const ScatterRowsArgs args, size_t row_bytes,
+                      bool vector) {
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (int i = blockIdx.x * kRowsPerBlock + warp; i < args.count;
+       i += gridDim.x * kRowsPerBlock) {
+    const size_t src = size_t(i) * row_bytes;
+    const size_t dst = size_t(args.rows[i]) * row_bytes;
+    CopyRow(static_cast<const char*>(args.keys) + src,
+            static_cast<char*>(args.key_rows) + dst, row_bytes, vector, lane);
+    CopyRow(static_cast<const char*>(args.values) + src,
+            static_cast<char*>(args.value_rows) + dst, row_bytes, vector, lane);
+  }
+}
+
 }  // namespace
+
+absl::Status ScatterRows(const ScatterRowsArgs& args, cudaStream_t stream) {
+  if (args.count < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("count: ", args.count, ", want >= 0"));
+  }
+  if (args.head_dim < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("head_dim: ", args.head_dim, ", want >= 1"));
+  }
+  if (args.dtype != DType::kBf16 && args.dtype != DType::kFp16 &&
+      args.dtype != DType::kFp32) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dtype: ", static_cast<int>(args.dtype), ", want bf16/fp16/fp32"));
+  }
+  if (args.count == 0) return absl::OkStatus();
+  if (args.rows == nullptr || args.keys == nullptr || args.values == nullptr ||
+      args.key_rows == nullptr || args.value_rows == nullptr) {
+    return absl::InvalidArgumentError(
+        "rows, keys, values, key_rows and value_rows must all be set");
+  }
+  const size_t row_bytes = size_t(args.head_dim) * DTypeBytes(args.dtype);
+  const bool vector = row_bytes % 16 == 0 && Aligned16(args.keys) &&
+                      Aligned16(args.values) && Aligned16(args.key_rows) &&
+                      Aligned16(args.value_rows);
+  int tiles = (args.count + kRowsPerBlock - 1) / kRowsPerBlock;
+  if (tiles > kMaxGridTiles) tiles = kMaxGridTiles;
+  ScatterRowsKernel<<<tiles, kThreads, 0, stream>>>(args, row_bytes, vector);
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ScatterRowsKernel");
+  return absl::OkStatus();
+}
 
 absl::Status GatherRows(const GatherRowsShape& shape,
                         const GatherRowsInputs& inputs,

@@ -43,6 +43,23 @@ absl::Status GatherRows(const GatherRowsShape& shape,
                         const GatherRowsInputs& inputs,
                         const GatherRowsOutputs& outputs, cudaStream_t stream);
 
+// The inverse, for writes into a pool: staged row i of `keys`/`values`
+// ([count, D] dtype, contiguous) goes to pool row rows[i] of
+// key_rows/value_rows, for i < count. Rows must be distinct. One launch;
+// INVALID_ARGUMENT names a bad field, INTERNAL with file:line on a launch
+// error. count 0 enqueues nothing.
+struct ScatterRowsArgs {
+  int count = 0;     // ≥ 0
+  int head_dim = 0;  // D ≥ 1
+  DType dtype = DType::kBf16;
+  const int32_t* rows = nullptr;  // [count] pool rows
+  const void* keys = nullptr;     // [count, D]
+  const void* values = nullptr;   // [count, D]
+  void* key_rows = nullptr;       // [pool_rows, D]
+  void* value_rows = nullptr;     // [pool_rows, D]
+};
+absl::Status ScatterRows(const ScatterRowsArgs& args, cudaStream_t stream);
+
 }  // namespace kvmem::cuda
 
 #endif  // KVMEM_KERNELS_CUDA_GATHER_ROWS_H_

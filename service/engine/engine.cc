@@ -11,6 +11,7 @@
 #include "absl/time/time.h"
 #include "base/status_macros.h"
 #include "kernels/cpu/dtype.h"
+#include "service/engine/device_backend.h"
 #include "service/engine/live_session.h"
 #include "service/engine/step_log.h"
 #include "storage/checksum.h"
@@ -183,7 +184,8 @@ absl::Status Engine::LoadRecalled(uint64_t seq, int layer, int head,
 absl::Status Engine::ApplyEntry(
     LiveSession& s, int layer, StepMode mode, int64_t position, int T,
     std::vector<HeadWork>& work, StepEntryResult* result,
-    storage::SpillBatch* batch) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    storage::SpillBatch* batch,
+    DeviceWrites* device_writes) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const ModelShape& shape = s.config().shape;
   const int H = shape.kv_heads, Hq = shape.query_heads;
   const int D = shape.head_dim, G = Hq / H;
@@ -201,10 +203,22 @@ absl::Status Engine::ApplyEntry(
     HeadWork& w = work[size_t(h)];
     StreamStepOutput output;
     absl::Status st = streams[size_t(h)].Apply(
-        mode, w.Input(position, T), w.selection, w.recalled, &output);
+        mode, w.Input(position, T), w.selection, w.recalled, &output,
+        w.on_device ? &w.external : nullptr);
     if (!st.ok()) {
       return absl::InternalError(absl::StrCat(
           "step of KV head ", h, " failed after validation: ", st.message()));
+    }
+    // The device copy of the layer follows the slots that changed.
+    const DeviceLayerRows& rows = s.device[size_t(layer)];
+    if (device_writes != nullptr && !rows.empty()) {
+      const CascadeStream& cascade = streams[size_t(h)].cascade();
+      std::vector<DeviceSlotWrite>& writes =
+          (*device_writes)[s.stream_config.row_bytes()];
+      for (int slot : output.changed_slots) {
+        writes.push_back({rows.Row(h, slot), cascade.key_row(slot).data(),
+                          cascade.value_row(slot).data()});
+      }
     }
     if (mode == StepMode::kAttend) {
       for (int t = 0; t < T; ++t) {
@@ -462,9 +476,17 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       }
     }
 
+    // CUDA backend: the decode entries' attention, still before anything
+    // changes (a full device pool refuses the request whole).
+    if (options_.device != nullptr && mode != StepMode::kAppend) {
+      KVMEM_RETURN_IF_ERROR(
+          AttendOnDevice(sessions, order, request, replay, work));
+    }
+
     // Apply. Every input was checked and read above, so a stream step
     // cannot fail here; INTERNAL would mean a bug, and says so.
     storage::SpillBatch batch;
+    DeviceWrites device_writes;
     bool sync = false;
     struct Written {
       std::shared_ptr<LiveSession> session;
@@ -480,8 +502,8 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       const StepEntryView& e = request.entries[i];
       const int T = e.num_tokens;
       StepEntryResult& result = results[i];
-      absl::Status applied =
-          ApplyEntry(s, layer, mode, e.position, T, work[i], &result, &batch);
+      absl::Status applied = ApplyEntry(s, layer, mode, e.position, T, work[i],
+                                        &result, &batch, &device_writes);
       if (!applied.ok()) return Annotate(applied, Field(i, "session_id"));
       // The step log record, in the same batch as the pages it sealed.
       batch.log.push_back({s.manifest.seq, uint32_t(layer), e.position,
@@ -492,6 +514,15 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       KeepLastStep(mode, e, result, &s.last[size_t(layer)]);
       steps_.fetch_add(1, std::memory_order_relaxed);
       tokens_appended_.fetch_add(T, std::memory_order_relaxed);
+    }
+
+    for (const auto& [row_bytes, writes] : device_writes) {
+      absl::Status wrote = options_.device->Write(row_bytes, writes);
+      if (!wrote.ok()) {
+        // The device copies are stale now: dropped, uploaded again from
+        // the host state (which is right) on the next use.
+        for (const auto& s : sessions) ReleaseDevice(*s);
+      }
     }
 
     // Write the request's batch: STEP_SYNC waits for it (below, unlocked).

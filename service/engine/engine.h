@@ -38,7 +38,9 @@
 
 namespace kvmem {
 
-struct HeadWork;  // service/engine/live_session.h
+struct HeadWork;      // service/engine/live_session.h
+class DeviceBackend;  // service/engine/device_backend.h
+struct DeviceSlotWrite;
 
 struct EngineStats {
   int64_t sessions = 0;
@@ -50,6 +52,12 @@ struct EngineStats {
   int64_t spilled_bytes = 0;
   int64_t spill_queue_bytes = 0;  // batches waiting for the writer
   int64_t hibernations = 0;       // idle sessions hibernated for room
+  int64_t device_pool_bytes = 0;  // CUDA backend: the pool, and in use
+  int64_t device_pool_used_bytes = 0;
+  int64_t device_evictions = 0;  // idle sessions' device rows freed for room
+  // Decode steps the CUDA backend could not take (no room even after
+  // evictions, or a device error) that the CPU oracle computed instead.
+  int64_t device_fallbacks = 0;
 };
 
 class Engine {
@@ -73,6 +81,10 @@ class Engine {
     size_t page_cache_bytes = size_t{256} << 20;
     // The clock for idle time-to-live, Unix µs; tests substitute their own.
     std::function<int64_t()> now_unix_micros;
+    // The CUDA backend (device_backend.h), or null: the CPU oracle alone.
+    // With it, each decode step (T = 1, ATTEND or FETCH, not CACHE_RANK)
+    // attends on the device over rows held there; the policy stays here.
+    std::shared_ptr<DeviceBackend> device;
   };
 
   // Loads the sessions of `store` (which must outlive the engine).
@@ -134,6 +146,8 @@ class Engine {
 
  private:
   using Key = std::pair<std::string, std::string>;  // (tenant, session_id)
+  // Device rows a request rewrites, by row bytes (one launch each).
+  using DeviceWrites = std::map<int, std::vector<DeviceSlotWrite>>;
 
   Engine(const Options& options, storage::Store* store,
          std::unique_ptr<SessionRegistry> registry, int64_t memory_limit_bytes);
@@ -158,6 +172,25 @@ class Engine {
   // holds, until memory_bytes_ + `want` fits the limit. Returns how many it
   // hibernated.
   int HibernateIdle(const std::vector<LiveSession*>& busy, int64_t want);
+  // CUDA backend: frees the device rows of idle sessions, least recently
+  // used first (their host state stays; rows go up again on next use),
+  // skipping `busy`, until `room` says there is room. Returns how many
+  // sessions it freed.
+  int EvictIdleDeviceRows(const std::vector<LiveSession*>& busy,
+                          const std::function<bool()>& room);
+  // Releases every device row of `s`. Caller holds s.mu.
+  void ReleaseDevice(LiveSession& s);
+  // The device attention of the request's eligible decode entries, in
+  // work[i][h].external; entries that cannot use it keep the CPU path.
+  // Uploads layers not yet on the device, evicting idle sessions' rows for
+  // room; what still does not fit (or meets a device error) stays on the
+  // CPU path, which holds the same state. Callers hold every session's
+  // lock.
+  absl::Status AttendOnDevice(
+      const std::vector<std::shared_ptr<LiveSession>>& sessions,
+      const std::vector<LiveSession*>& busy, const StepRequestView& request,
+      const std::vector<bool>& replay,
+      std::vector<std::vector<HeadWork>>& work);
   // Every wal_sync_ms: syncs the write-ahead log, then advances the
   // durable positions of what was written before the sync.
   void SyncLoop();
@@ -173,7 +206,8 @@ class Engine {
   absl::Status ApplyEntry(LiveSession& s, int layer, StepMode mode,
                           int64_t position, int num_tokens,
                           std::vector<HeadWork>& work, StepEntryResult* result,
-                          storage::SpillBatch* batch);
+                          storage::SpillBatch* batch,
+                          DeviceWrites* device_writes);
   // Fills work->recalled with the pages work->selection.recall names: from
   // the writer's queue, the page cache, or storage (one MultiGet).
   absl::Status LoadRecalled(uint64_t seq, int layer, int head, HeadWork* work);
@@ -190,6 +224,8 @@ class Engine {
   std::atomic<int64_t> steps_{0};
   std::atomic<int64_t> use_clock_{0};  // ticks once per request, for LRU
   std::atomic<int64_t> hibernations_{0};
+  std::atomic<int64_t> device_evictions_{0};
+  std::atomic<int64_t> device_fallbacks_{0};
   std::atomic<int64_t> tokens_appended_{0};
   const int64_t memory_limit_bytes_;
   std::atomic<int64_t> memory_bytes_{0};  // Σ live sessions' memory_bytes

@@ -131,7 +131,7 @@ absl::Status Engine::Wake(LiveSession& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
     }
     StepEntryResult reply;
     KVMEM_RETURN_IF_ERROR(ApplyEntry(s, layer, mode, position, step.num_tokens,
-                                     work, &reply, nullptr));
+                                     work, &reply, nullptr, nullptr));
     if (last) {
       StepEntryView entry;
       entry.position = position;
@@ -192,6 +192,7 @@ absl::Status Engine::CheckpointLocked(LiveSession& s)
 absl::Status Engine::HibernateLocked(LiveSession& s)
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   KVMEM_RETURN_IF_ERROR(CheckpointLocked(s));
+  ReleaseDevice(s);
   // Everything the checkpoint holds is rebuilt by Wake; layer_next keeps
   // its size for Wake to refill.
   for (std::vector<StreamState>& layer : s.streams) layer.clear();

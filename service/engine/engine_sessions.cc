@@ -6,6 +6,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "base/status_macros.h"
+#include "service/engine/device_backend.h"
 #include "service/engine/engine.h"
 #include "service/engine/live_session.h"
 
@@ -38,6 +39,7 @@ std::shared_ptr<Engine::LiveSession> Engine::Live(const Key& key,
     live->layer_next.assign(layers, 0);
     live->streams.resize(layers);
     live->last.resize(layers);
+    live->device.resize(layers);
   }
   {
     MutexLock durable_lock(&live->durable_mu);
@@ -141,6 +143,7 @@ absl::Status Engine::DeleteSession(const std::string& tenant,
     MutexLock lock(&live->mu);
     memory_bytes_.fetch_sub(live->memory_bytes);
     live->memory_bytes = 0;
+    ReleaseDevice(*live);
   }
   return absl::OkStatus();
 }
@@ -167,6 +170,12 @@ EngineStats Engine::Stats() {
   stats.memory_limit_bytes = memory_limit_bytes_;
   stats.spill_queue_bytes = int64_t(writer_->stats().queued_bytes);
   stats.hibernations = hibernations_.load(std::memory_order_relaxed);
+  stats.device_evictions = device_evictions_.load(std::memory_order_relaxed);
+  stats.device_fallbacks = device_fallbacks_.load(std::memory_order_relaxed);
+  if (options_.device != nullptr) {
+    stats.device_pool_bytes = options_.device->pool_bytes();
+    stats.device_pool_used_bytes = options_.device->used_bytes();
+  }
   for (const auto& session : AllLive()) {
     MutexLock lock(&session->mu);
     const int64_t row_bytes = session->stream_config.row_bytes();

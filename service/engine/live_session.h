@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "base/mutex.h"
+#include "service/engine/device_backend.h"
 #include "service/engine/engine.h"
 #include "service/engine/manifest_codec.h"
 #include "service/engine/stream_state.h"
@@ -45,6 +46,9 @@ struct Engine::LiveSession {
   std::vector<std::vector<StreamState>> streams ABSL_GUARDED_BY(mu);
   // [layers]: each layer's last applied step, for answering retries.
   std::vector<LastStep> last ABSL_GUARDED_BY(mu);
+  // CUDA backend: [layers] each layer's rows on the device (empty: not
+  // there; uploaded by the first decode step that attends there).
+  std::vector<DeviceLayerRows> device ABSL_GUARDED_BY(mu);
   // Host bytes of `streams`, counted in Engine::memory_bytes_.
   int64_t memory_bytes ABSL_GUARDED_BY(mu) = 0;
   // Step log bytes since the last checkpoint.
@@ -78,6 +82,9 @@ struct HeadWork {
   std::string keys, values;    // [T, D] session dtype
   StreamSelection selection;
   std::vector<std::shared_ptr<const storage::SpillPage>> recalled;
+  // CUDA backend: the attention computed on the device, when `on_device`.
+  bool on_device = false;
+  ExternalAttention external;
 
   StreamStepInput Input(int64_t position, int num_tokens) const {
     StreamStepInput in;

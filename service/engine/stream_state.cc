@@ -347,7 +347,7 @@ absl::StatusOr<StreamSelection> StreamState::Select(
 absl::Status StreamState::Apply(
     StepMode mode, const StreamStepInput& in, const StreamSelection& sel,
     absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled,
-    StreamStepOutput* output) {
+    StreamStepOutput* output, const ExternalAttention* external) {
   KVMEM_RETURN_IF_ERROR(CheckInput(in));
   const int T = in.num_tokens;
   const int D = config_->head_dim;
@@ -367,44 +367,26 @@ absl::Status StreamState::Apply(
   }
   const bool has_query = !in.queries.empty();
 
-  // 1. What the step attends to, ascending by original position: slot ≥ 0,
-  // or a spilled page's row (page −1 is the open page).
-  struct Attended {
-    int64_t position;
-    int slot;
-    int page;
-    int row;
-  };
-  std::vector<Attended> attended;
-  for (int s : sel.slots)
-    attended.push_back({cascade_.slot_position(s), s, 0, 0});
-  if (sel.open_page) {
-    for (size_t i = 0; i < open_.positions.size(); ++i) {
-      attended.push_back({open_.positions[i], -1, -1, int(i)});
-    }
+  if (external != nullptr && (T != 1 || !has_query || config_->cache_rank)) {
+    return absl::InvalidArgumentError(
+        "stream step: external attention is for T = 1 decode steps with a "
+        "query, without CACHE_RANK");
   }
-  for (size_t p = 0; p < recalled.size(); ++p) {
-    for (size_t i = 0; i < recalled[p]->positions.size(); ++i) {
-      attended.push_back({recalled[p]->positions[i], -1, int(p), int(i)});
-    }
+
+  // 1. What the step attends to, ascending by original position.
+  const std::vector<AttendedRow> attended = AttendedRows(sel, recalled);
+  if (external != nullptr && (external->probs.size() != attended.size() + 1 ||
+                              external->out.size() != size_t(G) * D ||
+                              external->lse.size() != size_t(G))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "stream step: external attention over ", external->probs.size(),
+        " rows for ", attended.size() + 1));
   }
-  std::sort(attended.begin(), attended.end(),
-            [](const Attended& a, const Attended& b) {
-              return a.position < b.position;
-            });
-  auto key_row = [&](const Attended& a) -> const char* {
-    if (a.slot >= 0) {
-      return reinterpret_cast<const char*>(cascade_.key_row(a.slot).data());
-    }
-    const storage::SpillPage& page = a.page < 0 ? open_ : *recalled[a.page];
-    return &page.keys[size_t(a.row) * row];
+  auto key_row = [&](const AttendedRow& a) {
+    return reinterpret_cast<const char*>(AttendedKey(a, recalled));
   };
-  auto value_row = [&](const Attended& a) -> const char* {
-    if (a.slot >= 0) {
-      return reinterpret_cast<const char*>(cascade_.value_row(a.slot).data());
-    }
-    const storage::SpillPage& page = a.page < 0 ? open_ : *recalled[a.page];
-    return &page.values[size_t(a.row) * row];
+  auto value_row = [&](const AttendedRow& a) {
+    return reinterpret_cast<const char*>(AttendedValue(a, recalled));
   };
 
   const int64_t n_cache = int64_t(attended.size());
@@ -416,7 +398,7 @@ absl::Status StreamState::Apply(
     // this step's recalled tokens (selection.md § Positions).
     std::vector<int64_t> ranked;
     for (int s : ResidentSlots()) ranked.push_back(cascade_.slot_position(s));
-    for (const Attended& a : attended) {
+    for (const AttendedRow& a : attended) {
       if (a.slot < 0) ranked.push_back(a.position);
     }
     std::sort(ranked.begin(), ranked.end());
@@ -435,15 +417,27 @@ absl::Status StreamState::Apply(
   std::vector<float> self_probs(has_query ? size_t(T) * T : 0, 0.0f);
   std::string keys, values;         // [total, D] session dtype
   std::vector<float> rotated_keys;  // CACHE_RANK: [total, D] fp32
-  if (has_query) {
+  if (has_query && (external == nullptr || mode == StepMode::kFetch)) {
     keys.reserve(total * row);
     values.reserve(total * row);
-    for (const Attended& a : attended) {
+    for (const AttendedRow& a : attended) {
       keys.append(key_row(a), row);
       values.append(value_row(a), row);
     }
     keys.append(reinterpret_cast<const char*>(in.keys.data()), T * row);
     values.append(reinterpret_cast<const char*>(in.values.data()), T * row);
+  }
+  if (external != nullptr) {
+    for (int64_t j = 0; j < n_cache; ++j) {
+      if (attended[j].slot >= 0)
+        slot_probs[attended[j].slot] = external->probs[j];
+    }
+    self_probs[0] = external->probs[n_cache];
+    if (mode == StepMode::kAttend) {
+      output->out = external->out;
+      output->lse = external->lse;
+    }
+  } else if (has_query) {
     std::vector<float> queries(in.queries.begin(), in.queries.end());
     HeadRowsView key_view{
         absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(keys.data()),
@@ -502,7 +496,7 @@ absl::Status StreamState::Apply(
   if (mode == StepMode::kFetch) {
     FetchedHead& f = output->fetched;
     f.positions.clear();
-    for (const Attended& a : attended) f.positions.push_back(a.position);
+    for (const AttendedRow& a : attended) f.positions.push_back(a.position);
     for (int t = 0; t < T; ++t) f.positions.push_back(in.position + t);
     if (config_->cache_rank) {
       f.k.resize(size_t(total) * row);
@@ -526,7 +520,53 @@ absl::Status StreamState::Apply(
                                               in.values, initial, &inserted));
   RefreshDigests(inserted.changed_slots);
   Spill(inserted.evicted, output);
+  output->changed_slots = std::move(inserted.changed_slots);
   return absl::OkStatus();
+}
+
+std::vector<AttendedRow> StreamState::AttendedRows(
+    const StreamSelection& sel,
+    absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled)
+    const {
+  std::vector<AttendedRow> attended;
+  for (int s : sel.slots) {
+    attended.push_back({cascade_.slot_position(s), s, 0, 0});
+  }
+  if (sel.open_page) {
+    for (size_t i = 0; i < open_.positions.size(); ++i) {
+      attended.push_back({open_.positions[i], -1, -1, int(i)});
+    }
+  }
+  for (size_t p = 0; p < recalled.size(); ++p) {
+    for (size_t i = 0; i < recalled[p]->positions.size(); ++i) {
+      attended.push_back({recalled[p]->positions[i], -1, int(p), int(i)});
+    }
+  }
+  std::sort(attended.begin(), attended.end(),
+            [](const AttendedRow& a, const AttendedRow& b) {
+              return a.position < b.position;
+            });
+  return attended;
+}
+
+const uint8_t* StreamState::AttendedKey(
+    const AttendedRow& a,
+    absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled)
+    const {
+  if (a.slot >= 0) return cascade_.key_row(a.slot).data();
+  const storage::SpillPage& page = a.page < 0 ? open_ : *recalled[a.page];
+  return reinterpret_cast<const uint8_t*>(
+      &page.keys[size_t(a.row) * size_t(config_->row_bytes())]);
+}
+
+const uint8_t* StreamState::AttendedValue(
+    const AttendedRow& a,
+    absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled)
+    const {
+  if (a.slot >= 0) return cascade_.value_row(a.slot).data();
+  const storage::SpillPage& page = a.page < 0 ? open_ : *recalled[a.page];
+  return reinterpret_cast<const uint8_t*>(
+      &page.values[size_t(a.row) * size_t(config_->row_bytes())]);
 }
 
 }  // namespace kvmem

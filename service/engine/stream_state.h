@@ -70,6 +70,25 @@ struct StreamSelection {
   std::vector<uint64_t> recall;  // sealed pages to read, ascending
 };
 
+// One row a step attends to, ascending by original position: resident
+// slot `slot` ≥ 0, or row `row` of a spilled page (`page` indexes the
+// step's recalled pages; −1 is the open page).
+struct AttendedRow {
+  int64_t position = 0;
+  int slot = -1;
+  int page = 0;
+  int row = 0;
+};
+
+// A decode step's attention computed by another backend (the CUDA one)
+// over AttendedRows() then the new token, for Apply to use instead of its
+// own. T = 1 and no CACHE_RANK only.
+struct ExternalAttention {
+  std::vector<float> out;    // [G, D]
+  std::vector<float> lse;    // [G]
+  std::vector<float> probs;  // [rows + 1]: each row's group-reduced prob
+};
+
 // One step's outputs for this stream.
 struct StreamStepOutput {
   std::vector<float> out;  // ATTEND: [T, G, D] fp32
@@ -78,6 +97,7 @@ struct StreamStepOutput {
   // Pages the step's evictions sealed, for the step's write batch.
   std::vector<std::shared_ptr<const storage::SpillPage>> sealed;
   std::vector<uint64_t> sealed_seqs;  // their page numbers
+  std::vector<int> changed_slots;     // slots whose rows changed, ascending
 };
 
 class StreamState {
@@ -96,15 +116,31 @@ class StreamState {
   absl::StatusOr<StreamSelection> Select(bool dense_layer,
                                          const StreamStepInput& input) const;
 
-  // Applies the step: attends over `selection` plus the new tokens, updates
-  // scores, inserts, spills. `recalled[i]` holds page `selection.recall[i]`.
-  // `mode` decides what *output gets. INVALID_ARGUMENT if `recalled` does
-  // not match; nothing changes then.
+  // What a step with `selection` attends to (before the new tokens).
+  std::vector<AttendedRow> AttendedRows(
+      const StreamSelection& selection,
+      absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled)
+      const;
+  // The key and value rows of `row` (of AttendedRows with `recalled`).
+  const uint8_t* AttendedKey(
+      const AttendedRow& row,
+      absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled)
+      const;
+  const uint8_t* AttendedValue(
+      const AttendedRow& row,
+      absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled)
+      const;
+
+  // Applies the step: attends over `selection` plus the new tokens (or
+  // takes `external`'s attention), updates scores, inserts, spills.
+  // `recalled[i]` holds page `selection.recall[i]`. `mode` decides what
+  // *output gets. INVALID_ARGUMENT if `recalled` or `external` does not
+  // match; nothing changes then.
   absl::Status Apply(
       StepMode mode, const StreamStepInput& input,
       const StreamSelection& selection,
       absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled,
-      StreamStepOutput* output);
+      StreamStepOutput* output, const ExternalAttention* external = nullptr);
 
   // State for a checkpoint: cascade bit for bit, the open spilled page and
   // the next page number. Sealed pages are in storage already.

@@ -215,6 +215,9 @@ grpc::ServerUnaryReactor* KvMemoryService::GetStats(
     response->set_spilled_bytes(stats.spilled_bytes);
     response->set_spill_queue_bytes(stats.spill_queue_bytes);
     response->set_hibernations(stats.hibernations);
+    response->set_device_pool_bytes(stats.device_pool_bytes);
+    response->set_device_pool_used_bytes(stats.device_pool_used_bytes);
+    response->set_device_fallbacks(stats.device_fallbacks);
     return absl::OkStatus();
   });
 }

@@ -1,0 +1,345 @@
+#include "service/engine/device_backend.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "base/mutex.h"
+#include "base/status_macros.h"
+#include "kernels/cpu/dtype.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/decode_attention.h"
+#include "kernels/cuda/device_memory.h"
+#include "kernels/cuda/device_pool.h"
+#include "kernels/cuda/device_probe.h"
+#include "kernels/cuda/gather_rows.h"
+
+namespace kvmem {
+namespace {
+
+// Thread blocks per stream in every attention launch: fixed, so a step's
+// result does not depend on its batch (a replayed step gives the same
+// bits). 8 × 256 streams of a 32-entry request fill an H100 many times;
+// a 2K-row stream gets 256 rows per block.
+constexpr int kAttentionSplits = 8;
+
+size_t AlignUp(size_t n) { return (n + 255) / 256 * 256; }
+
+// Rows of `row_bytes` in the pool's planes: block b holds rows from
+// ceil(b · block / row) on, RowsPerBlock of them.
+int64_t RowsPerBlock(size_t block_bytes, int row_bytes) {
+  const size_t r = size_t(row_bytes);
+  return int64_t(block_bytes / r - (block_bytes % r != 0 ? 1 : 0));
+}
+int32_t FirstRow(int32_t block, size_t block_bytes, int row_bytes) {
+  const size_t r = size_t(row_bytes);
+  return int32_t((size_t(block) * block_bytes + r - 1) / r);
+}
+
+}  // namespace
+
+struct DeviceBackend::Impl {
+  std::unique_ptr<cuda::DevicePool> pool;
+  int multiprocessors = 1;
+  Mutex mu;
+  cuda::Stream stream ABSL_GUARDED_BY(mu);
+  cuda::PinnedHostBuffer host ABSL_GUARDED_BY(mu);  // staging, both ways
+  cuda::DeviceBuffer device ABSL_GUARDED_BY(mu);    // its device twin
+  cuda::DeviceBuffer workspace ABSL_GUARDED_BY(mu);
+
+  // Grows the staging pair to `bytes` each (never shrinks).
+  absl::Status Reserve(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (host.bytes() >= bytes) return absl::OkStatus();
+    const size_t grown = std::max(bytes, host.bytes() * 2);
+    KVMEM_ASSIGN_OR_RETURN(host, cuda::PinnedHostBuffer::Allocate(grown));
+    KVMEM_ASSIGN_OR_RETURN(device, cuda::DeviceBuffer::Allocate(grown));
+    return absl::OkStatus();
+  }
+
+  // Blocks from the pool, given back when the guard goes.
+  struct Blocks {
+    cuda::DevicePool* pool;
+    std::vector<int32_t> ids;
+    ~Blocks() {
+      if (!ids.empty()) pool->Give(ids).IgnoreError();
+    }
+  };
+};
+
+absl::StatusOr<std::unique_ptr<DeviceBackend>> DeviceBackend::Create(
+    const Options& options) {
+  const cuda::DeviceProbe probe = cuda::ProbeDevices();
+  if (probe.device_count == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("no CUDA device: ", probe.why_none));
+  }
+  auto impl = std::make_unique<Impl>();
+  cuda::DevicePoolOptions pool;
+  pool.block_bytes = options.block_bytes;
+  pool.pool_bytes = options.pool_bytes;
+  pool.free_fraction = options.free_fraction;
+  pool.planes = 2;  // keys, values
+  KVMEM_ASSIGN_OR_RETURN(impl->pool, cuda::DevicePool::Create(pool));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(
+      &impl->multiprocessors, cudaDevAttrMultiProcessorCount, 0));
+  {
+    MutexLock lock(&impl->mu);
+    KVMEM_ASSIGN_OR_RETURN(impl->stream, cuda::Stream::Create());
+    KVMEM_RETURN_IF_ERROR(impl->Reserve(size_t{1} << 20));
+  }
+  return std::unique_ptr<DeviceBackend>(
+      new DeviceBackend(std::move(impl), probe.device_name));
+}
+
+DeviceBackend::DeviceBackend(std::unique_ptr<Impl> impl, std::string name)
+    : impl_(std::move(impl)), device_name_(std::move(name)) {}
+
+DeviceBackend::~DeviceBackend() = default;
+
+int64_t DeviceBackend::pool_bytes() const {
+  return int64_t(impl_->pool->total_blocks()) *
+         int64_t(impl_->pool->block_bytes()) * 2;
+}
+
+int64_t DeviceBackend::used_bytes() const {
+  return int64_t(impl_->pool->total_blocks() - impl_->pool->free_blocks()) *
+         int64_t(impl_->pool->block_bytes()) * 2;
+}
+
+int64_t DeviceBackend::free_plane_bytes() const {
+  return int64_t(impl_->pool->free_blocks()) *
+         int64_t(impl_->pool->block_bytes());
+}
+
+absl::StatusOr<DeviceLayerRows> DeviceBackend::Upload(
+    int row_bytes, int slots, absl::Span<const uint8_t* const> keys,
+    absl::Span<const uint8_t* const> values) {
+  const size_t block_bytes = impl_->pool->block_bytes();
+  const int64_t per_block = RowsPerBlock(block_bytes, row_bytes);
+  if (per_block < 1 || slots < 1 || keys.size() != values.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "device upload: ", slots, " slots of ", row_bytes, " bytes, ",
+        keys.size(), " key and ", values.size(), " value streams"));
+  }
+  const int64_t rows = int64_t(keys.size()) * slots;
+  const int64_t count = (rows + per_block - 1) / per_block;
+  absl::StatusOr<std::vector<int32_t>> taken =
+      impl_->pool->Take(int32_t(count));
+  if (!taken.ok()) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("device pool: ", count, " blocks of ", block_bytes,
+                     " bytes wanted, ", impl_->pool->free_blocks(), " of ",
+                     impl_->pool->total_blocks(), " free (--device_memory)"));
+  }
+  DeviceLayerRows layer;
+  layer.blocks_ = std::move(*taken);
+  layer.slots_ = slots;
+  layer.rows_per_block_ = int(per_block);
+  for (int32_t b : layer.blocks_) {
+    layer.first_row_.push_back(FirstRow(b, block_bytes, row_bytes));
+  }
+  MutexLock lock(&impl_->mu);
+  char* const key_plane = static_cast<char*>(impl_->pool->plane_base(0));
+  char* const value_plane = static_cast<char*>(impl_->pool->plane_base(1));
+  absl::Status copied;
+  // Runs of rows that sit in one block are one copy each.
+  for (size_t h = 0; h < keys.size() && copied.ok(); ++h) {
+    for (int s = 0; s < slots && copied.ok();) {
+      const int64_t i = int64_t(h) * slots + s;
+      const int run =
+          int(std::min<int64_t>(slots - s, per_block - i % per_block));
+      const size_t at = size_t(layer.Row(int(h), s)) * size_t(row_bytes);
+      const size_t from = size_t(s) * size_t(row_bytes);
+      const size_t bytes = size_t(run) * size_t(row_bytes);
+      copied = cuda::CopyToDevice(key_plane + at, keys[h] + from, bytes,
+                                  impl_->stream.get());
+      if (copied.ok()) {
+        copied = cuda::CopyToDevice(value_plane + at, values[h] + from, bytes,
+                                    impl_->stream.get());
+      }
+      s += run;
+    }
+  }
+  if (copied.ok()) copied = impl_->stream.Synchronize();
+  if (!copied.ok()) {
+    impl_->pool->Give(layer.blocks_).IgnoreError();
+    return copied;
+  }
+  return layer;
+}
+
+void DeviceBackend::Release(DeviceLayerRows* rows) {
+  if (rows->blocks_.empty()) return;
+  impl_->pool->Give(rows->blocks_).IgnoreError();
+  *rows = DeviceLayerRows();
+}
+
+absl::Status DeviceBackend::Write(int row_bytes,
+                                  absl::Span<const DeviceSlotWrite> writes) {
+  if (writes.empty()) return absl::OkStatus();
+  const size_t n = writes.size(), row = size_t(row_bytes);
+  const size_t keys_at = AlignUp(n * 4);
+  const size_t values_at = keys_at + AlignUp(n * row);
+  MutexLock lock(&impl_->mu);
+  KVMEM_RETURN_IF_ERROR(impl_->Reserve(values_at + n * row));
+  char* host = impl_->host.as<char>();
+  for (size_t i = 0; i < n; ++i) {
+    memcpy(host + 4 * i, &writes[i].device_row, 4);
+    memcpy(host + keys_at + i * row, writes[i].key, row);
+    memcpy(host + values_at + i * row, writes[i].value, row);
+  }
+  const cudaStream_t stream = impl_->stream.get();
+  KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(impl_->device.get(), host,
+                                           values_at + n * row, stream));
+  // Rows are whole fp32 / 16-bit elements: a byte row of row_bytes is
+  // row_bytes / 2 16-bit elements for the copy kernel.
+  cuda::ScatterRowsArgs args;
+  args.count = int(n);
+  args.head_dim = row_bytes / 2;
+  args.dtype = DType::kBf16;
+  args.rows = impl_->device.as<int32_t>();
+  args.keys = impl_->device.as<char>() + keys_at;
+  args.values = impl_->device.as<char>() + values_at;
+  args.key_rows = impl_->pool->plane_base(0);
+  args.value_rows = impl_->pool->plane_base(1);
+  KVMEM_RETURN_IF_ERROR(cuda::ScatterRows(args, stream));
+  return impl_->stream.Synchronize();
+}
+
+absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
+                                   absl::Span<const DeviceAttendItem> items) {
+  if (items.empty()) return absl::OkStatus();
+  const int G = shape.group, D = shape.head_dim;
+  const size_t elem = size_t(DTypeBytes(shape.dtype));
+  const size_t row = size_t(D) * elem;
+  const size_t I = items.size();
+  size_t R = 0, S = 0;
+  int max_rows = 1;
+  for (const DeviceAttendItem& item : items) {
+    R += item.rows.size();
+    max_rows = std::max(max_rows, int(item.rows.size()));
+    for (const DeviceAttendItem::RowRef& r : item.rows) {
+      if (r.device_row < 0) ++S;
+    }
+  }
+  // Host rows go to pool rows of blocks taken for this call.
+  const size_t block_bytes = impl_->pool->block_bytes();
+  const int64_t per_block = RowsPerBlock(block_bytes, int(row));
+  Impl::Blocks scratch{impl_->pool.get(), {}};
+  if (S > 0) {
+    const int64_t count = (int64_t(S) + per_block - 1) / per_block;
+    absl::StatusOr<std::vector<int32_t>> taken =
+        impl_->pool->Take(int32_t(count));
+    if (!taken.ok()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("device pool: ", count, " blocks wanted to stage ", S,
+                       " spilled rows, ", impl_->pool->free_blocks(), " free"));
+    }
+    scratch.ids = std::move(*taken);
+  }
+
+  // Staging, one layout both sides: inputs, then outputs.
+  const size_t q_at = 0;
+  const size_t rows_at = q_at + AlignUp(I * G * D * elem);
+  const size_t begin_at = rows_at + AlignUp(R * 4);
+  const size_t count_at = begin_at + AlignUp(I * 4);
+  const size_t dst_at = count_at + AlignUp(I * 4);
+  const size_t keys_at = dst_at + AlignUp(S * 4);
+  const size_t values_at = keys_at + AlignUp(S * row);
+  const size_t inputs_end = values_at + AlignUp(S * row);
+  const size_t out_at = inputs_end;
+  const size_t lse_at = out_at + AlignUp(I * G * D * 4);
+  const size_t probs_at = lse_at + AlignUp(I * G * 4);
+  const size_t end = probs_at + AlignUp(R * 4);
+
+  MutexLock lock(&impl_->mu);
+  KVMEM_RETURN_IF_ERROR(impl_->Reserve(end));
+  char* h = impl_->host.as<char>();
+  char* d = impl_->device.as<char>();
+  int32_t* rows = reinterpret_cast<int32_t*>(h + rows_at);
+  int32_t* begin = reinterpret_cast<int32_t*>(h + begin_at);
+  int32_t* count = reinterpret_cast<int32_t*>(h + count_at);
+  int32_t* dst = reinterpret_cast<int32_t*>(h + dst_at);
+  size_t r = 0, s = 0;
+  for (size_t i = 0; i < I; ++i) {
+    const DeviceAttendItem& item = items[i];
+    cpu::StoreFloats(absl::MakeConstSpan(item.queries, size_t(G) * D),
+                     shape.dtype, h + q_at + i * G * D * elem);
+    begin[i] = int32_t(r);
+    count[i] = int32_t(item.rows.size());
+    for (const DeviceAttendItem::RowRef& ref : item.rows) {
+      if (ref.device_row >= 0) {
+        rows[r++] = ref.device_row;
+        continue;
+      }
+      const int32_t at = FirstRow(scratch.ids[size_t(int64_t(s) / per_block)],
+                                  block_bytes, int(row)) +
+                         int32_t(int64_t(s) % per_block);
+      dst[s] = at;
+      memcpy(h + keys_at + s * row, ref.key, row);
+      memcpy(h + values_at + s * row, ref.value, row);
+      rows[r++] = at;
+      ++s;
+    }
+  }
+  const cudaStream_t stream = impl_->stream.get();
+  KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d, h, inputs_end, stream));
+  cuda::ScatterRowsArgs scatter;
+  scatter.count = int(S);
+  scatter.head_dim = int(row / 2);  // byte rows as 16-bit elements
+  scatter.dtype = DType::kBf16;
+  scatter.rows = reinterpret_cast<const int32_t*>(d + dst_at);
+  scatter.keys = d + keys_at;
+  scatter.values = d + values_at;
+  scatter.key_rows = impl_->pool->plane_base(0);
+  scatter.value_rows = impl_->pool->plane_base(1);
+  KVMEM_RETURN_IF_ERROR(cuda::ScatterRows(scatter, stream));
+
+  cuda::DecodeAttentionShape ds;
+  ds.streams = int(I);
+  ds.group = G;
+  ds.head_dim = D;
+  ds.dtype = shape.dtype;
+  ds.max_rows_per_stream = max_rows;
+  ds.rows_capacity = int64_t(R);
+  ds.want_probs = true;
+  KVMEM_ASSIGN_OR_RETURN(cuda::DecodeAttentionPlan plan,
+                         cuda::PlanDecodeAttentionSplits(ds, kAttentionSplits));
+  if (impl_->workspace.bytes() < plan.workspace_bytes) {
+    KVMEM_ASSIGN_OR_RETURN(
+        impl_->workspace,
+        cuda::DeviceBuffer::Allocate(
+            std::max(plan.workspace_bytes, impl_->workspace.bytes() * 2)));
+  }
+  cuda::DecodeAttentionInputs in;
+  in.queries = d + q_at;
+  in.key_rows = impl_->pool->plane_base(0);
+  in.value_rows = impl_->pool->plane_base(1);
+  in.rows = reinterpret_cast<const int32_t*>(d + rows_at);
+  in.row_begin = reinterpret_cast<const int32_t*>(d + begin_at);
+  in.row_count = reinterpret_cast<const int32_t*>(d + count_at);
+  in.softmax_scale = shape.softmax_scale;
+  in.reduction = shape.reduction;
+  cuda::DecodeAttentionOutputs out;
+  out.out_fp32 = reinterpret_cast<float*>(d + out_at);
+  out.lse = reinterpret_cast<float*>(d + lse_at);
+  out.reduced_probs = reinterpret_cast<float*>(d + probs_at);
+  KVMEM_RETURN_IF_ERROR(
+      cuda::DecodeAttention(ds, in, out, plan, impl_->workspace.get(),
+                            impl_->workspace.bytes(), stream));
+  KVMEM_RETURN_IF_ERROR(
+      cuda::CopyToHost(h + out_at, d + out_at, end - out_at, stream));
+  KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
+  for (size_t i = 0; i < I; ++i) {
+    const DeviceAttendItem& item = items[i];
+    memcpy(item.out, h + out_at + i * G * D * 4, size_t(G) * D * 4);
+    memcpy(item.lse, h + lse_at + i * G * 4, size_t(G) * 4);
+    memcpy(item.probs, h + probs_at + size_t(begin[i]) * 4,
+           item.rows.size() * 4);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvmem

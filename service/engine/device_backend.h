@@ -1,0 +1,135 @@
+// The engine's CUDA backend (issue 8): the resident key/value rows of the
+// sessions' streams in one device pool, and the decode attention of a whole
+// request's streams in one launch over them.
+//
+// Division of labour with the CPU oracle (docs/ARCHITECTURE.md § CUDA
+// backend): the policy state (positions, scores, digests, spill) stays in
+// StreamState on the host, which decides what each step attends to; the
+// device holds a copy of every slot's key/value rows, written after each
+// step with the rows that changed, and computes the attention and the
+// score input (group-reduced probabilities) that the host policy consumes.
+// The split count of the attention is fixed, so a step's bits do not
+// depend on what it is batched with.
+//
+// Thread-safe: one CUDA stream and one set of staging buffers, used under
+// a lock. No CUDA types in this header.
+#ifndef KVMEM_SERVICE_ENGINE_DEVICE_BACKEND_H_
+#define KVMEM_SERVICE_ENGINE_DEVICE_BACKEND_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kernels/dtype.h"
+#include "kernels/policy_math.h"
+
+namespace kvmem {
+
+// The device rows of one layer's streams: H streams × `slots` rows, slot
+// s of head h at pool row Row(h, s). Moves only; DeviceBackend::Release
+// gives the blocks back.
+class DeviceLayerRows {
+ public:
+  DeviceLayerRows() = default;
+  DeviceLayerRows(DeviceLayerRows&&) = default;
+  DeviceLayerRows& operator=(DeviceLayerRows&&) = default;
+
+  bool empty() const { return blocks_.empty(); }
+  int32_t Row(int head, int slot) const {
+    const int64_t i = int64_t(head) * slots_ + slot;
+    return first_row_[size_t(i / rows_per_block_)] +
+           int32_t(i % rows_per_block_);
+  }
+
+ private:
+  friend class DeviceBackend;
+  std::vector<int32_t> blocks_;
+  std::vector<int32_t> first_row_;  // [blocks] pool row of its first row
+  int slots_ = 0;
+  int rows_per_block_ = 1;
+};
+
+// One stream's decode attention (T = 1): G query rows over `rows` (device
+// rows of resident slots, or host rows staged for the launch), then the
+// new token's row.
+struct DeviceAttendItem {
+  struct RowRef {
+    int32_t device_row = -1;       // ≥ 0: a pool row
+    const uint8_t* key = nullptr;  // else: host rows to stage
+    const uint8_t* value = nullptr;
+  };
+  const float* queries = nullptr;  // [G, D] fp32 (exact in the dtype)
+  std::vector<RowRef> rows;        // attended rows, the new token last
+  // Outputs, sized by the caller: [G, D], [G], [rows].
+  float* out = nullptr;
+  float* lse = nullptr;
+  float* probs = nullptr;
+};
+
+// What every item of one Attend call shares.
+struct DeviceAttendShape {
+  int group = 1;
+  int head_dim = 0;
+  DType dtype = DType::kBf16;
+  float softmax_scale = 1;
+  ScoreReduction reduction = ScoreReduction::kMax;
+};
+
+struct DeviceSlotWrite {
+  int32_t device_row = 0;
+  const uint8_t* key = nullptr;  // row_bytes each
+  const uint8_t* value = nullptr;
+};
+
+class DeviceBackend {
+ public:
+  struct Options {
+    // The pool, keys and values together; 0: `free_fraction` of the free
+    // device memory at start.
+    size_t pool_bytes = 0;
+    double free_fraction = 0.8;
+    size_t block_bytes = size_t{1} << 20;
+  };
+  // UNAVAILABLE without a device; RESOURCE_EXHAUSTED when the pool does not
+  // fit; INVALID_ARGUMENT for bad options.
+  static absl::StatusOr<std::unique_ptr<DeviceBackend>> Create(
+      const Options& options);
+  ~DeviceBackend();
+
+  const std::string& device_name() const { return device_name_; }
+  int64_t pool_bytes() const;
+  int64_t used_bytes() const;
+  // Free bytes of each plane (keys, or values), in whole blocks.
+  int64_t free_plane_bytes() const;
+
+  // Blocks for `heads` × `slots` rows of `row_bytes`, filled from
+  // keys/values [heads][slots × row_bytes] (host). RESOURCE_EXHAUSTED when
+  // the pool has too few free blocks (nothing taken then).
+  absl::StatusOr<DeviceLayerRows> Upload(
+      int row_bytes, int slots, absl::Span<const uint8_t* const> keys,
+      absl::Span<const uint8_t* const> values);
+  void Release(DeviceLayerRows* rows);
+
+  // Writes host rows to device rows (after a step changed them).
+  absl::Status Write(int row_bytes, absl::Span<const DeviceSlotWrite> writes);
+
+  // The attention of every item, one launch for all. Host rows are staged
+  // in pool blocks taken for the call (RESOURCE_EXHAUSTED when none are
+  // free). Blocks until the results are in the items' outputs.
+  absl::Status Attend(const DeviceAttendShape& shape,
+                      absl::Span<const DeviceAttendItem> items);
+
+ private:
+  struct Impl;
+  explicit DeviceBackend(std::unique_ptr<Impl> impl, std::string name);
+  std::unique_ptr<Impl> impl_;
+  std::string device_name_;
+};
+
+}  // namespace kvmem
+
+#endif  // KVMEM_SERVICE_ENGINE_DEVICE_BACKEND_H_

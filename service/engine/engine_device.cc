@@ -1,0 +1,151 @@
+// The engine on the CUDA backend (device_backend.h): which decode entries
+// attend on the device, keeping each layer's device rows, and making room
+// in the device pool.
+#include <algorithm>
+#include <map>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "kernels/cuda/decode_attention.h"
+#include "service/engine/device_backend.h"
+#include "service/engine/engine.h"
+#include "service/engine/live_session.h"
+
+namespace kvmem {
+
+void Engine::ReleaseDevice(LiveSession& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  if (options_.device == nullptr) return;
+  for (DeviceLayerRows& rows : s.device) options_.device->Release(&rows);
+}
+
+int Engine::EvictIdleDeviceRows(const std::vector<LiveSession*>& busy,
+                                const std::function<bool()>& room) {
+  std::vector<std::shared_ptr<LiveSession>> idle = AllLive();
+  std::sort(idle.begin(), idle.end(), [](const auto& a, const auto& b) {
+    return a->last_used.load(std::memory_order_relaxed) <
+           b->last_used.load(std::memory_order_relaxed);
+  });
+  int evicted = 0;
+  for (const std::shared_ptr<LiveSession>& s : idle) {
+    if (room()) break;
+    if (std::find(busy.begin(), busy.end(), s.get()) != busy.end()) continue;
+    if (!s->mu.TryLock()) continue;  // another request's: not idle
+    [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      bool held = false;
+      for (const DeviceLayerRows& rows : s->device) held |= !rows.empty();
+      if (held) {
+        ReleaseDevice(*s);
+        ++evicted;
+        device_evictions_.fetch_add(1, std::memory_order_relaxed);
+      }
+      s->mu.Unlock();
+    }();
+  }
+  return evicted;
+}
+
+absl::Status Engine::AttendOnDevice(
+    const std::vector<std::shared_ptr<LiveSession>>& sessions,
+    const std::vector<LiveSession*>& busy, const StepRequestView& request,
+    const std::vector<bool>& replay,
+    std::vector<std::vector<HeadWork>>& work) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  DeviceBackend& device = *options_.device;
+  const size_t layer = size_t(request.layer);
+  // Items of one launch share a shape.
+  using ShapeKey = std::tuple<int, int, int, float, int>;
+  struct Launch {
+    DeviceAttendShape shape;
+    std::vector<DeviceAttendItem> items;
+    std::vector<HeadWork*> heads;
+  };
+  std::map<ShapeKey, Launch> launches;
+  for (size_t i = 0; i < sessions.size(); ++i) {
+    const StepEntryView& e = request.entries[i];
+    LiveSession& s = *sessions[i];
+    const StreamConfig& c = s.stream_config;
+    // Decode steps the kernel fits; the rest stay on the CPU oracle.
+    if (replay[i] || e.num_tokens != 1 || e.q.empty() || c.cache_rank ||
+        c.group > cuda::kMaxDecodeGroup ||
+        c.head_dim > cuda::kMaxDecodeHeadDim) {
+      continue;
+    }
+    std::vector<StreamState>& streams = s.streams[layer];
+    DeviceLayerRows& rows = s.device[layer];
+    if (rows.empty()) {
+      const int slots = streams[0].cascade().num_slots();
+      std::vector<const uint8_t*> keys, values;
+      for (const StreamState& stream : streams) {
+        keys.push_back(stream.cascade().all_keys().data());
+        values.push_back(stream.cascade().all_values().data());
+      }
+      const int64_t need = int64_t(streams.size()) * slots * c.row_bytes();
+      absl::StatusOr<DeviceLayerRows> up =
+          device.Upload(c.row_bytes(), slots, keys, values);
+      if (up.status().code() == absl::StatusCode::kResourceExhausted) {
+        EvictIdleDeviceRows(busy, [&] {
+          return device.free_plane_bytes() >= need + (int64_t{1} << 20);
+        });
+        up = device.Upload(c.row_bytes(), slots, keys, values);
+      }
+      // No room (or a device error): this entry runs on the CPU oracle,
+      // which holds the same state. Counted, not refused.
+      if (!up.ok()) {
+        device_fallbacks_.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
+      rows = std::move(*up);
+    }
+    Launch& launch = launches[ShapeKey(c.group, c.head_dim, int(c.dtype),
+                                       c.softmax_scale, int(c.reduction))];
+    launch.shape = {c.group, c.head_dim, c.dtype, c.softmax_scale, c.reduction};
+    for (size_t h = 0; h < streams.size(); ++h) {
+      HeadWork& w = work[i][h];
+      const StreamState& stream = streams[h];
+      DeviceAttendItem item;
+      item.queries = w.queries.data();
+      for (const AttendedRow& a :
+           stream.AttendedRows(w.selection, w.recalled)) {
+        DeviceAttendItem::RowRef ref;
+        if (a.slot >= 0) {
+          ref.device_row = rows.Row(int(h), a.slot);
+        } else {
+          ref.key = stream.AttendedKey(a, w.recalled);
+          ref.value = stream.AttendedValue(a, w.recalled);
+        }
+        item.rows.push_back(ref);
+      }
+      DeviceAttendItem::RowRef fresh;  // the step's own token, last
+      fresh.key = reinterpret_cast<const uint8_t*>(w.keys.data());
+      fresh.value = reinterpret_cast<const uint8_t*>(w.values.data());
+      item.rows.push_back(fresh);
+      w.external.out.assign(size_t(c.group) * c.head_dim, 0.0f);
+      w.external.lse.assign(size_t(c.group), 0.0f);
+      w.external.probs.assign(item.rows.size(), 0.0f);
+      item.out = w.external.out.data();
+      item.lse = w.external.lse.data();
+      item.probs = w.external.probs.data();
+      launch.items.push_back(std::move(item));
+      launch.heads.push_back(&w);
+    }
+  }
+  for (auto& [key, launch] : launches) {
+    absl::Status st = device.Attend(launch.shape, launch.items);
+    if (st.code() == absl::StatusCode::kResourceExhausted) {
+      // Staging for spilled rows found no free block.
+      EvictIdleDeviceRows(busy, [&] {
+        return device.free_plane_bytes() >= (int64_t{64} << 20);
+      });
+      st = device.Attend(launch.shape, launch.items);
+    }
+    if (!st.ok()) {
+      device_fallbacks_.fetch_add(int64_t(launch.heads.size()),
+                                  std::memory_order_relaxed);
+      continue;  // the CPU oracle computes these heads
+    }
+    for (HeadWork* w : launch.heads) w->on_device = true;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvmem
