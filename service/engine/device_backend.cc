@@ -48,6 +48,10 @@ struct DeviceBackend::Impl {
   cuda::PinnedHostBuffer host ABSL_GUARDED_BY(mu);  // staging, both ways
   cuda::DeviceBuffer device ABSL_GUARDED_BY(mu);    // its device twin
   cuda::DeviceBuffer workspace ABSL_GUARDED_BY(mu);
+  // Pool blocks kept for staging host rows (spilled pages, new tokens) in
+  // every launch, so that a full pool still attends; bigger launches take
+  // more for their duration.
+  std::vector<int32_t> reserved ABSL_GUARDED_BY(mu);
 
   // Grows the staging pair to `bytes` each (never shrinks).
   absl::Status Reserve(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
@@ -88,6 +92,18 @@ absl::StatusOr<std::unique_ptr<DeviceBackend>> DeviceBackend::Create(
     MutexLock lock(&impl->mu);
     KVMEM_ASSIGN_OR_RETURN(impl->stream, cuda::Stream::Create());
     KVMEM_RETURN_IF_ERROR(impl->Reserve(size_t{1} << 20));
+    // 64 MiB a plane (2K rows for each of 128 streams at 256 bytes), at
+    // most an eighth of the pool, at least one block.
+    const int32_t total = impl->pool->total_blocks();
+    if (total < 2) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "device pool: ", total, " block of ", options.block_bytes,
+          " bytes; want at least 2 (one is kept for staging)"));
+    }
+    const int32_t want = int32_t(std::max<size_t>(
+        1, std::min<size_t>(size_t(total) / 8,
+                            (size_t{64} << 20) / options.block_bytes)));
+    KVMEM_ASSIGN_OR_RETURN(impl->reserved, impl->pool->Take(want));
   }
   return std::unique_ptr<DeviceBackend>(
       new DeviceBackend(std::move(impl), probe.device_name));
@@ -224,21 +240,25 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
       if (r.device_row < 0) ++S;
     }
   }
-  // Host rows go to pool rows of blocks taken for this call.
+  MutexLock lock(&impl_->mu);
+  // Host rows go to pool rows: the reserved blocks, or blocks taken for
+  // this call when they do not suffice.
   const size_t block_bytes = impl_->pool->block_bytes();
   const int64_t per_block = RowsPerBlock(block_bytes, int(row));
-  Impl::Blocks scratch{impl_->pool.get(), {}};
-  if (S > 0) {
-    const int64_t count = (int64_t(S) + per_block - 1) / per_block;
-    absl::StatusOr<std::vector<int32_t>> taken =
-        impl_->pool->Take(int32_t(count));
-    if (!taken.ok()) {
+  const int64_t needed = (int64_t(S) + per_block - 1) / per_block;
+  Impl::Blocks taken{impl_->pool.get(), {}};
+  if (needed > int64_t(impl_->reserved.size())) {
+    absl::StatusOr<std::vector<int32_t>> more =
+        impl_->pool->Take(int32_t(needed));
+    if (!more.ok()) {
       return absl::ResourceExhaustedError(
-          absl::StrCat("device pool: ", count, " blocks wanted to stage ", S,
-                       " spilled rows, ", impl_->pool->free_blocks(), " free"));
+          absl::StrCat("device pool: ", needed, " blocks wanted to stage ", S,
+                       " host rows, ", impl_->pool->free_blocks(), " free"));
     }
-    scratch.ids = std::move(*taken);
+    taken.ids = std::move(*more);
   }
+  const std::vector<int32_t>& scratch =
+      taken.ids.empty() ? impl_->reserved : taken.ids;
 
   // Staging, one layout both sides: inputs, then outputs.
   const size_t q_at = 0;
@@ -254,7 +274,6 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
   const size_t probs_at = lse_at + AlignUp(I * G * 4);
   const size_t end = probs_at + AlignUp(R * 4);
 
-  MutexLock lock(&impl_->mu);
   KVMEM_RETURN_IF_ERROR(impl_->Reserve(end));
   char* h = impl_->host.as<char>();
   char* d = impl_->device.as<char>();
@@ -274,7 +293,7 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
         rows[r++] = ref.device_row;
         continue;
       }
-      const int32_t at = FirstRow(scratch.ids[size_t(int64_t(s) / per_block)],
+      const int32_t at = FirstRow(scratch[size_t(int64_t(s) / per_block)],
                                   block_bytes, int(row)) +
                          int32_t(int64_t(s) % per_block);
       dst[s] = at;

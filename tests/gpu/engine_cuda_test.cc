@@ -1,0 +1,298 @@
+// The engine and the server on the CUDA backend against the CPU oracle:
+// the same sessions and steps (prefill chunks, batched decode in ATTEND and
+// FETCH, spill and recall) on two engines, one with a device backend, each
+// with its own RocksDB. Fresh random inputs, seed printed. Tolerances
+// (STYLE.md): attention outputs are rounded to the session dtype (bf16:
+// 1e-2, fp16: 1e-3, atol and rtol), LSE 1e-4; FETCH positions and rows are
+// exact (selection runs on the host for both, on identical digests).
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "grpcpp/create_channel.h"
+#include "gtest/gtest.h"
+#include "kvmem/v1/kvmem.grpc.pb.h"
+#include "service/engine/device_backend.h"
+#include "service/engine/engine.h"
+#include "service/server.h"
+#include "tests/gpu/gpu_test_util.h"
+#include "tests/temp_dir.h"
+
+namespace kvmem {
+namespace {
+
+using cuda::testing::Close;
+using cuda::testing::FreshSeed;
+using cuda::testing::Tolerance;
+
+SessionConfig Config(const std::string& id, DType dtype) {
+  SessionConfig c;
+  c.tenant = "t";
+  c.session_id = id;
+  c.shape.layers = 2;
+  c.shape.kv_heads = 2;
+  c.shape.query_heads = 8;
+  c.shape.head_dim = 128;
+  c.shape.dtype = dtype;
+  c.policy.sinks = 4;
+  c.policy.cascades = 2;
+  c.policy.window = 32;
+  c.policy.page_tokens = 8;
+  c.policy.recent_tokens = 8;
+  c.policy.step_budget_tokens = 48;  // sparse: pages chosen, some recalled
+  c.policy.ema_beta = 0.99;
+  c.policy.dense_layers = {};
+  return c;
+}
+
+// An engine on its own store.
+struct TestEngine {
+  testing::TempDir dir;
+  std::unique_ptr<storage::Store> store;
+  std::unique_ptr<Engine> engine;
+
+  explicit TestEngine(std::shared_ptr<DeviceBackend> device) {
+    store =
+        std::move(*storage::Store::Open(storage::Store::Options(), dir.path()));
+    Engine::Options options;
+    options.device = std::move(device);
+    engine = std::move(*Engine::Open(options, store.get()));
+  }
+};
+
+std::shared_ptr<DeviceBackend> MakeDevice(size_t pool_bytes,
+                                          size_t block_bytes) {
+  DeviceBackend::Options options;
+  options.pool_bytes = pool_bytes;
+  options.block_bytes = block_bytes;
+  absl::StatusOr<std::unique_ptr<DeviceBackend>> device =
+      DeviceBackend::Create(options);
+  EXPECT_TRUE(device.ok()) << device.status();
+  return device.ok() ? std::shared_ptr<DeviceBackend>(std::move(*device))
+                     : nullptr;
+}
+
+class Driver {
+ public:
+  explicit Driver(uint32_t seed) : rng_(seed) {}
+
+  // [n] random normal values in `dtype`, as bytes.
+  std::string Tensor(size_t n, DType dtype) {
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::string bytes(n * DTypeBytes(dtype), '\0');
+    for (size_t i = 0; i < n; ++i) {
+      StoreElement(bytes.data(), dtype, int64_t(i), normal(rng_));
+    }
+    return bytes;
+  }
+
+  // One request over `ids` (each at `positions[id]`) on both engines;
+  // compares the answers.
+  void Step(Engine* cpu, Engine* cuda, const std::vector<SessionConfig>& cs,
+            int layer, StepMode mode, int T, std::vector<int64_t>* at) {
+    std::vector<std::string> q(cs.size()), k(cs.size()), v(cs.size());
+    StepRequestView request{layer, mode, {}};
+    for (size_t i = 0; i < cs.size(); ++i) {
+      const ModelShape& s = cs[i].shape;
+      q[i] = Tensor(size_t(T) * s.query_heads * s.head_dim, s.dtype);
+      k[i] = Tensor(size_t(T) * s.kv_heads * s.head_dim, s.dtype);
+      v[i] = Tensor(size_t(T) * s.kv_heads * s.head_dim, s.dtype);
+      request.entries.push_back(
+          {cs[i].session_id, (*at)[i], T, q[i], k[i], v[i]});
+    }
+    absl::StatusOr<std::vector<StepEntryResult>> want = cpu->Step("t", request);
+    absl::StatusOr<std::vector<StepEntryResult>> got = cuda->Step("t", request);
+    ASSERT_TRUE(want.ok()) << want.status();
+    ASSERT_TRUE(got.ok()) << got.status();
+    for (size_t i = 0; i < cs.size(); ++i) {
+      (*at)[i] += T;
+      const StepEntryResult& w = (*want)[i];
+      const StepEntryResult& g = (*got)[i];
+      ASSERT_EQ(g.next_position, w.next_position);
+      const DType dtype = cs[i].shape.dtype;
+      if (mode == StepMode::kAttend) {
+        ASSERT_EQ(g.output.size(), w.output.size());
+        const int64_t n = int64_t(w.output.size() / DTypeBytes(dtype));
+        for (int64_t j = 0; j < n; ++j) {
+          const float a = LoadElement(g.output.data(), dtype, j);
+          const float b = LoadElement(w.output.data(), dtype, j);
+          ASSERT_TRUE(Close(a, b, Tolerance(dtype)))
+              << cs[i].session_id << " layer " << layer << " at "
+              << (*at)[i] - T << " element " << j << ": cuda " << a << " cpu "
+              << b;
+        }
+        std::vector<float> lg(g.lse.size() / 4), lw(w.lse.size() / 4);
+        memcpy(lg.data(), g.lse.data(), g.lse.size());
+        memcpy(lw.data(), w.lse.data(), w.lse.size());
+        ASSERT_EQ(lg.size(), lw.size());
+        for (size_t j = 0; j < lg.size(); ++j) {
+          ASSERT_TRUE(Close(lg[j], lw[j], 1e-4)) << lg[j] << " vs " << lw[j];
+        }
+      } else if (mode == StepMode::kFetch) {
+        ASSERT_EQ(g.heads.size(), w.heads.size());
+        for (size_t h = 0; h < w.heads.size(); ++h) {
+          ASSERT_EQ(g.heads[h].positions, w.heads[h].positions)
+              << cs[i].session_id << " head " << h << " at " << (*at)[i] - T;
+          ASSERT_EQ(g.heads[h].k, w.heads[h].k);
+          ASSERT_EQ(g.heads[h].v, w.heads[h].v);
+        }
+      }
+    }
+  }
+
+ private:
+  std::mt19937 rng_;
+};
+
+// Prefill chunks (CPU path on both), then batched decode steps that spill,
+// select sparsely and recall, alternating ATTEND and FETCH by layer.
+void RunWorkload(Engine* cpu, Engine* cuda, uint32_t seed, int decode_steps) {
+  std::vector<SessionConfig> cs = {Config("a", DType::kBf16),
+                                   Config("b", DType::kBf16),
+                                   Config("c", DType::kBf16)};
+  for (Engine* e : {cpu, cuda}) {
+    for (const SessionConfig& c : cs) ASSERT_TRUE(e->CreateSession(c).ok());
+  }
+  Driver driver(seed);
+  std::vector<int64_t> at0(cs.size(), 0), at1(cs.size(), 0);
+  for (int chunk = 0; chunk < 2; ++chunk) {
+    driver.Step(cpu, cuda, cs, 0, StepMode::kAttend, 20, &at0);
+    driver.Step(cpu, cuda, cs, 1, StepMode::kAppend, 20, &at1);
+  }
+  for (int t = 0; t < decode_steps; ++t) {
+    driver.Step(cpu, cuda, cs, 0, StepMode::kAttend, 1, &at0);
+    driver.Step(cpu, cuda, cs, 1,
+                t % 3 == 0 ? StepMode::kFetch : StepMode::kAttend, 1, &at1);
+    // One session alone now and then, in either layer: batches of other
+    // compositions (and, in a small pool, layers that must make room).
+    if (t % 7 == 0) {
+      const size_t i = size_t(t) % cs.size();
+      std::vector<int64_t>& layer_at = t % 2 == 0 ? at0 : at1;
+      std::vector<int64_t> at = {layer_at[i]};
+      driver.Step(cpu, cuda, {cs[i]}, t % 2, StepMode::kAttend, 1, &at);
+      layer_at[i] = at[0];
+    }
+  }
+}
+
+TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
+  KVMEM_REQUIRE_DEVICE();
+  const uint32_t seed = FreshSeed();
+  TestEngine cpu(nullptr);
+  TestEngine cuda(MakeDevice(size_t{256} << 20, size_t{1} << 20));
+  ASSERT_NE(cuda.engine, nullptr);
+  RunWorkload(cpu.engine.get(), cuda.engine.get(), seed, 150);
+  const EngineStats stats = cuda.engine->Stats();
+  EXPECT_GT(stats.device_pool_used_bytes, 0);  // the layers live there
+  EXPECT_EQ(stats.device_fallbacks, 0);        // and every decode ran there
+  EXPECT_EQ(stats.device_evictions, 0);
+  EXPECT_GT(stats.spilled_bytes, 0);  // the workload spilled (and recalled)
+}
+
+TEST(EngineCuda, AFullPoolEvictsIdleSessionsRowsAndStillAnswersAlike) {
+  KVMEM_REQUIRE_DEVICE();
+  const uint32_t seed = FreshSeed();
+  TestEngine cpu(nullptr);
+  // A layer of a session is 2 heads × 68 slots × 256 B = 34 KiB: one 64 KiB
+  // block. Four blocks a plane: one kept for staging, three for layers, of
+  // six. A request of the three sessions finds layers of the other layer's
+  // requests holding blocks and no idle room, so some of its entries fall
+  // back to the CPU; single-session steps evict idle layers.
+  TestEngine cuda(MakeDevice(2 * 4 * (size_t{64} << 10), size_t{64} << 10));
+  ASSERT_NE(cuda.engine, nullptr);
+  RunWorkload(cpu.engine.get(), cuda.engine.get(), seed, 60);
+  const EngineStats stats = cuda.engine->Stats();
+  EXPECT_GT(stats.device_evictions, 0);
+  EXPECT_GT(stats.device_fallbacks, 0);
+  EXPECT_LE(stats.device_pool_used_bytes, stats.device_pool_bytes);
+}
+
+// The server: --backend=cuda answers a decode like --backend=cpu, over
+// gRPC on 127.0.0.1:0.
+std::unique_ptr<Server> Start(const std::string& backend,
+                              const std::string& dir) {
+  ServerOptions options;
+  options.listen = "127.0.0.1:0";
+  options.data_dir = dir;
+  options.backend = backend;
+  options.device_memory_bytes = int64_t{512} << 20;
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(options);
+  EXPECT_TRUE(server.ok()) << server.status();
+  return server.ok() ? std::move(*server) : nullptr;
+}
+
+TEST(ServerCuda, BackendCudaAnswersLikeBackendCpu) {
+  KVMEM_REQUIRE_DEVICE();
+  const uint32_t seed = FreshSeed();
+  testing::TempDir cpu_dir, cuda_dir;
+  std::unique_ptr<Server> cpu = Start("cpu", cpu_dir.path());
+  std::unique_ptr<Server> cuda = Start("cuda", cuda_dir.path());
+  ASSERT_NE(cpu, nullptr);
+  ASSERT_NE(cuda, nullptr);
+  EXPECT_EQ(cuda->backend(), "cuda");
+  auto cpu_stub = v1::KvMemory::NewStub(
+      grpc::CreateChannel(cpu->address(), grpc::InsecureChannelCredentials()));
+  auto cuda_stub = v1::KvMemory::NewStub(
+      grpc::CreateChannel(cuda->address(), grpc::InsecureChannelCredentials()));
+  v1::CreateSessionRequest create;
+  create.set_session_id("s");
+  v1::ModelShape* shape = create.mutable_shape();
+  shape->set_layers(1);
+  shape->set_kv_heads(8);
+  shape->set_query_heads(32);
+  shape->set_head_dim(128);
+  shape->set_dtype(v1::DTYPE_BF16);
+  v1::CachePolicy* policy = create.mutable_policy();
+  policy->set_sinks(16);
+  policy->set_cascades(2);
+  policy->set_window(64);
+  policy->set_page_tokens(16);
+  policy->set_step_budget_tokens(96);
+  for (auto* stub : {cpu_stub.get(), cuda_stub.get()}) {
+    grpc::ClientContext context;
+    v1::Session session;
+    ASSERT_TRUE(stub->CreateSession(&context, create, &session).ok());
+  }
+  Driver driver(seed);
+  for (int t = 0; t < 300; ++t) {
+    v1::StepRequest request;
+    request.set_layer(0);
+    request.set_mode(v1::STEP_MODE_ATTEND);
+    v1::StepEntry* e = request.add_entries();
+    e->set_session_id("s");
+    e->set_position(t);
+    e->set_num_tokens(1);
+    e->set_q(driver.Tensor(32 * 128, DType::kBf16));
+    e->set_k(driver.Tensor(8 * 128, DType::kBf16));
+    e->set_v(driver.Tensor(8 * 128, DType::kBf16));
+    v1::StepResponse want, got;
+    grpc::ClientContext c1, c2;
+    ASSERT_TRUE(cpu_stub->Step(&c1, request, &want).ok());
+    grpc::Status st = cuda_stub->Step(&c2, request, &got);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    const std::string& a = got.results(0).output();
+    const std::string& b = want.results(0).output();
+    ASSERT_EQ(a.size(), b.size());
+    for (int64_t j = 0; j < int64_t(a.size() / 2); ++j) {
+      const float x = LoadElement(a.data(), DType::kBf16, j);
+      const float y = LoadElement(b.data(), DType::kBf16, j);
+      ASSERT_TRUE(Close(x, y, Tolerance(DType::kBf16)))
+          << "step " << t << " element " << j << ": " << x << " vs " << y;
+    }
+  }
+  grpc::ClientContext context;
+  v1::GetStatsResponse stats;
+  ASSERT_TRUE(
+      cuda_stub->GetStats(&context, v1::GetStatsRequest(), &stats).ok());
+  EXPECT_EQ(stats.backend(), "cuda");
+  EXPECT_GT(stats.device_pool_used_bytes(), 0);
+  EXPECT_EQ(stats.device_fallbacks(), 0);
+  cpu->Shutdown(absl::Seconds(5));
+  cuda->Shutdown(absl::Seconds(5));
+}
+
+}  // namespace
+}  // namespace kvmem
