@@ -32,17 +32,29 @@ enum class GroupReduction : int {
 // Quest: Σ_i max(q_i·high_i, q_i·low_i) over i < D. `q`: [D] fp32;
 // `digest`: [2, D] fp32 (low row, high row). Whatever the sign of q_i, the
 // term is the largest q_i·k_i over the page, so the sum bounds q·k.
+// Summed in 8 lanes (lane k takes i ≡ k mod 8, in order), then pairwise:
+// one fixed order on host and device, and 8 independent chains that the
+// host runs side by side (one chain made page scoring a tenth of a step).
 KVMEM_HD float QuestHeadBound(const float* q, const float* digest,
                               int head_dim) {
   const float* low = digest;
   const float* high = digest + head_dim;
-  float bound = 0.0f;
-  for (int i = 0; i < head_dim; ++i) {
+  float lane[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int i = 0;
+  for (; i + 8 <= head_dim; i += 8) {
+    for (int k = 0; k < 8; ++k) {
+      const float up = MulF(q[i + k], high[i + k]);
+      const float down = MulF(q[i + k], low[i + k]);
+      lane[k] = AddF(lane[k], up > down ? up : down);
+    }
+  }
+  for (int k = 0; i < head_dim; ++i, ++k) {
     const float up = MulF(q[i], high[i]);
     const float down = MulF(q[i], low[i]);
-    bound = AddF(bound, up > down ? up : down);
+    lane[k] = AddF(lane[k], up > down ? up : down);
   }
-  return bound;
+  return AddF(AddF(AddF(lane[0], lane[1]), AddF(lane[2], lane[3])),
+              AddF(AddF(lane[4], lane[5]), AddF(lane[6], lane[7])));
 }
 
 // Rotation-invariant: Σ_pairs ‖q_pair‖·high_pair + Quest's terms for the

@@ -104,8 +104,8 @@ absl::Status Engine::AttendOnDevice(
       const StreamState& stream = streams[h];
       DeviceAttendItem item;
       item.queries = w.queries.data();
-      for (const AttendedRow& a :
-           stream.AttendedRows(w.selection, w.recalled)) {
+      w.external.rows = stream.AttendedRows(w.selection, w.recalled);
+      for (const AttendedRow& a : w.external.rows) {
         DeviceAttendItem::RowRef ref;
         if (a.slot >= 0) {
           ref.device_row = rows.Row(int(h), a.slot);

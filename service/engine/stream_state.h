@@ -84,9 +84,10 @@ struct AttendedRow {
 // over AttendedRows() then the new token, for Apply to use instead of its
 // own. T = 1 and no CACHE_RANK only.
 struct ExternalAttention {
-  std::vector<float> out;    // [G, D]
-  std::vector<float> lse;    // [G]
-  std::vector<float> probs;  // [rows + 1]: each row's group-reduced prob
+  std::vector<AttendedRow> rows;  // AttendedRows() of this step
+  std::vector<float> out;         // [G, D]
+  std::vector<float> lse;         // [G]
+  std::vector<float> probs;       // [rows + 1]: each row's group-reduced prob
 };
 
 // One step's outputs for this stream.

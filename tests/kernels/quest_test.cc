@@ -382,11 +382,15 @@ TEST(PageScore, QuestBoundNeverBelowTrueMaxAndExactForOneKey) {
           }
           EXPECT_GE(scores[p] + tol, true_max) << "page " << p;
           if (page == 1 && group == 1) {
-            float dot = 0;  // fp32, ascending, each product rounded
+            // fp32, each product rounded, in QuestHeadBound's order: 8
+            // lanes (i mod 8, ascending), then pairwise.
+            float lane[8] = {};
             for (int i = 0; i < d; ++i) {
               volatile float product = q[i] * keys[p * d + i];  // no FMA
-              dot += product;
+              lane[i % 8] += product;
             }
+            const float dot = ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+                              ((lane[4] + lane[5]) + (lane[6] + lane[7]));
             EXPECT_EQ(scores[p], dot) << "one-key page bound is exact";
           }
         }
