@@ -243,31 +243,37 @@ absl::StatusOr<StreamSelection> StreamState::Select(
   const bool open_in = recall && !open_.positions.empty();
 
   // Candidates are numbered: resident pages [0, R), sealed pages [R, R+K),
-  // the open page R+K: also their tie order (selection.md step 4).
+  // the open page R+K: also their tie order (selection.md step 4). Scores
+  // are computed where the digests lie (no copies: a 4K-token stream's
+  // digests are 256 KiB).
   std::vector<int> cand;  // resident page id, or R + spilled index
   std::vector<int64_t> fresh;
-  std::vector<float> digests;
+  std::vector<float> scores;
+  // Inputs are the stream's own, consistent by construction.
+  auto score = [&](absl::Span<const float> digests, absl::Span<float> out) {
+    cpu::ScorePages(in.queries, D, digests, config_->digest_kind,
+                    GroupReduction::kMax, out)
+        .IgnoreError();
+  };
   auto add_spilled = [&] {
+    auto add = [&](int candidate, int64_t tokens,
+                   const std::vector<float>& digest) {
+      cand.push_back(candidate);
+      fresh.push_back(tokens);
+      scores.push_back(0.0f);
+      score(digest, absl::MakeSpan(&scores.back(), 1));
+    };
     for (int p = 0; p < num_sealed; ++p) {
-      cand.push_back(num_resident_pages() + p);
-      fresh.push_back(sealed_[p].tokens);
-      digests.insert(digests.end(), sealed_[p].digest.begin(),
-                     sealed_[p].digest.end());
+      add(num_resident_pages() + p, sealed_[p].tokens, sealed_[p].digest);
     }
     if (open_in) {
-      cand.push_back(num_resident_pages() + num_sealed);
-      fresh.push_back(int64_t(open_.positions.size()));
-      digests.insert(digests.end(), open_.digest.begin(), open_.digest.end());
+      add(num_resident_pages() + num_sealed, int64_t(open_.positions.size()),
+          open_.digest);
     }
   };
   auto fill = [&](int64_t always_in, int64_t budget) {
-    std::vector<float> scores(cand.size());
     std::vector<uint8_t> selected(cand.size(), 0);
     std::vector<int64_t> order(cand.begin(), cand.end());
-    // Inputs are the stream's own, consistent by construction.
-    cpu::ScorePages(in.queries, D, digests, config_->digest_kind,
-                    GroupReduction::kMax, absl::MakeSpan(scores))
-        .IgnoreError();
     cpu::FillSelection(always_in, {scores, fresh, order}, budget,
                        absl::MakeSpan(selected))
         .IgnoreError();
@@ -315,6 +321,10 @@ absl::StatusOr<StreamSelection> StreamState::Select(
     always[c0[i]] = 1;
     ++always_in;
   }
+  // Every resident page in one call (pages without fresh tokens are
+  // scored for nothing, which is cheaper than gathering the others).
+  std::vector<float> page_scores(static_cast<size_t>(num_resident_pages()));
+  score(page_digests_, absl::MakeSpan(page_scores));
   for (int p = 0; p < num_resident_pages(); ++p) {
     int64_t n = 0;
     for (int s = 0; s < page_slots_[p]; ++s) {
@@ -324,8 +334,7 @@ absl::StatusOr<StreamSelection> StreamState::Select(
     if (n > 0) {
       cand.push_back(p);
       fresh.push_back(n);
-      digests.insert(digests.end(), &page_digests_[size_t(p) * kDigestRows * D],
-                     &page_digests_[size_t(p + 1) * kDigestRows * D]);
+      scores.push_back(page_scores[size_t(p)]);
     }
   }
   const size_t first_spilled = cand.size();
