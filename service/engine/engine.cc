@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "base/parallel_for.h"
 #include "base/status_macros.h"
 #include "kernels/cpu/dtype.h"
 #include "service/engine/device_backend.h"
@@ -51,6 +52,12 @@ std::string Field(size_t i, const char* field) {
 absl::Status Annotate(const absl::Status& status, const std::string& prefix) {
   return absl::Status(status.code(),
                       absl::StrCat(prefix, ": ", status.message()));
+}
+
+int StepThreads(const Engine::Options& options) {
+  if (options.step_threads >= 0) return options.step_threads;
+  const int cores = int(std::thread::hardware_concurrency());
+  return std::clamp(cores - 1, 0, 15);
 }
 
 }  // namespace
@@ -117,6 +124,7 @@ Engine::Engine(const Options& options, storage::Store* store,
       registry_(std::move(registry)),
       page_cache_(
           std::make_unique<storage::PageCache>(options.page_cache_bytes)),
+      parallel_(std::make_unique<ParallelFor>(StepThreads(options))),
       memory_limit_bytes_(memory_limit_bytes) {}
 
 Engine::~Engine() {
@@ -199,12 +207,18 @@ absl::Status Engine::ApplyEntry(
   for (const StreamState& stream : streams) {
     bytes_before += stream.memory_bytes();
   }
+  // The heads' policy steps side by side (each touches its own stream).
+  std::vector<StreamStepOutput> outputs(static_cast<size_t>(H));
+  std::vector<absl::Status> applied(static_cast<size_t>(H));
+  parallel_->Run(size_t(H), [&](size_t h) {
+    HeadWork& w = work[h];
+    applied[h] =
+        streams[h].Apply(mode, w.Input(position, T), w.selection, w.recalled,
+                         &outputs[h], w.on_device ? &w.external : nullptr);
+  });
   for (int h = 0; h < H; ++h) {
-    HeadWork& w = work[size_t(h)];
-    StreamStepOutput output;
-    absl::Status st = streams[size_t(h)].Apply(
-        mode, w.Input(position, T), w.selection, w.recalled, &output,
-        w.on_device ? &w.external : nullptr);
+    StreamStepOutput& output = outputs[size_t(h)];
+    const absl::Status& st = applied[size_t(h)];
     if (!st.ok()) {
       return absl::InternalError(absl::StrCat(
           "step of KV head ", h, " failed after validation: ", st.message()));
@@ -451,23 +465,43 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
 
     // Plan: each stream's selection, and the spilled pages it recalls, read
     // before anything changes (a failed read refuses the whole request).
+    // Selections of every (entry, KV head) side by side, then the reads.
     std::vector<std::vector<HeadWork>> work(n);
+    std::vector<std::pair<size_t, size_t>> heads;  // (entry, head)
     for (size_t i = 0; i < n; ++i) {
       if (replay[i]) continue;
       const StepEntryView& e = request.entries[i];
+      work[i] =
+          SplitHeads(sessions[i]->config().shape, e.num_tokens, e.q, e.k, e.v);
+      for (size_t h = 0; h < work[i].size(); ++h) heads.emplace_back(i, h);
+    }
+    std::vector<absl::Status> selected(heads.size());
+    parallel_->Run(heads.size(), [&](size_t t) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      const auto [i, h] = heads[t];
+      const StepEntryView& e = request.entries[i];
       LiveSession& s = *sessions[i];
-      work[i] = SplitHeads(s.config().shape, e.num_tokens, e.q, e.k, e.v);
+      HeadWork& w = work[i][h];
+      absl::StatusOr<StreamSelection> selection =
+          s.streams[size_t(layer)][h].Select(s.dense[size_t(layer)],
+                                             w.Input(e.position, e.num_tokens));
+      if (selection.ok()) {
+        w.selection = std::move(*selection);
+      } else {
+        selected[t] = selection.status();
+      }
+    });
+    for (size_t t = 0; t < heads.size(); ++t) {
+      if (!selected[t].ok()) {
+        return absl::InternalError(absl::StrCat(
+            Field(heads[t].first, "session_id"),
+            ": selection failed after validation: ", selected[t].message()));
+      }
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (replay[i]) continue;
+      LiveSession& s = *sessions[i];
       for (size_t h = 0; h < work[i].size(); ++h) {
         HeadWork& w = work[i][h];
-        absl::StatusOr<StreamSelection> selection =
-            s.streams[size_t(layer)][h].Select(
-                s.dense[size_t(layer)], w.Input(e.position, e.num_tokens));
-        if (!selection.ok()) {
-          return absl::InternalError(absl::StrCat(
-              Field(i, "session_id"), ": selection failed after validation: ",
-              selection.status().message()));
-        }
-        w.selection = std::move(*selection);
         absl::Status loaded = LoadRecalled(s.manifest.seq, layer, int(h), &w);
         if (!loaded.ok()) {
           return Annotate(loaded, absl::StrCat(Field(i, "session_id"),

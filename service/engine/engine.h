@@ -30,6 +30,7 @@
 
 #include "absl/status/statusor.h"
 #include "base/mutex.h"
+#include "base/parallel_for.h"
 #include "service/engine/session_registry.h"
 #include "service/engine/step_types.h"
 #include "storage/page_cache.h"
@@ -81,6 +82,10 @@ class Engine {
     size_t page_cache_bytes = size_t{256} << 20;
     // The clock for idle time-to-live, Unix µs; tests substitute their own.
     std::function<int64_t()> now_unix_micros;
+    // Threads that run a step's per-KV-head work (selection, the host
+    // policy) beside the request's own; -1: one fewer than the cores, at
+    // most 15. 0: all on the request's thread.
+    int step_threads = -1;
     // The CUDA backend (device_backend.h), or null: the CPU oracle alone.
     // With it, each decode step (T = 1, ATTEND or FETCH, not CACHE_RANK)
     // attends on the device over rows held there; the policy stays here.
@@ -217,6 +222,7 @@ class Engine {
   std::unique_ptr<SessionRegistry> registry_;
   std::unique_ptr<storage::SpillWriter> writer_;
   std::unique_ptr<storage::PageCache> page_cache_;
+  std::unique_ptr<ParallelFor> parallel_;
   Mutex mu_;
   // Shared with steps in flight, which keep a deleted session's state
   // alive until they finish.

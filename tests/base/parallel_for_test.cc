@@ -1,0 +1,47 @@
+// ParallelFor: every index runs exactly once, whatever the number of
+// workers and of callers sharing them, and Run returns only after all ran.
+#include "base/parallel_for.h"
+
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace kvmem {
+namespace {
+
+TEST(ParallelFor, EveryIndexRunsOnceBeforeRunReturns) {
+  for (int workers : {0, 1, 3, 8}) {
+    ParallelFor pool(workers);
+    for (size_t count :
+         {size_t{0}, size_t{1}, size_t{2}, size_t{7}, size_t{1000}}) {
+      std::vector<std::atomic<int>> hits(count);
+      pool.Run(count, [&](size_t i) { hits[i].fetch_add(1); });
+      for (size_t i = 0; i < count; ++i) {
+        ASSERT_EQ(hits[i].load(), 1) << workers << " workers, " << count;
+      }
+    }
+  }
+}
+
+TEST(ParallelFor, ConcurrentCallersShareTheWorkers) {
+  ParallelFor pool(2);
+  constexpr int kCallers = 6, kLoops = 50, kCount = 64;
+  std::vector<std::thread> callers;
+  std::atomic<int> wrong{0};
+  for (int c = 0; c < kCallers; ++c) {
+    callers.emplace_back([&] {
+      for (int l = 0; l < kLoops; ++l) {
+        std::vector<int> hits(kCount, 0);  // each index written by one
+        pool.Run(kCount, [&](size_t i) { hits[i] += 1; });
+        for (int h : hits) wrong += h != 1;
+      }
+    });
+  }
+  for (std::thread& t : callers) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+}
+
+}  // namespace
+}  // namespace kvmem
