@@ -27,10 +27,11 @@ class BlockAllocator {
   // range, not taken, or listed twice; then nothing is freed.
   absl::Status Give(absl::Span<const int32_t> blocks);
 
-  int32_t total_blocks() const { return int32_t(taken_.size()); }
+  int32_t total_blocks() const { return total_; }
   int32_t free_blocks();
 
  private:
+  const int32_t total_;
   Mutex mu_;
   std::vector<uint8_t> taken_ ABSL_GUARDED_BY(mu_);  // [blocks]
   std::vector<int32_t> free_

@@ -4,8 +4,9 @@
 
 namespace kvmem {
 
-BlockAllocator::BlockAllocator(int32_t blocks) {
-  const int32_t n = blocks < 0 ? 0 : blocks;
+BlockAllocator::BlockAllocator(int32_t blocks)
+    : total_(blocks < 0 ? 0 : blocks) {
+  const int32_t n = total_;
   MutexLock lock(&mu_);
   taken_.assign(size_t(n), 0);
   free_.reserve(size_t(n));

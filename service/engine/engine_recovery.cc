@@ -204,7 +204,9 @@ absl::Status Engine::HibernateLocked(LiveSession& s)
   return absl::OkStatus();
 }
 
-int Engine::HibernateIdle(const std::vector<LiveSession*>& busy, int64_t want) {
+// As EvictIdleDeviceRows: TryLock in a loop is beyond the analysis.
+int Engine::HibernateIdle(const std::vector<LiveSession*>& busy,
+                          int64_t want) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   std::vector<std::shared_ptr<LiveSession>> idle = AllLive();
   std::sort(idle.begin(), idle.end(), [](const auto& a, const auto& b) {
     return a->last_used.load(std::memory_order_relaxed) <
