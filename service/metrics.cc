@@ -98,6 +98,15 @@ std::string Metrics::Render(const Gauges& gauges) const {
   Gauge(&out, "kvmem_spilled_bytes",
         "Bytes of keys and values spilled out of cascades.",
         gauges.engine.spilled_bytes);
+  absl::StrAppend(&out,
+                  "# HELP kvmem_step_phase_seconds_total Seconds Step requests "
+                  "spent in each phase.\n"
+                  "# TYPE kvmem_step_phase_seconds_total counter\n");
+  for (int p = 0; p < int(StepPhase::kCount); ++p) {
+    absl::StrAppend(&out, "kvmem_step_phase_seconds_total{phase=\"",
+                    kStepPhaseNames[p], "\"} ",
+                    double(gauges.engine.step_phase_nanos[p]) * 1e-9, "\n");
+  }
   Gauge(&out, "kvmem_hibernations",
         "Idle sessions hibernated to make room since start.",
         gauges.engine.hibernations);

@@ -25,6 +25,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "grpcpp/create_channel.h"
@@ -33,6 +34,7 @@
 #include "grpcpp/server_builder.h"
 #include "kernels/dtype.h"
 #include "kvmem/v1/kvmem.grpc.pb.h"
+#include "service/engine/engine.h"
 #include "service/server.h"
 
 ABSL_FLAG(std::string, modes, "attend,fetch", "step modes of table 1");
@@ -273,6 +275,23 @@ class Bench {
     return t;
   }
 
+  // GetStats' step_phase_seconds: where the server's Step time went.
+  std::map<std::string, double> Phases() {
+    std::string reply;
+    std::map<std::string, double> phases;
+    if (!Call(kvmem_.get(), "/kvmem.v1.KvMemory/GetStats",
+              v1::GetStatsRequest().SerializeAsString(), &reply)
+             .ok()) {
+      return phases;
+    }
+    v1::GetStatsResponse stats;
+    stats.ParseFromString(reply);
+    for (const auto& [name, seconds] : stats.step_phase_seconds()) {
+      phases[name] = seconds;
+    }
+    return phases;
+  }
+
   // The echo with the same request and reply bytes.
   Timing RunEcho(const std::string& request, const std::string& reply,
                  int warmup, int iterations) {
@@ -373,6 +392,7 @@ int Main() {
       "---|---|\n");
   const int warmup = absl::GetFlag(FLAGS_warmup);
   const int iterations = absl::GetFlag(FLAGS_iterations);
+  std::vector<std::string> phase_rows;  // table 1b, printed after table 1
   for (int64_t resident : Numbers(absl::GetFlag(FLAGS_resident))) {
     std::vector<int64_t> batches = Numbers(absl::GetFlag(FLAGS_batches));
     int64_t most = *std::max_element(batches.begin(), batches.end());
@@ -393,7 +413,9 @@ int Main() {
           continue;
         }
         std::vector<std::string> cell(ids.begin(), ids.begin() + batch);
+        const std::map<std::string, double> before = bench.Phases();
         Timing k = bench.RunKvmem(cell, mode, warmup, iterations);
+        const std::map<std::string, double> after = bench.Phases();
         if (!k.ok) {
           std::printf("| %s | %lld | %lld | error: %s |||||||| |\n",
                       mode_name.c_str(), (long long)batch, (long long)resident,
@@ -413,9 +435,36 @@ int Main() {
             Percentile(k.micros, 0.99), ep50, Percentile(e.micros, 0.99),
             1e6 / kp50, bytes / kp50 / 1e3, bytes / ep50 / 1e3, kp50 / ep50);
         std::fflush(stdout);
+        // Mean µs per request of each server phase over the cell.
+        std::string row =
+            absl::StrCat("| ", mode_name, " | ", batch, " | ", resident, " |");
+        double inside = 0;
+        for (const char* phase : kStepPhaseNames) {
+          auto b = before.find(phase);
+          auto a = after.find(phase);
+          const double us =
+              a == after.end() || b == before.end()
+                  ? 0.0
+                  : (a->second - b->second) * 1e6 / (warmup + iterations);
+          inside += us;
+          absl::StrAppend(&row, " ", absl::StrFormat("%.0f", us), " |");
+        }
+        absl::StrAppend(&row, " ", absl::StrFormat("%.0f", inside), " | ",
+                        absl::StrFormat("%.0f", kp50), " |\n");
+        phase_rows.push_back(row);
       }
     }
     bench.DeleteSessions(ids);
+  }
+  if (!phase_rows.empty()) {
+    std::printf(
+        "\nWhere the server's time went (GetStats step_phase_seconds, mean µs "
+        "per request over each cell; the rest of p50 is gRPC and the wire):\n"
+        "\n| mode | batch | resident | lock | plan | device | apply | "
+        "device_write | write | in Step | kvmem p50 |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (const std::string& row : phase_rows) std::printf("%s", row.c_str());
+    std::fflush(stdout);
   }
 
   const int layers = absl::GetFlag(FLAGS_token_layers);

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <future>
 
 #include "absl/hash/hash.h"
@@ -52,6 +53,12 @@ std::string Field(size_t i, const char* field) {
 absl::Status Annotate(const absl::Status& status, const std::string& prefix) {
   return absl::Status(status.code(),
                       absl::StrCat(prefix, ": ", status.message()));
+}
+
+int64_t MonotonicNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 int StepThreads(const Engine::Options& options) {
@@ -319,6 +326,23 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
   std::vector<StepEntryResult> results(n);
   std::shared_ptr<std::promise<absl::Status>> synced;  // STEP_SYNC requests
   {
+    // Each phase's time, added to phase_nanos_ when the request ends.
+    int64_t phase_start = MonotonicNanos();
+    int64_t phase_nanos[int(StepPhase::kCount)] = {};
+    auto phase_done = [&](StepPhase phase) {
+      const int64_t now = MonotonicNanos();
+      phase_nanos[int(phase)] += now - phase_start;
+      phase_start = now;
+    };
+    struct PhaseCommit {
+      std::atomic<int64_t>* totals;
+      int64_t* nanos;
+      ~PhaseCommit() {
+        for (int p = 0; p < int(StepPhase::kCount); ++p) {
+          totals[p].fetch_add(nanos[p], std::memory_order_relaxed);
+        }
+      }
+    } phase_commit{phase_nanos_, phase_nanos};
     // Lock every session of the request in address order.
     std::vector<LiveSession*> order;
     for (const auto& s : sessions) order.push_back(s.get());
@@ -330,6 +354,7 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
         for (LiveSession* s : *order) s->mu.Unlock();
       }
     } unlocker{&order};
+    phase_done(StepPhase::kLock);
 
     // Sessions are woken (recovered from storage) and healthy.
     const int64_t now_used = use_clock_.fetch_add(1) + 1;
@@ -510,11 +535,13 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       }
     }
 
+    phase_done(StepPhase::kPlan);
     // CUDA backend: the decode entries' attention, still before anything
-    // changes (a full device pool refuses the request whole).
+    // changes (what does not fit falls back to the CPU path).
     if (options_.device != nullptr && mode != StepMode::kAppend) {
       KVMEM_RETURN_IF_ERROR(
           AttendOnDevice(sessions, order, request, replay, work));
+      phase_done(StepPhase::kDevice);
     }
 
     // Apply. Every input was checked and read above, so a stream step
@@ -550,6 +577,7 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       tokens_appended_.fetch_add(T, std::memory_order_relaxed);
     }
 
+    phase_done(StepPhase::kApply);
     for (const auto& [row_bytes, writes] : device_writes) {
       absl::Status wrote = options_.device->Write(row_bytes, writes);
       if (!wrote.ok()) {
@@ -558,6 +586,8 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
         for (const auto& s : sessions) ReleaseDevice(*s);
       }
     }
+
+    if (!device_writes.empty()) phase_done(StepPhase::kDeviceWrite);
 
     // Write the request's batch: STEP_SYNC waits for it (below, unlocked).
     if (!written.empty()) {
@@ -604,6 +634,7 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
         }
       }
     }
+    phase_done(StepPhase::kWrite);
   }
 
   if (synced != nullptr) {

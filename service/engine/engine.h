@@ -43,6 +43,20 @@ struct HeadWork;      // service/engine/live_session.h
 class DeviceBackend;  // service/engine/device_backend.h
 struct DeviceSlotWrite;
 
+// Where Step's time goes, summed over every request since start.
+enum class StepPhase : int {
+  kLock = 0,     // waiting for the request's sessions
+  kPlan = 1,     // validation, waking, selection, recall reads
+  kDevice = 2,   // CUDA backend: the decode attention launch
+  kApply = 3,    // the host policy (and attention on the CPU backend)
+  kDeviceWrite,  // CUDA backend: changed rows back to the device
+  kWrite,        // the batch to the writer, checkpoints due (not the
+                 // STEP_SYNC wait, which holds no lock)
+  kCount,
+};
+inline constexpr const char* kStepPhaseNames[] = {
+    "lock", "plan", "device", "apply", "device_write", "write"};
+
 struct EngineStats {
   int64_t sessions = 0;
   int64_t memory_bytes = 0;        // host bytes of live state
@@ -59,6 +73,7 @@ struct EngineStats {
   // Decode steps the CUDA backend could not take (no room even after
   // evictions, or a device error) that the CPU oracle computed instead.
   int64_t device_fallbacks = 0;
+  int64_t step_phase_nanos[int(StepPhase::kCount)] = {};
 };
 
 class Engine {
@@ -231,6 +246,7 @@ class Engine {
   std::atomic<int64_t> use_clock_{0};  // ticks once per request, for LRU
   std::atomic<int64_t> hibernations_{0};
   std::atomic<int64_t> device_evictions_{0};
+  std::atomic<int64_t> phase_nanos_[int(StepPhase::kCount)] = {};
   std::atomic<int64_t> device_fallbacks_{0};
   std::atomic<int64_t> tokens_appended_{0};
   const int64_t memory_limit_bytes_;

@@ -63,6 +63,13 @@ absl::Status Engine::AttendOnDevice(
     std::vector<HeadWork*> heads;
   };
   std::map<ShapeKey, Launch> launches;
+  struct ItemTask {
+    Launch* launch;
+    size_t index;  // in launch->items
+    size_t entry;
+    size_t head;
+  };
+  std::vector<ItemTask> items;
   for (size_t i = 0; i < sessions.size(); ++i) {
     const StepEntryView& e = request.entries[i];
     LiveSession& s = *sessions[i];
@@ -103,35 +110,44 @@ absl::Status Engine::AttendOnDevice(
                                        c.softmax_scale, int(c.reduction))];
     launch.shape = {c.group, c.head_dim, c.dtype, c.softmax_scale, c.reduction};
     for (size_t h = 0; h < streams.size(); ++h) {
-      HeadWork& w = work[i][h];
-      const StreamState& stream = streams[h];
-      DeviceAttendItem item;
-      item.queries = w.queries.data();
-      w.external.rows = stream.AttendedRows(w.selection, w.recalled);
-      for (const AttendedRow& a : w.external.rows) {
-        DeviceAttendItem::RowRef ref;
-        if (a.slot >= 0) {
-          ref.device_row = rows.Row(int(h), a.slot);
-        } else {
-          ref.key = stream.AttendedKey(a, w.recalled);
-          ref.value = stream.AttendedValue(a, w.recalled);
-        }
-        item.rows.push_back(ref);
-      }
-      DeviceAttendItem::RowRef fresh;  // the step's own token, last
-      fresh.key = reinterpret_cast<const uint8_t*>(w.keys.data());
-      fresh.value = reinterpret_cast<const uint8_t*>(w.values.data());
-      item.rows.push_back(fresh);
-      w.external.out.assign(size_t(c.group) * c.head_dim, 0.0f);
-      w.external.lse.assign(size_t(c.group), 0.0f);
-      w.external.probs.assign(item.rows.size(), 0.0f);
-      item.out = w.external.out.data();
-      item.lse = w.external.lse.data();
-      item.probs = w.external.probs.data();
-      launch.items.push_back(std::move(item));
-      launch.heads.push_back(&w);
+      items.push_back({&launch, launch.items.size(), i, h});
+      launch.items.emplace_back();
+      launch.heads.push_back(&work[i][h]);
     }
   }
+  // Each head's rows, side by side (a merge over its resident slots).
+  parallel_->Run(items.size(), [&](size_t t) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    const ItemTask& task = items[t];
+    LiveSession& s = *sessions[task.entry];
+    const StreamConfig& c = s.stream_config;
+    const StreamState& stream = s.streams[layer][task.head];
+    const DeviceLayerRows& rows = s.device[layer];
+    HeadWork& w = work[task.entry][task.head];
+    DeviceAttendItem& item = task.launch->items[task.index];
+    item.queries = w.queries.data();
+    w.external.rows = stream.AttendedRows(w.selection, w.recalled);
+    item.rows.reserve(w.external.rows.size() + 1);
+    for (const AttendedRow& a : w.external.rows) {
+      DeviceAttendItem::RowRef ref;
+      if (a.slot >= 0) {
+        ref.device_row = rows.Row(int(task.head), a.slot);
+      } else {
+        ref.key = stream.AttendedKey(a, w.recalled);
+        ref.value = stream.AttendedValue(a, w.recalled);
+      }
+      item.rows.push_back(ref);
+    }
+    DeviceAttendItem::RowRef fresh;  // the step's own token, last
+    fresh.key = reinterpret_cast<const uint8_t*>(w.keys.data());
+    fresh.value = reinterpret_cast<const uint8_t*>(w.values.data());
+    item.rows.push_back(fresh);
+    w.external.out.assign(size_t(c.group) * c.head_dim, 0.0f);
+    w.external.lse.assign(size_t(c.group), 0.0f);
+    w.external.probs.assign(item.rows.size(), 0.0f);
+    item.out = w.external.out.data();
+    item.lse = w.external.lse.data();
+    item.probs = w.external.probs.data();
+  });
   for (auto& [key, launch] : launches) {
     absl::Status st = device.Attend(launch.shape, launch.items);
     if (st.code() == absl::StatusCode::kResourceExhausted) {

@@ -156,6 +156,7 @@ absl::Status Engine::Wake(LiveSession& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
     s.synced_next = next;
   }
   s.woken = true;
+  s.hibernated.reset();
   return absl::OkStatus();
 }
 
@@ -192,6 +193,7 @@ absl::Status Engine::CheckpointLocked(LiveSession& s)
 absl::Status Engine::HibernateLocked(LiveSession& s)
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   KVMEM_RETURN_IF_ERROR(CheckpointLocked(s));
+  s.hibernated = ComputeLiveFigures(s);
   ReleaseDevice(s);
   // Everything the checkpoint holds is rebuilt by Wake; layer_next keeps
   // its size for Wake to refill.

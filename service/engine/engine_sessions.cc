@@ -50,34 +50,50 @@ std::shared_ptr<Engine::LiveSession> Engine::Live(const Key& key,
   return live;
 }
 
+LiveFigures ComputeLiveFigures(const Engine::LiveSession& s)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  LiveFigures f;
+  f.layer_next = s.layer_next;
+  const int64_t row_bytes = s.stream_config.row_bytes();
+  const int cascades = s.config().policy.cascades;
+  f.resident_tokens_per_cascade.assign(size_t(cascades) + 1, 0);
+  for (const std::vector<StreamState>& layer : s.streams) {
+    for (const StreamState& stream : layer) {
+      const CascadeStream& c = stream.cascade();
+      int64_t in_cascades = 0;
+      for (int i = 0; i < cascades; ++i) {
+        f.resident_tokens_per_cascade[size_t(i) + 1] += c.stored(i);
+        in_cascades += c.stored(i);
+      }
+      f.resident_tokens_per_cascade[0] +=
+          stream.resident_tokens() - in_cascades;
+      f.resident_tokens += stream.resident_tokens();
+      f.spilled_pages += stream.spilled_pages();
+      f.spilled_bytes += stream.spilled_tokens() * 2 * row_bytes;
+    }
+  }
+  return f;
+}
+
 absl::Status Engine::AddLiveFigures(SessionInfo* info) {
   std::shared_ptr<LiveSession> live =
       Live(Key(info->manifest.config.tenant, info->manifest.config.session_id),
            *info);
   MutexLock lock(&live->mu);
-  if (!live->woken) KVMEM_RETURN_IF_ERROR(Wake(*live));
-  info->manifest.layer_next_positions = live->layer_next;
-  info->position =
-      *std::min_element(live->layer_next.begin(), live->layer_next.end());
-  info->manifest.durable_position = live->DurablePosition();
-  const int64_t row_bytes = live->stream_config.row_bytes();
-  const int cascades = live->config().policy.cascades;
-  info->resident_tokens_per_cascade.assign(size_t(cascades) + 1, 0);
-  for (const std::vector<StreamState>& layer : live->streams) {
-    for (const StreamState& stream : layer) {
-      const CascadeStream& c = stream.cascade();
-      int64_t in_cascades = 0;
-      for (int i = 0; i < cascades; ++i) {
-        info->resident_tokens_per_cascade[size_t(i) + 1] += c.stored(i);
-        in_cascades += c.stored(i);
-      }
-      info->resident_tokens_per_cascade[0] +=
-          stream.resident_tokens() - in_cascades;
-      info->resident_tokens += stream.resident_tokens();
-      info->spilled_pages += stream.spilled_pages();
-      info->spilled_bytes += stream.spilled_tokens() * 2 * row_bytes;
-    }
+  // A hibernated session is described from its figures, not woken: a
+  // listing must not bring every hibernated session back into memory.
+  if (!live->woken && !live->hibernated.has_value()) {
+    KVMEM_RETURN_IF_ERROR(Wake(*live));
   }
+  const LiveFigures f =
+      live->woken ? ComputeLiveFigures(*live) : *live->hibernated;
+  info->manifest.layer_next_positions = f.layer_next;
+  info->position = *std::min_element(f.layer_next.begin(), f.layer_next.end());
+  info->manifest.durable_position = live->DurablePosition();
+  info->resident_tokens_per_cascade = f.resident_tokens_per_cascade;
+  info->resident_tokens = f.resident_tokens;
+  info->spilled_pages = f.spilled_pages;
+  info->spilled_bytes = f.spilled_bytes;
   return absl::OkStatus();
 }
 
@@ -171,6 +187,9 @@ EngineStats Engine::Stats() {
   stats.spill_queue_bytes = int64_t(writer_->stats().queued_bytes);
   stats.hibernations = hibernations_.load(std::memory_order_relaxed);
   stats.device_evictions = device_evictions_.load(std::memory_order_relaxed);
+  for (int p = 0; p < int(StepPhase::kCount); ++p) {
+    stats.step_phase_nanos[p] = phase_nanos_[p].load(std::memory_order_relaxed);
+  }
   stats.device_fallbacks = device_fallbacks_.load(std::memory_order_relaxed);
   if (options_.device != nullptr) {
     stats.device_pool_bytes = options_.device->pool_bytes();

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,15 @@ struct Engine::LastStep {
   StepEntryResult reply;
 };
 
+// What GetSession / ListSessions report of a session's live state.
+struct LiveFigures {
+  std::vector<int64_t> layer_next;
+  std::vector<int64_t> resident_tokens_per_cascade;  // [sinks, C0, C1, ...]
+  int64_t resident_tokens = 0;
+  int64_t spilled_pages = 0;
+  int64_t spilled_bytes = 0;
+};
+
 // A session's live state. The config parts are fixed at creation; the rest
 // is guarded by `mu`, and what the writer's callbacks and the sync loop
 // update by `durable_mu` (never held while taking `mu`).
@@ -41,6 +51,9 @@ struct Engine::LiveSession {
   Mutex mu;
   // False until Wake rebuilt the state from checkpoint and step log.
   bool woken ABSL_GUARDED_BY(mu) = false;
+  // Set while hibernated: the figures at hibernation (all durable), so
+  // that describing or listing it does not wake it.
+  std::optional<LiveFigures> hibernated ABSL_GUARDED_BY(mu);
   std::vector<int64_t> layer_next ABSL_GUARDED_BY(mu);  // [layers]
   // [layers][kv_heads]; a layer's streams are made on its first step.
   std::vector<std::vector<StreamState>> streams ABSL_GUARDED_BY(mu);
@@ -75,6 +88,9 @@ struct Engine::LiveSession {
     return durable;
   }
 };
+
+// The figures of `s`'s live state (woken). Caller holds s.mu.
+LiveFigures ComputeLiveFigures(const Engine::LiveSession& s);
 
 // One KV head's share of one entry of a step.
 struct HeadWork {

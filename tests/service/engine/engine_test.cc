@@ -596,6 +596,21 @@ TEST(EngineMemoryTest, PastTheLimitIdleSessionsHibernateAndWakeExactly) {
   // Every step after the first pair found the other session idle.
   EXPECT_GE(engine->Stats().hibernations, 2 * kTokens - 2);
   EXPECT_EQ(reference->Stats().hibernations, 0);
+  // Describing the hibernated session ("first": "second" stepped last)
+  // reports its figures without waking it.
+  const int64_t in_use = engine->Stats().memory_bytes;
+  absl::StatusOr<SessionInfo> asleep = engine->GetSession("t", "first");
+  absl::StatusOr<SessionInfo> awake = reference->GetSession("t", "first");
+  ASSERT_TRUE(asleep.ok() && awake.ok());
+  EXPECT_EQ(engine->Stats().memory_bytes, in_use);
+  EXPECT_EQ(asleep->manifest.layer_next_positions,
+            awake->manifest.layer_next_positions);
+  EXPECT_EQ(asleep->resident_tokens, awake->resident_tokens);
+  EXPECT_EQ(asleep->resident_tokens_per_cascade,
+            awake->resident_tokens_per_cascade);
+  EXPECT_EQ(asleep->spilled_pages, awake->spilled_pages);
+  EXPECT_EQ(asleep->spilled_bytes, awake->spilled_bytes);
+  EXPECT_GT(asleep->spilled_pages, 0);
   // Both in one request: neither is idle, so nothing can make room, and
   // nothing changes.
   const std::string q = tensor(2), k = tensor(2), v = tensor(2);
