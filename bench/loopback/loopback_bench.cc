@@ -461,8 +461,8 @@ int Main() {
         "\nWhere the server's time went (GetStats step_phase_seconds, mean µs "
         "per request over each cell; the rest of p50 is gRPC and the wire):\n"
         "\n| mode | batch | resident | lock | plan | device | apply | "
-        "device_write | write | in Step | kvmem p50 |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n");
+        "device_write | write | device_rows | in Step | kvmem p50 |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const std::string& row : phase_rows) std::printf("%s", row.c_str());
     std::fflush(stdout);
   }

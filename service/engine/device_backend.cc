@@ -3,7 +3,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "base/mutex.h"
@@ -225,21 +227,31 @@ absl::Status DeviceBackend::Write(int row_bytes,
 }
 
 absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
-                                   absl::Span<const DeviceAttendItem> items) {
+                                   absl::Span<const DeviceAttendItem> items,
+                                   ParallelFor* parallel) {
   if (items.empty()) return absl::OkStatus();
   const int G = shape.group, D = shape.head_dim;
   const size_t elem = size_t(DTypeBytes(shape.dtype));
   const size_t row = size_t(D) * elem;
   const size_t I = items.size();
+  // Where each item's rows and host rows go.
+  std::vector<size_t> row_at(I), host_at(I);
   size_t R = 0, S = 0;
   int max_rows = 1;
-  for (const DeviceAttendItem& item : items) {
-    R += item.rows.size();
-    max_rows = std::max(max_rows, int(item.rows.size()));
-    for (const DeviceAttendItem::RowRef& r : item.rows) {
-      if (r.device_row < 0) ++S;
-    }
+  for (size_t i = 0; i < I; ++i) {
+    row_at[i] = R;
+    host_at[i] = S;
+    R += items[i].rows.size();
+    S += size_t(items[i].host_rows);
+    max_rows = std::max(max_rows, int(items[i].rows.size()));
   }
+  auto each_item = [&](const std::function<void(size_t)>& fn) {
+    if (parallel != nullptr) {
+      parallel->Run(I, fn);
+    } else {
+      for (size_t i = 0; i < I; ++i) fn(i);
+    }
+  };
   MutexLock lock(&impl_->mu);
   // Host rows go to pool rows: the reserved blocks, or blocks taken for
   // this call when they do not suffice.
@@ -281,17 +293,22 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
   int32_t* begin = reinterpret_cast<int32_t*>(h + begin_at);
   int32_t* count = reinterpret_cast<int32_t*>(h + count_at);
   int32_t* dst = reinterpret_cast<int32_t*>(h + dst_at);
-  size_t r = 0, s = 0;
-  for (size_t i = 0; i < I; ++i) {
+  std::atomic<bool> counts_match{true};  // host_rows as the items said
+  each_item([&](size_t i) {
     const DeviceAttendItem& item = items[i];
     cpu::StoreFloats(absl::MakeConstSpan(item.queries, size_t(G) * D),
                      shape.dtype, h + q_at + i * G * D * elem);
-    begin[i] = int32_t(r);
+    begin[i] = int32_t(row_at[i]);
     count[i] = int32_t(item.rows.size());
+    size_t r = row_at[i], s = host_at[i];
     for (const DeviceAttendItem::RowRef& ref : item.rows) {
       if (ref.device_row >= 0) {
         rows[r++] = ref.device_row;
         continue;
+      }
+      if (s >= host_at[i] + size_t(item.host_rows)) {
+        counts_match = false;
+        return;
       }
       const int32_t at = FirstRow(scratch[size_t(int64_t(s) / per_block)],
                                   block_bytes, int(row)) +
@@ -302,6 +319,10 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
       rows[r++] = at;
       ++s;
     }
+  });
+  if (!counts_match) {
+    return absl::InvalidArgumentError(
+        "device attention: an item has more host rows than host_rows says");
   }
   const cudaStream_t stream = impl_->stream.get();
   KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d, h, inputs_end, stream));
@@ -351,13 +372,12 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
   KVMEM_RETURN_IF_ERROR(
       cuda::CopyToHost(h + out_at, d + out_at, end - out_at, stream));
   KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
-  for (size_t i = 0; i < I; ++i) {
+  each_item([&](size_t i) {
     const DeviceAttendItem& item = items[i];
     memcpy(item.out, h + out_at + i * G * D * 4, size_t(G) * D * 4);
     memcpy(item.lse, h + lse_at + i * G * 4, size_t(G) * 4);
-    memcpy(item.probs, h + probs_at + size_t(begin[i]) * 4,
-           item.rows.size() * 4);
-  }
+    memcpy(item.probs, h + probs_at + row_at[i] * 4, item.rows.size() * 4);
+  });
   return absl::OkStatus();
 }
 

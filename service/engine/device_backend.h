@@ -24,6 +24,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "base/parallel_for.h"
 #include "kernels/dtype.h"
 #include "kernels/policy_math.h"
 
@@ -64,6 +65,7 @@ struct DeviceAttendItem {
   };
   const float* queries = nullptr;  // [G, D] fp32 (exact in the dtype)
   std::vector<RowRef> rows;        // attended rows, the new token last
+  int host_rows = 0;               // how many of `rows` are host rows
   // Outputs, sized by the caller: [G, D], [G], [rows].
   float* out = nullptr;
   float* lse = nullptr;
@@ -118,10 +120,13 @@ class DeviceBackend {
   absl::Status Write(int row_bytes, absl::Span<const DeviceSlotWrite> writes);
 
   // The attention of every item, one launch for all. Host rows are staged
-  // in pool blocks taken for the call (RESOURCE_EXHAUSTED when none are
-  // free). Blocks until the results are in the items' outputs.
+  // in pool blocks kept for that, or taken for the call when those do not
+  // suffice (RESOURCE_EXHAUSTED when none are free). Items are staged and
+  // unstaged on `parallel` when given. Blocks until the results are in the
+  // items' outputs. INVALID_ARGUMENT if an item's host_rows is short.
   absl::Status Attend(const DeviceAttendShape& shape,
-                      absl::Span<const DeviceAttendItem> items);
+                      absl::Span<const DeviceAttendItem> items,
+                      ParallelFor* parallel = nullptr);
 
  private:
   struct Impl;

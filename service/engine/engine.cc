@@ -539,9 +539,12 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
     // CUDA backend: the decode entries' attention, still before anything
     // changes (what does not fit falls back to the CPU path).
     if (options_.device != nullptr && mode != StepMode::kAppend) {
+      int64_t rows_nanos = 0;
       KVMEM_RETURN_IF_ERROR(
-          AttendOnDevice(sessions, order, request, replay, work));
+          AttendOnDevice(sessions, order, request, replay, work, &rows_nanos));
       phase_done(StepPhase::kDevice);
+      phase_nanos[int(StepPhase::kDevice)] -= rows_nanos;
+      phase_nanos[int(StepPhase::kDeviceRows)] += rows_nanos;
     }
 
     // Apply. Every input was checked and read above, so a stream step

@@ -47,15 +47,16 @@ struct DeviceSlotWrite;
 enum class StepPhase : int {
   kLock = 0,     // waiting for the request's sessions
   kPlan = 1,     // validation, waking, selection, recall reads
-  kDevice = 2,   // CUDA backend: the decode attention launch
+  kDevice = 2,   // CUDA backend: staging, the attention launch, results
   kApply = 3,    // the host policy (and attention on the CPU backend)
   kDeviceWrite,  // CUDA backend: changed rows back to the device
   kWrite,        // the batch to the writer, checkpoints due (not the
                  // STEP_SYNC wait, which holds no lock)
+  kDeviceRows,   // CUDA backend: uploads and each head's row list
   kCount,
 };
 inline constexpr const char* kStepPhaseNames[] = {
-    "lock", "plan", "device", "apply", "device_write", "write"};
+    "lock", "plan", "device", "apply", "device_write", "write", "device_rows"};
 
 struct EngineStats {
   int64_t sessions = 0;
@@ -209,8 +210,8 @@ class Engine {
   absl::Status AttendOnDevice(
       const std::vector<std::shared_ptr<LiveSession>>& sessions,
       const std::vector<LiveSession*>& busy, const StepRequestView& request,
-      const std::vector<bool>& replay,
-      std::vector<std::vector<HeadWork>>& work);
+      const std::vector<bool>& replay, std::vector<std::vector<HeadWork>>& work,
+      int64_t* rows_nanos);
   // Every wal_sync_ms: syncs the write-ahead log, then advances the
   // durable positions of what was written before the sync.
   void SyncLoop();

@@ -2,6 +2,7 @@
 // attend on the device, keeping each layer's device rows, and making room
 // in the device pool.
 #include <algorithm>
+#include <chrono>
 #include <map>
 #include <tuple>
 
@@ -51,8 +52,9 @@ int Engine::EvictIdleDeviceRows(const std::vector<LiveSession*>& busy,
 absl::Status Engine::AttendOnDevice(
     const std::vector<std::shared_ptr<LiveSession>>& sessions,
     const std::vector<LiveSession*>& busy, const StepRequestView& request,
-    const std::vector<bool>& replay,
-    std::vector<std::vector<HeadWork>>& work) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    const std::vector<bool>& replay, std::vector<std::vector<HeadWork>>& work,
+    int64_t* rows_nanos) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const auto rows_start = std::chrono::steady_clock::now();
   DeviceBackend& device = *options_.device;
   const size_t layer = size_t(request.layer);
   // Items of one launch share a shape.
@@ -134,6 +136,7 @@ absl::Status Engine::AttendOnDevice(
       } else {
         ref.key = stream.AttendedKey(a, w.recalled);
         ref.value = stream.AttendedValue(a, w.recalled);
+        ++item.host_rows;
       }
       item.rows.push_back(ref);
     }
@@ -141,6 +144,7 @@ absl::Status Engine::AttendOnDevice(
     fresh.key = reinterpret_cast<const uint8_t*>(w.keys.data());
     fresh.value = reinterpret_cast<const uint8_t*>(w.values.data());
     item.rows.push_back(fresh);
+    ++item.host_rows;
     w.external.out.assign(size_t(c.group) * c.head_dim, 0.0f);
     w.external.lse.assign(size_t(c.group), 0.0f);
     w.external.probs.assign(item.rows.size(), 0.0f);
@@ -148,14 +152,18 @@ absl::Status Engine::AttendOnDevice(
     item.lse = w.external.lse.data();
     item.probs = w.external.probs.data();
   });
+  *rows_nanos = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                    std::chrono::steady_clock::now() - rows_start)
+                    .count();
   for (auto& [key, launch] : launches) {
-    absl::Status st = device.Attend(launch.shape, launch.items);
+    absl::Status st =
+        device.Attend(launch.shape, launch.items, parallel_.get());
     if (st.code() == absl::StatusCode::kResourceExhausted) {
       // Staging for spilled rows found no free block.
       EvictIdleDeviceRows(busy, [&] {
         return device.free_plane_bytes() >= (int64_t{64} << 20);
       });
-      st = device.Attend(launch.shape, launch.items);
+      st = device.Attend(launch.shape, launch.items, parallel_.get());
     }
     if (!st.ok()) {
       device_fallbacks_.fetch_add(int64_t(launch.heads.size()),

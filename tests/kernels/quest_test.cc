@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -346,6 +347,35 @@ double Dot(const float* a, const float* b, int d) {
   double s = 0;
   for (int i = 0; i < d; ++i) s += double(a[i]) * b[i];
   return s;
+}
+
+// The host's vectorised bound (page_score.cc) and the shared one that the
+// CUDA kernel runs give the same bits.
+TEST(PageScore, HostScoresEqualTheSharedBoundBitForBit) {
+  const uint32_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (int d : {8, 13, 64, 128, 256}) {
+    const int pages = 64;
+    std::vector<float> q(static_cast<size_t>(d));
+    std::vector<float> digests(static_cast<size_t>(pages) * 2 * d);
+    for (float& x : q) x = normal(rng);
+    for (float& x : digests) x = normal(rng);
+    std::vector<float> scores(pages, NAN);
+    ASSERT_TRUE(cpu::ScorePages(q, d, digests, DigestKind{},
+                                GroupReduction::kMax, absl::MakeSpan(scores))
+                    .ok());
+    for (int p = 0; p < pages; ++p) {
+      const float want =
+          QuestHeadBound(q.data(), &digests[size_t(p) * 2 * d], d);
+      uint32_t a, b;
+      memcpy(&a, &scores[p], 4);
+      memcpy(&b, &want, 4);
+      ASSERT_EQ(a, b) << "D " << d << " page " << p << ": " << scores[p]
+                      << " vs " << want;
+    }
+  }
 }
 
 TEST(PageScore, QuestBoundNeverBelowTrueMaxAndExactForOneKey) {
