@@ -539,19 +539,40 @@ std::vector<AttendedRow> StreamState::AttendedRows(
     const StreamSelection& sel,
     absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled)
     const {
-  // Resident rows come ascending from the cascade's order (sinks, then
-  // cascades oldest first); spilled rows (a page holds tokens in eviction
-  // order) are few and sorted here; then one merge. A sort of everything
-  // was a tenth of a decode step.
-  const int N = cascade_.num_slots();
-  std::vector<uint8_t> chosen(static_cast<size_t>(N), 0);
-  for (int s : sel.slots) chosen[size_t(s)] = 1;
+  // Resident rows in ascending position without touching every slot:
+  // sinks hold positions in slot order, and each cascade's ring holds them
+  // in slot order from its head on, then from its start (CascadeSlots), so
+  // the selected slots (ascending) of a cascade are two sorted runs. Older
+  // cascades first (ResidentSlotsInOrder). Spilled rows (a page holds
+  // tokens in eviction order) are few and sorted here; then one merge. A
+  // sort of everything, or a pass over every slot, was a large part of a
+  // decode step.
+  const CascadeParams& params = config_->cascade;
   std::vector<AttendedRow> resident;
   resident.reserve(sel.slots.size());
-  for (int s : cascade_.ResidentSlotsInOrder()) {
-    if (chosen[size_t(s)]) {
-      resident.push_back({cascade_.slot_position(s), s, 0, 0});
+  auto emit = [&](std::vector<int>::const_iterator first,
+                  std::vector<int>::const_iterator last) {
+    for (; first != last; ++first) {
+      resident.push_back({cascade_.slot_position(*first), *first, 0, 0});
     }
+  };
+  const auto begin = sel.slots.begin(), end = sel.slots.end();
+  emit(begin, std::lower_bound(begin, end, params.sinks));
+  for (int i = params.cascades - 1; i >= 0; --i) {
+    const int base = params.sinks + i * params.window;
+    const auto first = std::lower_bound(begin, end, base);
+    const auto last = std::lower_bound(first, end, base + params.window);
+    const auto oldest = std::lower_bound(first, last, base + cascade_.head(i));
+    emit(oldest, last);
+    emit(first, oldest);
+  }
+  auto by_position = [](const AttendedRow& a, const AttendedRow& b) {
+    return a.position < b.position;
+  };
+  // The ring rule is the cascade's invariant; should it ever not hold, the
+  // order is still made right.
+  if (!std::is_sorted(resident.begin(), resident.end(), by_position)) {
+    std::sort(resident.begin(), resident.end(), by_position);
   }
   std::vector<AttendedRow> spilled;
   if (sel.open_page) {
@@ -564,9 +585,6 @@ std::vector<AttendedRow> StreamState::AttendedRows(
       spilled.push_back({recalled[p]->positions[i], -1, int(p), int(i)});
     }
   }
-  auto by_position = [](const AttendedRow& a, const AttendedRow& b) {
-    return a.position < b.position;
-  };
   std::sort(spilled.begin(), spilled.end(), by_position);
   std::vector<AttendedRow> attended(resident.size() + spilled.size());
   std::merge(resident.begin(), resident.end(), spilled.begin(), spilled.end(),
