@@ -196,11 +196,30 @@ absl::Status Engine::LoadRecalled(uint64_t seq, int layer, int head,
   return absl::OkStatus();
 }
 
+void Engine::PrepareHeads(LiveSession& s, int layer,
+                          HeadsApplied* done) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const std::vector<StreamState>& streams = s.streams[size_t(layer)];
+  done->outputs.assign(streams.size(), StreamStepOutput());
+  done->status.assign(streams.size(), absl::OkStatus());
+  done->bytes_before = 0;
+  for (const StreamState& stream : streams) {
+    done->bytes_before += stream.memory_bytes();
+  }
+}
+
+void Engine::ApplyHead(LiveSession& s, int layer, StepMode mode,
+                       int64_t position, int T, HeadWork& w, HeadsApplied* done,
+                       size_t h) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  done->status[h] = s.streams[size_t(layer)][h].Apply(
+      mode, w.Input(position, T), w.selection, w.recalled, &done->outputs[h],
+      w.on_device ? &w.external : nullptr);
+}
+
 absl::Status Engine::ApplyEntry(
     LiveSession& s, int layer, StepMode mode, int64_t position, int T,
     std::vector<HeadWork>& work, StepEntryResult* result,
-    storage::SpillBatch* batch,
-    DeviceWrites* device_writes) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    storage::SpillBatch* batch, DeviceWrites* device_writes,
+    HeadsApplied* done) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const ModelShape& shape = s.config().shape;
   const int H = shape.kv_heads, Hq = shape.query_heads;
   const int D = shape.head_dim, G = Hq / H;
@@ -210,22 +229,21 @@ absl::Status Engine::ApplyEntry(
     out_all.resize(size_t(T) * Hq * D);
     lse_all.resize(size_t(T) * Hq);
   }
-  int64_t bytes_before = 0, bytes_after = 0;
-  for (const StreamState& stream : streams) {
-    bytes_before += stream.memory_bytes();
+  HeadsApplied own;
+  if (done == nullptr) {
+    // The heads' policy steps side by side (each touches its own stream).
+    done = &own;
+    PrepareHeads(s, layer, done);
+    parallel_->Run(size_t(H), [&](size_t h) {
+      ApplyHead(s, layer, mode, position, T, work[h], done, h);
+    });
   }
-  // The heads' policy steps side by side (each touches its own stream).
-  std::vector<StreamStepOutput> outputs(static_cast<size_t>(H));
-  std::vector<absl::Status> applied(static_cast<size_t>(H));
-  parallel_->Run(size_t(H), [&](size_t h) {
-    HeadWork& w = work[h];
-    applied[h] =
-        streams[h].Apply(mode, w.Input(position, T), w.selection, w.recalled,
-                         &outputs[h], w.on_device ? &w.external : nullptr);
-  });
+  std::vector<StreamStepOutput>& outputs = done->outputs;
+  const int64_t bytes_before = done->bytes_before;
+  int64_t bytes_after = 0;
   for (int h = 0; h < H; ++h) {
     StreamStepOutput& output = outputs[size_t(h)];
-    const absl::Status& st = applied[size_t(h)];
+    const absl::Status& st = done->status[size_t(h)];
     if (!st.ok()) {
       return absl::InternalError(absl::StrCat(
           "step of KV head ", h, " failed after validation: ", st.message()));
@@ -549,6 +567,18 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
 
     // Apply. Every input was checked and read above, so a stream step
     // cannot fail here; INTERNAL would mean a bug, and says so.
+    // Every (entry, KV head) policy step side by side; then each entry's
+    // reply, pages and log record in order.
+    std::vector<HeadsApplied> heads_applied(n);
+    for (size_t i = 0; i < n; ++i) {
+      if (!replay[i]) PrepareHeads(*sessions[i], layer, &heads_applied[i]);
+    }
+    parallel_->Run(heads.size(), [&](size_t t) {
+      const auto [i, h] = heads[t];
+      const StepEntryView& e = request.entries[i];
+      ApplyHead(*sessions[i], layer, mode, e.position, e.num_tokens, work[i][h],
+                &heads_applied[i], h);
+    });
     storage::SpillBatch batch;
     DeviceWrites device_writes;
     bool sync = false;
@@ -566,8 +596,9 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       const StepEntryView& e = request.entries[i];
       const int T = e.num_tokens;
       StepEntryResult& result = results[i];
-      absl::Status applied = ApplyEntry(s, layer, mode, e.position, T, work[i],
-                                        &result, &batch, &device_writes);
+      absl::Status applied =
+          ApplyEntry(s, layer, mode, e.position, T, work[i], &result, &batch,
+                     &device_writes, &heads_applied[i]);
       if (!applied.ok()) return Annotate(applied, Field(i, "session_id"));
       // The step log record, in the same batch as the pages it sealed.
       batch.log.push_back({s.manifest.seq, uint32_t(layer), e.position,

@@ -169,6 +169,7 @@ class Engine {
   using Key = std::pair<std::string, std::string>;  // (tenant, session_id)
   // Device rows a request rewrites, by row bytes (one launch each).
   using DeviceWrites = std::map<int, std::vector<DeviceSlotWrite>>;
+  struct HeadsApplied;  // live_session.h
 
   Engine(const Options& options, storage::Store* store,
          std::unique_ptr<SessionRegistry> registry, int64_t memory_limit_bytes);
@@ -228,7 +229,16 @@ class Engine {
                           int64_t position, int num_tokens,
                           std::vector<HeadWork>& work, StepEntryResult* result,
                           storage::SpillBatch* batch,
-                          DeviceWrites* device_writes);
+                          DeviceWrites* device_writes,
+                          HeadsApplied* done = nullptr);
+  // A layer's heads' policy steps, run before ApplyEntry assembles them
+  // (so that a request's heads of every entry run side by side): `done`
+  // given to ApplyEntry holds their outputs. PrepareHeads sizes it and
+  // counts the streams' bytes before; ApplyHead steps head h. Caller holds
+  // s.mu.
+  void PrepareHeads(LiveSession& s, int layer, HeadsApplied* done);
+  void ApplyHead(LiveSession& s, int layer, StepMode mode, int64_t position,
+                 int T, HeadWork& w, HeadsApplied* done, size_t h);
   // Fills work->recalled with the pages work->selection.recall names: from
   // the writer's queue, the page cache, or storage (one MultiGet).
   absl::Status LoadRecalled(uint64_t seq, int layer, int head, HeadWork* work);

@@ -115,6 +115,13 @@ struct HeadWork {
   }
 };
 
+// The policy steps of one entry's heads, done before ApplyEntry.
+struct Engine::HeadsApplied {
+  std::vector<StreamStepOutput> outputs;  // [H]
+  std::vector<absl::Status> status;       // [H]
+  int64_t bytes_before = 0;  // the layer's streams' memory before them
+};
+
 // A layer's kept step as a checkpoint stores it (step_log.cc), so that a
 // retry after a graceful restart is still answered.
 std::string EncodeLastStep(const Engine::LastStep& last);
