@@ -194,6 +194,13 @@ class Engine {
   // holds, until memory_bytes_ + `want` fits the limit. Returns how many it
   // hibernated.
   int HibernateIdle(const std::vector<LiveSession*>& busy, int64_t want);
+  // Calls `act` on idle sessions under their lock, least recently used
+  // first, skipping `busy` (whose locks the caller holds) and any another
+  // request holds, until `enough` says so. Returns how many `act` said it
+  // acted on.
+  int ForEachIdle(const std::vector<LiveSession*>& busy,
+                  const std::function<bool()>& enough,
+                  const std::function<bool(LiveSession&)>& act);
   // CUDA backend: frees the device rows of idle sessions, least recently
   // used first (their host state stays; rows go up again on next use),
   // skipping `busy`, until `room` says there is room. Returns how many

@@ -20,33 +20,17 @@ void Engine::ReleaseDevice(LiveSession& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   for (DeviceLayerRows& rows : s.device) options_.device->Release(&rows);
 }
 
-// Locks taken with TryLock are released in the same iteration; the
-// analysis cannot follow a lock taken conditionally in a loop.
 int Engine::EvictIdleDeviceRows(const std::vector<LiveSession*>& busy,
-                                const std::function<bool()>& room)
-    ABSL_NO_THREAD_SAFETY_ANALYSIS {
-  std::vector<std::shared_ptr<LiveSession>> idle = AllLive();
-  std::sort(idle.begin(), idle.end(), [](const auto& a, const auto& b) {
-    return a->last_used.load(std::memory_order_relaxed) <
-           b->last_used.load(std::memory_order_relaxed);
-  });
-  int evicted = 0;
-  for (const std::shared_ptr<LiveSession>& s : idle) {
-    if (room()) break;
-    if (std::find(busy.begin(), busy.end(), s.get()) != busy.end()) continue;
-    if (!s->mu.TryLock()) continue;  // another request's: not idle
-    [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      bool held = false;
-      for (const DeviceLayerRows& rows : s->device) held |= !rows.empty();
-      if (held) {
-        ReleaseDevice(*s);
-        ++evicted;
+                                const std::function<bool()>& room) {
+  return ForEachIdle(
+      busy, room, [&](LiveSession& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        bool held = false;
+        for (const DeviceLayerRows& rows : s.device) held |= !rows.empty();
+        if (!held) return false;
+        ReleaseDevice(s);
         device_evictions_.fetch_add(1, std::memory_order_relaxed);
-      }
-      s->mu.Unlock();
-    }();
-  }
-  return evicted;
+        return true;
+      });
 }
 
 absl::Status Engine::AttendOnDevice(

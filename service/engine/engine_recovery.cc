@@ -206,40 +206,24 @@ absl::Status Engine::HibernateLocked(LiveSession& s)
   return absl::OkStatus();
 }
 
-// As EvictIdleDeviceRows: TryLock in a loop is beyond the analysis.
-int Engine::HibernateIdle(const std::vector<LiveSession*>& busy,
-                          int64_t want) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-  std::vector<std::shared_ptr<LiveSession>> idle = AllLive();
-  std::sort(idle.begin(), idle.end(), [](const auto& a, const auto& b) {
-    return a->last_used.load(std::memory_order_relaxed) <
-           b->last_used.load(std::memory_order_relaxed);
-  });
-  int hibernated = 0;
-  for (const std::shared_ptr<LiveSession>& s : idle) {
-    if (memory_bytes_.load(std::memory_order_relaxed) + want <=
-        memory_limit_bytes_) {
-      break;
-    }
-    if (std::find(busy.begin(), busy.end(), s.get()) != busy.end()) continue;
-    // Another request holds it: not idle. Never wait here, the caller holds
-    // its own sessions' locks.
-    if (!s->mu.TryLock()) continue;
-    [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      bool healthy;
-      {
-        MutexLock lock(&s->durable_mu);
-        healthy = s->write_error.ok();
-      }
-      // A session whose writes failed keeps its state for the restart
-      // that recovers it; a failed checkpoint leaves it awake.
-      if (s->woken && !s->deleted && healthy && s->memory_bytes > 0 &&
-          HibernateLocked(*s).ok()) {
-        ++hibernated;
-      }
-      s->mu.Unlock();
-    }();
-  }
-  return hibernated;
+int Engine::HibernateIdle(const std::vector<LiveSession*>& busy, int64_t want) {
+  return ForEachIdle(
+      busy,
+      [&] {
+        return memory_bytes_.load(std::memory_order_relaxed) + want <=
+               memory_limit_bytes_;
+      },
+      [&](LiveSession& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        bool healthy;
+        {
+          MutexLock lock(&s.durable_mu);
+          healthy = s.write_error.ok();
+        }
+        // A session whose writes failed keeps its state for the restart
+        // that recovers it; a failed checkpoint leaves it awake.
+        return s.woken && !s.deleted && healthy && s.memory_bytes > 0 &&
+               HibernateLocked(s).ok();
+      });
 }
 
 absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> Engine::Checkpoint(

@@ -164,6 +164,30 @@ absl::Status Engine::DeleteSession(const std::string& tenant,
   return absl::OkStatus();
 }
 
+// Locks taken with TryLock are released in the same iteration; the
+// analysis cannot follow a lock taken conditionally in a loop.
+int Engine::ForEachIdle(const std::vector<LiveSession*>& busy,
+                        const std::function<bool()>& enough,
+                        const std::function<bool(LiveSession&)>& act)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  std::vector<std::shared_ptr<LiveSession>> idle = AllLive();
+  std::sort(idle.begin(), idle.end(), [](const auto& a, const auto& b) {
+    return a->last_used.load(std::memory_order_relaxed) <
+           b->last_used.load(std::memory_order_relaxed);
+  });
+  int acted = 0;
+  for (const std::shared_ptr<LiveSession>& s : idle) {
+    if (enough()) break;
+    if (std::find(busy.begin(), busy.end(), s.get()) != busy.end()) continue;
+    // Another request holds it: not idle. Never wait here: the caller holds
+    // its own sessions' locks.
+    if (!s->mu.TryLock()) continue;
+    acted += act(*s) ? 1 : 0;
+    s->mu.Unlock();
+  }
+  return acted;
+}
+
 int64_t Engine::Now() const {
   return options_.now_unix_micros ? options_.now_unix_micros() : WallMicros();
 }

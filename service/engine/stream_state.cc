@@ -592,24 +592,18 @@ std::vector<AttendedRow> StreamState::AttendedRows(
   return attended;
 }
 
-const uint8_t* StreamState::AttendedKey(
+const uint8_t* StreamState::AttendedData(
     const AttendedRow& a,
-    absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled)
-    const {
-  if (a.slot >= 0) return cascade_.key_row(a.slot).data();
+    absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled,
+    bool value) const {
+  if (a.slot >= 0) {
+    return (value ? cascade_.value_row(a.slot) : cascade_.key_row(a.slot))
+        .data();
+  }
   const storage::SpillPage& page = a.page < 0 ? open_ : *recalled[a.page];
+  const std::string& rows = value ? page.values : page.keys;
   return reinterpret_cast<const uint8_t*>(
-      &page.keys[size_t(a.row) * size_t(config_->row_bytes())]);
-}
-
-const uint8_t* StreamState::AttendedValue(
-    const AttendedRow& a,
-    absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled)
-    const {
-  if (a.slot >= 0) return cascade_.value_row(a.slot).data();
-  const storage::SpillPage& page = a.page < 0 ? open_ : *recalled[a.page];
-  return reinterpret_cast<const uint8_t*>(
-      &page.values[size_t(a.row) * size_t(config_->row_bytes())]);
+      &rows[size_t(a.row) * size_t(config_->row_bytes())]);
 }
 
 }  // namespace kvmem

@@ -126,11 +126,15 @@ class StreamState {
   const uint8_t* AttendedKey(
       const AttendedRow& row,
       absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled)
-      const;
+      const {
+    return AttendedData(row, recalled, /*value=*/false);
+  }
   const uint8_t* AttendedValue(
       const AttendedRow& row,
       absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled)
-      const;
+      const {
+    return AttendedData(row, recalled, /*value=*/true);
+  }
 
   // Applies the step: attends over `selection` plus the new tokens (or
   // takes `external`'s attention), updates scores, inserts, spills.
@@ -175,6 +179,10 @@ class StreamState {
   // *output.
   void Spill(const EvictedTokens& evicted, StreamStepOutput* output);
   std::vector<int> ResidentSlots() const;
+  const uint8_t* AttendedData(
+      const AttendedRow& row,
+      absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled,
+      bool value) const;
 
   const StreamConfig* config_;  // not owned
   CascadeStream cascade_;
