@@ -229,15 +229,19 @@ absl::StatusOr<StreamSelection> StreamState::Select(
   KVMEM_RETURN_IF_ERROR(CheckInput(in));
   StreamSelection sel;
   if (in.queries.empty()) return sel;  // no query, no attention
-  sel.slots = ResidentSlots();
-  if (in.num_tokens > 1) return sel;  // a chunk: dense over the residents
+  if (in.num_tokens > 1) {             // a chunk: dense over the residents
+    sel.slots = ResidentSlots();
+    return sel;
+  }
 
   const int N = cascade_.num_slots();
   const int S = config_->cascade.sinks;
   const int D = config_->head_dim;
   const int64_t B = config_->budget_tokens;
   const bool recall = config_->recall;
-  const int64_t resident = int64_t(sel.slots.size());
+  // Every resident slot, for the dense answers below; the sparse one
+  // builds its own list.
+  const int64_t resident = cascade_.ResidentCount();
   const int64_t spilled = recall ? spilled_tokens_ : 0;
   const int num_sealed = recall ? int(sealed_.size()) : 0;
   const bool open_in = recall && !open_.positions.empty();
@@ -293,6 +297,7 @@ absl::StatusOr<StreamSelection> StreamState::Select(
 
   if (dense_layer) {
     // Every resident token; recall only within what B leaves after them.
+    sel.slots = ResidentSlots();
     const int64_t left = B - (resident + 1);
     if (recall && left > 0) {
       add_spilled();
@@ -301,6 +306,7 @@ absl::StatusOr<StreamSelection> StreamState::Select(
     return sel;
   }
   if (resident + 1 + spilled <= B) {  // the dense case: everything
+    sel.slots = ResidentSlots();
     for (int p = 0; p < num_sealed; ++p) {
       sel.recall.push_back(sealed_[p].page_seq);
     }
@@ -343,7 +349,6 @@ absl::StatusOr<StreamSelection> StreamState::Select(
   std::vector<uint8_t> page_on(size_t(num_resident_pages()), 0);
   for (size_t c = 0; c < first_spilled; ++c) page_on[cand[c]] = selected[c];
   take_spilled(selected, first_spilled);
-  sel.slots.clear();
   for (int s = 0; s < N; ++s) {
     if (cascade_.slot_position(s) >= 0 &&
         (always[s] || page_on[slot_page_[s]])) {
