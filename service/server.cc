@@ -159,7 +159,8 @@ class GrpcServer final : public Server {
 
 // Which backend serves, and on what: the CUDA backend where asked for (or,
 // with auto, where a device is present), its pool made now so that a
-// device that cannot hold it fails the start, not a later step.
+// device that cannot hold it fails the start (cuda) or leaves the CPU
+// backend serving (auto), not a later step.
 absl::Status ChooseBackend(const ServerOptions& options, std::string* backend,
                            std::string* device,
                            std::shared_ptr<DeviceBackend>* cuda_backend) {
@@ -182,6 +183,14 @@ absl::Status ChooseBackend(const ServerOptions& options, std::string* backend,
   device_options.pool_bytes = size_t(options.device_memory_bytes);
   absl::StatusOr<std::unique_ptr<DeviceBackend>> made =
       DeviceBackend::Create(device_options);
+  if (!made.ok() && flag == "auto") {
+    // A device that cannot hold the pool (busy, too small) leaves auto on
+    // the CPU backend, which says why in the start line and GetStats.
+    *backend = "cpu";
+    *device = absl::StrCat(HostName(), " (CUDA device ", probe.device_name,
+                           " unusable: ", made.status().message(), ")");
+    return absl::OkStatus();
+  }
   if (!made.ok()) {
     return absl::Status(
         made.status().code(),
