@@ -11,6 +11,7 @@
 #include "grpcpp/create_channel.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
+#include "kernels/cuda/device_probe.h"
 #include "kvmem/v1/kvmem.grpc.pb.h"
 #include "tests/service/grpc/server_fixture.h"
 #include "tests/temp_dir.h"
@@ -370,6 +371,21 @@ TEST_F(ServerTest, BadServerOptionsAreNamed) {
   st = StartServer(options).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("--listen"), absl::string_view::npos);
+  options.listen = "127.0.0.1:0";
+  options.device_memory_bytes = -1;
+  st = StartServer(options).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("--device_memory"), absl::string_view::npos);
+  options.device_memory_bytes = 0;
+  // Asked for by name, the CUDA backend needs a device: on a machine
+  // without one the start is refused, naming the backend.
+  if (cuda::ProbeDevices().device_count == 0) {
+    options.backend = "cuda";
+    st = StartServer(options).status();
+    EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+    EXPECT_NE(st.message().find("--backend=cuda"), absl::string_view::npos);
+    options.backend = "cpu";
+  }
   // The port the running server holds cannot be bound twice.
   options.listen = server_->address();
   st = StartServer(options).status();
