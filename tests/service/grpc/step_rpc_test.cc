@@ -113,6 +113,20 @@ TEST_F(ServerTest, StepAndStepStreamAnswerAlike) {
   v1::GetStatsResponse stats;
   ASSERT_TRUE(stub_->GetStats(Context().get(), {}, &stats).ok());
   EXPECT_EQ(stats.steps(), 21);
+  // Where those steps' time went: every phase is reported, the CPU
+  // backend's work is in plan and apply, and nothing in the device ones.
+  const auto& phases = stats.step_phase_seconds();
+  for (const char* phase : {"lock", "plan", "device", "apply", "device_write",
+                            "write", "device_rows"}) {
+    ASSERT_EQ(phases.count(phase), 1u) << phase;
+    EXPECT_GE(phases.at(phase), 0.0) << phase;
+  }
+  EXPECT_GT(phases.at("plan"), 0.0);
+  EXPECT_GT(phases.at("apply"), 0.0);
+  EXPECT_EQ(phases.at("device"), 0.0);
+  EXPECT_EQ(phases.at("device_rows"), 0.0);
+  EXPECT_EQ(stats.device_pool_bytes(), 0);
+  EXPECT_EQ(stats.hibernations(), 0);
 }
 
 TEST_F(ServerTest, StepErrorsCarryTheirCodes) {
@@ -202,6 +216,9 @@ TEST_F(ServerTest, MetricsCountStepsAndLatency) {
       page.find("kvmem_step_results_total{code=\"FAILED_PRECONDITION\"} 1"),
       std::string::npos);
   EXPECT_NE(page.find("kvmem_step_latency_seconds_count 4"), std::string::npos);
+  EXPECT_NE(page.find("kvmem_step_phase_seconds_total{phase=\"apply\"} "),
+            std::string::npos);
+  EXPECT_NE(page.find("kvmem_hibernations 0"), std::string::npos);
   EXPECT_NE(page.find("kvmem_sessions 1"), std::string::npos);
   EXPECT_NE(HttpGet(server_->metrics_port(), "/other").find("404"),
             std::string::npos);
