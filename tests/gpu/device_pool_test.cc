@@ -79,5 +79,50 @@ TEST(DevicePool, DefaultSizeIsAFractionOfFreeMemoryAndTooMuchIsRefused) {
   EXPECT_NE(st.message().find("free of"), absl::string_view::npos) << st;
 }
 
+// Two planes: block b of plane 1 is its own memory, block_bytes past the
+// end of plane 0's blocks, and the size asked for covers both planes.
+TEST(DevicePool, PlanesAreSeparateRegionsOfOnePool) {
+  KVMEM_REQUIRE_DEVICE();
+  DevicePoolOptions options;
+  options.block_bytes = 64 << 10;
+  options.pool_bytes = 2 * (16 << 20);  // 256 blocks of two planes
+  options.planes = 2;
+  absl::StatusOr<std::unique_ptr<DevicePool>> pool =
+      DevicePool::Create(options);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  EXPECT_EQ((*pool)->total_blocks(), 256);
+  EXPECT_EQ((*pool)->planes(), 2);
+  EXPECT_EQ(static_cast<char*>((*pool)->plane_base(1)) -
+                static_cast<char*>((*pool)->plane_base(0)),
+            ptrdiff_t{256} * (64 << 10));
+  absl::StatusOr<std::vector<int32_t>> blocks = (*pool)->Take(256);
+  ASSERT_TRUE(blocks.ok());
+  // Each (block, plane) gets its own byte; reading all back shows none
+  // overlaps.
+  std::vector<uint8_t> pattern(options.block_bytes);
+  for (int32_t b : *blocks) {
+    for (int plane = 0; plane < 2; ++plane) {
+      std::memset(pattern.data(), (b * 2 + plane) & 0xff, pattern.size());
+      ASSERT_EQ(cudaMemcpy((*pool)->block(b, plane), pattern.data(),
+                           pattern.size(), cudaMemcpyHostToDevice),
+                cudaSuccess);
+    }
+  }
+  std::vector<uint8_t> back(options.block_bytes);
+  int bad = 0;
+  for (int32_t b : *blocks) {
+    for (int plane = 0; plane < 2; ++plane) {
+      ASSERT_EQ(cudaMemcpy(back.data(), (*pool)->block(b, plane), back.size(),
+                           cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      for (uint8_t x : back) bad += x != ((b * 2 + plane) & 0xff);
+    }
+  }
+  EXPECT_EQ(bad, 0);
+  options.planes = 9;
+  EXPECT_NE(options.Validate().message().find("planes"),
+            absl::string_view::npos);
+}
+
 }  // namespace
 }  // namespace kvmem::cuda

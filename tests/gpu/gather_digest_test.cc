@@ -20,6 +20,74 @@ using testing::Download;
 using testing::Poisoned;
 using testing::Upload;
 
+// ScatterRows writes each staged row to its pool row, byte for byte, and
+// touches nothing else: the pool is poisoned first and every other row
+// must still be poison.
+TEST(ScatterRowsTest, WritesEachStagedRowToItsPoolRowOnly) {
+  KVMEM_REQUIRE_DEVICE();
+  std::mt19937 rng(testing::FreshSeed());
+  for (int d : {64, 128, 5}) {
+    for (DType t : {DType::kBf16, DType::kFp16, DType::kFp32}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "D=" << d << " " << testing::DTypeName(t));
+      const int pool_rows = 3000;
+      const size_t row_bytes = size_t(d) * DTypeBytes(t);
+      for (int count : {0, 1, 9, 2500}) {
+        std::vector<int32_t> targets(pool_rows);
+        std::iota(targets.begin(), targets.end(), 0);
+        std::shuffle(targets.begin(), targets.end(), rng);
+        targets.resize(size_t(count));  // distinct, in random order
+        const std::vector<uint8_t> keys =
+            testing::RandomRows(size_t(count) * d, t, rng);
+        const std::vector<uint8_t> values =
+            testing::RandomRows(size_t(count) * d, t, rng);
+        Stream stream = testing::MakeStream();
+        DeviceBuffer pool_k =
+            Poisoned<uint8_t>(size_t(pool_rows) * row_bytes, stream.get());
+        DeviceBuffer pool_v =
+            Poisoned<uint8_t>(size_t(pool_rows) * row_bytes, stream.get());
+        DeviceBuffer d_rows = Upload(targets, stream.get());
+        DeviceBuffer d_keys = Upload(keys, stream.get());
+        DeviceBuffer d_values = Upload(values, stream.get());
+        ScatterRowsArgs args;
+        args.count = count;
+        args.head_dim = d;
+        args.dtype = t;
+        args.rows = d_rows.as<int32_t>();
+        args.keys = d_keys.get();
+        args.values = d_values.get();
+        args.key_rows = pool_k.get();
+        args.value_rows = pool_v.get();
+        ASSERT_TRUE(ScatterRows(args, stream.get()).ok());
+        const std::vector<uint8_t> got_k =
+            Download<uint8_t>(pool_k, size_t(pool_rows) * row_bytes, stream);
+        const std::vector<uint8_t> got_v =
+            Download<uint8_t>(pool_v, size_t(pool_rows) * row_bytes, stream);
+        std::vector<int> source(pool_rows, -1);
+        for (int i = 0; i < count; ++i) source[targets[i]] = i;
+        int bad = 0;
+        for (int r = 0; r < pool_rows; ++r) {
+          for (size_t b = 0; b < row_bytes; ++b) {
+            const size_t at = size_t(r) * row_bytes + b;
+            const uint8_t want_k =
+                source[r] < 0 ? 0xff : keys[size_t(source[r]) * row_bytes + b];
+            const uint8_t want_v =
+                source[r] < 0 ? 0xff
+                              : values[size_t(source[r]) * row_bytes + b];
+            bad += got_k[at] != want_k || got_v[at] != want_v;
+          }
+        }
+        EXPECT_EQ(bad, 0) << count << " rows";
+      }
+    }
+  }
+  ScatterRowsArgs missing;
+  missing.count = 1;
+  missing.head_dim = 64;
+  EXPECT_EQ(ScatterRows(missing, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(GatherRowsTest, CopiesSelectedRowsAndPositions) {
   KVMEM_REQUIRE_DEVICE();
   std::mt19937 rng(testing::FreshSeed());
