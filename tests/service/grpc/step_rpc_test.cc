@@ -8,6 +8,8 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "service/engine/stream_state.h"
+#include "service/grpc/convert.h"
 #include "tests/service/grpc/server_fixture.h"
 
 namespace kvmem {
@@ -127,6 +129,66 @@ TEST_F(ServerTest, StepAndStepStreamAnswerAlike) {
   EXPECT_EQ(phases.at("device_rows"), 0.0);
   EXPECT_EQ(stats.device_pool_bytes(), 0);
   EXPECT_EQ(stats.hibernations(), 0);
+}
+
+// Over gRPC, under a --memory_limit_bytes that holds one session's layer:
+// alternating steps of two sessions each hibernate the other, and every
+// answer equals that of a server without a limit.
+TEST_F(ServerTest, PastTheMemoryLimitIdleSessionsHibernateAndAnswerAlike) {
+  SessionConfig config;
+  ASSERT_TRUE(SessionConfigFromProto(SmallFp32("x"), "default", &config).ok());
+  const int64_t fixed =
+      StreamState::FixedBytes(*StreamConfig::FromSession(config));
+  const int heads = config.shape.kv_heads;
+  tweak_ = [=](ServerOptions* o) {
+    o->memory_limit_bytes = 3 * heads * fixed / 2;
+  };
+  Restart();
+  testing::TempDir free_dir;
+  ServerOptions free_options;
+  free_options.listen = "127.0.0.1:0";
+  free_options.data_dir = free_dir.path();
+  free_options.backend = "cpu";
+  absl::StatusOr<std::unique_ptr<Server>> free = StartServer(free_options);
+  ASSERT_TRUE(free.ok()) << free.status();
+  auto free_stub = v1::KvMemory::NewStub(grpc::CreateChannel(
+      (*free)->address(), grpc::InsecureChannelCredentials()));
+  for (const char* id : {"a", "b"}) {
+    v1::Session s;
+    ASSERT_TRUE(Create(SmallFp32(id), &s).ok());
+    grpc::ClientContext context;
+    ASSERT_TRUE(free_stub->CreateSession(&context, SmallFp32(id), &s).ok());
+  }
+  for (int t = 0; t < 40; ++t) {
+    for (const char* id : {"a", "b"}) {
+      v1::StepRequest r;
+      r.set_layer(0);
+      r.set_mode(v1::STEP_MODE_ATTEND);
+      *r.add_entries() = Entry(id, t, id[0] == 'a' ? 0.25f : 0.75f);
+      v1::StepResponse got, want;
+      grpc::Status st = stub_->Step(Context().get(), r, &got);
+      ASSERT_TRUE(st.ok()) << id << " at " << t << ": " << st.error_message();
+      grpc::ClientContext context;
+      ASSERT_TRUE(free_stub->Step(&context, r, &want).ok());
+      ASSERT_EQ(got.results(0).output(), want.results(0).output())
+          << id << " at " << t;
+    }
+  }
+  v1::GetStatsResponse stats;
+  ASSERT_TRUE(stub_->GetStats(Context().get(), {}, &stats).ok());
+  EXPECT_GE(stats.hibernations(), 2 * 40 - 2);
+  // Both at once cannot fit, whatever is hibernated.
+  v1::StepRequest both;
+  both.set_layer(0);
+  both.set_mode(v1::STEP_MODE_ATTEND);
+  *both.add_entries() = Entry("a", 40, 0.25f);
+  *both.add_entries() = Entry("b", 40, 0.75f);
+  v1::StepResponse got;
+  grpc::Status st = stub_->Step(Context().get(), both, &got);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(st.error_message().find("memory limit"), std::string::npos)
+      << st.error_message();
+  (*free)->Shutdown(absl::Seconds(5));
 }
 
 TEST_F(ServerTest, StepErrorsCarryTheirCodes) {
