@@ -522,9 +522,9 @@ absl::Status StreamState::Apply(
         f.query_rotary_positions.push_back(query_base + t);
       }
     } else {
-      f.k = keys;
+      f.k = std::move(keys);  // not read after this
     }
-    f.v = values;
+    f.v = std::move(values);
   }
 
   // 3. Scores, then insertion; what leaves the cascade is spilled.
