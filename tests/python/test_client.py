@@ -294,7 +294,14 @@ def test_stats(client: kvmem.Client) -> None:
     assert before.backend in ("cpu", "cuda")
     assert before.version and before.device
     client.create_session(SHAPE)
-    assert client.stats().sessions == before.sessions + 1
+    after = client.stats()
+    assert after.sessions == before.sessions + 1
+    assert after.hibernations == 0  # no memory limit in this server
+    assert after.device_fallbacks == 0
+    assert set(after.step_phase_seconds) == {
+        "lock", "plan", "device_rows", "device", "apply", "device_write",
+        "write"}
+    assert all(v >= 0 for v in after.step_phase_seconds.values())
 
 
 # -- errors keep the gRPC code and the server's message ----------------------

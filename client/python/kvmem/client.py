@@ -42,6 +42,11 @@ class ServerStats:
     spill_queue_bytes: int
     device_pool_bytes: int
     device_pool_used_bytes: int
+    hibernations: int  # idle sessions checkpointed and dropped for room
+    device_fallbacks: int  # decode steps the CPU took for a full pool
+    # Seconds Step requests spent per phase since start ("lock", "plan",
+    # "device_rows", "device", "apply", "device_write", "write").
+    step_phase_seconds: Dict[str, float]
 
 
 class Client:
@@ -168,8 +173,9 @@ class Client:
     def stats(self) -> ServerStats:
         """Server-wide figures."""
         reply = self._call(self._stub.GetStats, pb.GetStatsRequest())
-        return ServerStats(**{f.name: getattr(reply, f.name)
-                              for f in fields(ServerStats)})
+        values = {f.name: getattr(reply, f.name) for f in fields(ServerStats)}
+        values["step_phase_seconds"] = dict(reply.step_phase_seconds)
+        return ServerStats(**values)
 
     def checkpoint(self, session_id: Optional[str] = None) -> Dict[str, int]:
         """Makes one session (None: every session of the tenant) durable
