@@ -45,6 +45,7 @@ int32_t FirstRow(int32_t block, size_t block_bytes, int row_bytes) {
 struct DeviceBackend::Impl {
   std::unique_ptr<cuda::DevicePool> pool;
   int multiprocessors = 1;
+  int32_t reserved_count = 0;  // reserved.size(), fixed at Create
   Mutex mu;
   cuda::Stream stream ABSL_GUARDED_BY(mu);
   cuda::PinnedHostBuffer host ABSL_GUARDED_BY(mu);  // staging, both ways
@@ -106,6 +107,7 @@ absl::StatusOr<std::unique_ptr<DeviceBackend>> DeviceBackend::Create(
         1, std::min<size_t>(size_t(total) / 8,
                             (size_t{64} << 20) / options.block_bytes)));
     KVMEM_ASSIGN_OR_RETURN(impl->reserved, impl->pool->Take(want));
+    impl->reserved_count = want;
   }
   return std::unique_ptr<DeviceBackend>(
       new DeviceBackend(std::move(impl), probe.device_name));
@@ -116,13 +118,16 @@ DeviceBackend::DeviceBackend(std::unique_ptr<Impl> impl, std::string name)
 
 DeviceBackend::~DeviceBackend() = default;
 
+// Both leave out the blocks kept for staging: what sessions can hold, and
+// what they (with any staging beyond those blocks) hold now.
 int64_t DeviceBackend::pool_bytes() const {
-  return int64_t(impl_->pool->total_blocks()) *
+  return int64_t(impl_->pool->total_blocks() - impl_->reserved_count) *
          int64_t(impl_->pool->block_bytes()) * 2;
 }
 
 int64_t DeviceBackend::used_bytes() const {
-  return int64_t(impl_->pool->total_blocks() - impl_->pool->free_blocks()) *
+  return int64_t(impl_->pool->total_blocks() - impl_->pool->free_blocks() -
+                 impl_->reserved_count) *
          int64_t(impl_->pool->block_bytes()) * 2;
 }
 

@@ -103,6 +103,8 @@ class DeviceBackend {
   ~DeviceBackend();
 
   const std::string& device_name() const { return device_name_; }
+  // The pool's bytes (keys and values) that sessions can hold, and hold
+  // now; the blocks kept for staging are in neither.
   int64_t pool_bytes() const;
   int64_t used_bytes() const;
   // Free bytes of each plane (keys, or values), in whole blocks.
