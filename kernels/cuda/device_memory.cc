@@ -6,58 +6,55 @@
 
 namespace kvmem::cuda {
 
-// ---- DeviceBuffer ---------------------------------------------------------
-absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes) {
-  if (bytes == 0) return DeviceBuffer();
-  void* ptr = nullptr;
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&ptr, bytes));
-  return DeviceBuffer(ptr, bytes);
+// ---- CudaMemory (DeviceBuffer, PinnedHostBuffer) ---------------------------
+namespace {
+
+template <MemoryKind kKind>
+cudaError_t AllocateMemory(void** ptr, size_t bytes) {
+  return kKind == MemoryKind::kDevice ? cudaMalloc(ptr, bytes)
+                                      : cudaMallocHost(ptr, bytes);
 }
 
-DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
+// A destructor cannot report; a free fails only after a sticky error,
+// which the next checked call reports.
+template <MemoryKind kKind>
+void FreeMemory(void* ptr) {
+  if (ptr == nullptr) return;
+  (void)(kKind == MemoryKind::kDevice ? cudaFree(ptr) : cudaFreeHost(ptr));
+}
+
+}  // namespace
+
+template <MemoryKind kKind>
+absl::StatusOr<CudaMemory<kKind>> CudaMemory<kKind>::Allocate(size_t bytes) {
+  if (bytes == 0) return CudaMemory();
+  void* ptr = nullptr;
+  KVMEM_CUDA_RETURN_IF_ERROR(AllocateMemory<kKind>(&ptr, bytes));
+  return CudaMemory(ptr, bytes);
+}
+
+template <MemoryKind kKind>
+CudaMemory<kKind>::CudaMemory(CudaMemory&& other) noexcept
     : ptr_(std::exchange(other.ptr_, nullptr)),
       bytes_(std::exchange(other.bytes_, 0)) {}
 
-DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+template <MemoryKind kKind>
+CudaMemory<kKind>& CudaMemory<kKind>::operator=(CudaMemory&& other) noexcept {
   if (this != &other) {
-    if (ptr_ != nullptr) (void)cudaFree(ptr_);
+    FreeMemory<kKind>(ptr_);
     ptr_ = std::exchange(other.ptr_, nullptr);
     bytes_ = std::exchange(other.bytes_, 0);
   }
   return *this;
 }
 
-DeviceBuffer::~DeviceBuffer() {
-  // A destructor cannot report; cudaFree fails only after a sticky error,
-  // which the next checked call reports.
-  if (ptr_ != nullptr) (void)cudaFree(ptr_);
+template <MemoryKind kKind>
+CudaMemory<kKind>::~CudaMemory() {
+  FreeMemory<kKind>(ptr_);
 }
 
-// ---- PinnedHostBuffer -----------------------------------------------------
-absl::StatusOr<PinnedHostBuffer> PinnedHostBuffer::Allocate(size_t bytes) {
-  if (bytes == 0) return PinnedHostBuffer();
-  void* ptr = nullptr;
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaMallocHost(&ptr, bytes));
-  return PinnedHostBuffer(ptr, bytes);
-}
-
-PinnedHostBuffer::PinnedHostBuffer(PinnedHostBuffer&& other) noexcept
-    : ptr_(std::exchange(other.ptr_, nullptr)),
-      bytes_(std::exchange(other.bytes_, 0)) {}
-
-PinnedHostBuffer& PinnedHostBuffer::operator=(
-    PinnedHostBuffer&& other) noexcept {
-  if (this != &other) {
-    if (ptr_ != nullptr) (void)cudaFreeHost(ptr_);
-    ptr_ = std::exchange(other.ptr_, nullptr);
-    bytes_ = std::exchange(other.bytes_, 0);
-  }
-  return *this;
-}
-
-PinnedHostBuffer::~PinnedHostBuffer() {
-  if (ptr_ != nullptr) (void)cudaFreeHost(ptr_);
-}
+template class CudaMemory<MemoryKind::kDevice>;
+template class CudaMemory<MemoryKind::kPinnedHost>;
 
 // ---- Stream ---------------------------------------------------------------
 absl::StatusOr<Stream> Stream::Create() {

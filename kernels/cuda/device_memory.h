@@ -16,20 +16,30 @@
 
 namespace kvmem::cuda {
 
-// `bytes` of device memory on the current device (cudaMalloc: 256-byte
-// aligned), uninitialised.
-class DeviceBuffer {
- public:
-  // RESOURCE_EXHAUSTED when the device is out of memory; UNAVAILABLE with
-  // no device; INTERNAL otherwise. 0 bytes gives an empty buffer (null).
-  static absl::StatusOr<DeviceBuffer> Allocate(size_t bytes);
+// Where a CudaMemory lives.
+enum class MemoryKind {
+  kDevice,      // device memory on the current device (cudaMalloc: 256-byte
+                // aligned)
+  kPinnedHost,  // page-locked host memory (cudaMallocHost), for
+                // asynchronous copies
+};
 
-  DeviceBuffer() = default;
-  DeviceBuffer(DeviceBuffer&& other) noexcept;
-  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer();
+// `bytes` of memory of one kind, uninitialised, freed when it goes. One
+// class for both kinds: they differ only in the runtime calls that make
+// and free them (device_memory.cc).
+template <MemoryKind kKind>
+class CudaMemory {
+ public:
+  // RESOURCE_EXHAUSTED when out of memory; UNAVAILABLE with no device;
+  // INTERNAL otherwise. 0 bytes gives an empty buffer (null).
+  static absl::StatusOr<CudaMemory> Allocate(size_t bytes);
+
+  CudaMemory() = default;
+  CudaMemory(CudaMemory&& other) noexcept;
+  CudaMemory& operator=(CudaMemory&& other) noexcept;
+  CudaMemory(const CudaMemory&) = delete;
+  CudaMemory& operator=(const CudaMemory&) = delete;
+  ~CudaMemory();
 
   void* get() const { return ptr_; }
   template <typename T>
@@ -39,36 +49,15 @@ class DeviceBuffer {
   size_t bytes() const { return bytes_; }
 
  private:
-  DeviceBuffer(void* ptr, size_t bytes) : ptr_(ptr), bytes_(bytes) {}
+  CudaMemory(void* ptr, size_t bytes) : ptr_(ptr), bytes_(bytes) {}
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
 };
 
-// Page-locked host memory (cudaMallocHost) for asynchronous copies.
-class PinnedHostBuffer {
- public:
-  // Errors as DeviceBuffer::Allocate.
-  static absl::StatusOr<PinnedHostBuffer> Allocate(size_t bytes);
-
-  PinnedHostBuffer() = default;
-  PinnedHostBuffer(PinnedHostBuffer&& other) noexcept;
-  PinnedHostBuffer& operator=(PinnedHostBuffer&& other) noexcept;
-  PinnedHostBuffer(const PinnedHostBuffer&) = delete;
-  PinnedHostBuffer& operator=(const PinnedHostBuffer&) = delete;
-  ~PinnedHostBuffer();
-
-  void* get() const { return ptr_; }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(ptr_);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  PinnedHostBuffer(void* ptr, size_t bytes) : ptr_(ptr), bytes_(bytes) {}
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
+extern template class CudaMemory<MemoryKind::kDevice>;
+extern template class CudaMemory<MemoryKind::kPinnedHost>;
+using DeviceBuffer = CudaMemory<MemoryKind::kDevice>;
+using PinnedHostBuffer = CudaMemory<MemoryKind::kPinnedHost>;
 
 // A non-blocking CUDA stream (never synchronises with the legacy default
 // stream, which kvmem never uses).
