@@ -389,8 +389,10 @@ absl::Status StreamState::Apply(
 
   // 1. What the step attends to, ascending by original position (as the
   // device saw it, when it attended).
-  const std::vector<AttendedRow> attended =
-      external != nullptr ? external->rows : AttendedRows(sel, recalled);
+  std::vector<AttendedRow> own_rows;
+  if (external == nullptr) own_rows = AttendedRows(sel, recalled);
+  const std::vector<AttendedRow>& attended =
+      external != nullptr ? external->rows : own_rows;
   if (external != nullptr && (external->probs.size() != attended.size() + 1 ||
                               external->out.size() != size_t(G) * D ||
                               external->lse.size() != size_t(G))) {
