@@ -19,8 +19,11 @@ import grpc
 import numpy as np
 import pytest
 
-from test_client import (RunningServer, client_for, kvmem, pb, rpc,
-                         start_server, stub_for, tenant_for)
+from test_client import (RunningServer, kvmem, pb, rpc, start_server,
+                         tenant_for)
+# The same fixtures as test_client.py (module scope: one server for this
+# module too; tests keep apart by tenant). Imported, pytest registers them.
+from test_client import client, server, stub  # noqa: F401
 
 # The budget covers every token of these tests (at most 200 per session);
 # the resident set (4 + 2·64 = 132 tokens) does not, so tokens spill and
@@ -182,23 +185,6 @@ class Model:
                 assert head.query_rotary_positions.size == 0  # ABSOLUTE
         else:
             assert result.output is None and result.heads == []
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RunningServer]:
-    """One server for this module; tests keep apart by tenant."""
-    yield from start_server()
-
-
-@pytest.fixture
-def client(server: RunningServer,
-           request: pytest.FixtureRequest) -> Iterator[kvmem.Client]:
-    yield from client_for(server, request)
-
-
-@pytest.fixture
-def stub(server: RunningServer) -> Iterator[rpc.KvMemoryStub]:
-    yield from stub_for(server)
 
 
 @pytest.fixture
