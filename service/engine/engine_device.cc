@@ -47,6 +47,7 @@ absl::Status Engine::AttendOnDevice(
     DeviceAttendShape shape;
     std::vector<DeviceAttendItem> items;
     std::vector<HeadWork*> heads;
+    int64_t entries = 0;  // decode steps, for device_fallbacks_
   };
   std::map<ShapeKey, Launch> launches;
   struct ItemTask {
@@ -95,6 +96,7 @@ absl::Status Engine::AttendOnDevice(
     Launch& launch = launches[ShapeKey(c.group, c.head_dim, int(c.dtype),
                                        c.softmax_scale, int(c.reduction))];
     launch.shape = {c.group, c.head_dim, c.dtype, c.softmax_scale, c.reduction};
+    ++launch.entries;
     for (size_t h = 0; h < streams.size(); ++h) {
       items.push_back({&launch, launch.items.size(), i, h});
       launch.items.emplace_back();
@@ -150,8 +152,8 @@ absl::Status Engine::AttendOnDevice(
       st = device.Attend(launch.shape, launch.items, parallel_.get());
     }
     if (!st.ok()) {
-      device_fallbacks_.fetch_add(int64_t(launch.heads.size()),
-                                  std::memory_order_relaxed);
+      // Counted in decode steps, as for an upload that found no room.
+      device_fallbacks_.fetch_add(launch.entries, std::memory_order_relaxed);
       continue;  // the CPU oracle computes these heads
     }
     for (HeadWork* w : launch.heads) w->on_device = true;
