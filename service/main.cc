@@ -35,6 +35,10 @@ ABSL_FLAG(int64_t, max_queued_bytes, int64_t{1} << 30,
 ABSL_FLAG(int64_t, memory_limit_bytes, 0,
           "host bytes the sessions' live state may hold; steps past it are "
           "RESOURCE_EXHAUSTED; 0 = 60% of physical memory");
+ABSL_FLAG(int64_t, max_log_bytes, int64_t{256} << 20,
+          "a session checkpoints when its step log has grown past this "
+          "many bytes since its last checkpoint (bounds recovery's replay; "
+          "each checkpoint writes the session's whole state)");
 ABSL_FLAG(int, wal_sync_ms, 100,
           "ASYNC sessions: how often the write-ahead log is synced, which "
           "advances their durable_position (ms)");
@@ -71,6 +75,7 @@ int main(int argc, char** argv) {
   options.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
   options.max_queued_bytes = absl::GetFlag(FLAGS_max_queued_bytes);
   options.memory_limit_bytes = absl::GetFlag(FLAGS_memory_limit_bytes);
+  options.max_log_bytes = absl::GetFlag(FLAGS_max_log_bytes);
   options.wal_sync_ms = absl::GetFlag(FLAGS_wal_sync_ms);
   absl::StatusOr<std::unique_ptr<kvmem::Server>> server =
       kvmem::StartServer(options);

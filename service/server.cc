@@ -230,6 +230,11 @@ absl::Status ServerOptions::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat(
         "--memory_limit_bytes must be >= 0, got ", memory_limit_bytes));
   }
+  if (max_log_bytes < (int64_t{1} << 20)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_log_bytes must be at least 1 MiB (1048576), got ",
+                     max_log_bytes));
+  }
   if (max_message_bytes < 1024) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--max_message_bytes must be at least 1024, got ", max_message_bytes));
@@ -250,6 +255,7 @@ absl::StatusOr<std::unique_ptr<Server>> StartServer(
   Engine::Options engine_options;
   engine_options.memory_limit_bytes = options.memory_limit_bytes;
   engine_options.wal_sync_ms = options.wal_sync_ms;
+  engine_options.max_log_bytes = options.max_log_bytes;
   engine_options.device = cuda_backend;
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
                          Engine::Open(engine_options, store.get()));

@@ -33,6 +33,9 @@ struct ServerOptions {
   int wal_sync_ms = 100;
   // Host bytes of the sessions' live state; 0 = 60% of physical memory.
   int64_t memory_limit_bytes = 0;
+  // A session whose step log has grown past this many bytes since its last
+  // checkpoint checkpoints at the end of the step. ≥ 1 MiB.
+  int64_t max_log_bytes = int64_t{256} << 20;
   // host:port serving Prometheus text on GET /metrics; empty = off.
   std::string metrics_listen;
 

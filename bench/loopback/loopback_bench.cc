@@ -13,12 +13,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <filesystem>
 #include <future>
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -132,14 +134,30 @@ double Percentile(std::vector<double> v, double p) {
   return v[std::min(v.size() - 1, size_t(p * double(v.size())))];
 }
 
-std::string Bf16Bytes(std::mt19937* rng, size_t n) {
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::string bytes(n * 2, '\0');
-  for (size_t i = 0; i < n; ++i) {
-    StoreElement(bytes.data(), DType::kBf16, int64_t(i), normal(*rng));
+// Random bf16 values (normal, σ = 1) for the bench's tensors, drawn once
+// (64 MiB) and handed out as slices from random offsets: filling gigabytes
+// of KV then costs copies, not draws (drawing each value took most of the
+// fill's time and, inside the per-token loop, ~5 ms a token at batch 1).
+class RandomBf16 {
+ public:
+  RandomBf16() : pool_(kElements * 2, '\0') {
+    std::mt19937 rng(20261124);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (size_t i = 0; i < kElements; ++i) {
+      StoreElement(pool_.data(), DType::kBf16, int64_t(i), normal(rng));
+    }
   }
-  return bytes;
-}
+  // n values (n ≤ the pool) from a random offset. Thread-safe with a
+  // generator per thread.
+  std::string Take(std::mt19937_64* rng, size_t n) const {
+    const size_t at = size_t((*rng)() % (kElements - n + 1));
+    return pool_.substr(at * 2, n * 2);
+  }
+
+ private:
+  static constexpr size_t kElements = size_t{32} << 20;
+  std::string pool_;
+};
 
 // KV bytes of `sessions` sessions of `layers` layers holding `tokens`.
 double KvGiB(int sessions, int layers, int64_t tokens) {
@@ -167,7 +185,8 @@ class Bench {
   }
 
   // Creates `count` sessions of `layers` layers and fills each layer to
-  // `tokens` tokens (APPEND chunks, no query). Returns their ids.
+  // `tokens` tokens (APPEND chunks, no query; sessions side by side on up
+  // to 16 client threads). Returns their ids.
   std::vector<std::string> MakeSessions(int count, int layers, int64_t tokens) {
     std::vector<std::string> ids;
     const int64_t window = std::max<int64_t>(
@@ -196,28 +215,40 @@ class Bench {
         std::exit(1);
       }
       ids.push_back(create.session_id());
-      for (int l = 0; l < layers; ++l) {
-        for (int64_t at = 0; at < tokens; at += 1024) {
-          const int T = int(std::min<int64_t>(1024, tokens - at));
-          v1::StepRequest r;
-          r.set_layer(l);
-          r.set_mode(v1::STEP_MODE_APPEND);
-          v1::StepEntry* e = r.add_entries();
-          e->set_session_id(ids.back());
-          e->set_position(at);
-          e->set_num_tokens(T);
-          e->set_k(Bf16Bytes(&rng_, size_t(T) * kKvHeads * kHeadDim));
-          e->set_v(Bf16Bytes(&rng_, size_t(T) * kKvHeads * kHeadDim));
-          st = Call(kvmem_.get(), "/kvmem.v1.KvMemory/Step",
-                    r.SerializeAsString(), &reply);
-          if (!st.ok()) {
-            std::fprintf(stderr, "fill: %s\n", st.error_message().c_str());
-            std::exit(1);
+      position_[ids.back()] = tokens;
+    }
+    std::atomic<size_t> next{0};
+    auto fill = [&](uint64_t seed) {
+      std::mt19937_64 rng(seed);
+      for (size_t i = next++; i < ids.size(); i = next++) {
+        for (int l = 0; l < layers; ++l) {
+          for (int64_t at = 0; at < tokens; at += 1024) {
+            const int T = int(std::min<int64_t>(1024, tokens - at));
+            v1::StepRequest r;
+            r.set_layer(l);
+            r.set_mode(v1::STEP_MODE_APPEND);
+            v1::StepEntry* e = r.add_entries();
+            e->set_session_id(ids[i]);
+            e->set_position(at);
+            e->set_num_tokens(T);
+            e->set_k(random_.Take(&rng, size_t(T) * kKvHeads * kHeadDim));
+            e->set_v(random_.Take(&rng, size_t(T) * kKvHeads * kHeadDim));
+            std::string reply;
+            grpc::Status st = Call(kvmem_.get(), "/kvmem.v1.KvMemory/Step",
+                                   r.SerializeAsString(), &reply);
+            if (!st.ok()) {
+              std::fprintf(stderr, "fill: %s\n", st.error_message().c_str());
+              std::exit(1);
+            }
           }
         }
       }
-      position_[ids.back()] = tokens;
+    };
+    std::vector<std::thread> threads;
+    for (size_t t = 0; t < std::min<size_t>(ids.size(), 16); ++t) {
+      threads.emplace_back(fill, rng_() + t);
     }
+    for (std::thread& t : threads) t.join();
     return ids;
   }
 
@@ -245,9 +276,9 @@ class Bench {
       e->set_session_id(id);
       e->set_position(position_[id]);
       e->set_num_tokens(1);
-      e->set_q(Bf16Bytes(&rng_, size_t(kQueryHeads) * kHeadDim));
-      e->set_k(Bf16Bytes(&rng_, size_t(kKvHeads) * kHeadDim));
-      e->set_v(Bf16Bytes(&rng_, size_t(kKvHeads) * kHeadDim));
+      e->set_q(random_.Take(&rng_, size_t(kQueryHeads) * kHeadDim));
+      e->set_k(random_.Take(&rng_, size_t(kKvHeads) * kHeadDim));
+      e->set_v(random_.Take(&rng_, size_t(kKvHeads) * kHeadDim));
     }
     return r;
   }
@@ -314,18 +345,23 @@ class Bench {
     return t;
   }
 
-  // Decode tokens through every layer in order; ms per token.
+  // Decode tokens through every layer in order; ms per token. A token's
+  // requests are built before its clock starts (the model computes q, k
+  // and v; the worker's cost here is the round trips).
   std::vector<double> RunTokens(const std::vector<std::string>& ids, int layers,
                                 int tokens, std::string* error) {
     std::vector<double> ms;
     for (int i = 0; i < tokens; ++i) {
+      std::vector<std::string> requests;
+      for (int l = 0; l < layers; ++l) {
+        requests.push_back(
+            DecodeRequest(ids, l, v1::STEP_MODE_ATTEND).SerializeAsString());
+      }
       absl::Time start = absl::Now();
       for (int l = 0; l < layers; ++l) {
         std::string reply;
-        grpc::Status st = Call(
-            kvmem_.get(), "/kvmem.v1.KvMemory/Step",
-            DecodeRequest(ids, l, v1::STEP_MODE_ATTEND).SerializeAsString(),
-            &reply);
+        grpc::Status st = Call(kvmem_.get(), "/kvmem.v1.KvMemory/Step",
+                               requests[size_t(l)], &reply);
         if (!st.ok()) {
           *error = st.error_message();
           return ms;
@@ -340,7 +376,8 @@ class Bench {
  private:
   EchoService* echo_;
   std::unique_ptr<grpc::GenericStub> kvmem_, echo_stub_;
-  std::mt19937 rng_;
+  RandomBf16 random_;
+  std::mt19937_64 rng_;
   std::map<std::string, int64_t> position_;
   int next_id_ = 0;
 };
@@ -362,6 +399,10 @@ int Main() {
   options.backend = absl::GetFlag(FLAGS_backend);
   options.max_message_bytes = 1 << 30;
   options.max_queued_bytes = int64_t{4} << 30;
+  // No checkpoints while filling: each writes a session's whole state, so
+  // at the default (every 256 MiB of log) filling a 96K-token × 32-layer
+  // session would write its state ~48 times. Recovery is not measured here.
+  options.max_log_bytes = int64_t{1} << 40;
   absl::StatusOr<std::unique_ptr<Server>> server = StartServer(options);
   if (!server.ok()) {
     std::fprintf(stderr, "%s\n", server.status().ToString().c_str());
