@@ -5,10 +5,12 @@
 //
 // A step runs several short loops (tens of µs each) back to back. Waking a
 // sleeping thread costs a futex wake and, on a virtual machine, an
-// inter-processor interrupt: 10–50 µs, as much as the loop itself. So idle
-// workers, and a caller waiting for its helpers, spin for `spin` before
-// they sleep; with a zero spin (the default on small machines, where a
-// spinning thread would take the core the caller needs) they sleep at once.
+// inter-processor interrupt: 10–50 µs, as much as the loop itself. So up to
+// half of the idle workers, and a caller waiting for its helpers, spin for
+// `spin` before they sleep (the other half sleep at once, leaving cores to
+// the server's other threads); with a zero spin (the default on small
+// machines, where a spinning thread would take the core the caller needs)
+// every thread sleeps at once.
 #ifndef KVMEM_BASE_PARALLEL_FOR_H_
 #define KVMEM_BASE_PARALLEL_FOR_H_
 
@@ -39,7 +41,7 @@ class ParallelFor {
   // `threads` workers besides the callers; 0 runs every loop inline.
   explicit ParallelFor(int threads,
                        std::chrono::nanoseconds spin = DefaultSpin())
-      : spin_(spin) {
+      : spin_(spin), max_spinning_(std::max(1, threads / 2)) {
     for (int i = 0; i < threads; ++i) {
       workers_.emplace_back([this] { Work(); });
     }
@@ -68,15 +70,18 @@ class ParallelFor {
     loop->fn = &fn;
     loop->count = count;
     const size_t helpers = std::min(workers_.size(), count - 1);
-    size_t sleepers = 0;
+    size_t wake = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
       for (size_t i = 0; i < helpers; ++i) queue_.push_back(loop);
       queued_.fetch_add(int64_t(helpers), std::memory_order_release);
-      sleepers = std::min(helpers, sleeping_);
+      // Spinning workers find the loop themselves; wake sleepers for the
+      // rest (a miscount only wakes one too many, or leaves the caller
+      // more to drain).
+      const size_t spinning = size_t(spinning_.load(std::memory_order_relaxed));
+      wake = std::min(helpers - std::min(helpers, spinning), sleeping_);
     }
-    // Spinning workers find the loop themselves; wake only sleepers.
-    for (size_t i = 0; i < sleepers; ++i) wake_.notify_one();
+    for (size_t i = 0; i < wake; ++i) wake_.notify_one();
     loop->Drain();
     // Helpers that already took the loop may still be inside fn.
     if (SpinUntil([&] {
@@ -134,7 +139,10 @@ class ParallelFor {
 
   void Work() {
     for (;;) {
-      SpinUntil([&] { return queued_.load(std::memory_order_acquire) != 0; });
+      if (spinning_.fetch_add(1, std::memory_order_relaxed) < max_spinning_) {
+        SpinUntil([&] { return queued_.load(std::memory_order_acquire) != 0; });
+      }
+      spinning_.fetch_sub(1, std::memory_order_relaxed);
       std::shared_ptr<Loop> loop;
       {
         std::unique_lock<std::mutex> lock(mu_);
@@ -151,13 +159,15 @@ class ParallelFor {
   }
 
   const std::chrono::nanoseconds spin_;
+  const int max_spinning_;
   std::mutex mu_;
   std::condition_variable wake_;
   std::deque<std::shared_ptr<Loop>> queue_;  // guarded by mu_
   // queue_.size() for spinners to read without mu_ (−1 once stopping).
   std::atomic<int64_t> queued_{0};
-  size_t sleeping_ = 0;    // workers waiting on wake_; guarded by mu_
-  bool stopping_ = false;  // guarded by mu_
+  std::atomic<int> spinning_{0};  // workers in Work's spin (or about to)
+  size_t sleeping_ = 0;           // workers waiting on wake_; guarded by mu_
+  bool stopping_ = false;         // guarded by mu_
   std::vector<std::thread> workers_;
 };
 
