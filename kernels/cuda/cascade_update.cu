@@ -125,16 +125,29 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   const int64_t slot0 = b * a.slots;
   const int64_t c0 = b * a.cascades;
-  float* u = a.state.scores + slot0;
-  int64_t* positions = a.state.positions + slot0;
+  // The stream's state: in the batch arrays, or where its pointers say.
+  CascadeStreamPointers my;
+  if (a.state.streams != nullptr) {
+    my = a.state.streams[b];
+  } else {
+    my.positions = a.state.positions + slot0;
+    my.scores = a.state.scores + slot0;
+    my.stored = a.state.stored + c0;
+    my.head = a.state.head + c0;
+    my.score_exponent = a.state.score_exponent + b;
+    my.tokens_seen = a.state.tokens_seen + b;
+    my.slot_rows = a.state.slot_rows + slot0;
+  }
+  float* u = my.scores;
+  int64_t* positions = my.positions;
 
   if (tid < a.cascades) {
-    plan.stored[tid] = plan.next_stored[tid] = a.state.stored[c0 + tid];
-    plan.head[tid] = plan.next_head[tid] = a.state.head[c0 + tid];
+    plan.stored[tid] = plan.next_stored[tid] = my.stored[tid];
+    plan.head[tid] = plan.next_head[tid] = my.head[tid];
   }
   // Every thread derives the same factors (same address: one load a warp).
-  const int64_t n = a.state.score_exponent[b];
-  const int64_t t = a.state.tokens_seen[b];
+  const int64_t n = *my.score_exponent;
+  const int64_t t = *my.tokens_seen;
   const bool attended = a.in.probs != nullptr;
   const float self_prob = attended && tid == 0 ? a.in.self_probs[b] : 0.0f;
   const bool mid = n > 0 && NeedsMidStepRenormalisation(a.beta, n + 1);
@@ -217,14 +230,14 @@ __global__ void __launch_bounds__(kThreads)
   // Phase 2b: the old contents of the chain and the duel slot, in parallel.
   const int planned = plan.planned;
   if (tid < a.cascades) {
-    a.state.stored[c0 + tid] = plan.next_stored[tid];
-    a.state.head[c0 + tid] = plan.next_head[tid];
+    my.stored[tid] = plan.next_stored[tid];
+    my.head[tid] = plan.next_head[tid];
   }
   if (tid < planned + (plan.duel_slot >= 0 ? 1 : 0)) {
     const int s = tid < planned ? plan.chain[tid] : plan.duel_slot;
     plan.old_position[tid] = positions[s];
     plan.old_score[tid] = u[s];
-    plan.rows[tid] = a.state.slot_rows[slot0 + s];
+    plan.rows[tid] = my.slot_rows[s];
   }
   __syncthreads();
 
@@ -234,8 +247,8 @@ __global__ void __launch_bounds__(kThreads)
     if (mid) initial = RescaleScore(initial, mid_scale);
     if (attended) initial = AccumulateScore(initial, factor, self_prob);
     if (end) initial = RescaleScore(initial, end_scale);
-    a.state.score_exponent[b] = end ? 0 : k;
-    a.state.tokens_seen[b] = t + 1;
+    *my.score_exponent = end ? 0 : k;
+    *my.tokens_seen = t + 1;
 
     int64_t carry_position = t;
     float carry_score = initial;
@@ -310,14 +323,18 @@ absl::Status UpdateCascades(const CascadeBatchShape& shape,
     return absl::InvalidArgumentError(absl::StrCat(
         "head_dim: ", shape.head_dim, ", want in [1, ", max_head_dim, "]"));
   }
-  if (state.positions == nullptr || state.scores == nullptr ||
-      state.stored == nullptr || state.head == nullptr ||
-      state.score_exponent == nullptr || state.tokens_seen == nullptr ||
-      state.key_rows == nullptr || state.value_rows == nullptr ||
-      state.slot_rows == nullptr) {
+  if (state.key_rows == nullptr || state.value_rows == nullptr) {
+    return absl::InvalidArgumentError(
+        "state: key_rows and value_rows must be set");
+  }
+  if (state.streams == nullptr &&
+      (state.positions == nullptr || state.scores == nullptr ||
+       state.stored == nullptr || state.head == nullptr ||
+       state.score_exponent == nullptr || state.tokens_seen == nullptr ||
+       state.slot_rows == nullptr)) {
     return absl::InvalidArgumentError(
         "state: positions, scores, stored, head, score_exponent, "
-        "tokens_seen, key_rows, value_rows and slot_rows must all be set");
+        "tokens_seen and slot_rows must all be set (or streams)");
   }
   if ((inputs.probs == nullptr) != (inputs.self_probs == nullptr)) {
     return absl::InvalidArgumentError(

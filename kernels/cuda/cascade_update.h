@@ -33,6 +33,18 @@ struct CascadeBatchShape {
   DType dtype = DType::kBf16;  // of the pools, new rows and evicted rows
 };
 
+// One stream's state wherever it lies (CascadeDeviceState::streams): the
+// same arrays as below for this stream alone.
+struct CascadeStreamPointers {
+  int64_t* positions = nullptr;        // [slots]
+  float* scores = nullptr;             // [slots]
+  int32_t* stored = nullptr;           // [C]
+  int32_t* head = nullptr;             // [C]
+  int64_t* score_exponent = nullptr;   // [1]
+  int64_t* tokens_seen = nullptr;      // [1]
+  const int32_t* slot_rows = nullptr;  // [slots]
+};
+
 // A batch's state in device memory, read and written in place: the layout
 // of CascadeStream::Export (positions −1 = empty, u of sinks and empty
 // slots unused, stored/head per cascade). Borrowed until the stream has run
@@ -49,6 +61,10 @@ struct CascadeDeviceState {
   void* key_rows = nullptr;            // [pool_rows, D] dtype
   void* value_rows = nullptr;          // [pool_rows, D] dtype
   const int32_t* slot_rows = nullptr;  // [B, slots] pool row of each slot
+  // Or, instead of the seven arrays above, [B] pointers (device memory) to
+  // each stream's own: streams of different sessions in one launch. Rows
+  // stay in key_rows/value_rows either way.
+  const CascadeStreamPointers* streams = nullptr;
 };
 
 // The step's inputs, borrowed like the state. probs and self_probs must

@@ -20,11 +20,14 @@ absl::Status CudaStatus(cudaError_t err, const char* what, const char* file,
 }  // namespace kvmem::cuda
 
 // Returns a non-OK status from the enclosing function when the CUDA runtime
-// call `expr` fails.
+// call `expr` fails. The failure is also taken off the thread's last-error
+// slot (a refused allocation is not sticky): left there, the next launch
+// check would report it as its own.
 #define KVMEM_CUDA_RETURN_IF_ERROR(expr)                                 \
   do {                                                                   \
     const cudaError_t kvmem_cuda_err_ = (expr);                          \
     if (kvmem_cuda_err_ != cudaSuccess) {                                \
+      (void)cudaGetLastError();                                          \
       return ::kvmem::cuda::CudaStatus(kvmem_cuda_err_, #expr, __FILE__, \
                                        __LINE__);                        \
     }                                                                    \

@@ -17,63 +17,14 @@
 #include "kernels/cuda/device_pool.h"
 #include "kernels/cuda/device_probe.h"
 #include "kernels/cuda/gather_rows.h"
+#include "service/engine/device_backend_impl.h"
 
 namespace kvmem {
-namespace {
 
-// Thread blocks per stream in every attention launch: fixed, so a step's
-// result does not depend on its batch (a replayed step gives the same
-// bits). 8 × 256 streams of a 32-entry request fill an H100 many times;
-// a 2K-row stream gets 256 rows per block.
-constexpr int kAttentionSplits = 8;
-
-size_t AlignUp(size_t n) { return (n + 255) / 256 * 256; }
-
-// Rows of `row_bytes` in the pool's planes: block b holds rows from
-// ceil(b · block / row) on, RowsPerBlock of them.
-int64_t RowsPerBlock(size_t block_bytes, int row_bytes) {
-  const size_t r = size_t(row_bytes);
-  return int64_t(block_bytes / r - (block_bytes % r != 0 ? 1 : 0));
-}
-int32_t FirstRow(int32_t block, size_t block_bytes, int row_bytes) {
-  const size_t r = size_t(row_bytes);
-  return int32_t((size_t(block) * block_bytes + r - 1) / r);
-}
-
-}  // namespace
-
-struct DeviceBackend::Impl {
-  std::unique_ptr<cuda::DevicePool> pool;
-  int multiprocessors = 1;
-  int32_t reserved_count = 0;  // reserved.size(), fixed at Create
-  Mutex mu;
-  cuda::Stream stream ABSL_GUARDED_BY(mu);
-  cuda::PinnedHostBuffer host ABSL_GUARDED_BY(mu);  // staging, both ways
-  cuda::DeviceBuffer device ABSL_GUARDED_BY(mu);    // its device twin
-  cuda::DeviceBuffer workspace ABSL_GUARDED_BY(mu);
-  // Pool blocks kept for staging host rows (spilled pages, new tokens) in
-  // every launch, so that a full pool still attends; bigger launches take
-  // more for their duration.
-  std::vector<int32_t> reserved ABSL_GUARDED_BY(mu);
-
-  // Grows the staging pair to `bytes` each (never shrinks).
-  absl::Status Reserve(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    if (host.bytes() >= bytes) return absl::OkStatus();
-    const size_t grown = std::max(bytes, host.bytes() * 2);
-    KVMEM_ASSIGN_OR_RETURN(host, cuda::PinnedHostBuffer::Allocate(grown));
-    KVMEM_ASSIGN_OR_RETURN(device, cuda::DeviceBuffer::Allocate(grown));
-    return absl::OkStatus();
-  }
-
-  // Blocks from the pool, given back when the guard goes.
-  struct Blocks {
-    cuda::DevicePool* pool;
-    std::vector<int32_t> ids;
-    ~Blocks() {
-      if (!ids.empty()) pool->Give(ids).IgnoreError();
-    }
-  };
-};
+using device_internal::AlignUp;
+using device_internal::FirstRow;
+using device_internal::kAttentionSplits;
+using device_internal::RowsPerBlock;
 
 absl::StatusOr<std::unique_ptr<DeviceBackend>> DeviceBackend::Create(
     const Options& options) {

@@ -18,6 +18,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -25,21 +26,32 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "base/parallel_for.h"
+#include "kernels/cascade_policy.h"
 #include "kernels/dtype.h"
 #include "kernels/policy_math.h"
 
 namespace kvmem {
 
+struct DevicePolicyState;  // device_policy.cc
+
 // The device rows of one layer's streams: H streams × `slots` rows, slot
 // s of head h at pool row Row(h, s). Moves only; DeviceBackend::Release
 // gives the blocks back.
+//
+// A layer is *device-owned* while it also holds its streams' policy state
+// on the device (DeviceBackend::TakePolicy): positions, scores, ring
+// occupancy, score exponent, tokens seen and resident page digests. Decode
+// steps then run the whole policy there (DecodeOwned) and the host's
+// StreamStates are stale until ReturnPolicy brings the state back.
 class DeviceLayerRows {
  public:
-  DeviceLayerRows() = default;
-  DeviceLayerRows(DeviceLayerRows&&) = default;
-  DeviceLayerRows& operator=(DeviceLayerRows&&) = default;
+  DeviceLayerRows();
+  ~DeviceLayerRows();
+  DeviceLayerRows(DeviceLayerRows&&);
+  DeviceLayerRows& operator=(DeviceLayerRows&&);
 
   bool empty() const { return blocks_.empty(); }
+  bool owned() const { return policy_ != nullptr; }
   int32_t Row(int head, int slot) const {
     const int64_t i = int64_t(head) * slots_ + slot;
     return first_row_[size_t(i / rows_per_block_)] +
@@ -52,6 +64,44 @@ class DeviceLayerRows {
   std::vector<int32_t> first_row_;  // [blocks] pool row of its first row
   int slots_ = 0;
   int rows_per_block_ = 1;
+  std::unique_ptr<DevicePolicyState> policy_;  // set while device-owned
+};
+
+// What every stream of one DecodeOwned call shares: one session config.
+struct DevicePolicyShape {
+  CascadeParams cascade;
+  int page_tokens = 16;
+  int recent_tokens = 16;
+  int budget_tokens = 2048;
+  int group = 1;
+  int head_dim = 0;
+  DType dtype = DType::kBf16;
+  float softmax_scale = 1;
+  ScoreReduction reduction = ScoreReduction::kMax;
+};
+
+// One stream's decode step (T = 1) on a device-owned layer.
+struct DevicePolicyItem {
+  DeviceLayerRows* layer = nullptr;
+  int head = 0;
+  const uint8_t* query = nullptr;  // [G, D] session dtype
+  const uint8_t* key = nullptr;    // [D] the new token
+  const uint8_t* value = nullptr;  // [D]
+  // Spilled candidates (recall on) in tie order: sealed pages by sequence,
+  // then the open page. Digest [2, D] fp32 and tokens (1..P) each.
+  std::vector<const float*> spilled_digests;
+  std::vector<int> spilled_tokens;
+  // After selection (for DecodeOwned's `recall`): which were taken; recall
+  // then sets, for each taken one, its [tokens, D] key and value rows.
+  std::vector<uint8_t> spilled_taken;
+  std::vector<const uint8_t*> spilled_keys;
+  std::vector<const uint8_t*> spilled_values;
+  // Outputs, sized by the caller: [G, D] fp32 and [G]. The token that left
+  // the resident set, if any (position −1: none), with its rows.
+  float* out = nullptr;
+  float* lse = nullptr;
+  int64_t evicted_position = -1;
+  std::string evicted_key, evicted_value;
 };
 
 // One stream's decode attention (T = 1): G query rows over `rows` (device
@@ -117,6 +167,36 @@ class DeviceBackend {
       int row_bytes, int slots, absl::Span<const uint8_t* const> keys,
       absl::Span<const uint8_t* const> values);
   void Release(DeviceLayerRows* rows);
+
+  // Makes `rows` (uploaded, host-owned) device-owned: uploads each head's
+  // policy state — `heads[h]`'s cascade (its rows must equal the device's)
+  // and `digests[h]` ([pages, 2, D] fp32, pages as StreamState numbers
+  // them). RESOURCE_EXHAUSTED when the device has no memory for it.
+  absl::Status TakePolicy(
+      const DevicePolicyShape& shape,
+      absl::Span<const CascadeStream::Snapshot* const> heads,
+      absl::Span<const absl::Span<const float>> digests, DeviceLayerRows* rows);
+  // A device-owned layer's state: one Snapshot per head, rows included.
+  // The layer stays device-owned.
+  absl::StatusOr<std::vector<CascadeStream::Snapshot>> ReadPolicy(
+      const DevicePolicyShape& shape, const DeviceLayerRows& rows);
+  // Ends device ownership: frees the layer's device state (its rows stay
+  // uploaded). The host copy must be current (ReadPolicy), or be rebuilt
+  // from storage.
+  void DropPolicy(DeviceLayerRows* rows);
+
+  // One decode step of every item (each a head of a device-owned layer):
+  // candidates, Quest scores and the budget fill; then `recall`, which
+  // reads the items' spilled_taken and sets their spilled rows (it may
+  // fail: nothing has changed then); then attention, the score update and
+  // insertion, and the refreshed digests. Blocks until the outputs are in
+  // the items. On error *touched says whether the layers' device state may
+  // have changed (then it is undefined and must be dropped); if not, it is
+  // as before the call.
+  absl::Status DecodeOwned(const DevicePolicyShape& shape,
+                           absl::Span<DevicePolicyItem> items,
+                           const std::function<absl::Status()>& recall,
+                           bool* touched, ParallelFor* parallel = nullptr);
 
   // Writes host rows to device rows (after a step changed them).
   absl::Status Write(int row_bytes, absl::Span<const DeviceSlotWrite> writes);

@@ -506,13 +506,34 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       }
     }
 
+    // CUDA backend: ATTEND decode entries whose layer is (or can become)
+    // device-owned run the whole policy there (StepOwned). The others read
+    // their layer's host state, which a device-owned layer brings back.
+    std::vector<bool> owned(n, false);
+    std::vector<bool> host_skip = replay;  // entries the host path skips
+    if (options_.device != nullptr) {
+      for (size_t i = 0; i < n; ++i) {
+        if (replay[i]) continue;
+        LiveSession& s = *sessions[i];
+        if (mode == StepMode::kAttend) {
+          owned[i] = TakeLayer(s, size_t(layer), request.entries[i], n, order);
+        }
+        if (owned[i]) {
+          host_skip[i] = true;
+        } else {
+          absl::Status back = SyncLayerToHost(s, size_t(layer), /*drop=*/true);
+          if (!back.ok()) return Annotate(back, Field(i, "session_id"));
+        }
+      }
+    }
+
     // Plan: each stream's selection, and the spilled pages it recalls, read
     // before anything changes (a failed read refuses the whole request).
     // Selections of every (entry, KV head) side by side, then the reads.
     std::vector<std::vector<HeadWork>> work(n);
     std::vector<std::pair<size_t, size_t>> heads;  // (entry, head)
     for (size_t i = 0; i < n; ++i) {
-      if (replay[i]) continue;
+      if (host_skip[i]) continue;
       const StepEntryView& e = request.entries[i];
       work[i] =
           SplitHeads(sessions[i]->config().shape, e.num_tokens, e.q, e.k, e.v);
@@ -541,7 +562,7 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       }
     }
     for (size_t i = 0; i < n; ++i) {
-      if (replay[i]) continue;
+      if (host_skip[i]) continue;
       LiveSession& s = *sessions[i];
       for (size_t h = 0; h < work[i].size(); ++h) {
         HeadWork& w = work[i][h];
@@ -554,12 +575,19 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
     }
 
     phase_done(StepPhase::kPlan);
-    // CUDA backend: the decode entries' attention, still before anything
-    // changes (what does not fit falls back to the CPU path).
+    std::vector<HeadsApplied> heads_applied(n);
+    for (size_t i = 0; i < n; ++i) {
+      if (!replay[i]) PrepareHeads(*sessions[i], layer, &heads_applied[i]);
+    }
+    // CUDA backend: the host path's decode entries' attention, still
+    // before anything changes (what does not fit falls back to the CPU
+    // path); then the device-owned entries' whole steps.
     if (options_.device != nullptr && mode != StepMode::kAppend) {
       int64_t rows_nanos = 0;
+      KVMEM_RETURN_IF_ERROR(AttendOnDevice(sessions, order, request, host_skip,
+                                           work, &rows_nanos));
       KVMEM_RETURN_IF_ERROR(
-          AttendOnDevice(sessions, order, request, replay, work, &rows_nanos));
+          StepOwned(sessions, order, request, owned, heads_applied));
       phase_done(StepPhase::kDevice);
       phase_nanos[int(StepPhase::kDevice)] -= rows_nanos;
       phase_nanos[int(StepPhase::kDeviceRows)] += rows_nanos;
@@ -569,10 +597,6 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
     // cannot fail here; INTERNAL would mean a bug, and says so.
     // Every (entry, KV head) policy step side by side; then each entry's
     // reply, pages and log record in order.
-    std::vector<HeadsApplied> heads_applied(n);
-    for (size_t i = 0; i < n; ++i) {
-      if (!replay[i]) PrepareHeads(*sessions[i], layer, &heads_applied[i]);
-    }
     parallel_->Run(heads.size(), [&](size_t t) {
       const auto [i, h] = heads[t];
       const StepEntryView& e = request.entries[i];

@@ -74,6 +74,9 @@ struct EngineStats {
   // Decode steps the CUDA backend could not take (no room even after
   // evictions, or a device error) that the CPU oracle computed instead.
   int64_t device_fallbacks = 0;
+  // Decode steps whose whole policy ran on the device (device-owned
+  // layers, DeviceBackend::DecodeOwned).
+  int64_t device_policy_steps = 0;
   int64_t step_phase_nanos[int(StepPhase::kCount)] = {};
 };
 
@@ -207,8 +210,35 @@ class Engine {
   // sessions it freed.
   int EvictIdleDeviceRows(const std::vector<LiveSession*>& busy,
                           const std::function<bool()>& room);
-  // Releases every device row of `s`. Caller holds s.mu.
-  void ReleaseDevice(LiveSession& s);
+  // Releases every device row of `s`; device-owned layers first bring
+  // their state back unless `host_current` (the host copy is current, or
+  // not wanted). Caller holds s.mu.
+  void ReleaseDevice(LiveSession& s, bool host_current = false);
+  // Makes the host copy of `s`'s device-owned layers current (ReadPolicy,
+  // AdoptCascade); `drop` also ends their device ownership. When the device
+  // cannot give the state back, the session's host copy is stale: it is
+  // marked failed (steps refused until a restart recovers it from storage)
+  // and UNAVAILABLE returned. Caller holds s.mu.
+  absl::Status SyncToHost(LiveSession& s, bool drop);
+  absl::Status SyncLayerToHost(LiveSession& s, size_t layer, bool drop);
+  // Decode steps of device-owned layers (the entries `owned` marks): the
+  // whole policy on the device (DeviceBackend::DecodeOwned), the evicted
+  // tokens spilled on the host into done[i]. Layers are made device-owned
+  // by the caller. An error before anything changed is returned as is; one
+  // after marks the sessions failed. Callers hold every session's lock.
+  absl::Status StepOwned(
+      const std::vector<std::shared_ptr<LiveSession>>& sessions,
+      const std::vector<LiveSession*>& busy, const StepRequestView& request,
+      const std::vector<bool>& owned, std::vector<HeadsApplied>& done);
+  // Whether entry `e` of layer `layer` of `s` may step as a device-owned
+  // layer: uploads its rows and its policy state when needed (evicting idle
+  // sessions' rows for room). False keeps it on the host path.
+  bool TakeLayer(LiveSession& s, size_t layer, const StepEntryView& e,
+                 size_t entries, const std::vector<LiveSession*>& busy);
+  // Uploads layer `layer`'s rows of `s` if they are not on the device;
+  // false (counted in device_fallbacks) when they do not fit.
+  bool UploadLayer(LiveSession& s, size_t layer,
+                   const std::vector<LiveSession*>& busy);
   // The device attention of the request's eligible decode entries, in
   // work[i][h].external; entries that cannot use it keep the CPU path.
   // Uploads layers not yet on the device, evicting idle sessions' rows for
@@ -218,7 +248,7 @@ class Engine {
   absl::Status AttendOnDevice(
       const std::vector<std::shared_ptr<LiveSession>>& sessions,
       const std::vector<LiveSession*>& busy, const StepRequestView& request,
-      const std::vector<bool>& replay, std::vector<std::vector<HeadWork>>& work,
+      const std::vector<bool>& skip, std::vector<std::vector<HeadWork>>& work,
       int64_t* rows_nanos);
   // Every wal_sync_ms: syncs the write-ahead log, then advances the
   // durable positions of what was written before the sync.
@@ -266,6 +296,7 @@ class Engine {
   std::atomic<int64_t> device_evictions_{0};
   std::atomic<int64_t> phase_nanos_[int(StepPhase::kCount)] = {};
   std::atomic<int64_t> device_fallbacks_{0};
+  std::atomic<int64_t> device_policy_steps_{0};
   std::atomic<int64_t> tokens_appended_{0};
   const int64_t memory_limit_bytes_;
   std::atomic<int64_t> memory_bytes_{0};  // Σ live sessions' memory_bytes

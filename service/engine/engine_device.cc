@@ -9,15 +9,319 @@
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "kernels/cuda/decode_attention.h"
+#include "kernels/cuda/decode_policy.h"
+#include "kernels/cuda/select_pages.h"
 #include "service/engine/device_backend.h"
 #include "service/engine/engine.h"
 #include "service/engine/live_session.h"
 
 namespace kvmem {
 
-void Engine::ReleaseDevice(LiveSession& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+namespace {
+
+DevicePolicyShape PolicyShapeOf(const StreamConfig& c) {
+  DevicePolicyShape shape;
+  shape.cascade = c.cascade;
+  shape.page_tokens = c.page_tokens;
+  shape.recent_tokens = c.recent_tokens;
+  shape.budget_tokens = c.budget_tokens;
+  shape.group = c.group;
+  shape.head_dim = c.head_dim;
+  shape.dtype = c.dtype;
+  shape.softmax_scale = c.softmax_scale;
+  shape.reduction = c.reduction;
+  return shape;
+}
+
+// The session's steps are refused from now on: its host copy of a layer
+// is stale and the device's is gone. A restart recovers it from storage.
+void MarkFailed(Engine::LiveSession& s, const absl::Status& why) {
+  MutexLock lock(&s.durable_mu);
+  if (s.write_error.ok()) {
+    s.write_error = absl::UnavailableError(
+        absl::StrCat("the device lost a layer's state (", why.message(), ")"));
+  }
+}
+
+}  // namespace
+
+void Engine::ReleaseDevice(LiveSession& s,
+                           bool host_current) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   if (options_.device == nullptr) return;
+  // A failure marks the session failed; the rows go either way.
+  if (!host_current) SyncToHost(s, /*drop=*/true).IgnoreError();
   for (DeviceLayerRows& rows : s.device) options_.device->Release(&rows);
+}
+
+absl::Status Engine::SyncToHost(LiveSession& s,
+                                bool drop) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  if (options_.device == nullptr) return absl::OkStatus();
+  for (size_t layer = 0; layer < s.device.size(); ++layer) {
+    KVMEM_RETURN_IF_ERROR(SyncLayerToHost(s, layer, drop));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::SyncLayerToHost(LiveSession& s, size_t layer,
+                                     bool drop) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  if (options_.device == nullptr || layer >= s.device.size() ||
+      !s.device[layer].owned()) {
+    return absl::OkStatus();
+  }
+  DeviceBackend& device = *options_.device;
+  DeviceLayerRows& rows = s.device[layer];
+  std::vector<StreamState>& streams = s.streams[layer];
+  absl::StatusOr<std::vector<CascadeStream::Snapshot>> snapshots =
+      device.ReadPolicy(PolicyShapeOf(s.stream_config), rows);
+  absl::Status st = snapshots.status();
+  if (st.ok() && snapshots->size() != streams.size()) {
+    st = absl::InternalError(absl::StrCat(snapshots->size(), " heads read, ",
+                                          streams.size(), " expected"));
+  }
+  for (size_t h = 0; st.ok() && h < streams.size(); ++h) {
+    st = streams[h].AdoptCascade(std::move((*snapshots)[h]));
+  }
+  if (!st.ok()) {
+    device.Release(&rows);
+    MarkFailed(s, st);
+    return absl::UnavailableError(
+        absl::StrCat("layer ", layer,
+                     "'s state could not be read back from "
+                     "the device (",
+                     st.message(), "); the session recovers on a restart"));
+  }
+  if (drop) device.DropPolicy(&rows);
+  return absl::OkStatus();
+}
+
+bool Engine::UploadLayer(LiveSession& s, size_t layer,
+                         const std::vector<LiveSession*>& busy)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  DeviceBackend& device = *options_.device;
+  DeviceLayerRows& rows = s.device[layer];
+  if (!rows.empty()) return true;
+  const StreamConfig& c = s.stream_config;
+  const std::vector<StreamState>& streams = s.streams[layer];
+  const int slots = streams[0].cascade().num_slots();
+  std::vector<const uint8_t*> keys, values;
+  for (const StreamState& stream : streams) {
+    keys.push_back(stream.cascade().all_keys().data());
+    values.push_back(stream.cascade().all_values().data());
+  }
+  const int64_t need = int64_t(streams.size()) * slots * c.row_bytes();
+  absl::StatusOr<DeviceLayerRows> up =
+      device.Upload(c.row_bytes(), slots, keys, values);
+  if (up.status().code() == absl::StatusCode::kResourceExhausted) {
+    EvictIdleDeviceRows(busy, [&] {
+      return device.free_plane_bytes() >= need + (int64_t{1} << 20);
+    });
+    up = device.Upload(c.row_bytes(), slots, keys, values);
+  }
+  // No room (or a device error): this entry runs on the CPU oracle,
+  // which holds the same state. Counted, not refused.
+  if (!up.ok()) {
+    device_fallbacks_.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  rows = std::move(*up);
+  return true;
+}
+
+bool Engine::TakeLayer(LiveSession& s, size_t layer, const StepEntryView& e,
+                       size_t entries, const std::vector<LiveSession*>& busy)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const StreamConfig& c = s.stream_config;
+  const std::vector<StreamState>& streams = s.streams[layer];
+  // What the device policy does: ABSOLUTE sparse decode steps with a query
+  // (selection.md), within the kernels' bounds. The rest stays on the
+  // host path (its attention on the device where AttendOnDevice can).
+  if (e.num_tokens != 1 || e.q.empty() || c.cache_rank || s.dense[layer] ||
+      c.group > cuda::kMaxPolicyGroup || c.head_dim > cuda::kMaxPolicyHeadDim ||
+      c.page_tokens > cuda::kMaxPolicyPageTokens ||
+      c.cascade.window % c.page_tokens != 0) {
+    return false;
+  }
+  const int64_t slots = streams[0].cascade().num_slots();
+  if (slots * int64_t(streams.size()) * int64_t(entries) >=
+      cuda::kSpilledIdBase) {
+    return false;
+  }
+  const int resident_pages =
+      c.cascade.cascades * (c.cascade.window / c.page_tokens);
+  for (const StreamState& stream : streams) {
+    const int64_t spilled =
+        c.recall ? int64_t(stream.sealed_pages().size()) + 1 : 0;
+    if (resident_pages + spilled > cuda::kMaxSelectCandidates) return false;
+  }
+  if (!UploadLayer(s, layer, busy)) return false;
+  DeviceLayerRows& rows = s.device[layer];
+  if (rows.owned()) return true;
+  std::vector<CascadeStream::Snapshot> snapshots;
+  std::vector<const CascadeStream::Snapshot*> heads;
+  std::vector<absl::Span<const float>> digests;
+  snapshots.reserve(streams.size());
+  for (const StreamState& stream : streams) {
+    snapshots.push_back(stream.cascade().Export());
+    digests.push_back(stream.resident_digests());
+  }
+  for (const CascadeStream::Snapshot& snapshot : snapshots) {
+    heads.push_back(&snapshot);
+  }
+  absl::Status took =
+      options_.device->TakePolicy(PolicyShapeOf(c), heads, digests, &rows);
+  if (!took.ok()) {
+    device_fallbacks_.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  return true;
+}
+
+absl::Status Engine::StepOwned(
+    const std::vector<std::shared_ptr<LiveSession>>& sessions,
+    const std::vector<LiveSession*>& busy, const StepRequestView& request,
+    const std::vector<bool>& owned,
+    std::vector<HeadsApplied>& done) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const size_t layer = size_t(request.layer);
+  // Streams of one launch share a config shape.
+  struct Launch {
+    DevicePolicyShape shape;
+    std::vector<DevicePolicyItem> items;
+    std::vector<std::pair<size_t, size_t>> at;  // (entry, head) per item
+    int64_t entries = 0;                        // decode steps
+  };
+  std::map<std::string, Launch> launches;
+  for (size_t i = 0; i < sessions.size(); ++i) {
+    if (!owned[i]) continue;
+    LiveSession& s = *sessions[i];
+    const StreamConfig& c = s.stream_config;
+    const StepEntryView& e = request.entries[i];
+    const std::string key = absl::StrCat(
+        c.cascade.sinks, "/", c.cascade.cascades, "/", c.cascade.window, "/",
+        c.cascade.eager_fill, "/", c.cascade.beta, "/", c.page_tokens, "/",
+        c.recent_tokens, "/", c.budget_tokens, "/", c.group, "/", c.head_dim,
+        "/", int(c.dtype), "/", c.softmax_scale, "/", int(c.reduction));
+    Launch& launch = launches[key];
+    launch.shape = PolicyShapeOf(c);
+    ++launch.entries;
+    const size_t elem = size_t(DTypeBytes(c.dtype));
+    const size_t q_head = size_t(c.group) * c.head_dim * elem;
+    const size_t kv_head = size_t(c.head_dim) * elem;
+    std::vector<StreamState>& streams = s.streams[layer];
+    for (size_t h = 0; h < streams.size(); ++h) {
+      const StreamState& stream = streams[h];
+      DevicePolicyItem item;
+      item.layer = &s.device[layer];
+      item.head = int(h);
+      item.query = reinterpret_cast<const uint8_t*>(e.q.data()) + h * q_head;
+      item.key = reinterpret_cast<const uint8_t*>(e.k.data()) + h * kv_head;
+      item.value = reinterpret_cast<const uint8_t*>(e.v.data()) + h * kv_head;
+      if (c.recall) {
+        for (const SealedPageRef& page : stream.sealed_pages()) {
+          item.spilled_digests.push_back(page.digest.data());
+          item.spilled_tokens.push_back(page.tokens);
+        }
+        const storage::SpillPage& open = stream.open_page();
+        if (!open.positions.empty()) {
+          item.spilled_digests.push_back(open.digest.data());
+          item.spilled_tokens.push_back(int(open.positions.size()));
+        }
+      }
+      StreamStepOutput& output = done[i].outputs[h];
+      output.out.assign(size_t(c.group) * c.head_dim, 0.0f);
+      output.lse.assign(size_t(c.group), 0.0f);
+      item.out = output.out.data();
+      item.lse = output.lse.data();
+      launch.items.push_back(std::move(item));
+      launch.at.emplace_back(i, h);
+    }
+  }
+  for (auto& [key, launch] : launches) {
+    // Pages the selection took from storage, held until the launch ends.
+    std::vector<HeadWork> reads(launch.items.size());
+    auto recall = [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::Status {
+      for (size_t t = 0; t < launch.items.size(); ++t) {
+        DevicePolicyItem& item = launch.items[t];
+        const auto [i, h] = launch.at[t];
+        LiveSession& s = *sessions[i];
+        const StreamState& stream = s.streams[layer][h];
+        const std::vector<SealedPageRef>& sealed = stream.sealed_pages();
+        HeadWork& w = reads[t];
+        w.selection.recall.clear();  // a retried launch recalls anew
+        std::vector<size_t> wanted;  // spilled candidate of each read
+        for (size_t j = 0; j < item.spilled_taken.size(); ++j) {
+          if (!item.spilled_taken[j]) continue;
+          if (j < sealed.size()) {
+            w.selection.recall.push_back(sealed[j].page_seq);
+            wanted.push_back(j);
+          } else {  // the open page, in memory
+            item.spilled_keys[j] = reinterpret_cast<const uint8_t*>(
+                stream.open_page().keys.data());
+            item.spilled_values[j] = reinterpret_cast<const uint8_t*>(
+                stream.open_page().values.data());
+          }
+        }
+        if (wanted.empty()) continue;
+        absl::Status loaded =
+            LoadRecalled(s.manifest.seq, int(layer), int(h), &w);
+        if (!loaded.ok()) {
+          return absl::Status(
+              loaded.code(),
+              absl::StrCat("entries[", i, "].session_id: recall of KV head ", h,
+                           ": ", loaded.message()));
+        }
+        for (size_t r = 0; r < wanted.size(); ++r) {
+          const storage::SpillPage& page = *w.recalled[r];
+          item.spilled_keys[wanted[r]] =
+              reinterpret_cast<const uint8_t*>(page.keys.data());
+          item.spilled_values[wanted[r]] =
+              reinterpret_cast<const uint8_t*>(page.values.data());
+        }
+      }
+      return absl::OkStatus();
+    };
+    bool touched = false;
+    absl::Status st =
+        options_.device->DecodeOwned(launch.shape, absl::MakeSpan(launch.items),
+                                     recall, &touched, parallel_.get());
+    if (st.code() == absl::StatusCode::kResourceExhausted && !touched) {
+      // Staging found no free block: idle sessions' rows make room.
+      EvictIdleDeviceRows(busy, [&] {
+        return options_.device->free_plane_bytes() >= (int64_t{64} << 20);
+      });
+      st = options_.device->DecodeOwned(launch.shape,
+                                        absl::MakeSpan(launch.items), recall,
+                                        &touched, parallel_.get());
+    }
+    if (!st.ok()) {
+      if (touched) {
+        // Half-stepped on the device, stale on the host.
+        for (const auto& [i, h] : launch.at) {
+          LiveSession& s = *sessions[i];
+          options_.device->Release(&s.device[layer]);
+          MarkFailed(s, st);
+        }
+        return absl::UnavailableError(
+            absl::StrCat("device: a decode step failed midway (", st.message(),
+                         "); its sessions recover on a restart"));
+      }
+      return st;
+    }
+    device_policy_steps_.fetch_add(launch.entries, std::memory_order_relaxed);
+    // The tokens the device evicted go to the host's spilled pages (a
+    // row copy each, and a digest fold: side by side for large batches).
+    const size_t count = launch.items.size();
+    ParallelFor inline_loop(0);
+    ParallelFor& loop = count >= 64 ? *parallel_ : inline_loop;
+    loop.Run(count, [&](size_t t) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      const DevicePolicyItem& item = launch.items[t];
+      if (item.evicted_position < 0) return;
+      const auto [i, h] = launch.at[t];
+      sessions[i]->streams[layer][h].SpillEvicted(
+          item.evicted_position, item.evicted_key, item.evicted_value,
+          &done[i].outputs[h]);
+    });
+  }
+  return absl::OkStatus();
 }
 
 int Engine::EvictIdleDeviceRows(const std::vector<LiveSession*>& busy,
@@ -36,7 +340,7 @@ int Engine::EvictIdleDeviceRows(const std::vector<LiveSession*>& busy,
 absl::Status Engine::AttendOnDevice(
     const std::vector<std::shared_ptr<LiveSession>>& sessions,
     const std::vector<LiveSession*>& busy, const StepRequestView& request,
-    const std::vector<bool>& replay, std::vector<std::vector<HeadWork>>& work,
+    const std::vector<bool>& skip, std::vector<std::vector<HeadWork>>& work,
     int64_t* rows_nanos) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const auto rows_start = std::chrono::steady_clock::now();
   DeviceBackend& device = *options_.device;
@@ -62,37 +366,13 @@ absl::Status Engine::AttendOnDevice(
     LiveSession& s = *sessions[i];
     const StreamConfig& c = s.stream_config;
     // Decode steps the kernel fits; the rest stay on the CPU oracle.
-    if (replay[i] || e.num_tokens != 1 || e.q.empty() || c.cache_rank ||
+    if (skip[i] || e.num_tokens != 1 || e.q.empty() || c.cache_rank ||
         c.group > cuda::kMaxDecodeGroup ||
         c.head_dim > cuda::kMaxDecodeHeadDim) {
       continue;
     }
     std::vector<StreamState>& streams = s.streams[layer];
-    DeviceLayerRows& rows = s.device[layer];
-    if (rows.empty()) {
-      const int slots = streams[0].cascade().num_slots();
-      std::vector<const uint8_t*> keys, values;
-      for (const StreamState& stream : streams) {
-        keys.push_back(stream.cascade().all_keys().data());
-        values.push_back(stream.cascade().all_values().data());
-      }
-      const int64_t need = int64_t(streams.size()) * slots * c.row_bytes();
-      absl::StatusOr<DeviceLayerRows> up =
-          device.Upload(c.row_bytes(), slots, keys, values);
-      if (up.status().code() == absl::StatusCode::kResourceExhausted) {
-        EvictIdleDeviceRows(busy, [&] {
-          return device.free_plane_bytes() >= need + (int64_t{1} << 20);
-        });
-        up = device.Upload(c.row_bytes(), slots, keys, values);
-      }
-      // No room (or a device error): this entry runs on the CPU oracle,
-      // which holds the same state. Counted, not refused.
-      if (!up.ok()) {
-        device_fallbacks_.fetch_add(1, std::memory_order_relaxed);
-        continue;
-      }
-      rows = std::move(*up);
-    }
+    if (!UploadLayer(s, layer, busy)) continue;
     Launch& launch = launches[ShapeKey(c.group, c.head_dim, int(c.dtype),
                                        c.softmax_scale, int(c.reduction))];
     launch.shape = {c.group, c.head_dim, c.dtype, c.softmax_scale, c.reduction};

@@ -162,6 +162,8 @@ absl::Status Engine::Wake(LiveSession& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
 
 absl::Status Engine::CheckpointLocked(LiveSession& s)
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  // Device-owned layers bring their state back (and stay owned).
+  KVMEM_RETURN_IF_ERROR(SyncToHost(s, /*drop=*/false));
   // Queued batches first: the checkpoint truncates the log they write.
   KVMEM_RETURN_IF_ERROR(writer_->Flush());
   storage::Store::CheckpointWrite c;
@@ -194,7 +196,7 @@ absl::Status Engine::HibernateLocked(LiveSession& s)
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   KVMEM_RETURN_IF_ERROR(CheckpointLocked(s));
   s.hibernated = ComputeLiveFigures(s);
-  ReleaseDevice(s);
+  ReleaseDevice(s, /*host_current=*/true);  // the checkpoint read it back
   // Everything the checkpoint holds is rebuilt by Wake; layer_next keeps
   // its size for Wake to refill.
   for (std::vector<StreamState>& layer : s.streams) layer.clear();

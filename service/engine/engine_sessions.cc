@@ -85,6 +85,8 @@ absl::Status Engine::AddLiveFigures(SessionInfo* info) {
   if (!live->woken && !live->hibernated.has_value()) {
     KVMEM_RETURN_IF_ERROR(Wake(*live));
   }
+  // Device-owned layers first bring their state back (and stay owned).
+  if (live->woken) KVMEM_RETURN_IF_ERROR(SyncToHost(*live, /*drop=*/false));
   const LiveFigures f =
       live->woken ? ComputeLiveFigures(*live) : *live->hibernated;
   info->manifest.layer_next_positions = f.layer_next;
@@ -159,7 +161,7 @@ absl::Status Engine::DeleteSession(const std::string& tenant,
     MutexLock lock(&live->mu);
     memory_bytes_.fetch_sub(live->memory_bytes);
     live->memory_bytes = 0;
-    ReleaseDevice(*live);
+    ReleaseDevice(*live, /*host_current=*/true);  // nothing to keep
   }
   return absl::OkStatus();
 }
@@ -215,6 +217,8 @@ EngineStats Engine::Stats() {
     stats.step_phase_nanos[p] = phase_nanos_[p].load(std::memory_order_relaxed);
   }
   stats.device_fallbacks = device_fallbacks_.load(std::memory_order_relaxed);
+  stats.device_policy_steps =
+      device_policy_steps_.load(std::memory_order_relaxed);
   if (options_.device != nullptr) {
     stats.device_pool_bytes = options_.device->pool_bytes();
     stats.device_pool_used_bytes = options_.device->used_bytes();

@@ -123,6 +123,26 @@ StreamState::StreamState(const StreamConfig* config, CascadeStream cascade)
   open_.row_bytes = uint32_t(config->row_bytes());
 }
 
+absl::Status StreamState::AdoptCascade(CascadeStream::Snapshot snapshot) {
+  KVMEM_ASSIGN_OR_RETURN(
+      cascade_, CascadeStream::Import(config_->cascade, config_->row_bytes(),
+                                      std::move(snapshot)));
+  std::vector<int> all(static_cast<size_t>(cascade_.num_slots()));
+  for (size_t i = 0; i < all.size(); ++i) all[i] = int(i);
+  RefreshDigests(all);
+  return absl::OkStatus();
+}
+
+void StreamState::SpillEvicted(int64_t position, absl::string_view key,
+                               absl::string_view value,
+                               StreamStepOutput* output) {
+  EvictedTokens evicted;
+  evicted.positions.push_back(position);
+  evicted.keys.assign(key.begin(), key.end());
+  evicted.values.assign(value.begin(), value.end());
+  Spill(evicted, output);
+}
+
 void StreamState::AddSealedPage(SealedPageRef page) {
   sealed_.push_back(std::move(page));
   RecountSpillBytes();

@@ -147,6 +147,24 @@ class StreamState {
       absl::Span<const std::shared_ptr<const storage::SpillPage>> recalled,
       StreamStepOutput* output, const ExternalAttention* external = nullptr);
 
+  // CUDA backend, device-owned layers (device_backend.h): what the device
+  // reads of this stream, and what it hands back.
+  // The resident pages' digests, [pages, 2, D] fp32 (sink pages, then each
+  // cascade's pages in slot order; pages without tokens hold stale values).
+  absl::Span<const float> resident_digests() const { return page_digests_; }
+  // Spilled pages (sealed ascending, and the open one, which may be empty).
+  const std::vector<SealedPageRef>& sealed_pages() const { return sealed_; }
+  const storage::SpillPage& open_page() const { return open_; }
+  // Replaces the cascade with the device's (rows included) and recomputes
+  // every resident digest. INVALID_ARGUMENT when `snapshot` does not fit
+  // the config; nothing changes then.
+  absl::Status AdoptCascade(CascadeStream::Snapshot snapshot);
+  // A token the device evicted from this stream: into the open page,
+  // sealing it when full (the sealed page then in *output, for the step's
+  // write batch).
+  void SpillEvicted(int64_t position, absl::string_view key,
+                    absl::string_view value, StreamStepOutput* output);
+
   // State for a checkpoint: cascade bit for bit, the open spilled page and
   // the next page number. Sealed pages are in storage already.
   std::string EncodeCheckpoint() const;

@@ -4,7 +4,10 @@
 // with its own RocksDB. Fresh random inputs, seed printed. Tolerances
 // (STYLE.md): attention outputs are rounded to the session dtype (bf16:
 // 1e-2, fp16: 1e-3, atol and rtol), LSE 1e-4; FETCH positions and rows are
-// exact (selection runs on the host for both, on identical digests).
+// exact. ATTEND decode steps of sparse layers run the whole policy on the
+// device (device-owned layers); FETCH steps bring a layer's state back to
+// the host (the positions they return then show the device policy chose
+// exactly as the CPU's), and describing a session reads it back too.
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -175,6 +178,22 @@ void RunWorkload(Engine* cpu, Engine* cuda, uint32_t seed, int decode_steps) {
       driver.Step(cpu, cuda, {cs[i]}, t % 2, StepMode::kAttend, 1, &at);
       layer_at[i] = at[0];
     }
+    // Described alike: the device-owned layers' state read back equals the
+    // CPU's (resident tokens per cascade, spilled pages), and the steps
+    // after it go on alike.
+    if (t % 25 == 24) {
+      for (const SessionConfig& c : cs) {
+        absl::StatusOr<SessionInfo> want = cpu->GetSession("t", c.session_id);
+        absl::StatusOr<SessionInfo> got = cuda->GetSession("t", c.session_id);
+        ASSERT_TRUE(want.ok()) << want.status();
+        ASSERT_TRUE(got.ok()) << got.status();
+        EXPECT_EQ(got->resident_tokens_per_cascade,
+                  want->resident_tokens_per_cascade)
+            << c.session_id << " after " << t;
+        EXPECT_EQ(got->spilled_pages, want->spilled_pages) << c.session_id;
+        EXPECT_EQ(got->spilled_bytes, want->spilled_bytes) << c.session_id;
+      }
+    }
   }
 }
 
@@ -188,6 +207,9 @@ TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
   const EngineStats stats = cuda.engine->Stats();
   EXPECT_GT(stats.device_pool_used_bytes, 0);  // the layers live there
   EXPECT_EQ(stats.device_fallbacks, 0);        // and every decode ran there
+  // Layer 0's decode steps (and layer 1's ATTEND ones) ran the policy on
+  // the device: 150 steps × 3 sessions of layer 0 at least.
+  EXPECT_GE(stats.device_policy_steps, 450);
   EXPECT_EQ(stats.device_evictions, 0);
   EXPECT_GT(stats.spilled_bytes, 0);  // the workload spilled (and recalled)
 }

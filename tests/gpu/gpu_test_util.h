@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -26,8 +27,12 @@ namespace kvmem::cuda::testing {
     }                                                         \
   } while (false)
 
+// A fresh seed, or KVMEM_TEST_SEED's (to repeat a failed run).
 inline uint32_t FreshSeed() {
-  const uint32_t seed = std::random_device{}();
+  const char* fixed = std::getenv("KVMEM_TEST_SEED");
+  const uint32_t seed = fixed != nullptr
+                            ? uint32_t(std::strtoul(fixed, nullptr, 10))
+                            : std::random_device{}();
   std::printf("seed %u\n", seed);
   return seed;
 }

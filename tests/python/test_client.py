@@ -298,6 +298,7 @@ def test_stats(client: kvmem.Client) -> None:
     assert after.sessions == before.sessions + 1
     assert after.hibernations == 0  # no memory limit in this server
     assert after.device_fallbacks == 0
+    assert after.device_policy_steps == 0  # the CPU backend
     assert set(after.step_phase_seconds) == {
         "lock", "plan", "device_rows", "device", "apply", "device_write",
         "write"}

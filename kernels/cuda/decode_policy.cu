@@ -1,0 +1,394 @@
+// A block per stream in every kernel. Page scores: 8 threads a page, thread
+// k running QuestHeadBound's lane k (channels i ≡ k mod 8, in order), the
+// lanes then added in the bound's fixed tree through shuffles (IEEE sums
+// commute exactly, so every thread of the eight holds the same bits).
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/decode_policy.h"
+#include "kernels/cuda/row_access.cuh"
+#include "kernels/policy_math.h"
+
+namespace kvmem::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kLanes = 8;  // QuestHeadBound's lanes: threads per page
+
+struct PlanArgs {
+  DecodePolicyShape shape;
+  PlanCandidatesArgs a;
+};
+
+// Lane `k` of QuestHeadBound for query q over digest [2, D].
+__device__ __forceinline__ float BoundLane(const float* q, const float* digest,
+                                           int head_dim, int k) {
+  const float* low = digest;
+  const float* high = digest + head_dim;
+  float lane = 0.0f;
+  int i = 0;
+  for (; i + kLanes <= head_dim; i += kLanes) {
+    const float up = MulF(q[i + k], __ldg(high + i + k));
+    const float down = MulF(q[i + k], __ldg(low + i + k));
+    lane = AddF(lane, up > down ? up : down);
+  }
+  if (i + k < head_dim) {  // the tail: element i + k goes to lane k
+    const float up = MulF(q[i + k], __ldg(high + i + k));
+    const float down = MulF(q[i + k], __ldg(low + i + k));
+    lane = AddF(lane, up > down ? up : down);
+  }
+  return lane;
+}
+
+// The page's score for the group: each head's bound, its eight lanes (the
+// threads of `group_mask`) added as ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)),
+// then MAX over heads, head 0 first (StreamState::Select's reduction).
+__device__ __forceinline__ float GroupScore(const float* s_query,
+                                            const float* digest, int group,
+                                            int head_dim, int k,
+                                            unsigned group_mask) {
+  float score = 0.0f;
+  for (int g = 0; g < group; ++g) {
+    float lane = BoundLane(s_query + g * head_dim, digest, head_dim, k);
+    lane = AddF(lane, __shfl_xor_sync(group_mask, lane, 1));
+    lane = AddF(lane, __shfl_xor_sync(group_mask, lane, 2));
+    lane = AddF(lane, __shfl_xor_sync(group_mask, lane, 4));
+    score = g == 0 ? lane : (lane > score ? lane : score);
+  }
+  return score;
+}
+
+template <DType kT>
+__global__ void __launch_bounds__(kThreads) PlanKernel(const PlanArgs p) {
+  __shared__ float s_query[kMaxPolicyGroup * kMaxPolicyHeadDim];
+  __shared__ int s_always;
+  const DecodePolicyShape& sh = p.shape;
+  const PlanCandidatesArgs& a = p.a;
+  const int b = blockIdx.x;
+  const int tid = threadIdx.x;
+  const PolicyStreamPointers st = a.streams[b];
+  const int D = sh.head_dim, G = sh.group, S = sh.sinks, W = sh.window;
+  const int P = sh.page_tokens;
+  const char* query =
+      static_cast<const char*>(a.queries) + size_t(b) * G * D * DTypeBytes(kT);
+  for (int i = tid; i < G * D; i += kThreads) {
+    s_query[i] = ElementToFloat<kT>(query, i);
+  }
+  // Cascade 0's newest `recent` tokens: ring offsets (head + k) % stored
+  // for k in [stored − recent, stored) (CascadeStream::CascadeSlots).
+  const int stored0 = st.stored[0];
+  const int head0 = st.head[0];
+  const int recent_from = max(0, stored0 - sh.recent_tokens);
+  int32_t* always = a.always_in_ids + size_t(b) * sh.always_capacity();
+  if (tid == 0) {
+    int n = 0;
+    const int64_t slot0 = int64_t(b) * sh.slots();
+    for (int s = 0; s < S; ++s) {
+      if (st.positions[s] >= 0) always[n++] = int32_t(slot0 + s);
+    }
+    for (int k = recent_from; k < stored0; ++k) {
+      always[n++] = int32_t(slot0 + S + (head0 + k) % stored0);
+    }
+    always[n++] = kNewTokenId;
+    a.always_in_count[b] = n;
+    s_always = n;
+  }
+  __syncthreads();
+
+  // Resident cascade pages: 8 threads a page.
+  const int group_of = tid / kLanes;  // which page of the round
+  const int k = tid % kLanes;
+  const int pages_per_round = kThreads / kLanes;
+  const int cascade_pages = sh.cascade_pages();
+  const int begin = a.candidate_begin[b];
+  const int sink_pages = sh.sink_pages();
+  for (int base = 0; base < cascade_pages; base += pages_per_round) {
+    const int page = base + group_of;
+    const bool live = page < cascade_pages;  // whole groups of 8 agree
+    if (!live) continue;
+    const int first = S + page * P;  // slot of the page's first token
+    uint64_t mask = 0;
+    for (int j = k; j < P; j += kLanes) {
+      const int slot = first + j;
+      if (st.positions[slot] < 0) continue;
+      // Recent: cascade 0's offsets (head0 + k') % stored0, k' ≥ from.
+      const int offset = slot - S;
+      bool recent = false;
+      if (offset < W && offset < stored0) {
+        const int kk = (offset - head0 + stored0) % stored0;
+        recent = kk >= recent_from;
+      }
+      if (!recent) mask |= uint64_t{1} << j;
+    }
+    // OR over the page's 8 threads (same 8-aligned lanes of one warp).
+    const unsigned group_mask = 0xffu << ((tid % 32) / kLanes * kLanes);
+    for (int off = 1; off < kLanes; off <<= 1) {
+      mask |= __shfl_xor_sync(group_mask, mask, off);
+    }
+    const float* digest =
+        st.digests + size_t(sink_pages + page) * 2 * size_t(D);
+    // Scored whether or not it has fresh tokens (the fill skips those).
+    const float score = GroupScore(s_query, digest, G, D, k, group_mask);
+    if (k == 0) {
+      const int c = begin + page;
+      a.scores[c] = score;
+      a.fresh_tokens[c] = __popcll(mask);
+      a.first_id[c] = int32_t(int64_t(b) * sh.slots() + first);
+      a.fresh_mask[c] = mask;
+    }
+  }
+  // Spilled pages the host listed.
+  const int spilled = a.spilled_count[b];
+  const int sbegin = a.spilled_begin[b];
+  for (int base = 0; base < spilled; base += pages_per_round) {
+    const int i = base + group_of;
+    if (i >= spilled) continue;
+    const unsigned group_mask = 0xffu << ((tid % 32) / kLanes * kLanes);
+    const int index = sbegin + i;
+    const float* digest = a.spilled_digests + size_t(index) * 2 * size_t(D);
+    const float s = GroupScore(s_query, digest, G, D, k, group_mask);
+    if (k == 0) {
+      const int c = begin + cascade_pages + i;
+      const int tokens = a.spilled_tokens[index];
+      a.scores[c] = s;
+      a.fresh_tokens[c] = tokens;
+      a.first_id[c] = kSpilledIdBase + index * kMaxPolicyPageTokens;
+      a.fresh_mask[c] =
+          tokens >= 64 ? ~uint64_t{0} : (uint64_t{1} << tokens) - 1;
+    }
+  }
+}
+
+struct MapArgs {
+  DecodePolicyShape shape;
+  MapRowsArgs a;
+};
+
+__global__ void __launch_bounds__(kThreads) MapKernel(const MapArgs m) {
+  const int b = blockIdx.x;
+  const MapRowsArgs& a = m.a;
+  const PolicyStreamPointers st = a.streams[b];
+  const int64_t slot0 = int64_t(b) * m.shape.slots();
+  const int n = a.counts[b];
+  const size_t at = size_t(b) * a.capacity;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const int32_t id = a.ids[at + i];
+    int32_t row, slot;
+    if (id == kNewTokenId) {
+      row = a.new_token_rows[b];
+      slot = -2;
+    } else if (id >= kSpilledIdBase) {
+      row = a.spilled_rows[id - kSpilledIdBase];
+      slot = -1;
+    } else {
+      slot = int32_t(id - slot0);
+      row = st.slot_rows[slot];
+    }
+    a.pool_rows[at + i] = row;
+    a.row_slots[at + i] = slot;
+  }
+}
+
+struct ScatterArgs {
+  DecodePolicyShape shape;
+  ScatterProbsArgs a;
+};
+
+__global__ void __launch_bounds__(kThreads) ScatterKernel(const ScatterArgs s) {
+  const int b = blockIdx.x;
+  const ScatterProbsArgs& a = s.a;
+  const int slots = s.shape.slots();
+  float* out = a.slot_probs + size_t(b) * slots;
+  for (int i = threadIdx.x; i < slots; i += kThreads) out[i] = 0.0f;
+  __syncthreads();
+  const int n = a.counts[b];
+  const size_t at = size_t(b) * a.capacity;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const int slot = a.row_slots[at + i];
+    if (slot >= 0) {
+      out[slot] = a.reduced_probs[at + i];
+    } else if (slot == -2) {
+      a.self_probs[b] = a.reduced_probs[at + i];
+    }
+  }
+}
+
+struct RefreshArgs {
+  DecodePolicyShape shape;
+  RefreshDigestsArgs a;
+};
+
+// A thread per channel; the changed slots of a stream one after another
+// (ascending, so a page's slots are adjacent and it is done once).
+template <DType kT>
+__global__ void __launch_bounds__(kThreads) RefreshKernel(const RefreshArgs r) {
+  const int b = blockIdx.x;
+  const RefreshDigestsArgs& a = r.a;
+  const DecodePolicyShape& sh = r.shape;
+  const PolicyStreamPointers st = a.streams[b];
+  const int D = sh.head_dim, S = sh.sinks, P = sh.page_tokens;
+  const size_t row_bytes = size_t(D) * DTypeBytes(kT);
+  const char* keys = static_cast<const char*>(a.key_rows);
+  const int changed = a.changed_counts[b];
+  int last_page = -1;
+  for (int c = 0; c < changed; ++c) {
+    const int slot = a.changed_slots[size_t(b) * sh.cascades + c];
+    if (slot < 0) break;
+    int page, first, count;
+    if (slot < S) {
+      page = slot / P;
+      first = page * P;
+      count = min(P, S - first);
+    } else {
+      const int k = (slot - S) / P;
+      page = sh.sink_pages() + k;
+      first = S + k * P;
+      count = P;
+    }
+    if (page == last_page) continue;
+    last_page = page;
+    float* low = st.digests + size_t(page) * 2 * size_t(D);
+    float* high = low + D;
+    for (int ch = threadIdx.x; ch < D; ch += kThreads) {
+      bool seeded = false;
+      float lo = 0.0f, hi = 0.0f;
+      for (int j = 0; j < count; ++j) {
+        if (st.positions[first + j] < 0) continue;
+        const float key = ElementToFloat<kT>(
+            keys + size_t(st.slot_rows[first + j]) * row_bytes, ch);
+        // std::min(lo, key) and std::max(hi, key), as the CPU folds.
+        lo = !seeded ? key : (key < lo ? key : lo);
+        hi = !seeded ? key : (hi < key ? key : hi);
+        seeded = true;
+      }
+      if (seeded) {
+        low[ch] = lo;
+        high[ch] = hi;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+absl::Status DecodePolicyShape::Validate() const {
+  auto bad = [](const char* field, int64_t v, const char* want) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": ", v, ", want ", want));
+  };
+  if (streams < 1) return bad("streams", streams, ">= 1");
+  if (sinks < 0) return bad("sinks", sinks, ">= 0");
+  if (cascades < 1) return bad("cascades", cascades, ">= 1");
+  if (page_tokens < 1 || page_tokens > kMaxPolicyPageTokens) {
+    return bad("page_tokens", page_tokens, "in [1, 64]");
+  }
+  if (window < 1 || window % page_tokens != 0) {
+    return bad("window", window, "a positive multiple of page_tokens");
+  }
+  if (recent_tokens < 0) return bad("recent_tokens", recent_tokens, ">= 0");
+  if (group < 1 || group > kMaxPolicyGroup) {
+    return bad("group", group, "in [1, 8]");
+  }
+  if (head_dim < 1 || head_dim > kMaxPolicyHeadDim) {
+    return bad("head_dim", head_dim, "in [1, 256]");
+  }
+  if (dtype != DType::kBf16 && dtype != DType::kFp16 &&
+      dtype != DType::kFp32) {
+    return bad("dtype", int(dtype), "bf16/fp16/fp32");
+  }
+  if (int64_t(streams) * slots() >= kSpilledIdBase) {
+    return bad("streams × slots", int64_t(streams) * slots(), "< 2^30");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PlanDecodeCandidates(const DecodePolicyShape& shape,
+                                  const PlanCandidatesArgs& args,
+                                  cudaStream_t stream) {
+  absl::Status valid = shape.Validate();
+  if (!valid.ok()) return valid;
+  if (args.streams == nullptr || args.queries == nullptr ||
+      args.spilled_begin == nullptr || args.spilled_count == nullptr ||
+      args.candidate_begin == nullptr || args.scores == nullptr ||
+      args.fresh_tokens == nullptr || args.first_id == nullptr ||
+      args.fresh_mask == nullptr || args.always_in_ids == nullptr ||
+      args.always_in_count == nullptr) {
+    return absl::InvalidArgumentError(
+        "PlanCandidatesArgs: every array but the spilled ones must be set");
+  }
+  PlanArgs p{shape, args};
+  switch (shape.dtype) {
+    case DType::kBf16:
+      PlanKernel<DType::kBf16><<<shape.streams, kThreads, 0, stream>>>(p);
+      break;
+    case DType::kFp16:
+      PlanKernel<DType::kFp16><<<shape.streams, kThreads, 0, stream>>>(p);
+      break;
+    default:
+      PlanKernel<DType::kFp32><<<shape.streams, kThreads, 0, stream>>>(p);
+      break;
+  }
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("PlanKernel");
+  return absl::OkStatus();
+}
+
+absl::Status MapSelectedRows(const DecodePolicyShape& shape,
+                             const MapRowsArgs& args, cudaStream_t stream) {
+  absl::Status valid = shape.Validate();
+  if (!valid.ok()) return valid;
+  if (args.streams == nullptr || args.ids == nullptr ||
+      args.counts == nullptr || args.new_token_rows == nullptr ||
+      args.pool_rows == nullptr || args.row_slots == nullptr ||
+      args.capacity < 1) {
+    return absl::InvalidArgumentError(
+        "MapRowsArgs: streams, ids, counts, new_token_rows, pool_rows and "
+        "row_slots must be set and capacity >= 1");
+  }
+  MapKernel<<<shape.streams, kThreads, 0, stream>>>(MapArgs{shape, args});
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("MapKernel");
+  return absl::OkStatus();
+}
+
+absl::Status ScatterSlotProbs(const DecodePolicyShape& shape,
+                              const ScatterProbsArgs& args,
+                              cudaStream_t stream) {
+  absl::Status valid = shape.Validate();
+  if (!valid.ok()) return valid;
+  if (args.row_slots == nullptr || args.counts == nullptr ||
+      args.reduced_probs == nullptr || args.slot_probs == nullptr ||
+      args.self_probs == nullptr || args.capacity < 1) {
+    return absl::InvalidArgumentError(
+        "ScatterProbsArgs: every array must be set and capacity >= 1");
+  }
+  ScatterKernel<<<shape.streams, kThreads, 0, stream>>>(
+      ScatterArgs{shape, args});
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ScatterKernel");
+  return absl::OkStatus();
+}
+
+absl::Status RefreshChangedDigests(const DecodePolicyShape& shape,
+                                   const RefreshDigestsArgs& args,
+                                   cudaStream_t stream) {
+  absl::Status valid = shape.Validate();
+  if (!valid.ok()) return valid;
+  if (args.streams == nullptr || args.key_rows == nullptr ||
+      args.changed_slots == nullptr || args.changed_counts == nullptr) {
+    return absl::InvalidArgumentError(
+        "RefreshDigestsArgs: every array must be set");
+  }
+  RefreshArgs r{shape, args};
+  switch (shape.dtype) {
+    case DType::kBf16:
+      RefreshKernel<DType::kBf16><<<shape.streams, kThreads, 0, stream>>>(r);
+      break;
+    case DType::kFp16:
+      RefreshKernel<DType::kFp16><<<shape.streams, kThreads, 0, stream>>>(r);
+      break;
+    default:
+      RefreshKernel<DType::kFp32><<<shape.streams, kThreads, 0, stream>>>(r);
+      break;
+  }
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("RefreshKernel");
+  return absl::OkStatus();
+}
+
+}  // namespace kvmem::cuda

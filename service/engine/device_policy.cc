@@ -1,0 +1,636 @@
+// Device-owned layers (device_backend.h): a layer's policy state in device
+// memory, and the decode step of a batch of their streams run end to end
+// on the device: kernels/cuda/decode_policy.h for candidates, scores, row
+// mapping, probability scatter and digests, select_pages.h for the budget
+// fill, decode_attention.h, and cascade_update.h for the score update and
+// insertion. The host keeps the spill path (spilled pages are its), so a
+// step crosses PCIe twice: once for the selection (the host reads the
+// spilled pages it took), once for the results and the evicted tokens.
+#include <cuda_runtime.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cascade_update.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/decode_attention.h"
+#include "kernels/cuda/decode_policy.h"
+#include "kernels/cuda/gather_rows.h"
+#include "kernels/cuda/select_pages.h"
+#include "service/engine/device_backend_impl.h"
+
+namespace kvmem {
+
+using device_internal::AlignUp;
+using device_internal::FirstRow;
+using device_internal::kAttentionSplits;
+using device_internal::RowsPerBlock;
+
+// One layer's policy state: per head a region of `head_bytes` holding its
+// positions, scores, slot rows, ring occupancy, n, t and page digests.
+struct DevicePolicyState {
+  cuda::DeviceBuffer buffer;
+  int heads = 0, slots = 0, cascades = 0, pages = 0, head_dim = 0;
+  size_t positions_at = 0, scores_at = 0, slot_rows_at = 0, stored_at = 0,
+         head_at = 0, n_at = 0, t_at = 0, digests_at = 0, head_bytes = 0;
+
+  void Lay(int h, int s, int c, int p, int d) {
+    heads = h, slots = s, cascades = c, pages = p, head_dim = d;
+    size_t at = 0;
+    auto take = [&](size_t bytes) {
+      const size_t here = at;
+      at += AlignUp(bytes);
+      return here;
+    };
+    positions_at = take(8 * size_t(s));
+    scores_at = take(4 * size_t(s));
+    slot_rows_at = take(4 * size_t(s));
+    stored_at = take(4 * size_t(c));
+    head_at = take(4 * size_t(c));
+    n_at = take(8);
+    t_at = take(8);
+    digests_at = take(size_t(p) * 2 * size_t(d) * 4);
+    head_bytes = at;
+  }
+  template <typename T>
+  T* At(char* base, int h, size_t offset) const {
+    return reinterpret_cast<T*>(base + size_t(h) * head_bytes + offset);
+  }
+  cuda::PolicyStreamPointers Policy(int h) const {
+    char* base = buffer.as<char>();
+    cuda::PolicyStreamPointers p;
+    p.positions = At<int64_t>(base, h, positions_at);
+    p.stored = At<int32_t>(base, h, stored_at);
+    p.head = At<int32_t>(base, h, head_at);
+    p.slot_rows = At<int32_t>(base, h, slot_rows_at);
+    p.digests = At<float>(base, h, digests_at);
+    return p;
+  }
+  cuda::CascadeStreamPointers Cascade(int h) const {
+    char* base = buffer.as<char>();
+    cuda::CascadeStreamPointers p;
+    p.positions = At<int64_t>(base, h, positions_at);
+    p.scores = At<float>(base, h, scores_at);
+    p.stored = At<int32_t>(base, h, stored_at);
+    p.head = At<int32_t>(base, h, head_at);
+    p.score_exponent = At<int64_t>(base, h, n_at);
+    p.tokens_seen = At<int64_t>(base, h, t_at);
+    p.slot_rows = At<int32_t>(base, h, slot_rows_at);
+    return p;
+  }
+};
+
+DeviceLayerRows::DeviceLayerRows() = default;
+DeviceLayerRows::~DeviceLayerRows() = default;
+DeviceLayerRows::DeviceLayerRows(DeviceLayerRows&&) = default;
+DeviceLayerRows& DeviceLayerRows::operator=(DeviceLayerRows&&) = default;
+
+namespace {
+
+cuda::DecodePolicyShape KernelShape(const DevicePolicyShape& shape,
+                                    int streams) {
+  cuda::DecodePolicyShape k;
+  k.streams = streams;
+  k.sinks = shape.cascade.sinks;
+  k.cascades = shape.cascade.cascades;
+  k.window = shape.cascade.window;
+  k.page_tokens = shape.page_tokens;
+  k.recent_tokens = shape.recent_tokens;
+  k.group = shape.group;
+  k.head_dim = shape.head_dim;
+  k.dtype = shape.dtype;
+  return k;
+}
+
+// Carves one staging buffer into aligned regions, in order.
+class Layout {
+ public:
+  size_t Take(size_t bytes) {
+    const size_t here = end_;
+    end_ += AlignUp(bytes);
+    return here;
+  }
+  size_t end() const { return end_; }
+
+ private:
+  size_t end_ = 0;
+};
+
+}  // namespace
+
+absl::Status DeviceBackend::TakePolicy(
+    const DevicePolicyShape& shape,
+    absl::Span<const CascadeStream::Snapshot* const> heads,
+    absl::Span<const absl::Span<const float>> digests, DeviceLayerRows* rows) {
+  const cuda::DecodePolicyShape k = KernelShape(shape, 1);
+  KVMEM_RETURN_IF_ERROR(k.Validate());
+  const int H = int(heads.size());
+  const int C = k.cascades, N = k.slots(), D = k.head_dim;
+  if (rows->empty() || rows->owned() || rows->slots_ != N ||
+      digests.size() != heads.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("device policy: a layer of ", rows->slots_,
+                     " uploaded slots (", rows->owned() ? "owned" : "host",
+                     ") for ", H, " heads of ", N, " slots"));
+  }
+  for (int h = 0; h < H; ++h) {
+    const CascadeStream::Snapshot& s = *heads[size_t(h)];
+    if (int(s.positions.size()) != N || int(s.scores.size()) != N ||
+        int(s.stored.size()) != C || int(s.head.size()) != C ||
+        digests[size_t(h)].size() != size_t(k.pages()) * 2 * size_t(D)) {
+      return absl::InvalidArgumentError(absl::StrCat("device policy: head ", h,
+                                                     "'s state has the wrong "
+                                                     "sizes for its layer"));
+    }
+  }
+  auto state = std::make_unique<DevicePolicyState>();
+  state->Lay(H, N, C, k.pages(), D);
+  const size_t bytes = size_t(H) * state->head_bytes;
+  absl::StatusOr<cuda::DeviceBuffer> buffer =
+      cuda::DeviceBuffer::Allocate(bytes);
+  if (!buffer.ok()) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("device policy: ", bytes,
+                     " bytes of device memory for "
+                     "a layer's state: ",
+                     buffer.status().message()));
+  }
+  state->buffer = std::move(*buffer);
+  MutexLock lock(&impl_->mu);
+  KVMEM_RETURN_IF_ERROR(impl_->Reserve(bytes));
+  char* host = impl_->host.as<char>();
+  for (int h = 0; h < H; ++h) {
+    const CascadeStream::Snapshot& s = *heads[size_t(h)];
+    std::memcpy(state->At<char>(host, h, state->positions_at),
+                s.positions.data(), 8 * size_t(N));
+    std::memcpy(state->At<char>(host, h, state->scores_at), s.scores.data(),
+                4 * size_t(N));
+    int32_t* slot_rows = state->At<int32_t>(host, h, state->slot_rows_at);
+    for (int slot = 0; slot < N; ++slot) slot_rows[slot] = rows->Row(h, slot);
+    int32_t* stored = state->At<int32_t>(host, h, state->stored_at);
+    int32_t* head = state->At<int32_t>(host, h, state->head_at);
+    for (int c = 0; c < C; ++c) {
+      stored[c] = s.stored[size_t(c)];
+      head[c] = s.head[size_t(c)];
+    }
+    *state->At<int64_t>(host, h, state->n_at) = s.score_exponent;
+    *state->At<int64_t>(host, h, state->t_at) = s.tokens_seen;
+    std::memcpy(state->At<char>(host, h, state->digests_at),
+                digests[size_t(h)].data(), digests[size_t(h)].size() * 4);
+  }
+  KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(state->buffer.get(), host, bytes,
+                                           impl_->stream.get()));
+  KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
+  rows->policy_ = std::move(state);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<CascadeStream::Snapshot>> DeviceBackend::ReadPolicy(
+    const DevicePolicyShape& shape, const DeviceLayerRows& layer) {
+  const DeviceLayerRows* rows = &layer;
+  if (!rows->owned()) {
+    return absl::InvalidArgumentError("device policy: the layer is not owned");
+  }
+  const DevicePolicyState& state = *rows->policy_;
+  const int H = state.heads, N = state.slots, C = state.cascades;
+  const size_t row = size_t(shape.head_dim) * DTypeBytes(shape.dtype);
+  const size_t state_bytes = size_t(H) * state.head_bytes;
+  const size_t rows_bytes =
+      rows->blocks_.size() * size_t(rows->rows_per_block_) * row;
+  MutexLock lock(&impl_->mu);
+  KVMEM_RETURN_IF_ERROR(impl_->Reserve(state_bytes + 2 * rows_bytes));
+  char* host = impl_->host.as<char>();
+  char* host_keys = host + state_bytes;
+  char* host_values = host_keys + rows_bytes;
+  const cudaStream_t stream = impl_->stream.get();
+  KVMEM_RETURN_IF_ERROR(
+      cuda::CopyToHost(host, state.buffer.get(), state_bytes, stream));
+  const size_t per_block_bytes = size_t(rows->rows_per_block_) * row;
+  for (size_t b = 0; b < rows->blocks_.size(); ++b) {
+    const size_t from = size_t(rows->first_row_[b]) * row;
+    KVMEM_RETURN_IF_ERROR(
+        cuda::CopyToHost(host_keys + b * per_block_bytes,
+                         static_cast<char*>(impl_->pool->plane_base(0)) + from,
+                         per_block_bytes, stream));
+    KVMEM_RETURN_IF_ERROR(
+        cuda::CopyToHost(host_values + b * per_block_bytes,
+                         static_cast<char*>(impl_->pool->plane_base(1)) + from,
+                         per_block_bytes, stream));
+  }
+  KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
+  std::vector<CascadeStream::Snapshot> out(static_cast<size_t>(H));
+  for (int h = 0; h < H; ++h) {
+    CascadeStream::Snapshot& s = out[size_t(h)];
+    s.positions.resize(size_t(N));
+    s.scores.resize(size_t(N));
+    std::memcpy(s.positions.data(), state.At<char>(host, h, state.positions_at),
+                8 * size_t(N));
+    std::memcpy(s.scores.data(), state.At<char>(host, h, state.scores_at),
+                4 * size_t(N));
+    const int32_t* stored = state.At<int32_t>(host, h, state.stored_at);
+    const int32_t* head = state.At<int32_t>(host, h, state.head_at);
+    s.stored.assign(stored, stored + C);
+    s.head.assign(head, head + C);
+    s.score_exponent = *state.At<int64_t>(host, h, state.n_at);
+    s.tokens_seen = *state.At<int64_t>(host, h, state.t_at);
+    s.keys.resize(size_t(N) * row);
+    s.values.resize(size_t(N) * row);
+    for (int slot = 0; slot < N; ++slot) {
+      const int64_t i = int64_t(h) * N + slot;
+      const size_t at = size_t(i / rows->rows_per_block_) * per_block_bytes +
+                        size_t(i % rows->rows_per_block_) * row;
+      std::memcpy(&s.keys[size_t(slot) * row], host_keys + at, row);
+      std::memcpy(&s.values[size_t(slot) * row], host_values + at, row);
+    }
+  }
+  return out;
+}
+
+void DeviceBackend::DropPolicy(DeviceLayerRows* rows) { rows->policy_.reset(); }
+
+absl::Status DeviceBackend::DecodeOwned(
+    const DevicePolicyShape& shape, absl::Span<DevicePolicyItem> items,
+    const std::function<absl::Status()>& recall, bool* touched,
+    ParallelFor* parallel) {
+  *touched = false;
+  if (items.empty()) return absl::OkStatus();
+  const int B = int(items.size());
+  const cuda::DecodePolicyShape k = KernelShape(shape, B);
+  KVMEM_RETURN_IF_ERROR(k.Validate());
+  const int G = k.group, D = k.head_dim, N = k.slots(), C = k.cascades;
+  const int Rc = k.cascade_pages(), A = k.always_capacity();
+  const int budget = shape.budget_tokens;
+  const size_t elem = size_t(DTypeBytes(shape.dtype));
+  const size_t row = size_t(D) * elem;
+  if (budget < A) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "device policy: budget ", budget, " below the always-in tokens ", A));
+  }
+  // Spilled candidates, numbered across the batch; candidates per stream.
+  std::vector<int32_t> spilled_begin(static_cast<size_t>(B));
+  std::vector<int32_t> candidate_begin(static_cast<size_t>(B));
+  int32_t spilled_total = 0, spilled_tokens_total = 0, most = 0;
+  for (int b = 0; b < B; ++b) {
+    const DevicePolicyItem& item = items[size_t(b)];
+    if (item.layer == nullptr || !item.layer->owned() ||
+        item.spilled_digests.size() != item.spilled_tokens.size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("device policy: item ", b,
+                       " is not a device-owned "
+                       "stream with matching spilled lists"));
+    }
+    spilled_begin[size_t(b)] = spilled_total;
+    candidate_begin[size_t(b)] = b * Rc + spilled_total;
+    const int n = int(item.spilled_tokens.size());
+    spilled_total += n;
+    for (int t : item.spilled_tokens) spilled_tokens_total += t;
+    most = std::max(most, Rc + n);
+  }
+  if (most > cuda::kMaxSelectCandidates) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "device policy: ", most, " candidates in a stream, at most ",
+        cuda::kMaxSelectCandidates));
+  }
+  const int64_t candidates = int64_t(B) * Rc + spilled_total;
+  const int max_staged = spilled_tokens_total + B;
+
+  // Staging, one layout both sides. Phase 1 inputs, phase 1 outputs, phase
+  // 2 inputs, phase 2 outputs, then device-only scratch.
+  Layout L;
+  const size_t q_at = L.Take(size_t(B) * G * D * elem);
+  const size_t policy_at =
+      L.Take(size_t(B) * sizeof(cuda::PolicyStreamPointers));
+  const size_t cascade_at =
+      L.Take(size_t(B) * sizeof(cuda::CascadeStreamPointers));
+  const size_t sdigest_at = L.Take(size_t(spilled_total) * 2 * D * 4);
+  const size_t stokens_at = L.Take(size_t(spilled_total) * 4);
+  const size_t sbegin_at = L.Take(size_t(B) * 4);
+  const size_t scount_at = L.Take(size_t(B) * 4);
+  const size_t cbegin_at = L.Take(size_t(B) * 4);
+  const size_t ccount_at = L.Take(size_t(B) * 4);
+  const size_t budget_at = L.Take(size_t(B) * 4);
+  const size_t abegin_at = L.Take(size_t(B) * 4);
+  const size_t rbegin_at = L.Take(size_t(B) * 4);
+  const size_t phase1_in_end = L.end();
+  const size_t selected_at = L.Take(size_t(candidates));
+  const size_t phase1_out_end = L.end();
+  const size_t srows_at = L.Take(size_t(spilled_total) * 64 * 4);
+  const size_t newrow_at = L.Take(size_t(B) * 4);
+  const size_t newk_at = L.Take(size_t(B) * row);
+  const size_t newv_at = L.Take(size_t(B) * row);
+  const size_t dst_at = L.Take(size_t(max_staged) * 4);
+  const size_t stk_at = L.Take(size_t(max_staged) * row);
+  const size_t stv_at = L.Take(size_t(max_staged) * row);
+  const size_t phase2_in_end = L.end();
+  const size_t out_at = L.Take(size_t(B) * G * D * 4);
+  const size_t lse_at = L.Take(size_t(B) * G * 4);
+  const size_t epos_at = L.Take(size_t(B) * 8);
+  const size_t ek_at = L.Take(size_t(B) * row);
+  const size_t ev_at = L.Take(size_t(B) * row);
+  const size_t phase2_out_end = L.end();
+  const size_t scores_at = L.Take(size_t(candidates) * 4);
+  const size_t fresh_at = L.Take(size_t(candidates) * 4);
+  const size_t first_at = L.Take(size_t(candidates) * 4);
+  const size_t mask_at = L.Take(size_t(candidates) * 8);
+  const size_t always_at = L.Take(size_t(B) * A * 4);
+  const size_t acount_at = L.Take(size_t(B) * 4);
+  const size_t stok_at = L.Take(size_t(B) * 4);
+  const size_t ids_at = L.Take(size_t(B) * budget * 4);
+  const size_t idcount_at = L.Take(size_t(B) * 4);
+  const size_t prow_at = L.Take(size_t(B) * budget * 4);
+  const size_t rslot_at = L.Take(size_t(B) * budget * 4);
+  const size_t rprob_at = L.Take(size_t(B) * budget * 4);
+  const size_t sprob_at = L.Take(size_t(B) * N * 4);
+  const size_t self_at = L.Take(size_t(B) * 4);
+  const size_t changed_at = L.Take(size_t(B) * C * 4);
+  const size_t ccnt_at = L.Take(size_t(B) * 4);
+
+  // The per-item host work is a few row copies: worker threads pay off
+  // only for large batches (a wake-up costs as much as tens of items).
+  auto each_item = [&](const std::function<void(size_t)>& fn) {
+    if (parallel != nullptr && B >= 64) {
+      parallel->Run(size_t(B), fn);
+    } else {
+      for (size_t i = 0; i < size_t(B); ++i) fn(i);
+    }
+  };
+
+  MutexLock lock(&impl_->mu);
+  KVMEM_RETURN_IF_ERROR(impl_->Reserve(L.end()));
+  char* h = impl_->host.as<char>();
+  char* d = impl_->device.as<char>();
+  const cudaStream_t stream = impl_->stream.get();
+  auto host32 = [&](size_t at) { return reinterpret_cast<int32_t*>(h + at); };
+  auto dev32 = [&](size_t at) { return reinterpret_cast<int32_t*>(d + at); };
+  auto devf = [&](size_t at) { return reinterpret_cast<float*>(d + at); };
+
+  // Phase 1: candidates, scores, the fill.
+  each_item([&](size_t i) {
+    const DevicePolicyItem& item = items[i];
+    const int b = int(i);
+    std::memcpy(h + q_at + i * G * D * elem, item.query, size_t(G) * D * elem);
+    const DevicePolicyState& state = *item.layer->policy_;
+    reinterpret_cast<cuda::PolicyStreamPointers*>(h + policy_at)[i] =
+        state.Policy(item.head);
+    reinterpret_cast<cuda::CascadeStreamPointers*>(h + cascade_at)[i] =
+        state.Cascade(item.head);
+    const int n = int(item.spilled_tokens.size());
+    for (int j = 0; j < n; ++j) {
+      const size_t at = size_t(spilled_begin[i] + j);
+      std::memcpy(h + sdigest_at + at * 2 * D * 4, item.spilled_digests[j],
+                  size_t(2) * D * 4);
+      host32(stokens_at)[at] = item.spilled_tokens[size_t(j)];
+    }
+    host32(sbegin_at)[i] = spilled_begin[i];
+    host32(scount_at)[i] = n;
+    host32(cbegin_at)[i] = candidate_begin[i];
+    host32(ccount_at)[i] = Rc + n;
+    host32(budget_at)[i] = budget;
+    host32(abegin_at)[i] = b * A;
+    host32(rbegin_at)[i] = b * budget;
+    std::memcpy(h + newk_at + i * row, item.key, row);
+    std::memcpy(h + newv_at + i * row, item.value, row);
+  });
+  KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d, h, phase1_in_end, stream));
+
+  cuda::PlanCandidatesArgs plan;
+  plan.streams =
+      reinterpret_cast<const cuda::PolicyStreamPointers*>(d + policy_at);
+  plan.queries = d + q_at;
+  plan.spilled_digests = devf(sdigest_at);
+  plan.spilled_tokens = dev32(stokens_at);
+  plan.spilled_begin = dev32(sbegin_at);
+  plan.spilled_count = dev32(scount_at);
+  plan.candidate_begin = dev32(cbegin_at);
+  plan.scores = devf(scores_at);
+  plan.fresh_tokens = dev32(fresh_at);
+  plan.first_id = dev32(first_at);
+  plan.fresh_mask = reinterpret_cast<uint64_t*>(d + mask_at);
+  plan.always_in_ids = dev32(always_at);
+  plan.always_in_count = dev32(acount_at);
+  KVMEM_RETURN_IF_ERROR(cuda::PlanDecodeCandidates(k, plan, stream));
+
+  cuda::SelectPagesShape select_shape;
+  select_shape.streams = B;
+  select_shape.max_candidates_per_stream = std::max(1, most);
+  select_shape.compact_rows = true;
+  cuda::SelectPagesInputs select_in;
+  select_in.scores = devf(scores_at);
+  select_in.fresh_tokens = dev32(fresh_at);
+  select_in.candidate_begin = dev32(cbegin_at);
+  select_in.candidate_count = dev32(ccount_at);
+  select_in.always_in_tokens = dev32(acount_at);
+  select_in.budget_tokens = dev32(budget_at);
+  cuda::SelectPagesOutputs select_out;
+  select_out.selected = reinterpret_cast<uint8_t*>(d + selected_at);
+  select_out.selected_tokens = dev32(stok_at);
+  cuda::SelectPagesRows select_rows;
+  select_rows.always_in_rows = dev32(always_at);
+  select_rows.always_in_begin = dev32(abegin_at);
+  select_rows.candidate_first_row = dev32(first_at);
+  select_rows.candidate_fresh_mask =
+      reinterpret_cast<const uint64_t*>(d + mask_at);
+  select_rows.rows_begin = dev32(rbegin_at);
+  select_rows.rows = dev32(ids_at);
+  select_rows.rows_count = dev32(idcount_at);
+  KVMEM_RETURN_IF_ERROR(cuda::SelectPages(select_shape, select_in, select_out,
+                                          select_rows, stream));
+  KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + selected_at, d + selected_at,
+                                         phase1_out_end - selected_at, stream));
+  KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
+  for (int b = 0; b < B; ++b) {
+    DevicePolicyItem& item = items[size_t(b)];
+    const size_t n = item.spilled_tokens.size();
+    const uint8_t* taken = reinterpret_cast<const uint8_t*>(h + selected_at) +
+                           candidate_begin[size_t(b)] + Rc;
+    item.spilled_taken.assign(taken, taken + n);
+    item.spilled_keys.assign(n, nullptr);
+    item.spilled_values.assign(n, nullptr);
+  }
+  // The host reads the spilled pages taken; nothing has changed yet.
+  KVMEM_RETURN_IF_ERROR(recall());
+
+  // Phase 2: staged rows (taken spilled tokens, the new tokens) into pool
+  // blocks kept for staging (or taken for this call).
+  std::vector<int32_t> staged_begin(static_cast<size_t>(B));
+  int32_t staged = 0;
+  for (int b = 0; b < B; ++b) {
+    const DevicePolicyItem& item = items[size_t(b)];
+    staged_begin[size_t(b)] = staged;
+    for (size_t j = 0; j < item.spilled_tokens.size(); ++j) {
+      if (!item.spilled_taken[j]) continue;
+      if (item.spilled_keys[j] == nullptr ||
+          item.spilled_values[j] == nullptr) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("device policy: item ", b, "'s taken spilled page ", j,
+                         " has no rows"));
+      }
+      staged += item.spilled_tokens[j];
+    }
+    ++staged;  // the new token
+  }
+  const size_t block_bytes = impl_->pool->block_bytes();
+  const int64_t per_block = RowsPerBlock(block_bytes, int(row));
+  const int64_t needed = (int64_t(staged) + per_block - 1) / per_block;
+  Impl::Blocks taken{impl_->pool.get(), {}};
+  if (needed > int64_t(impl_->reserved.size())) {
+    absl::StatusOr<std::vector<int32_t>> more =
+        impl_->pool->Take(int32_t(needed));
+    if (!more.ok()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("device pool: ", needed, " blocks wanted to stage ",
+                       staged, " rows, ", impl_->pool->free_blocks(), " free"));
+    }
+    taken.ids = std::move(*more);
+  }
+  const std::vector<int32_t>& scratch =
+      taken.ids.empty() ? impl_->reserved : taken.ids;
+  auto staging_row = [&](int64_t s) {
+    return FirstRow(scratch[size_t(s / per_block)], block_bytes, int(row)) +
+           int32_t(s % per_block);
+  };
+  each_item([&](size_t i) {
+    const DevicePolicyItem& item = items[i];
+    int64_t s = staged_begin[i];
+    auto stage = [&](const uint8_t* key, const uint8_t* value) {
+      const int32_t at = staging_row(s);
+      host32(dst_at)[s] = at;
+      std::memcpy(h + stk_at + size_t(s) * row, key, row);
+      std::memcpy(h + stv_at + size_t(s) * row, value, row);
+      ++s;
+      return at;
+    };
+    for (size_t j = 0; j < item.spilled_tokens.size(); ++j) {
+      if (!item.spilled_taken[j]) continue;
+      const size_t global = size_t(spilled_begin[i]) + j;
+      for (int t = 0; t < item.spilled_tokens[j]; ++t) {
+        host32(srows_at)[global * 64 + size_t(t)] =
+            stage(item.spilled_keys[j] + size_t(t) * row,
+                  item.spilled_values[j] + size_t(t) * row);
+      }
+    }
+    host32(newrow_at)[i] = stage(item.key, item.value);
+  });
+  // The tail of phase 1's inputs (the new tokens) and phase 2's inputs
+  // travel together; only what staging used of the row regions is sent.
+  KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + srows_at, h + srows_at,
+                                           stk_at - srows_at, stream));
+  KVMEM_RETURN_IF_ERROR(
+      cuda::CopyToDevice(d + stk_at, h + stk_at, size_t(staged) * row, stream));
+  KVMEM_RETURN_IF_ERROR(
+      cuda::CopyToDevice(d + stv_at, h + stv_at, size_t(staged) * row, stream));
+  (void)phase2_in_end;
+  // From here on an error leaves the layers' state half-stepped.
+  *touched = true;
+  cuda::ScatterRowsArgs scatter;
+  scatter.count = staged;
+  scatter.head_dim = int(row / 2);  // byte rows as 16-bit elements
+  scatter.dtype = DType::kBf16;
+  scatter.rows = dev32(dst_at);
+  scatter.keys = d + stk_at;
+  scatter.values = d + stv_at;
+  scatter.key_rows = impl_->pool->plane_base(0);
+  scatter.value_rows = impl_->pool->plane_base(1);
+  KVMEM_RETURN_IF_ERROR(cuda::ScatterRows(scatter, stream));
+
+  cuda::MapRowsArgs map;
+  map.streams = plan.streams;
+  map.ids = dev32(ids_at);
+  map.counts = dev32(idcount_at);
+  map.capacity = budget;
+  map.spilled_rows = dev32(srows_at);
+  map.new_token_rows = dev32(newrow_at);
+  map.pool_rows = dev32(prow_at);
+  map.row_slots = dev32(rslot_at);
+  KVMEM_RETURN_IF_ERROR(cuda::MapSelectedRows(k, map, stream));
+
+  cuda::DecodeAttentionShape ds;
+  ds.streams = B;
+  ds.group = G;
+  ds.head_dim = D;
+  ds.dtype = shape.dtype;
+  ds.max_rows_per_stream = budget;
+  ds.rows_capacity = int64_t(B) * budget;
+  ds.want_probs = true;
+  KVMEM_ASSIGN_OR_RETURN(cuda::DecodeAttentionPlan attention_plan,
+                         cuda::PlanDecodeAttentionSplits(ds, kAttentionSplits));
+  if (impl_->workspace.bytes() < attention_plan.workspace_bytes) {
+    KVMEM_ASSIGN_OR_RETURN(
+        impl_->workspace,
+        cuda::DeviceBuffer::Allocate(std::max(attention_plan.workspace_bytes,
+                                              impl_->workspace.bytes() * 2)));
+  }
+  cuda::DecodeAttentionInputs in;
+  in.queries = d + q_at;
+  in.key_rows = impl_->pool->plane_base(0);
+  in.value_rows = impl_->pool->plane_base(1);
+  in.rows = dev32(prow_at);
+  in.row_begin = dev32(rbegin_at);
+  in.row_count = dev32(idcount_at);
+  in.softmax_scale = shape.softmax_scale;
+  in.reduction = shape.reduction;
+  cuda::DecodeAttentionOutputs out;
+  out.out_fp32 = devf(out_at);
+  out.lse = devf(lse_at);
+  out.reduced_probs = devf(rprob_at);
+  KVMEM_RETURN_IF_ERROR(
+      cuda::DecodeAttention(ds, in, out, attention_plan, impl_->workspace.get(),
+                            impl_->workspace.bytes(), stream));
+
+  cuda::ScatterProbsArgs probs;
+  probs.row_slots = dev32(rslot_at);
+  probs.counts = dev32(idcount_at);
+  probs.capacity = budget;
+  probs.reduced_probs = devf(rprob_at);
+  probs.slot_probs = devf(sprob_at);
+  probs.self_probs = devf(self_at);
+  KVMEM_RETURN_IF_ERROR(cuda::ScatterSlotProbs(k, probs, stream));
+
+  cuda::CascadeBatchShape cascade_shape;
+  cascade_shape.streams = B;
+  cascade_shape.params = shape.cascade;
+  cascade_shape.head_dim = D;
+  cascade_shape.dtype = shape.dtype;
+  cuda::CascadeDeviceState cascade_state;
+  cascade_state.key_rows = impl_->pool->plane_base(0);
+  cascade_state.value_rows = impl_->pool->plane_base(1);
+  cascade_state.streams =
+      reinterpret_cast<const cuda::CascadeStreamPointers*>(d + cascade_at);
+  cuda::CascadeStepInputs step;
+  step.probs = devf(sprob_at);
+  step.self_probs = devf(self_at);
+  step.keys = d + newk_at;
+  step.values = d + newv_at;
+  cuda::CascadeStepOutputs step_out;
+  step_out.evicted_positions = reinterpret_cast<int64_t*>(d + epos_at);
+  step_out.evicted_keys = d + ek_at;
+  step_out.evicted_values = d + ev_at;
+  step_out.changed_slots = dev32(changed_at);
+  step_out.changed_counts = dev32(ccnt_at);
+  KVMEM_RETURN_IF_ERROR(cuda::UpdateCascades(cascade_shape, cascade_state, step,
+                                             step_out, stream));
+
+  cuda::RefreshDigestsArgs refresh;
+  refresh.streams = plan.streams;
+  refresh.key_rows = impl_->pool->plane_base(0);
+  refresh.changed_slots = dev32(changed_at);
+  refresh.changed_counts = dev32(ccnt_at);
+  KVMEM_RETURN_IF_ERROR(cuda::RefreshChangedDigests(k, refresh, stream));
+
+  KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + out_at, d + out_at,
+                                         phase2_out_end - out_at, stream));
+  KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
+  each_item([&](size_t i) {
+    DevicePolicyItem& item = items[i];
+    std::memcpy(item.out, h + out_at + i * G * D * 4, size_t(G) * D * 4);
+    std::memcpy(item.lse, h + lse_at + i * G * 4, size_t(G) * 4);
+    item.evicted_position = reinterpret_cast<const int64_t*>(h + epos_at)[i];
+    if (item.evicted_position >= 0) {
+      item.evicted_key.assign(h + ek_at + i * row, row);
+      item.evicted_value.assign(h + ev_at + i * row, row);
+    }
+  });
+  return absl::OkStatus();
+}
+
+}  // namespace kvmem
