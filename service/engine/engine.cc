@@ -561,6 +561,7 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
             ": selection failed after validation: ", selected[t].message()));
       }
     }
+    phase_done(StepPhase::kPlan);
     for (size_t i = 0; i < n; ++i) {
       if (host_skip[i]) continue;
       LiveSession& s = *sessions[i];
@@ -574,7 +575,7 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       }
     }
 
-    phase_done(StepPhase::kPlan);
+    phase_done(StepPhase::kRecall);
     std::vector<HeadsApplied> heads_applied(n);
     for (size_t i = 0; i < n; ++i) {
       if (!replay[i]) PrepareHeads(*sessions[i], layer, &heads_applied[i]);
@@ -586,11 +587,13 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       int64_t rows_nanos = 0;
       KVMEM_RETURN_IF_ERROR(AttendOnDevice(sessions, order, request, host_skip,
                                            work, &rows_nanos));
-      KVMEM_RETURN_IF_ERROR(
-          StepOwned(sessions, order, request, owned, heads_applied));
+      int64_t recall_nanos = 0;
+      KVMEM_RETURN_IF_ERROR(StepOwned(sessions, order, request, owned,
+                                      heads_applied, &recall_nanos));
       phase_done(StepPhase::kDevice);
-      phase_nanos[int(StepPhase::kDevice)] -= rows_nanos;
+      phase_nanos[int(StepPhase::kDevice)] -= rows_nanos + recall_nanos;
       phase_nanos[int(StepPhase::kDeviceRows)] += rows_nanos;
+      phase_nanos[int(StepPhase::kRecall)] += recall_nanos;
     }
 
     // Apply. Every input was checked and read above, so a stream step

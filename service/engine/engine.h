@@ -46,17 +46,19 @@ struct DeviceSlotWrite;
 // Where Step's time goes, summed over every request since start.
 enum class StepPhase : int {
   kLock = 0,     // waiting for the request's sessions
-  kPlan = 1,     // validation, waking, selection, recall reads
-  kDevice = 2,   // CUDA backend: staging, the attention launch, results
+  kPlan = 1,     // validation, waking, selection
+  kDevice = 2,   // CUDA backend: staging, the launches, results
   kApply = 3,    // the host policy (and attention on the CPU backend)
   kDeviceWrite,  // CUDA backend: changed rows back to the device
   kWrite,        // the batch to the writer, checkpoints due (not the
                  // STEP_SYNC wait, which holds no lock)
   kDeviceRows,   // CUDA backend: uploads and each head's row list
+  kRecall,       // reading the spilled pages a selection took
   kCount,
 };
 inline constexpr const char* kStepPhaseNames[] = {
-    "lock", "plan", "device", "apply", "device_write", "write", "device_rows"};
+    "lock",         "plan",  "device",      "apply",
+    "device_write", "write", "device_rows", "recall"};
 
 struct EngineStats {
   int64_t sessions = 0;
@@ -229,7 +231,8 @@ class Engine {
   absl::Status StepOwned(
       const std::vector<std::shared_ptr<LiveSession>>& sessions,
       const std::vector<LiveSession*>& busy, const StepRequestView& request,
-      const std::vector<bool>& owned, std::vector<HeadsApplied>& done);
+      const std::vector<bool>& owned, std::vector<HeadsApplied>& done,
+      int64_t* recall_nanos);
   // Whether entry `e` of layer `layer` of `s` may step as a device-owned
   // layer: uploads its rows and its policy state when needed (evicting idle
   // sessions' rows for room). False keeps it on the host path.

@@ -179,8 +179,9 @@ bool Engine::TakeLayer(LiveSession& s, size_t layer, const StepEntryView& e,
 absl::Status Engine::StepOwned(
     const std::vector<std::shared_ptr<LiveSession>>& sessions,
     const std::vector<LiveSession*>& busy, const StepRequestView& request,
-    const std::vector<bool>& owned,
-    std::vector<HeadsApplied>& done) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    const std::vector<bool>& owned, std::vector<HeadsApplied>& done,
+    int64_t* recall_nanos) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  *recall_nanos = 0;
   const size_t layer = size_t(request.layer);
   // Streams of one launch share a config shape.
   struct Launch {
@@ -235,10 +236,21 @@ absl::Status Engine::StepOwned(
       launch.at.emplace_back(i, h);
     }
   }
-  for (auto& [key, launch] : launches) {
+  for (auto& keyed : launches) {
+    Launch& launch = keyed.second;
     // Pages the selection took from storage, held until the launch ends.
     std::vector<HeadWork> reads(launch.items.size());
     auto recall = [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::Status {
+      const auto start = std::chrono::steady_clock::now();
+      struct Clock {
+        std::chrono::steady_clock::time_point start;
+        int64_t* total;
+        ~Clock() {
+          *total += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now() - start)
+                        .count();
+        }
+      } clock{start, recall_nanos};
       for (size_t t = 0; t < launch.items.size(); ++t) {
         DevicePolicyItem& item = launch.items[t];
         const auto [i, h] = launch.at[t];

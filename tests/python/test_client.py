@@ -300,8 +300,8 @@ def test_stats(client: kvmem.Client) -> None:
     assert after.device_fallbacks == 0
     assert after.device_policy_steps == 0  # the CPU backend
     assert set(after.step_phase_seconds) == {
-        "lock", "plan", "device_rows", "device", "apply", "device_write",
-        "write"}
+        "lock", "plan", "recall", "device_rows", "device", "apply",
+        "device_write", "write"}
     assert all(v >= 0 for v in after.step_phase_seconds.values())
 
 

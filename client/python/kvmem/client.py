@@ -46,7 +46,7 @@ class ServerStats:
     device_fallbacks: int  # decode steps the CPU took for a full pool
     device_policy_steps: int  # decode steps whose policy ran on the device
     # Seconds Step requests spent per phase since start ("lock", "plan",
-    # "device_rows", "device", "apply", "device_write", "write").
+    # "recall", "device_rows", "device", "apply", "device_write", "write").
     step_phase_seconds: Dict[str, float]
 
 

@@ -118,8 +118,8 @@ TEST_F(ServerTest, StepAndStepStreamAnswerAlike) {
   // Where those steps' time went: every phase is reported, the CPU
   // backend's work is in plan and apply, and nothing in the device ones.
   const auto& phases = stats.step_phase_seconds();
-  for (const char* phase : {"lock", "plan", "device", "apply", "device_write",
-                            "write", "device_rows"}) {
+  for (const char* phase : {"lock", "plan", "recall", "device", "apply",
+                            "device_write", "write", "device_rows"}) {
     ASSERT_EQ(phases.count(phase), 1u) << phase;
     EXPECT_GE(phases.at(phase), 0.0) << phase;
   }
