@@ -136,19 +136,23 @@ __global__ void __launch_bounds__(kThreads) PlanKernel(const PlanArgs p) {
       a.fresh_mask[c] = mask;
     }
   }
-  // Spilled pages the host listed.
-  const int spilled = a.spilled_count[b];
+  // Spilled pages: the sealed ones (on the device), then the open one.
+  const int sealed = a.sealed_count[b];
+  const int open_tokens = a.open_tokens[b];
+  const int spilled = sealed + (open_tokens > 0 ? 1 : 0);
   const int sbegin = a.spilled_begin[b];
   for (int base = 0; base < spilled; base += pages_per_round) {
     const int i = base + group_of;
     if (i >= spilled) continue;
     const unsigned group_mask = 0xffu << ((tid % 32) / kLanes * kLanes);
     const int index = sbegin + i;
-    const float* digest = a.spilled_digests + size_t(index) * 2 * size_t(D);
+    const float* digest = i < sealed
+                              ? st.sealed_digests + size_t(i) * 2 * size_t(D)
+                              : a.open_digests + size_t(b) * 2 * size_t(D);
     const float s = GroupScore(s_query, digest, G, D, k, group_mask);
     if (k == 0) {
       const int c = begin + cascade_pages + i;
-      const int tokens = a.spilled_tokens[index];
+      const int tokens = i < sealed ? P : open_tokens;
       a.scores[c] = s;
       a.fresh_tokens[c] = tokens;
       a.first_id[c] = kSpilledIdBase + index * kMaxPolicyPageTokens;
@@ -291,8 +295,7 @@ absl::Status DecodePolicyShape::Validate() const {
   if (head_dim < 1 || head_dim > kMaxPolicyHeadDim) {
     return bad("head_dim", head_dim, "in [1, 256]");
   }
-  if (dtype != DType::kBf16 && dtype != DType::kFp16 &&
-      dtype != DType::kFp32) {
+  if (dtype != DType::kBf16 && dtype != DType::kFp16 && dtype != DType::kFp32) {
     return bad("dtype", int(dtype), "bf16/fp16/fp32");
   }
   if (int64_t(streams) * slots() >= kSpilledIdBase) {
@@ -307,13 +310,14 @@ absl::Status PlanDecodeCandidates(const DecodePolicyShape& shape,
   absl::Status valid = shape.Validate();
   if (!valid.ok()) return valid;
   if (args.streams == nullptr || args.queries == nullptr ||
-      args.spilled_begin == nullptr || args.spilled_count == nullptr ||
+      args.spilled_begin == nullptr || args.sealed_count == nullptr ||
+      args.open_tokens == nullptr || args.open_digests == nullptr ||
       args.candidate_begin == nullptr || args.scores == nullptr ||
       args.fresh_tokens == nullptr || args.first_id == nullptr ||
       args.fresh_mask == nullptr || args.always_in_ids == nullptr ||
       args.always_in_count == nullptr) {
     return absl::InvalidArgumentError(
-        "PlanCandidatesArgs: every array but the spilled ones must be set");
+        "PlanCandidatesArgs: every array must be set");
   }
   PlanArgs p{shape, args};
   switch (shape.dtype) {

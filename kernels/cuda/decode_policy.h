@@ -70,23 +70,26 @@ struct PolicyStreamPointers {
   const int32_t* slot_rows = nullptr;  // [slots] pool row of each slot
   float* digests = nullptr;            // [pages, 2, D] fp32: sink pages, then
                                        // each cascade's pages in slot order
+  // The stream's sealed spilled pages' digests, [sealed, 2, D] fp32 in
+  // sequence (uploaded once each: a sealed page never changes).
+  const float* sealed_digests = nullptr;
 };
 
 // Step 1: each stream's candidates, in the order of selection.md step 4's
 // ties: its cascade pages in slot order (every one, a page without fresh
 // tokens with 0 of them, which the fill never takes), then its spilled
-// pages as the host lists them (sealed by sequence, then the open one).
+// pages (sealed by sequence, P tokens each; then the open one, if any).
 struct PlanCandidatesArgs {
   const PolicyStreamPointers* streams = nullptr;  // [B]
   const void* queries = nullptr;                  // [B, G, D] dtype
-  // Spilled candidates of the batch, numbered 0..: digest [2, D] fp32 and
-  // token count (1..P) each; stream b's are spilled_begin[b] + [0, count).
-  const float* spilled_digests = nullptr;
-  const int32_t* spilled_tokens = nullptr;
+  // Spilled candidates of the batch are numbered 0..: stream b's are
+  // spilled_begin[b] + [0, sealed_count[b] + (open_tokens[b] > 0)).
   const int32_t* spilled_begin = nullptr;  // [B]
-  const int32_t* spilled_count = nullptr;  // [B]
+  const int32_t* sealed_count = nullptr;   // [B]
+  const int32_t* open_tokens = nullptr;    // [B] 0..P−1
+  const float* open_digests = nullptr;     // [B, 2, D] fp32
   // Where stream b's candidates go: candidate_begin[b] + [0,
-  // cascade_pages + spilled_count[b]) of the four arrays below.
+  // cascade_pages + its spilled candidates) of the four arrays below.
   const int32_t* candidate_begin = nullptr;  // [B]
   float* scores = nullptr;
   int32_t* fresh_tokens = nullptr;

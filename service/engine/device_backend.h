@@ -87,12 +87,16 @@ struct DevicePolicyItem {
   const uint8_t* query = nullptr;  // [G, D] session dtype
   const uint8_t* key = nullptr;    // [D] the new token
   const uint8_t* value = nullptr;  // [D]
-  // Spilled candidates (recall on) in tie order: sealed pages by sequence,
-  // then the open page. Digest [2, D] fp32 and tokens (1..P) each.
-  std::vector<const float*> spilled_digests;
-  std::vector<int> spilled_tokens;
-  // After selection (for DecodeOwned's `recall`): which were taken; recall
-  // then sets, for each taken one, its [tokens, D] key and value rows.
+  // Spilled candidates (recall on) in tie order: the sealed pages by
+  // sequence (P tokens each; every one so far, as the stream lists them:
+  // the device keeps the digests it has, and uploads only newer ones),
+  // then the open page when it holds tokens. Digests [2, D] fp32.
+  std::vector<const float*> sealed_digests;
+  const float* open_digest = nullptr;
+  int open_tokens = 0;
+  // After selection (for DecodeOwned's `recall`), per spilled candidate
+  // (sealed ones, then the open one): which were taken; recall then sets,
+  // for each taken one, its [tokens, D] key and value rows.
   std::vector<uint8_t> spilled_taken;
   std::vector<const uint8_t*> spilled_keys;
   std::vector<const uint8_t*> spilled_values;

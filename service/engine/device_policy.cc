@@ -27,10 +27,21 @@ using device_internal::kAttentionSplits;
 using device_internal::RowsPerBlock;
 
 // One layer's policy state: per head a region of `head_bytes` holding its
-// positions, scores, slot rows, ring occupancy, n, t and page digests.
+// positions, scores, slot rows, ring occupancy, n, t and page digests; and
+// the digests of each head's sealed spilled pages, uploaded once each (a
+// sealed page never changes), in a buffer that grows by doubling.
 struct DevicePolicyState {
   cuda::DeviceBuffer buffer;
   int heads = 0, slots = 0, cascades = 0, pages = 0, head_dim = 0;
+  cuda::DeviceBuffer sealed;  // [heads, sealed_capacity, 2, D] fp32
+  int sealed_capacity = 0;
+  std::vector<int> sealed_uploaded;  // [heads]
+
+  size_t DigestBytes() const { return size_t(2) * head_dim * 4; }
+  float* Sealed(int h) const {
+    return sealed.as<float>() +
+           size_t(h) * size_t(sealed_capacity) * 2 * size_t(head_dim);
+  }
   size_t positions_at = 0, scores_at = 0, slot_rows_at = 0, stored_at = 0,
          head_at = 0, n_at = 0, t_at = 0, digests_at = 0, head_bytes = 0;
 
@@ -64,6 +75,7 @@ struct DevicePolicyState {
     p.head = At<int32_t>(base, h, head_at);
     p.slot_rows = At<int32_t>(base, h, slot_rows_at);
     p.digests = At<float>(base, h, digests_at);
+    p.sealed_digests = sealed_capacity > 0 ? Sealed(h) : nullptr;
     return p;
   }
   cuda::CascadeStreamPointers Cascade(int h) const {
@@ -100,6 +112,11 @@ cuda::DecodePolicyShape KernelShape(const DevicePolicyShape& shape,
   k.head_dim = shape.head_dim;
   k.dtype = shape.dtype;
   return k;
+}
+
+// Tokens of an item's spilled candidate j: sealed pages are full.
+int SpilledTokens(const DevicePolicyItem& item, size_t j, int page_tokens) {
+  return j < item.sealed_digests.size() ? page_tokens : item.open_tokens;
 }
 
 // Carves one staging buffer into aligned regions, in order.
@@ -156,6 +173,7 @@ absl::Status DeviceBackend::TakePolicy(
                      buffer.status().message()));
   }
   state->buffer = std::move(*buffer);
+  state->sealed_uploaded.assign(size_t(H), 0);
   MutexLock lock(&impl_->mu);
   KVMEM_RETURN_IF_ERROR(impl_->Reserve(bytes));
   char* host = impl_->host.as<char>();
@@ -273,23 +291,21 @@ absl::Status DeviceBackend::DecodeOwned(
   for (int b = 0; b < B; ++b) {
     const DevicePolicyItem& item = items[size_t(b)];
     if (item.layer == nullptr || !item.layer->owned() ||
-        item.spilled_digests.size() != item.spilled_tokens.size()) {
+        (item.open_tokens > 0) != (item.open_digest != nullptr) ||
+        item.open_tokens >= k.page_tokens) {
       return absl::InvalidArgumentError(
           absl::StrCat("device policy: item ", b,
                        " is not a device-owned "
-                       "stream with matching spilled lists"));
+                       "stream with a consistent open page"));
     }
     spilled_begin[size_t(b)] = spilled_total;
     candidate_begin[size_t(b)] = b * Rc + spilled_total;
-    const int n = int(item.spilled_tokens.size());
+    const int n =
+        int(item.sealed_digests.size()) + (item.open_tokens > 0 ? 1 : 0);
     spilled_total += n;
-    for (int t : item.spilled_tokens) spilled_tokens_total += t;
+    spilled_tokens_total +=
+        int(item.sealed_digests.size()) * k.page_tokens + item.open_tokens;
     most = std::max(most, Rc + n);
-  }
-  if (most > cuda::kMaxSelectCandidates) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "device policy: ", most, " candidates in a stream, at most ",
-        cuda::kMaxSelectCandidates));
   }
   const int64_t candidates = int64_t(B) * Rc + spilled_total;
   const int max_staged = spilled_tokens_total + B;
@@ -302,8 +318,8 @@ absl::Status DeviceBackend::DecodeOwned(
       L.Take(size_t(B) * sizeof(cuda::PolicyStreamPointers));
   const size_t cascade_at =
       L.Take(size_t(B) * sizeof(cuda::CascadeStreamPointers));
-  const size_t sdigest_at = L.Take(size_t(spilled_total) * 2 * D * 4);
-  const size_t stokens_at = L.Take(size_t(spilled_total) * 4);
+  const size_t odigest_at = L.Take(size_t(B) * 2 * D * 4);
+  const size_t otokens_at = L.Take(size_t(B) * 4);
   const size_t sbegin_at = L.Take(size_t(B) * 4);
   const size_t scount_at = L.Take(size_t(B) * 4);
   const size_t cbegin_at = L.Take(size_t(B) * 4);
@@ -344,6 +360,16 @@ absl::Status DeviceBackend::DecodeOwned(
   const size_t self_at = L.Take(size_t(B) * 4);
   const size_t changed_at = L.Take(size_t(B) * C * 4);
   const size_t ccnt_at = L.Take(size_t(B) * 4);
+  // Sealed digests the device does not hold yet (host → device only).
+  size_t new_sealed = 0;
+  for (const DevicePolicyItem& item : items) {
+    new_sealed +=
+        item.sealed_digests.size() -
+        std::min(
+            item.sealed_digests.size(),
+            size_t(item.layer->policy_->sealed_uploaded[size_t(item.head)]));
+  }
+  const size_t fresh_sealed_at = L.Take(new_sealed * 2 * D * 4);
 
   // The per-item host work is a few row copies: worker threads pay off
   // only for large batches (a wake-up costs as much as tens of items).
@@ -364,6 +390,49 @@ absl::Status DeviceBackend::DecodeOwned(
   auto dev32 = [&](size_t at) { return reinterpret_cast<int32_t*>(d + at); };
   auto devf = [&](size_t at) { return reinterpret_cast<float*>(d + at); };
 
+  // The sealed digests each stream gained since its last step: its buffer
+  // grown (doubling) where needed, then one copy per stream. A digest, once
+  // on the device, stays valid: sealed pages never change.
+  {
+    size_t staged_digests = 0;
+    for (DevicePolicyItem& item : items) {
+      DevicePolicyState& state = *item.layer->policy_;
+      const int have = state.sealed_uploaded[size_t(item.head)];
+      const int want = int(item.sealed_digests.size());
+      if (want <= have) continue;
+      if (want > state.sealed_capacity) {
+        const int capacity = std::max({want, 2 * state.sealed_capacity, 64});
+        KVMEM_ASSIGN_OR_RETURN(
+            cuda::DeviceBuffer grown,
+            cuda::DeviceBuffer::Allocate(size_t(state.heads) * capacity *
+                                         state.DigestBytes()));
+        for (int hh = 0; hh < state.heads; ++hh) {
+          const size_t bytes =
+              size_t(state.sealed_uploaded[size_t(hh)]) * state.DigestBytes();
+          if (bytes == 0) continue;
+          KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+              grown.as<char>() + size_t(hh) * capacity * state.DigestBytes(),
+              state.Sealed(hh), bytes, cudaMemcpyDeviceToDevice, stream));
+        }
+        // The old buffer is freed after the copies (cudaFree waits).
+        KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
+        state.sealed = std::move(grown);
+        state.sealed_capacity = capacity;
+      }
+      char* at = h + fresh_sealed_at + staged_digests * state.DigestBytes();
+      for (int p = have; p < want; ++p) {
+        std::memcpy(at + size_t(p - have) * state.DigestBytes(),
+                    item.sealed_digests[size_t(p)], state.DigestBytes());
+      }
+      KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(
+          reinterpret_cast<char*>(state.Sealed(item.head)) +
+              size_t(have) * state.DigestBytes(),
+          at, size_t(want - have) * state.DigestBytes(), stream));
+      staged_digests += size_t(want - have);
+      state.sealed_uploaded[size_t(item.head)] = want;
+    }
+  }
+
   // Phase 1: candidates, scores, the fill.
   each_item([&](size_t i) {
     const DevicePolicyItem& item = items[i];
@@ -374,15 +443,15 @@ absl::Status DeviceBackend::DecodeOwned(
         state.Policy(item.head);
     reinterpret_cast<cuda::CascadeStreamPointers*>(h + cascade_at)[i] =
         state.Cascade(item.head);
-    const int n = int(item.spilled_tokens.size());
-    for (int j = 0; j < n; ++j) {
-      const size_t at = size_t(spilled_begin[i] + j);
-      std::memcpy(h + sdigest_at + at * 2 * D * 4, item.spilled_digests[j],
+    const int sealed = int(item.sealed_digests.size());
+    const int n = sealed + (item.open_tokens > 0 ? 1 : 0);
+    if (item.open_tokens > 0) {
+      std::memcpy(h + odigest_at + i * 2 * D * 4, item.open_digest,
                   size_t(2) * D * 4);
-      host32(stokens_at)[at] = item.spilled_tokens[size_t(j)];
     }
+    host32(otokens_at)[i] = item.open_tokens;
     host32(sbegin_at)[i] = spilled_begin[i];
-    host32(scount_at)[i] = n;
+    host32(scount_at)[i] = sealed;
     host32(cbegin_at)[i] = candidate_begin[i];
     host32(ccount_at)[i] = Rc + n;
     host32(budget_at)[i] = budget;
@@ -397,10 +466,10 @@ absl::Status DeviceBackend::DecodeOwned(
   plan.streams =
       reinterpret_cast<const cuda::PolicyStreamPointers*>(d + policy_at);
   plan.queries = d + q_at;
-  plan.spilled_digests = devf(sdigest_at);
-  plan.spilled_tokens = dev32(stokens_at);
   plan.spilled_begin = dev32(sbegin_at);
-  plan.spilled_count = dev32(scount_at);
+  plan.sealed_count = dev32(scount_at);
+  plan.open_tokens = dev32(otokens_at);
+  plan.open_digests = devf(odigest_at);
   plan.candidate_begin = dev32(cbegin_at);
   plan.scores = devf(scores_at);
   plan.fresh_tokens = dev32(fresh_at);
@@ -440,7 +509,8 @@ absl::Status DeviceBackend::DecodeOwned(
   KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
   for (int b = 0; b < B; ++b) {
     DevicePolicyItem& item = items[size_t(b)];
-    const size_t n = item.spilled_tokens.size();
+    const size_t n =
+        item.sealed_digests.size() + (item.open_tokens > 0 ? 1 : 0);
     const uint8_t* taken = reinterpret_cast<const uint8_t*>(h + selected_at) +
                            candidate_begin[size_t(b)] + Rc;
     item.spilled_taken.assign(taken, taken + n);
@@ -457,7 +527,7 @@ absl::Status DeviceBackend::DecodeOwned(
   for (int b = 0; b < B; ++b) {
     const DevicePolicyItem& item = items[size_t(b)];
     staged_begin[size_t(b)] = staged;
-    for (size_t j = 0; j < item.spilled_tokens.size(); ++j) {
+    for (size_t j = 0; j < item.spilled_taken.size(); ++j) {
       if (!item.spilled_taken[j]) continue;
       if (item.spilled_keys[j] == nullptr ||
           item.spilled_values[j] == nullptr) {
@@ -465,7 +535,7 @@ absl::Status DeviceBackend::DecodeOwned(
             absl::StrCat("device policy: item ", b, "'s taken spilled page ", j,
                          " has no rows"));
       }
-      staged += item.spilled_tokens[j];
+      staged += SpilledTokens(item, j, k.page_tokens);
     }
     ++staged;  // the new token
   }
@@ -500,10 +570,10 @@ absl::Status DeviceBackend::DecodeOwned(
       ++s;
       return at;
     };
-    for (size_t j = 0; j < item.spilled_tokens.size(); ++j) {
+    for (size_t j = 0; j < item.spilled_taken.size(); ++j) {
       if (!item.spilled_taken[j]) continue;
       const size_t global = size_t(spilled_begin[i]) + j;
-      for (int t = 0; t < item.spilled_tokens[j]; ++t) {
+      for (int t = 0; t < SpilledTokens(item, j, k.page_tokens); ++t) {
         host32(srows_at)[global * 64 + size_t(t)] =
             stage(item.spilled_keys[j] + size_t(t) * row,
                   item.spilled_values[j] + size_t(t) * row);

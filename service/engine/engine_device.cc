@@ -217,14 +217,14 @@ absl::Status Engine::StepOwned(
       item.key = reinterpret_cast<const uint8_t*>(e.k.data()) + h * kv_head;
       item.value = reinterpret_cast<const uint8_t*>(e.v.data()) + h * kv_head;
       if (c.recall) {
+        item.sealed_digests.reserve(stream.sealed_pages().size());
         for (const SealedPageRef& page : stream.sealed_pages()) {
-          item.spilled_digests.push_back(page.digest.data());
-          item.spilled_tokens.push_back(page.tokens);
+          item.sealed_digests.push_back(page.digest.data());
         }
         const storage::SpillPage& open = stream.open_page();
         if (!open.positions.empty()) {
-          item.spilled_digests.push_back(open.digest.data());
-          item.spilled_tokens.push_back(int(open.positions.size()));
+          item.open_digest = open.digest.data();
+          item.open_tokens = int(open.positions.size());
         }
       }
       StreamStepOutput& output = done[i].outputs[h];
