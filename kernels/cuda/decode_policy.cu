@@ -189,6 +189,51 @@ __global__ void __launch_bounds__(kThreads) MapKernel(const MapArgs m) {
     }
     a.pool_rows[at + i] = row;
     a.row_slots[at + i] = slot;
+    if (a.row_positions != nullptr) {
+      a.row_positions[at + i] = slot >= 0 ? st.positions[slot]
+                                : slot == -1
+                                    ? a.spilled_positions[id - kSpilledIdBase]
+                                    : a.new_token_positions[b];
+    }
+  }
+}
+
+// A bitonic sort of (position, row) pairs in shared memory, padded to a
+// power of two with positions that sort last.
+__global__ void __launch_bounds__(kThreads)
+    SortKernel(const SortRowsArgs a, int padded) {
+  extern __shared__ int64_t s_pos[];  // [padded], then the rows
+  int32_t* s_row = reinterpret_cast<int32_t*>(s_pos + padded);
+  const int b = blockIdx.x;
+  const int n = a.counts[b];
+  const size_t at = size_t(b) * a.capacity;
+  for (int i = threadIdx.x; i < padded; i += kThreads) {
+    s_pos[i] = i < n ? a.positions[at + i] : INT64_MAX;
+    s_row[i] = i < n ? a.rows[at + i] : -1;
+  }
+  __syncthreads();
+  for (int k = 2; k <= padded; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = threadIdx.x; i < padded; i += kThreads) {
+        const int partner = i ^ j;
+        if (partner > i) {
+          const bool ascending = (i & k) == 0;
+          if ((s_pos[i] > s_pos[partner]) == ascending) {
+            const int64_t p = s_pos[i];
+            s_pos[i] = s_pos[partner];
+            s_pos[partner] = p;
+            const int32_t r = s_row[i];
+            s_row[i] = s_row[partner];
+            s_row[partner] = r;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    a.sorted_positions[at + i] = s_pos[i];
+    a.sorted_rows[at + i] = s_row[i];
   }
 }
 
@@ -349,6 +394,26 @@ absl::Status MapSelectedRows(const DecodePolicyShape& shape,
   }
   MapKernel<<<shape.streams, kThreads, 0, stream>>>(MapArgs{shape, args});
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("MapKernel");
+  return absl::OkStatus();
+}
+
+absl::Status SortRowsByPosition(const DecodePolicyShape& shape,
+                                const SortRowsArgs& args, cudaStream_t stream) {
+  absl::Status valid = shape.Validate();
+  if (!valid.ok()) return valid;
+  if (args.rows == nullptr || args.positions == nullptr ||
+      args.counts == nullptr || args.sorted_rows == nullptr ||
+      args.sorted_positions == nullptr || args.capacity < 1 ||
+      args.capacity > kMaxSortRows) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "SortRowsArgs: every array must be set and capacity in [1, ",
+        kMaxSortRows, "], got ", args.capacity));
+  }
+  int padded = 1;
+  while (padded < args.capacity) padded <<= 1;
+  const size_t smem = size_t(padded) * (8 + 4);
+  SortKernel<<<shape.streams, kThreads, smem, stream>>>(args, padded);
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("SortKernel");
   return absl::OkStatus();
 }
 

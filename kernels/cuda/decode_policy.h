@@ -117,9 +117,33 @@ struct MapRowsArgs {
   const int32_t* new_token_rows = nullptr;  // [B]
   int32_t* pool_rows = nullptr;             // [B, capacity]
   int32_t* row_slots = nullptr;             // [B, capacity]
+  // FETCH: also each row's original position ([B, capacity]), from the
+  // slot's position, spilled_positions (like spilled_rows) or
+  // new_token_positions [B]. Null: not written (then the two inputs may be
+  // null too).
+  int64_t* row_positions = nullptr;
+  const int64_t* spilled_positions = nullptr;
+  const int64_t* new_token_positions = nullptr;
 };
 absl::Status MapSelectedRows(const DecodePolicyShape& shape,
                              const MapRowsArgs& args, cudaStream_t stream);
+
+// FETCH: each stream's rows in ascending original position (selection.md
+// § FETCH), out of place: `rows`/`positions` [B, capacity] (as
+// MapSelectedRows wrote them, `counts` of them) into `sorted_rows` /
+// `sorted_positions`. Positions are distinct within a stream. capacity ≤
+// kMaxSortRows.
+inline constexpr int kMaxSortRows = 2048;
+struct SortRowsArgs {
+  const int32_t* rows = nullptr;
+  const int64_t* positions = nullptr;
+  const int32_t* counts = nullptr;  // [B]
+  int capacity = 0;
+  int32_t* sorted_rows = nullptr;
+  int64_t* sorted_positions = nullptr;
+};
+absl::Status SortRowsByPosition(const DecodePolicyShape& shape,
+                                const SortRowsArgs& args, cudaStream_t stream);
 
 // Step 3: the attention's group-reduced probabilities per slot for
 // UpdateCascades: slot_probs [B, slots] (every element written: 0 where

@@ -29,6 +29,7 @@
 #include "kernels/cascade_policy.h"
 #include "kernels/dtype.h"
 #include "kernels/policy_math.h"
+#include "service/engine/step_types.h"
 
 namespace kvmem {
 
@@ -78,6 +79,9 @@ struct DevicePolicyShape {
   DType dtype = DType::kBf16;
   float softmax_scale = 1;
   ScoreReduction reduction = ScoreReduction::kMax;
+  // FETCH: also return each stream's selected rows in ascending position
+  // (budget_tokens ≤ cuda::kMaxSortRows).
+  bool fetch = false;
 };
 
 // One stream's decode step (T = 1) on a device-owned layer.
@@ -87,6 +91,7 @@ struct DevicePolicyItem {
   const uint8_t* query = nullptr;  // [G, D] session dtype
   const uint8_t* key = nullptr;    // [D] the new token
   const uint8_t* value = nullptr;  // [D]
+  int64_t position = 0;            // the new token's
   // Spilled candidates (recall on) in tie order: the sealed pages by
   // sequence (P tokens each; every one so far, as the stream lists them:
   // the device keeps the digests it has, and uploads only newer ones),
@@ -100,10 +105,12 @@ struct DevicePolicyItem {
   std::vector<uint8_t> spilled_taken;
   std::vector<const uint8_t*> spilled_keys;
   std::vector<const uint8_t*> spilled_values;
+  std::vector<const int64_t*> spilled_positions;  // FETCH: [tokens] each
   // Outputs, sized by the caller: [G, D] fp32 and [G]. The token that left
   // the resident set, if any (position −1: none), with its rows.
   float* out = nullptr;
   float* lse = nullptr;
+  FetchedHead* fetched = nullptr;  // FETCH: positions, keys, values
   int64_t evicted_position = -1;
   std::string evicted_key, evicted_value;
 };

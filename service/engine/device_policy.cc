@@ -280,6 +280,11 @@ absl::Status DeviceBackend::DecodeOwned(
   const int budget = shape.budget_tokens;
   const size_t elem = size_t(DTypeBytes(shape.dtype));
   const size_t row = size_t(D) * elem;
+  if (shape.fetch && budget > cuda::kMaxSortRows) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("device policy: FETCH with a budget of ", budget,
+                     " tokens, at most ", cuda::kMaxSortRows));
+  }
   if (budget < A) {
     return absl::InvalidArgumentError(absl::StrCat(
         "device policy: budget ", budget, " below the always-in tokens ", A));
@@ -327,6 +332,7 @@ absl::Status DeviceBackend::DecodeOwned(
   const size_t budget_at = L.Take(size_t(B) * 4);
   const size_t abegin_at = L.Take(size_t(B) * 4);
   const size_t rbegin_at = L.Take(size_t(B) * 4);
+  const size_t newpos_at = L.Take(size_t(B) * 8);
   const size_t phase1_in_end = L.end();
   const size_t selected_at = L.Take(size_t(candidates));
   const size_t phase1_out_end = L.end();
@@ -337,6 +343,8 @@ absl::Status DeviceBackend::DecodeOwned(
   const size_t dst_at = L.Take(size_t(max_staged) * 4);
   const size_t stk_at = L.Take(size_t(max_staged) * row);
   const size_t stv_at = L.Take(size_t(max_staged) * row);
+  const size_t spos_at =
+      L.Take(shape.fetch ? size_t(spilled_total) * 64 * 8 : 0);
   const size_t phase2_in_end = L.end();
   const size_t out_at = L.Take(size_t(B) * G * D * 4);
   const size_t lse_at = L.Take(size_t(B) * G * 4);
@@ -344,6 +352,13 @@ absl::Status DeviceBackend::DecodeOwned(
   const size_t ek_at = L.Take(size_t(B) * row);
   const size_t ev_at = L.Take(size_t(B) * row);
   const size_t phase2_out_end = L.end();
+  // FETCH's results, copied back apart (their size is the budget's).
+  const size_t fetch_rows = shape.fetch ? size_t(B) * budget : 0;
+  const size_t fpos_at = L.Take(fetch_rows * 8);
+  const size_t fk_at = L.Take(fetch_rows * row);
+  const size_t fv_at = L.Take(fetch_rows * row);
+  const size_t rpos_at = L.Take(fetch_rows * 8);
+  const size_t frow_at = L.Take(fetch_rows * 4);
   const size_t scores_at = L.Take(size_t(candidates) * 4);
   const size_t fresh_at = L.Take(size_t(candidates) * 4);
   const size_t first_at = L.Take(size_t(candidates) * 4);
@@ -457,6 +472,7 @@ absl::Status DeviceBackend::DecodeOwned(
     host32(budget_at)[i] = budget;
     host32(abegin_at)[i] = b * A;
     host32(rbegin_at)[i] = b * budget;
+    reinterpret_cast<int64_t*>(h + newpos_at)[i] = item.position;
     std::memcpy(h + newk_at + i * row, item.key, row);
     std::memcpy(h + newv_at + i * row, item.value, row);
   });
@@ -516,6 +532,7 @@ absl::Status DeviceBackend::DecodeOwned(
     item.spilled_taken.assign(taken, taken + n);
     item.spilled_keys.assign(n, nullptr);
     item.spilled_values.assign(n, nullptr);
+    item.spilled_positions.assign(n, nullptr);
   }
   // The host reads the spilled pages taken; nothing has changed yet.
   KVMEM_RETURN_IF_ERROR(recall());
@@ -530,7 +547,8 @@ absl::Status DeviceBackend::DecodeOwned(
     for (size_t j = 0; j < item.spilled_taken.size(); ++j) {
       if (!item.spilled_taken[j]) continue;
       if (item.spilled_keys[j] == nullptr ||
-          item.spilled_values[j] == nullptr) {
+          item.spilled_values[j] == nullptr ||
+          (shape.fetch && item.spilled_positions[j] == nullptr)) {
         return absl::InvalidArgumentError(
             absl::StrCat("device policy: item ", b, "'s taken spilled page ", j,
                          " has no rows"));
@@ -577,6 +595,10 @@ absl::Status DeviceBackend::DecodeOwned(
         host32(srows_at)[global * 64 + size_t(t)] =
             stage(item.spilled_keys[j] + size_t(t) * row,
                   item.spilled_values[j] + size_t(t) * row);
+        if (shape.fetch) {
+          reinterpret_cast<int64_t*>(h + spos_at)[global * 64 + size_t(t)] =
+              item.spilled_positions[j][t];
+        }
       }
     }
     host32(newrow_at)[i] = stage(item.key, item.value);
@@ -589,6 +611,10 @@ absl::Status DeviceBackend::DecodeOwned(
       cuda::CopyToDevice(d + stk_at, h + stk_at, size_t(staged) * row, stream));
   KVMEM_RETURN_IF_ERROR(
       cuda::CopyToDevice(d + stv_at, h + stv_at, size_t(staged) * row, stream));
+  if (shape.fetch && spilled_total > 0) {
+    KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(
+        d + spos_at, h + spos_at, size_t(spilled_total) * 64 * 8, stream));
+  }
   (void)phase2_in_end;
   // From here on an error leaves the layers' state half-stepped.
   *touched = true;
@@ -612,6 +638,11 @@ absl::Status DeviceBackend::DecodeOwned(
   map.new_token_rows = dev32(newrow_at);
   map.pool_rows = dev32(prow_at);
   map.row_slots = dev32(rslot_at);
+  if (shape.fetch) {
+    map.row_positions = reinterpret_cast<int64_t*>(d + rpos_at);
+    map.spilled_positions = reinterpret_cast<const int64_t*>(d + spos_at);
+    map.new_token_positions = reinterpret_cast<const int64_t*>(d + newpos_at);
+  }
   KVMEM_RETURN_IF_ERROR(cuda::MapSelectedRows(k, map, stream));
 
   cuda::DecodeAttentionShape ds;
@@ -656,6 +687,33 @@ absl::Status DeviceBackend::DecodeOwned(
   probs.self_probs = devf(self_at);
   KVMEM_RETURN_IF_ERROR(cuda::ScatterSlotProbs(k, probs, stream));
 
+  if (shape.fetch) {
+    // The rows as they are before the update moves them, by position.
+    cuda::SortRowsArgs sort;
+    sort.rows = dev32(prow_at);
+    sort.positions = reinterpret_cast<const int64_t*>(d + rpos_at);
+    sort.counts = dev32(idcount_at);
+    sort.capacity = budget;
+    sort.sorted_rows = dev32(frow_at);
+    sort.sorted_positions = reinterpret_cast<int64_t*>(d + fpos_at);
+    KVMEM_RETURN_IF_ERROR(cuda::SortRowsByPosition(k, sort, stream));
+    cuda::GatherRowsShape gather_shape;
+    gather_shape.streams = B;
+    gather_shape.head_dim = D;
+    gather_shape.dtype = shape.dtype;
+    gather_shape.max_rows_per_stream = budget;
+    cuda::GatherRowsInputs gather_in;
+    gather_in.key_rows = impl_->pool->plane_base(0);
+    gather_in.value_rows = impl_->pool->plane_base(1);
+    gather_in.rows = dev32(frow_at);
+    gather_in.row_begin = dev32(rbegin_at);
+    gather_in.row_count = dev32(idcount_at);
+    cuda::GatherRowsOutputs gather_out;
+    gather_out.keys = d + fk_at;
+    gather_out.values = d + fv_at;
+    KVMEM_RETURN_IF_ERROR(
+        cuda::GatherRows(gather_shape, gather_in, gather_out, stream));
+  }
   cuda::CascadeBatchShape cascade_shape;
   cascade_shape.streams = B;
   cascade_shape.params = shape.cascade;
@@ -689,12 +747,27 @@ absl::Status DeviceBackend::DecodeOwned(
 
   KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + out_at, d + out_at,
                                          phase2_out_end - out_at, stream));
+  if (shape.fetch) {
+    KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + idcount_at, d + idcount_at,
+                                           size_t(B) * 4, stream));
+    KVMEM_RETURN_IF_ERROR(
+        cuda::CopyToHost(h + fpos_at, d + fpos_at, rpos_at - fpos_at, stream));
+  }
   KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
   each_item([&](size_t i) {
     DevicePolicyItem& item = items[i];
     std::memcpy(item.out, h + out_at + i * G * D * 4, size_t(G) * D * 4);
     std::memcpy(item.lse, h + lse_at + i * G * 4, size_t(G) * 4);
     item.evicted_position = reinterpret_cast<const int64_t*>(h + epos_at)[i];
+    if (shape.fetch && item.fetched != nullptr) {
+      const size_t n = size_t(host32(idcount_at)[i]);
+      const size_t from = i * size_t(budget);
+      const int64_t* positions =
+          reinterpret_cast<const int64_t*>(h + fpos_at) + from;
+      item.fetched->positions.assign(positions, positions + n);
+      item.fetched->k.assign(h + fk_at + from * row, n * row);
+      item.fetched->v.assign(h + fv_at + from * row, n * row);
+    }
     if (item.evicted_position >= 0) {
       item.evicted_key.assign(h + ek_at + i * row, row);
       item.evicted_value.assign(h + ev_at + i * row, row);

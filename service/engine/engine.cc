@@ -506,7 +506,7 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       }
     }
 
-    // CUDA backend: ATTEND decode entries whose layer is (or can become)
+    // CUDA backend: decode entries whose layer is (or can become)
     // device-owned run the whole policy there (StepOwned). The others read
     // their layer's host state, which a device-owned layer brings back.
     std::vector<bool> owned(n, false);
@@ -515,9 +515,8 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       for (size_t i = 0; i < n; ++i) {
         if (replay[i]) continue;
         LiveSession& s = *sessions[i];
-        if (mode == StepMode::kAttend) {
-          owned[i] = TakeLayer(s, size_t(layer), request.entries[i], n, order);
-        }
+        owned[i] =
+            TakeLayer(s, size_t(layer), mode, request.entries[i], n, order);
         if (owned[i]) {
           host_skip[i] = true;
         } else {

@@ -223,7 +223,8 @@ class Engine {
   // and UNAVAILABLE returned. Caller holds s.mu.
   absl::Status SyncToHost(LiveSession& s, bool drop);
   absl::Status SyncLayerToHost(LiveSession& s, size_t layer, bool drop);
-  // Decode steps of device-owned layers (the entries `owned` marks): the
+  // Decode steps (ATTEND, FETCH) of device-owned layers (the entries `owned`
+  // marks): the
   // whole policy on the device (DeviceBackend::DecodeOwned), the evicted
   // tokens spilled on the host into done[i]. Layers are made device-owned
   // by the caller. An error before anything changed is returned as is; one
@@ -236,8 +237,9 @@ class Engine {
   // Whether entry `e` of layer `layer` of `s` may step as a device-owned
   // layer: uploads its rows and its policy state when needed (evicting idle
   // sessions' rows for room). False keeps it on the host path.
-  bool TakeLayer(LiveSession& s, size_t layer, const StepEntryView& e,
-                 size_t entries, const std::vector<LiveSession*>& busy);
+  bool TakeLayer(LiveSession& s, size_t layer, StepMode mode,
+                 const StepEntryView& e, size_t entries,
+                 const std::vector<LiveSession*>& busy);
   // Uploads layer `layer`'s rows of `s` if they are not on the device;
   // false (counted in device_fallbacks) when they do not fit.
   bool UploadLayer(LiveSession& s, size_t layer,

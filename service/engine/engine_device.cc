@@ -127,14 +127,20 @@ bool Engine::UploadLayer(LiveSession& s, size_t layer,
   return true;
 }
 
-bool Engine::TakeLayer(LiveSession& s, size_t layer, const StepEntryView& e,
-                       size_t entries, const std::vector<LiveSession*>& busy)
+bool Engine::TakeLayer(LiveSession& s, size_t layer, StepMode mode,
+                       const StepEntryView& e, size_t entries,
+                       const std::vector<LiveSession*>& busy)
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const StreamConfig& c = s.stream_config;
   const std::vector<StreamState>& streams = s.streams[layer];
   // What the device policy does: ABSOLUTE sparse decode steps with a query
-  // (selection.md), within the kernels' bounds. The rest stays on the
-  // host path (its attention on the device where AttendOnDevice can).
+  // (selection.md), ATTEND or FETCH, within the kernels' bounds. The rest
+  // stays on the host path (its attention on the device where
+  // AttendOnDevice can).
+  if (mode != StepMode::kAttend && mode != StepMode::kFetch) return false;
+  if (mode == StepMode::kFetch && c.budget_tokens > cuda::kMaxSortRows) {
+    return false;
+  }
   if (e.num_tokens != 1 || e.q.empty() || c.cache_rank || s.dense[layer] ||
       c.group > cuda::kMaxPolicyGroup || c.head_dim > cuda::kMaxPolicyHeadDim ||
       c.page_tokens > cuda::kMaxPolicyPageTokens ||
@@ -203,6 +209,7 @@ absl::Status Engine::StepOwned(
         "/", int(c.dtype), "/", c.softmax_scale, "/", int(c.reduction));
     Launch& launch = launches[key];
     launch.shape = PolicyShapeOf(c);
+    launch.shape.fetch = request.mode == StepMode::kFetch;
     ++launch.entries;
     const size_t elem = size_t(DTypeBytes(c.dtype));
     const size_t q_head = size_t(c.group) * c.head_dim * elem;
@@ -216,6 +223,7 @@ absl::Status Engine::StepOwned(
       item.query = reinterpret_cast<const uint8_t*>(e.q.data()) + h * q_head;
       item.key = reinterpret_cast<const uint8_t*>(e.k.data()) + h * kv_head;
       item.value = reinterpret_cast<const uint8_t*>(e.v.data()) + h * kv_head;
+      item.position = e.position;
       if (c.recall) {
         item.sealed_digests.reserve(stream.sealed_pages().size());
         for (const SealedPageRef& page : stream.sealed_pages()) {
@@ -232,6 +240,7 @@ absl::Status Engine::StepOwned(
       output.lse.assign(size_t(c.group), 0.0f);
       item.out = output.out.data();
       item.lse = output.lse.data();
+      if (launch.shape.fetch) item.fetched = &output.fetched;
       launch.items.push_back(std::move(item));
       launch.at.emplace_back(i, h);
     }
@@ -270,6 +279,7 @@ absl::Status Engine::StepOwned(
                 stream.open_page().keys.data());
             item.spilled_values[j] = reinterpret_cast<const uint8_t*>(
                 stream.open_page().values.data());
+            item.spilled_positions[j] = stream.open_page().positions.data();
           }
         }
         if (wanted.empty()) continue;
@@ -287,6 +297,7 @@ absl::Status Engine::StepOwned(
               reinterpret_cast<const uint8_t*>(page.keys.data());
           item.spilled_values[wanted[r]] =
               reinterpret_cast<const uint8_t*>(page.values.data());
+          item.spilled_positions[wanted[r]] = page.positions.data();
         }
       }
       return absl::OkStatus();

@@ -4,10 +4,11 @@
 // with its own RocksDB. Fresh random inputs, seed printed. Tolerances
 // (STYLE.md): attention outputs are rounded to the session dtype (bf16:
 // 1e-2, fp16: 1e-3, atol and rtol), LSE 1e-4; FETCH positions and rows are
-// exact. ATTEND decode steps of sparse layers run the whole policy on the
-// device (device-owned layers); FETCH steps bring a layer's state back to
-// the host (the positions they return then show the device policy chose
-// exactly as the CPU's), and describing a session reads it back too.
+// exact. Decode steps (ATTEND and FETCH) of sparse layers run the whole
+// policy on the device (device-owned layers): FETCH's positions and rows
+// show it chose exactly as the CPU. APPEND steps and two-token chunks now
+// and then take a layer's state back to the host path and return it;
+// describing a session reads it back too.
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -169,6 +170,10 @@ void RunWorkload(Engine* cpu, Engine* cuda, uint32_t seed, int decode_steps) {
     driver.Step(cpu, cuda, cs, 0, StepMode::kAttend, 1, &at0);
     driver.Step(cpu, cuda, cs, 1,
                 t % 3 == 0 ? StepMode::kFetch : StepMode::kAttend, 1, &at1);
+    // Host-path steps in the middle of decoding: the layers' state comes
+    // back from the device, and goes again on the next decode step.
+    if (t % 11 == 5) driver.Step(cpu, cuda, cs, 1, StepMode::kAppend, 1, &at1);
+    if (t % 13 == 6) driver.Step(cpu, cuda, cs, 0, StepMode::kAttend, 2, &at0);
     // One session alone now and then, in either layer: batches of other
     // compositions (and, in a small pool, layers that must make room).
     if (t % 7 == 0) {
@@ -207,9 +212,9 @@ TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
   const EngineStats stats = cuda.engine->Stats();
   EXPECT_GT(stats.device_pool_used_bytes, 0);  // the layers live there
   EXPECT_EQ(stats.device_fallbacks, 0);        // and every decode ran there
-  // Layer 0's decode steps (and layer 1's ATTEND ones) ran the policy on
-  // the device: 150 steps × 3 sessions of layer 0 at least.
-  EXPECT_GE(stats.device_policy_steps, 450);
+  // The decode steps of both layers ran the policy on the device: 150
+  // steps × 3 sessions × 2 layers, and the single-session ones.
+  EXPECT_GE(stats.device_policy_steps, 900);
   EXPECT_EQ(stats.device_evictions, 0);
   EXPECT_GT(stats.spilled_bytes, 0);  // the workload spilled (and recalled)
 }
