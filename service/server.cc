@@ -230,6 +230,11 @@ absl::Status ServerOptions::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat(
         "--memory_limit_bytes must be >= 0, got ", memory_limit_bytes));
   }
+  if (step_spin_us < -1 || step_spin_us > 100000) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--step_spin_us must be -1 (the default) or in [0, 100000], got ",
+        step_spin_us));
+  }
   if (max_log_bytes < (int64_t{1} << 20)) {
     return absl::InvalidArgumentError(
         absl::StrCat("--max_log_bytes must be at least 1 MiB (1048576), got ",
@@ -256,6 +261,7 @@ absl::StatusOr<std::unique_ptr<Server>> StartServer(
   engine_options.memory_limit_bytes = options.memory_limit_bytes;
   engine_options.wal_sync_ms = options.wal_sync_ms;
   engine_options.max_log_bytes = options.max_log_bytes;
+  engine_options.step_spin_us = options.step_spin_us;
   engine_options.device = cuda_backend;
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
                          Engine::Open(engine_options, store.get()));

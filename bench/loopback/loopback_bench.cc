@@ -52,6 +52,7 @@ ABSL_FLAG(int, token_iterations, 10, "decode tokens measured per cell");
 ABSL_FLAG(std::string, data_dir, "/tmp/kvmem-loopback-bench",
           "server data directory (emptied first)");
 ABSL_FLAG(std::string, backend, "cpu", "server --backend");
+ABSL_FLAG(int, step_spin_us, -1, "server --step_spin_us");
 
 namespace kvmem {
 namespace {
@@ -403,6 +404,7 @@ int Main() {
   // at the default (every 256 MiB of log) filling a 96K-token × 32-layer
   // session would write its state ~48 times. Recovery is not measured here.
   options.max_log_bytes = int64_t{1} << 40;
+  options.step_spin_us = absl::GetFlag(FLAGS_step_spin_us);
   absl::StatusOr<std::unique_ptr<Server>> server = StartServer(options);
   if (!server.ok()) {
     std::fprintf(stderr, "%s\n", server.status().ToString().c_str());

@@ -387,9 +387,11 @@ absl::Status DeviceBackend::DecodeOwned(
   const size_t fresh_sealed_at = L.Take(new_sealed * 2 * D * 4);
 
   // The per-item host work is a few row copies: worker threads pay off
-  // only for large batches (a wake-up costs as much as tens of items).
-  auto each_item = [&](const std::function<void(size_t)>& fn) {
-    if (parallel != nullptr && B >= 64) {
+  // only for large batches (a wake-up costs as much as tens of items), or
+  // for FETCH's results (a budget of rows per item).
+  auto each_item = [&](const std::function<void(size_t)>& fn,
+                       bool heavy = false) {
+    if (parallel != nullptr && (B >= 64 || heavy)) {
       parallel->Run(size_t(B), fn);
     } else {
       for (size_t i = 0; i < size_t(B); ++i) fn(i);
@@ -754,25 +756,28 @@ absl::Status DeviceBackend::DecodeOwned(
         cuda::CopyToHost(h + fpos_at, d + fpos_at, rpos_at - fpos_at, stream));
   }
   KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
-  each_item([&](size_t i) {
-    DevicePolicyItem& item = items[i];
-    std::memcpy(item.out, h + out_at + i * G * D * 4, size_t(G) * D * 4);
-    std::memcpy(item.lse, h + lse_at + i * G * 4, size_t(G) * 4);
-    item.evicted_position = reinterpret_cast<const int64_t*>(h + epos_at)[i];
-    if (shape.fetch && item.fetched != nullptr) {
-      const size_t n = size_t(host32(idcount_at)[i]);
-      const size_t from = i * size_t(budget);
-      const int64_t* positions =
-          reinterpret_cast<const int64_t*>(h + fpos_at) + from;
-      item.fetched->positions.assign(positions, positions + n);
-      item.fetched->k.assign(h + fk_at + from * row, n * row);
-      item.fetched->v.assign(h + fv_at + from * row, n * row);
-    }
-    if (item.evicted_position >= 0) {
-      item.evicted_key.assign(h + ek_at + i * row, row);
-      item.evicted_value.assign(h + ev_at + i * row, row);
-    }
-  });
+  each_item(
+      [&](size_t i) {
+        DevicePolicyItem& item = items[i];
+        std::memcpy(item.out, h + out_at + i * G * D * 4, size_t(G) * D * 4);
+        std::memcpy(item.lse, h + lse_at + i * G * 4, size_t(G) * 4);
+        item.evicted_position =
+            reinterpret_cast<const int64_t*>(h + epos_at)[i];
+        if (shape.fetch && item.fetched != nullptr) {
+          const size_t n = size_t(host32(idcount_at)[i]);
+          const size_t from = i * size_t(budget);
+          const int64_t* positions =
+              reinterpret_cast<const int64_t*>(h + fpos_at) + from;
+          item.fetched->positions.assign(positions, positions + n);
+          item.fetched->k.assign(h + fk_at + from * row, n * row);
+          item.fetched->v.assign(h + fv_at + from * row, n * row);
+        }
+        if (item.evicted_position >= 0) {
+          item.evicted_key.assign(h + ek_at + i * row, row);
+          item.evicted_value.assign(h + ev_at + i * row, row);
+        }
+      },
+      /*heavy=*/shape.fetch);
   return absl::OkStatus();
 }
 

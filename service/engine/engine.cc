@@ -131,7 +131,11 @@ Engine::Engine(const Options& options, storage::Store* store,
       registry_(std::move(registry)),
       page_cache_(
           std::make_unique<storage::PageCache>(options.page_cache_bytes)),
-      parallel_(std::make_unique<ParallelFor>(StepThreads(options))),
+      parallel_(std::make_unique<ParallelFor>(
+          StepThreads(options),
+          options.step_spin_us >= 0
+              ? std::chrono::microseconds(options.step_spin_us)
+              : ParallelFor::DefaultSpin())),
       memory_limit_bytes_(memory_limit_bytes) {}
 
 Engine::~Engine() {

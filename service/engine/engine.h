@@ -107,9 +107,14 @@ class Engine {
     // policy) beside the request's own; -1: one fewer than the cores, at
     // most 15. 0: all on the request's thread.
     int step_threads = -1;
+    // How long those threads spin before sleeping, µs; −1: the default
+    // (200 on machines with 8 or more cores, else 0; base/parallel_for.h).
+    int step_spin_us = -1;
     // The CUDA backend (device_backend.h), or null: the CPU oracle alone.
-    // With it, each decode step (T = 1, ATTEND or FETCH, not CACHE_RANK)
-    // attends on the device over rows held there; the policy stays here.
+    // With it, decode steps (T = 1, ATTEND or FETCH) of sparse ABSOLUTE
+    // layers run the whole policy there, the layer's state held on the
+    // device (StepOwned); other decode steps not in CACHE_RANK attend on
+    // the device over rows held there, the policy staying here.
     std::shared_ptr<DeviceBackend> device;
   };
 

@@ -382,6 +382,11 @@ TEST_F(ServerTest, BadServerOptionsAreNamed) {
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("--max_log_bytes"), absl::string_view::npos);
   options.max_log_bytes = int64_t{256} << 20;
+  options.step_spin_us = -2;
+  st = StartServer(options).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("--step_spin_us"), absl::string_view::npos);
+  options.step_spin_us = -1;
   // Asked for by name, the CUDA backend needs a device: on a machine
   // without one the start is refused, naming the backend.
   if (cuda::ProbeDevices().device_count == 0) {
