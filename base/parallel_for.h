@@ -6,11 +6,11 @@
 // A step runs several short loops (tens of µs each) back to back. Waking a
 // sleeping thread costs a futex wake and, on a virtual machine, an
 // inter-processor interrupt: 10–50 µs, as much as the loop itself. So up to
-// half of the idle workers, and a caller waiting for its helpers, spin for
-// `spin` before they sleep (the other half sleep at once, leaving cores to
-// the server's other threads); with a zero spin (the default on small
-// machines, where a spinning thread would take the core the caller needs)
-// every thread sleeps at once.
+// half of the idle workers, and a caller waiting for its helpers, can spin
+// for `spin` before they sleep (the other half sleep at once, leaving cores
+// to the server's other threads). The default is no spin: on the GPU
+// machine a 200 µs spin made decode steps slower, not faster (the A/B in
+// bench/results/loopback.md), the spinners taking cores from gRPC.
 #ifndef KVMEM_BASE_PARALLEL_FOR_H_
 #define KVMEM_BASE_PARALLEL_FOR_H_
 
@@ -30,12 +30,9 @@ namespace kvmem {
 
 class ParallelFor {
  public:
-  // How long idle threads spin by default: 200 µs where the machine has
-  // cores to spare (8 or more), else none.
+  // How long idle threads spin unless told: not at all (see above).
   static std::chrono::nanoseconds DefaultSpin() {
-    return std::thread::hardware_concurrency() >= 8
-               ? std::chrono::microseconds(200)
-               : std::chrono::nanoseconds(0);
+    return std::chrono::nanoseconds(0);
   }
 
   // `threads` workers besides the callers; 0 runs every loop inline.

@@ -41,8 +41,8 @@ ABSL_FLAG(int64_t, max_log_bytes, int64_t{256} << 20,
           "each checkpoint writes the session's whole state)");
 ABSL_FLAG(int, step_spin_us, -1,
           "how long idle step worker threads spin before sleeping, µs "
-          "(a wake-up costs 10-50 µs on virtual machines); -1: 200 on "
-          "machines with 8 or more cores, else 0");
+          "(a wake-up costs 10-50 µs on virtual machines); -1: the "
+          "default, none");
 ABSL_FLAG(int, wal_sync_ms, 100,
           "ASYNC sessions: how often the write-ahead log is synced, which "
           "advances their durable_position (ms)");

@@ -36,8 +36,8 @@ struct ServerOptions {
   // A session whose step log has grown past this many bytes since its last
   // checkpoint checkpoints at the end of the step. ≥ 1 MiB.
   int64_t max_log_bytes = int64_t{256} << 20;
-  // How long the step worker threads spin before sleeping, µs; −1: 200 on
-  // machines with 8 or more cores, else 0. 0..100000.
+  // How long the step worker threads spin before sleeping, µs; −1: the
+  // default, none. 0..100000.
   int step_spin_us = -1;
   // host:port serving Prometheus text on GET /metrics; empty = off.
   std::string metrics_listen;

@@ -107,8 +107,8 @@ class Engine {
     // policy) beside the request's own; -1: one fewer than the cores, at
     // most 15. 0: all on the request's thread.
     int step_threads = -1;
-    // How long those threads spin before sleeping, µs; −1: the default
-    // (200 on machines with 8 or more cores, else 0; base/parallel_for.h).
+    // How long those threads spin before sleeping, µs; −1: the default,
+    // none (base/parallel_for.h).
     int step_spin_us = -1;
     // The CUDA backend (device_backend.h), or null: the CPU oracle alone.
     // With it, decode steps (T = 1, ATTEND or FETCH) of sparse ABSOLUTE
