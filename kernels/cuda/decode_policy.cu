@@ -176,12 +176,15 @@ __global__ void __launch_bounds__(kThreads) MapKernel(const MapArgs m) {
   const size_t at = size_t(b) * a.capacity;
   for (int i = threadIdx.x; i < n; i += kThreads) {
     const int32_t id = a.ids[at + i];
-    int32_t row, slot;
+    int32_t row, slot, staged = -1;
     if (id == kNewTokenId) {
       row = a.new_token_rows[b];
       slot = -2;
     } else if (id >= kSpilledIdBase) {
-      row = a.spilled_rows[id - kSpilledIdBase];
+      const int rel = id - kSpilledIdBase;
+      staged = a.spilled_stage[rel / kMaxPolicyPageTokens] +
+               rel % kMaxPolicyPageTokens;
+      row = a.staged_rows[staged];
       slot = -1;
     } else {
       slot = int32_t(id - slot0);
@@ -190,10 +193,9 @@ __global__ void __launch_bounds__(kThreads) MapKernel(const MapArgs m) {
     a.pool_rows[at + i] = row;
     a.row_slots[at + i] = slot;
     if (a.row_positions != nullptr) {
-      a.row_positions[at + i] = slot >= 0 ? st.positions[slot]
-                                : slot == -1
-                                    ? a.spilled_positions[id - kSpilledIdBase]
-                                    : a.new_token_positions[b];
+      a.row_positions[at + i] = slot >= 0    ? st.positions[slot]
+                                : slot == -1 ? a.staged_positions[staged]
+                                             : a.new_token_positions[b];
     }
   }
 }

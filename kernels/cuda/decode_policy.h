@@ -111,18 +111,20 @@ struct MapRowsArgs {
   const int32_t* ids = nullptr;     // [B, capacity] from SelectPages
   const int32_t* counts = nullptr;  // [B]
   int capacity = 0;                 // ids per stream (the budget)
-  // Pool row of every spilled id that was selected ([i·64 + j]); others
-  // are not read.
-  const int32_t* spilled_rows = nullptr;
+  // Spilled ids: the rows of taken candidates are staged, candidate i's
+  // token j at staging index spilled_stage[i] + j, which is pool row
+  // staged_rows[that] (entries of candidates not taken are not read).
+  const int32_t* spilled_stage = nullptr;   // [spilled candidates]
+  const int32_t* staged_rows = nullptr;     // [staged]
   const int32_t* new_token_rows = nullptr;  // [B]
   int32_t* pool_rows = nullptr;             // [B, capacity]
   int32_t* row_slots = nullptr;             // [B, capacity]
   // FETCH: also each row's original position ([B, capacity]), from the
-  // slot's position, spilled_positions (like spilled_rows) or
+  // slot's position, staged_positions (indexed like staged_rows) or
   // new_token_positions [B]. Null: not written (then the two inputs may be
   // null too).
   int64_t* row_positions = nullptr;
-  const int64_t* spilled_positions = nullptr;
+  const int64_t* staged_positions = nullptr;
   const int64_t* new_token_positions = nullptr;
 };
 absl::Status MapSelectedRows(const DecodePolicyShape& shape,

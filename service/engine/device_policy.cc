@@ -313,7 +313,10 @@ absl::Status DeviceBackend::DecodeOwned(
     most = std::max(most, Rc + n);
   }
   const int64_t candidates = int64_t(B) * Rc + spilled_total;
-  const int max_staged = spilled_tokens_total + B;
+  // Rows staged: the taken spilled pages' (at most a budget a stream) and
+  // the new tokens.
+  const int max_staged =
+      int(std::min<int64_t>(spilled_tokens_total, int64_t(B) * budget)) + B;
 
   // Staging, one layout both sides. Phase 1 inputs, phase 1 outputs, phase
   // 2 inputs, phase 2 outputs, then device-only scratch.
@@ -336,15 +339,14 @@ absl::Status DeviceBackend::DecodeOwned(
   const size_t phase1_in_end = L.end();
   const size_t selected_at = L.Take(size_t(candidates));
   const size_t phase1_out_end = L.end();
-  const size_t srows_at = L.Take(size_t(spilled_total) * 64 * 4);
+  const size_t cstage_at = L.Take(size_t(spilled_total) * 4);
   const size_t newrow_at = L.Take(size_t(B) * 4);
   const size_t newk_at = L.Take(size_t(B) * row);
   const size_t newv_at = L.Take(size_t(B) * row);
   const size_t dst_at = L.Take(size_t(max_staged) * 4);
   const size_t stk_at = L.Take(size_t(max_staged) * row);
   const size_t stv_at = L.Take(size_t(max_staged) * row);
-  const size_t spos_at =
-      L.Take(shape.fetch ? size_t(spilled_total) * 64 * 8 : 0);
+  const size_t spos_at = L.Take(shape.fetch ? size_t(max_staged) * 8 : 0);
   const size_t phase2_in_end = L.end();
   const size_t out_at = L.Take(size_t(B) * G * D * 4);
   const size_t lse_at = L.Take(size_t(B) * G * 4);
@@ -592,30 +594,29 @@ absl::Status DeviceBackend::DecodeOwned(
     };
     for (size_t j = 0; j < item.spilled_taken.size(); ++j) {
       if (!item.spilled_taken[j]) continue;
-      const size_t global = size_t(spilled_begin[i]) + j;
+      host32(cstage_at)[size_t(spilled_begin[i]) + j] = int32_t(s);
       for (int t = 0; t < SpilledTokens(item, j, k.page_tokens); ++t) {
-        host32(srows_at)[global * 64 + size_t(t)] =
-            stage(item.spilled_keys[j] + size_t(t) * row,
-                  item.spilled_values[j] + size_t(t) * row);
         if (shape.fetch) {
-          reinterpret_cast<int64_t*>(h + spos_at)[global * 64 + size_t(t)] =
+          reinterpret_cast<int64_t*>(h + spos_at)[s] =
               item.spilled_positions[j][t];
         }
+        stage(item.spilled_keys[j] + size_t(t) * row,
+              item.spilled_values[j] + size_t(t) * row);
       }
     }
     host32(newrow_at)[i] = stage(item.key, item.value);
   });
   // The tail of phase 1's inputs (the new tokens) and phase 2's inputs
   // travel together; only what staging used of the row regions is sent.
-  KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + srows_at, h + srows_at,
-                                           stk_at - srows_at, stream));
+  KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + cstage_at, h + cstage_at,
+                                           stk_at - cstage_at, stream));
   KVMEM_RETURN_IF_ERROR(
       cuda::CopyToDevice(d + stk_at, h + stk_at, size_t(staged) * row, stream));
   KVMEM_RETURN_IF_ERROR(
       cuda::CopyToDevice(d + stv_at, h + stv_at, size_t(staged) * row, stream));
-  if (shape.fetch && spilled_total > 0) {
-    KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(
-        d + spos_at, h + spos_at, size_t(spilled_total) * 64 * 8, stream));
+  if (shape.fetch) {
+    KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + spos_at, h + spos_at,
+                                             size_t(staged) * 8, stream));
   }
   (void)phase2_in_end;
   // From here on an error leaves the layers' state half-stepped.
@@ -636,13 +637,14 @@ absl::Status DeviceBackend::DecodeOwned(
   map.ids = dev32(ids_at);
   map.counts = dev32(idcount_at);
   map.capacity = budget;
-  map.spilled_rows = dev32(srows_at);
+  map.spilled_stage = dev32(cstage_at);
+  map.staged_rows = dev32(dst_at);
   map.new_token_rows = dev32(newrow_at);
   map.pool_rows = dev32(prow_at);
   map.row_slots = dev32(rslot_at);
   if (shape.fetch) {
     map.row_positions = reinterpret_cast<int64_t*>(d + rpos_at);
-    map.spilled_positions = reinterpret_cast<const int64_t*>(d + spos_at);
+    map.staged_positions = reinterpret_cast<const int64_t*>(d + spos_at);
     map.new_token_positions = reinterpret_cast<const int64_t*>(d + newpos_at);
   }
   KVMEM_RETURN_IF_ERROR(cuda::MapSelectedRows(k, map, stream));

@@ -395,7 +395,10 @@ TEST(DecodePolicyTest, SelectedIdsMapToRowsAndProbsGoBackToSlots) {
   // token; rows of spilled ids and new tokens made up.
   std::vector<int32_t> ids(size_t(B) * capacity, -7);
   std::vector<int32_t> counts(static_cast<size_t>(B));
-  std::vector<int32_t> spilled_rows(size_t(B) * 64, -1);
+  // Spilled candidate b (3 tokens taken) is staged from index 3b on; the
+  // staging rows are made up.
+  std::vector<int32_t> spilled_stage(static_cast<size_t>(B));
+  std::vector<int32_t> staged_rows(size_t(B) * 3);
   std::vector<int32_t> new_rows(static_cast<size_t>(B));
   std::uniform_int_distribution<int> slot(0, N - 1);
   for (int b = 0; b < B; ++b) {
@@ -407,7 +410,8 @@ TEST(DecodePolicyTest, SelectedIdsMapToRowsAndProbsGoBackToSlots) {
     for (int s : slots) list.push_back(b * N + s);
     for (int j = 0; j < 3; ++j) {
       list.push_back(kSpilledIdBase + b * 64 + j);
-      spilled_rows[size_t(b) * 64 + j] = 100000 + b * 10 + j;
+      spilled_stage[size_t(b)] = 3 * b;
+      staged_rows[size_t(3 * b + j)] = 100000 + b * 10 + j;
     }
     list.push_back(kNewTokenId);
     new_rows[size_t(b)] = 200000 + b;
@@ -417,7 +421,8 @@ TEST(DecodePolicyTest, SelectedIdsMapToRowsAndProbsGoBackToSlots) {
   }
   DeviceBuffer d_ids = Upload(ids, stream.get());
   DeviceBuffer d_counts = Upload(counts, stream.get());
-  DeviceBuffer d_spilled = Upload(spilled_rows, stream.get());
+  DeviceBuffer d_stage = Upload(spilled_stage, stream.get());
+  DeviceBuffer d_staged = Upload(staged_rows, stream.get());
   DeviceBuffer d_new = Upload(new_rows, stream.get());
   DeviceBuffer pool_rows = Poisoned<int32_t>(ids.size(), stream.get());
   DeviceBuffer row_slots = Poisoned<int32_t>(ids.size(), stream.get());
@@ -426,7 +431,8 @@ TEST(DecodePolicyTest, SelectedIdsMapToRowsAndProbsGoBackToSlots) {
   map.ids = d_ids.as<int32_t>();
   map.counts = d_counts.as<int32_t>();
   map.capacity = capacity;
-  map.spilled_rows = d_spilled.as<int32_t>();
+  map.spilled_stage = d_stage.as<int32_t>();
+  map.staged_rows = d_staged.as<int32_t>();
   map.new_token_rows = d_new.as<int32_t>();
   map.pool_rows = pool_rows.as<int32_t>();
   map.row_slots = row_slots.as<int32_t>();
@@ -460,7 +466,10 @@ TEST(DecodePolicyTest, SelectedIdsMapToRowsAndProbsGoBackToSlots) {
         EXPECT_EQ(got_slots[at], -2);
         EXPECT_EQ(Bits(got_self[size_t(b)]), Bits(probs[at]));
       } else if (id >= kSpilledIdBase) {
-        EXPECT_EQ(got_rows[at], spilled_rows[size_t(id - kSpilledIdBase)]);
+        const int rel = id - kSpilledIdBase;
+        EXPECT_EQ(
+            got_rows[at],
+            staged_rows[size_t(spilled_stage[size_t(rel / 64)] + rel % 64)]);
         EXPECT_EQ(got_slots[at], -1);
       } else {
         const int s = id - b * N;
