@@ -173,13 +173,10 @@ bool Engine::TakeLayer(LiveSession& s, size_t layer, StepMode mode,
   for (const CascadeStream::Snapshot& snapshot : snapshots) {
     heads.push_back(&snapshot);
   }
-  absl::Status took =
-      options_.device->TakePolicy(PolicyShapeOf(c), heads, digests, &rows);
-  if (!took.ok()) {
-    device_fallbacks_.fetch_add(1, std::memory_order_relaxed);
-    return false;
-  }
-  return true;
+  // No device memory for the state: the host path takes the step (its
+  // attention still on the device), and the next step tries again.
+  return options_.device->TakePolicy(PolicyShapeOf(c), heads, digests, &rows)
+      .ok();
 }
 
 absl::Status Engine::StepOwned(
