@@ -1,13 +1,18 @@
 // The engine's CUDA backend (issue 8): the resident key/value rows of the
-// sessions' streams in one device pool, and the decode attention of a whole
-// request's streams in one launch over them.
+// sessions' streams in one device pool, and the decode steps of a whole
+// request's streams in a fixed number of launches over them.
 //
-// Division of labour with the CPU oracle (docs/ARCHITECTURE.md § CUDA
-// backend): the policy state (positions, scores, digests, spill) stays in
-// StreamState on the host, which decides what each step attends to; the
-// device holds a copy of every slot's key/value rows, written after each
-// step with the rows that changed, and computes the attention and the
-// score input (group-reduced probabilities) that the host policy consumes.
+// Division of labour with the CPU oracle (docs/ARCHITECTURE.md § The CUDA
+// backend as built, § Device-owned layers), two ways:
+// - Device-owned layers (TakePolicy, DecodeOwned): the layer's policy
+//   state lives here too and the whole decode step runs here; the host's
+//   StreamState is a copy brought current by ReadPolicy, and keeps the
+//   spilled pages.
+// - Otherwise (Attend, Write): StreamState on the host decides what each
+//   step attends to and applies the policy; the device holds a copy of
+//   every slot's rows, written after each step with the rows that changed,
+//   and computes the attention and the group-reduced probabilities that
+//   the host policy consumes.
 // The split count of the attention is fixed, so a step's bits do not
 // depend on what it is batched with.
 //
