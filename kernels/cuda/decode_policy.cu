@@ -19,36 +19,32 @@ struct PlanArgs {
   PlanCandidatesArgs a;
 };
 
-// Lane `k` of QuestHeadBound for query q over digest [2, D].
-__device__ __forceinline__ float BoundLane(const float* q, const float* digest,
-                                           int head_dim, int k) {
-  const float* low = digest;
-  const float* high = digest + head_dim;
-  float lane = 0.0f;
-  int i = 0;
-  for (; i + kLanes <= head_dim; i += kLanes) {
-    const float up = MulF(q[i + k], __ldg(high + i + k));
-    const float down = MulF(q[i + k], __ldg(low + i + k));
-    lane = AddF(lane, up > down ? up : down);
-  }
-  if (i + k < head_dim) {  // the tail: element i + k goes to lane k
-    const float up = MulF(q[i + k], __ldg(high + i + k));
-    const float down = MulF(q[i + k], __ldg(low + i + k));
-    lane = AddF(lane, up > down ? up : down);
-  }
-  return lane;
-}
+constexpr int kPagesPerBlock = kThreads / kLanes;  // 32
+constexpr int kLaneElements = kMaxPolicyHeadDim / kLanes;
 
-// The page's score for the group: each head's bound, its eight lanes (the
-// threads of `group_mask`) added as ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)),
-// then MAX over heads, head 0 first (StreamState::Select's reduction).
+// The page's score for the group from lane k's digest values (channels
+// i = 8e + k, held in registers): each head's lane k of QuestHeadBound,
+// the eight lanes (the threads of `group_mask`) added as
+// ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)), then MAX over heads, head 0 first
+// (StreamState::Select's reduction).
 __device__ __forceinline__ float GroupScore(const float* s_query,
-                                            const float* digest, int group,
-                                            int head_dim, int k,
+                                            const float (&low)[kLaneElements],
+                                            const float (&high)[kLaneElements],
+                                            int group, int head_dim, int k,
                                             unsigned group_mask) {
   float score = 0.0f;
   for (int g = 0; g < group; ++g) {
-    float lane = BoundLane(s_query + g * head_dim, digest, head_dim, k);
+    const float* q = s_query + g * head_dim;
+    float lane = 0.0f;
+#pragma unroll
+    for (int e = 0; e < kLaneElements; ++e) {
+      const int i = e * kLanes + k;
+      if (i < head_dim) {
+        const float up = MulF(q[i], high[e]);
+        const float down = MulF(q[i], low[e]);
+        lane = AddF(lane, up > down ? up : down);
+      }
+    }
     lane = AddF(lane, __shfl_xor_sync(group_mask, lane, 1));
     lane = AddF(lane, __shfl_xor_sync(group_mask, lane, 2));
     lane = AddF(lane, __shfl_xor_sync(group_mask, lane, 4));
@@ -57,10 +53,14 @@ __device__ __forceinline__ float GroupScore(const float* s_query,
   return score;
 }
 
+// Grid (stream, chunk of 32 candidates): every block stages the stream's
+// queries; 8 threads a candidate load its digest's lane values all at once
+// (independent loads, one memory latency a block rather than one per
+// channel and head) and score it. Block 0 of a stream also writes its
+// always-in ids.
 template <DType kT>
 __global__ void __launch_bounds__(kThreads) PlanKernel(const PlanArgs p) {
   __shared__ float s_query[kMaxPolicyGroup * kMaxPolicyHeadDim];
-  __shared__ int s_always;
   const DecodePolicyShape& sh = p.shape;
   const PlanCandidatesArgs& a = p.a;
   const int b = blockIdx.x;
@@ -78,8 +78,8 @@ __global__ void __launch_bounds__(kThreads) PlanKernel(const PlanArgs p) {
   const int stored0 = st.stored[0];
   const int head0 = st.head[0];
   const int recent_from = max(0, stored0 - sh.recent_tokens);
-  int32_t* always = a.always_in_ids + size_t(b) * sh.always_capacity();
-  if (tid == 0) {
+  if (blockIdx.y == 0 && tid == 0) {
+    int32_t* always = a.always_in_ids + size_t(b) * sh.always_capacity();
     int n = 0;
     const int64_t slot0 = int64_t(b) * sh.slots();
     for (int s = 0; s < S; ++s) {
@@ -90,23 +90,22 @@ __global__ void __launch_bounds__(kThreads) PlanKernel(const PlanArgs p) {
     }
     always[n++] = kNewTokenId;
     a.always_in_count[b] = n;
-    s_always = n;
   }
-  __syncthreads();
+  __syncthreads();  // s_query is written; no barrier below
 
-  // Resident cascade pages: 8 threads a page.
-  const int group_of = tid / kLanes;  // which page of the round
-  const int k = tid % kLanes;
-  const int pages_per_round = kThreads / kLanes;
   const int cascade_pages = sh.cascade_pages();
-  const int begin = a.candidate_begin[b];
-  const int sink_pages = sh.sink_pages();
-  for (int base = 0; base < cascade_pages; base += pages_per_round) {
-    const int page = base + group_of;
-    const bool live = page < cascade_pages;  // whole groups of 8 agree
-    if (!live) continue;
-    const int first = S + page * P;  // slot of the page's first token
-    uint64_t mask = 0;
+  const int sealed = a.sealed_count[b];
+  const int open_tokens = a.open_tokens[b];
+  const int total = cascade_pages + sealed + (open_tokens > 0 ? 1 : 0);
+  const int c = blockIdx.y * kPagesPerBlock + tid / kLanes;
+  if (c >= total) return;  // whole groups of 8 leave together
+  const int k = tid % kLanes;
+  const unsigned group_mask = 0xffu << ((tid % 32) / kLanes * kLanes);
+  const float* digest;
+  uint64_t mask = 0;
+  int32_t first_id;
+  if (c < cascade_pages) {
+    const int first = S + c * P;  // slot of the page's first token
     for (int j = k; j < P; j += kLanes) {
       const int slot = first + j;
       if (st.positions[slot] < 0) continue;
@@ -114,51 +113,39 @@ __global__ void __launch_bounds__(kThreads) PlanKernel(const PlanArgs p) {
       const int offset = slot - S;
       bool recent = false;
       if (offset < W && offset < stored0) {
-        const int kk = (offset - head0 + stored0) % stored0;
-        recent = kk >= recent_from;
+        recent = (offset - head0 + stored0) % stored0 >= recent_from;
       }
       if (!recent) mask |= uint64_t{1} << j;
     }
-    // OR over the page's 8 threads (same 8-aligned lanes of one warp).
-    const unsigned group_mask = 0xffu << ((tid % 32) / kLanes * kLanes);
     for (int off = 1; off < kLanes; off <<= 1) {
       mask |= __shfl_xor_sync(group_mask, mask, off);
     }
-    const float* digest =
-        st.digests + size_t(sink_pages + page) * 2 * size_t(D);
-    // Scored whether or not it has fresh tokens (the fill skips those).
-    const float score = GroupScore(s_query, digest, G, D, k, group_mask);
-    if (k == 0) {
-      const int c = begin + page;
-      a.scores[c] = score;
-      a.fresh_tokens[c] = __popcll(mask);
-      a.first_id[c] = int32_t(int64_t(b) * sh.slots() + first);
-      a.fresh_mask[c] = mask;
-    }
+    digest = st.digests + size_t(sh.sink_pages() + c) * 2 * size_t(D);
+    first_id = int32_t(int64_t(b) * sh.slots() + first);
+  } else {
+    // Spilled: the sealed pages (on the device), then the open one.
+    const int i = c - cascade_pages;
+    const int tokens = i < sealed ? P : open_tokens;
+    mask = tokens >= 64 ? ~uint64_t{0} : (uint64_t{1} << tokens) - 1;
+    digest = i < sealed ? st.sealed_digests + size_t(i) * 2 * size_t(D)
+                        : a.open_digests + size_t(b) * 2 * size_t(D);
+    first_id = kSpilledIdBase + (a.spilled_begin[b] + i) * kMaxPolicyPageTokens;
   }
-  // Spilled pages: the sealed ones (on the device), then the open one.
-  const int sealed = a.sealed_count[b];
-  const int open_tokens = a.open_tokens[b];
-  const int spilled = sealed + (open_tokens > 0 ? 1 : 0);
-  const int sbegin = a.spilled_begin[b];
-  for (int base = 0; base < spilled; base += pages_per_round) {
-    const int i = base + group_of;
-    if (i >= spilled) continue;
-    const unsigned group_mask = 0xffu << ((tid % 32) / kLanes * kLanes);
-    const int index = sbegin + i;
-    const float* digest = i < sealed
-                              ? st.sealed_digests + size_t(i) * 2 * size_t(D)
-                              : a.open_digests + size_t(b) * 2 * size_t(D);
-    const float s = GroupScore(s_query, digest, G, D, k, group_mask);
-    if (k == 0) {
-      const int c = begin + cascade_pages + i;
-      const int tokens = i < sealed ? P : open_tokens;
-      a.scores[c] = s;
-      a.fresh_tokens[c] = tokens;
-      a.first_id[c] = kSpilledIdBase + index * kMaxPolicyPageTokens;
-      a.fresh_mask[c] =
-          tokens >= 64 ? ~uint64_t{0} : (uint64_t{1} << tokens) - 1;
-    }
+  float low[kLaneElements], high[kLaneElements];
+#pragma unroll
+  for (int e = 0; e < kLaneElements; ++e) {
+    const int i = e * kLanes + k;
+    low[e] = i < D ? __ldg(digest + i) : 0.0f;
+    high[e] = i < D ? __ldg(digest + D + i) : 0.0f;
+  }
+  // Scored whether or not a page has fresh tokens (the fill skips those).
+  const float score = GroupScore(s_query, low, high, G, D, k, group_mask);
+  if (k == 0) {
+    const int at = a.candidate_begin[b] + c;
+    a.scores[at] = score;
+    a.fresh_tokens[at] = __popcll(mask);
+    a.first_id[at] = first_id;
+    a.fresh_mask[at] = mask;
   }
 }
 
@@ -366,16 +353,25 @@ absl::Status PlanDecodeCandidates(const DecodePolicyShape& shape,
     return absl::InvalidArgumentError(
         "PlanCandidatesArgs: every array must be set");
   }
+  if (args.max_candidates < 1 ||
+      args.max_candidates > shape.cascade_pages() + (1 << 20)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("PlanCandidatesArgs: max_candidates ", args.max_candidates,
+                     ", want at least 1 (the most candidates a stream has)"));
+  }
   PlanArgs p{shape, args};
+  const dim3 grid(
+      unsigned(shape.streams),
+      unsigned((args.max_candidates + kPagesPerBlock - 1) / kPagesPerBlock));
   switch (shape.dtype) {
     case DType::kBf16:
-      PlanKernel<DType::kBf16><<<shape.streams, kThreads, 0, stream>>>(p);
+      PlanKernel<DType::kBf16><<<grid, kThreads, 0, stream>>>(p);
       break;
     case DType::kFp16:
-      PlanKernel<DType::kFp16><<<shape.streams, kThreads, 0, stream>>>(p);
+      PlanKernel<DType::kFp16><<<grid, kThreads, 0, stream>>>(p);
       break;
     default:
-      PlanKernel<DType::kFp32><<<shape.streams, kThreads, 0, stream>>>(p);
+      PlanKernel<DType::kFp32><<<grid, kThreads, 0, stream>>>(p);
       break;
   }
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("PlanKernel");

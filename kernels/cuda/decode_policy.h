@@ -99,6 +99,9 @@ struct PlanCandidatesArgs {
   // last, always).
   int32_t* always_in_ids = nullptr;
   int32_t* always_in_count = nullptr;
+  // The most candidates a stream of the batch has (sizes the grid: a block
+  // scores 32 of one stream's candidates).
+  int max_candidates = 0;
 };
 absl::Status PlanDecodeCandidates(const DecodePolicyShape& shape,
                                   const PlanCandidatesArgs& args,

@@ -497,6 +497,7 @@ absl::Status DeviceBackend::DecodeOwned(
   plan.fresh_mask = reinterpret_cast<uint64_t*>(d + mask_at);
   plan.always_in_ids = dev32(always_at);
   plan.always_in_count = dev32(acount_at);
+  plan.max_candidates = std::max(1, most);
   KVMEM_RETURN_IF_ERROR(cuda::PlanDecodeCandidates(k, plan, stream));
 
   cuda::SelectPagesShape select_shape;

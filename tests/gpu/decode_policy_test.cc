@@ -231,6 +231,11 @@ TEST(DecodePolicyTest, CandidatesAndScoresMatchTheHostPolicy) {
     args.fresh_mask = mask.as<uint64_t>();
     args.always_in_ids = always.as<int32_t>();
     args.always_in_count = always_count.as<int32_t>();
+    for (int b = 0; b < B; ++b) {
+      args.max_candidates = std::max(
+          args.max_candidates, Rc + sealed_count[size_t(b)] +
+                                   (f.open_tokens[size_t(b)] > 0 ? 1 : 0));
+    }
     ASSERT_TRUE(PlanDecodeCandidates(f.shape, args, stream.get()).ok());
     const auto got_scores = Download<float>(scores, candidates, stream);
     const auto got_fresh = Download<int32_t>(fresh, candidates, stream);
