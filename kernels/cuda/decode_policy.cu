@@ -78,18 +78,41 @@ __global__ void __launch_bounds__(kThreads) PlanKernel(const PlanArgs p) {
   const int stored0 = st.stored[0];
   const int head0 = st.head[0];
   const int recent_from = max(0, stored0 - sh.recent_tokens);
-  if (blockIdx.y == 0 && tid == 0) {
+  if (blockIdx.y == 0) {
+    // Always in, in order: occupied sinks ascending, the recent tokens
+    // oldest first, the new token. Sinks compacted 256 at a time by the
+    // whole block (a ballot per warp, then the warps' counts).
+    __shared__ int s_warp_count[kThreads / 32];
     int32_t* always = a.always_in_ids + size_t(b) * sh.always_capacity();
-    int n = 0;
     const int64_t slot0 = int64_t(b) * sh.slots();
-    for (int s = 0; s < S; ++s) {
-      if (st.positions[s] >= 0) always[n++] = int32_t(slot0 + s);
+    const int lane = tid % 32, warp = tid / 32;
+    int n = 0;  // the same in every thread
+    for (int base = 0; base < S; base += kThreads) {
+      const int slot = base + tid;
+      const bool in = slot < S && st.positions[slot] >= 0;
+      const unsigned ballot = __ballot_sync(0xffffffffu, in);
+      if (lane == 0) s_warp_count[warp] = __popc(ballot);
+      __syncthreads();
+      int before = n, total = n;
+      for (int w = 0; w < kThreads / 32; ++w) {
+        before += w < warp ? s_warp_count[w] : 0;
+        total += s_warp_count[w];
+      }
+      if (in) {
+        always[before + __popc(ballot & ((1u << lane) - 1))] =
+            int32_t(slot0 + slot);
+      }
+      n = total;
+      __syncthreads();  // s_warp_count is rewritten next round
     }
-    for (int k = recent_from; k < stored0; ++k) {
-      always[n++] = int32_t(slot0 + S + (head0 + k) % stored0);
+    const int recent = stored0 - recent_from;
+    for (int r = tid; r < recent; r += kThreads) {
+      always[n + r] = int32_t(slot0 + S + (head0 + recent_from + r) % stored0);
     }
-    always[n++] = kNewTokenId;
-    a.always_in_count[b] = n;
+    if (tid == 0) {
+      always[n + recent] = kNewTokenId;
+      a.always_in_count[b] = n + recent + 1;
+    }
   }
   __syncthreads();  // s_query is written; no barrier below
 

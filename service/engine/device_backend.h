@@ -185,9 +185,10 @@ class DeviceBackend {
   void Release(DeviceLayerRows* rows);
 
   // Makes `rows` (uploaded, host-owned) device-owned: uploads each head's
-  // policy state — `heads[h]`'s cascade (its rows must equal the device's)
-  // and `digests[h]` ([pages, 2, D] fp32, pages as StreamState numbers
-  // them). RESOURCE_EXHAUSTED when the device has no memory for it.
+  // policy state — `heads[h]`'s cascade state (its keys and values are not
+  // read: the device's rows must equal the host's) and `digests[h]`
+  // ([pages, 2, D] fp32, pages as StreamState numbers them).
+  // RESOURCE_EXHAUSTED when the device has no memory for it.
   absl::Status TakePolicy(
       const DevicePolicyShape& shape,
       absl::Span<const CascadeStream::Snapshot* const> heads,

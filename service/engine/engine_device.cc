@@ -33,6 +33,24 @@ DevicePolicyShape PolicyShapeOf(const StreamConfig& c) {
   return shape;
 }
 
+// A cascade's policy state without its rows (the device holds those).
+CascadeStream::Snapshot StateOf(const CascadeStream& c) {
+  CascadeStream::Snapshot state;
+  state.tokens_seen = c.tokens_seen();
+  state.score_exponent = c.score_exponent();
+  state.positions.resize(static_cast<size_t>(c.num_slots()));
+  state.scores.resize(static_cast<size_t>(c.num_slots()));
+  for (int s = 0; s < c.num_slots(); ++s) {
+    state.positions[size_t(s)] = c.slot_position(s);
+    state.scores[size_t(s)] = c.slot_score(s);
+  }
+  for (int i = 0; i < c.params().cascades; ++i) {
+    state.stored.push_back(c.stored(i));
+    state.head.push_back(c.head(i));
+  }
+  return state;
+}
+
 // The session's steps are refused from now on: its host copy of a layer
 // is stale and the device's is gone. A restart recovers it from storage.
 void MarkFailed(Engine::LiveSession& s, const absl::Status& why) {
@@ -167,7 +185,7 @@ bool Engine::TakeLayer(LiveSession& s, size_t layer, StepMode mode,
   std::vector<absl::Span<const float>> digests;
   snapshots.reserve(streams.size());
   for (const StreamState& stream : streams) {
-    snapshots.push_back(stream.cascade().Export());
+    snapshots.push_back(StateOf(stream.cascade()));
     digests.push_back(stream.resident_digests());
   }
   for (const CascadeStream::Snapshot& snapshot : snapshots) {
