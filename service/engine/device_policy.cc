@@ -347,7 +347,6 @@ absl::Status DeviceBackend::DecodeOwned(
   const size_t stk_at = L.Take(size_t(max_staged) * row);
   const size_t stv_at = L.Take(size_t(max_staged) * row);
   const size_t spos_at = L.Take(shape.fetch ? size_t(max_staged) * 8 : 0);
-  const size_t phase2_in_end = L.end();
   const size_t out_at = L.Take(size_t(B) * G * D * 4);
   const size_t lse_at = L.Take(size_t(B) * G * 4);
   const size_t epos_at = L.Take(size_t(B) * 8);
@@ -619,7 +618,6 @@ absl::Status DeviceBackend::DecodeOwned(
     KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + spos_at, h + spos_at,
                                              size_t(staged) * 8, stream));
   }
-  (void)phase2_in_end;
   // From here on an error leaves the layers' state half-stepped.
   *touched = true;
   cuda::ScatterRowsArgs scatter;
