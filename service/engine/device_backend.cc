@@ -167,18 +167,10 @@ absl::Status DeviceBackend::Write(int row_bytes,
   const cudaStream_t stream = impl_->stream.get();
   KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(impl_->device.get(), host,
                                            values_at + n * row, stream));
-  // Rows are whole fp32 / 16-bit elements: a byte row of row_bytes is
-  // row_bytes / 2 16-bit elements for the copy kernel.
-  cuda::ScatterRowsArgs args;
-  args.count = int(n);
-  args.head_dim = row_bytes / 2;
-  args.dtype = DType::kBf16;
-  args.rows = impl_->device.as<int32_t>();
-  args.keys = impl_->device.as<char>() + keys_at;
-  args.values = impl_->device.as<char>() + values_at;
-  args.key_rows = impl_->pool->plane_base(0);
-  args.value_rows = impl_->pool->plane_base(1);
-  KVMEM_RETURN_IF_ERROR(cuda::ScatterRows(args, stream));
+  KVMEM_RETURN_IF_ERROR(
+      impl_->ScatterStaged(int(n), row_bytes, impl_->device.as<int32_t>(),
+                           impl_->device.as<char>() + keys_at,
+                           impl_->device.as<char>() + values_at, stream));
   return impl_->stream.Synchronize();
 }
 
@@ -209,24 +201,10 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
     }
   };
   MutexLock lock(&impl_->mu);
-  // Host rows go to pool rows: the reserved blocks, or blocks taken for
-  // this call when they do not suffice.
-  const size_t block_bytes = impl_->pool->block_bytes();
-  const int64_t per_block = RowsPerBlock(block_bytes, int(row));
-  const int64_t needed = (int64_t(S) + per_block - 1) / per_block;
+  // Host rows go to pool rows kept (or taken) for staging.
   Impl::Blocks taken{impl_->pool.get(), {}};
-  if (needed > int64_t(impl_->reserved.size())) {
-    absl::StatusOr<std::vector<int32_t>> more =
-        impl_->pool->Take(int32_t(needed));
-    if (!more.ok()) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("device pool: ", needed, " blocks wanted to stage ", S,
-                       " host rows, ", impl_->pool->free_blocks(), " free"));
-    }
-    taken.ids = std::move(*more);
-  }
-  const std::vector<int32_t>& scratch =
-      taken.ids.empty() ? impl_->reserved : taken.ids;
+  KVMEM_ASSIGN_OR_RETURN(const Impl::StagingRows staging,
+                         impl_->Stage(int64_t(S), int(row), &taken));
 
   // Staging, one layout both sides: inputs, then outputs.
   const size_t q_at = 0;
@@ -266,9 +244,7 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
         counts_match = false;
         return;
       }
-      const int32_t at = FirstRow(scratch[size_t(int64_t(s) / per_block)],
-                                  block_bytes, int(row)) +
-                         int32_t(int64_t(s) % per_block);
+      const int32_t at = staging.Row(int64_t(s));
       dst[s] = at;
       memcpy(h + keys_at + s * row, ref.key, row);
       memcpy(h + values_at + s * row, ref.value, row);
@@ -282,16 +258,9 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
   }
   const cudaStream_t stream = impl_->stream.get();
   KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d, h, inputs_end, stream));
-  cuda::ScatterRowsArgs scatter;
-  scatter.count = int(S);
-  scatter.head_dim = int(row / 2);  // byte rows as 16-bit elements
-  scatter.dtype = DType::kBf16;
-  scatter.rows = reinterpret_cast<const int32_t*>(d + dst_at);
-  scatter.keys = d + keys_at;
-  scatter.values = d + values_at;
-  scatter.key_rows = impl_->pool->plane_base(0);
-  scatter.value_rows = impl_->pool->plane_base(1);
-  KVMEM_RETURN_IF_ERROR(cuda::ScatterRows(scatter, stream));
+  KVMEM_RETURN_IF_ERROR(impl_->ScatterStaged(
+      int(S), int(row), reinterpret_cast<const int32_t*>(d + dst_at),
+      d + keys_at, d + values_at, stream));
 
   cuda::DecodeAttentionShape ds;
   ds.streams = int(I);

@@ -10,10 +10,12 @@
 #include <memory>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "base/mutex.h"
 #include "base/status_macros.h"
 #include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/device_pool.h"
+#include "kernels/cuda/gather_rows.h"
 #include "service/engine/device_backend.h"
 
 namespace kvmem {
@@ -71,6 +73,63 @@ struct DeviceBackend::Impl {
       if (!ids.empty()) pool->Give(ids).IgnoreError();
     }
   };
+
+  // Pool rows for the rows a launch stages (host rows it reads from the
+  // pool): staged row s is Row(s).
+  struct StagingRows {
+    const std::vector<int32_t>* blocks = nullptr;
+    size_t block_bytes = 0;
+    int64_t per_block = 1;
+    int row_bytes = 0;
+    int32_t Row(int64_t s) const {
+      return device_internal::FirstRow((*blocks)[size_t(s / per_block)],
+                                       block_bytes, row_bytes) +
+             int32_t(s % per_block);
+    }
+  };
+  // Rows for `count` staged rows of `row_bytes`: in the blocks kept for
+  // staging, or, when those do not suffice, in blocks taken for the call
+  // into *taken (given back when it goes). RESOURCE_EXHAUSTED when the pool
+  // has too few free blocks.
+  absl::StatusOr<StagingRows> Stage(int64_t count, int row_bytes, Blocks* taken)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    StagingRows rows;
+    rows.block_bytes = pool->block_bytes();
+    rows.per_block = device_internal::RowsPerBlock(rows.block_bytes, row_bytes);
+    rows.row_bytes = row_bytes;
+    const int64_t needed = (count + rows.per_block - 1) / rows.per_block;
+    rows.blocks = &reserved;
+    if (needed > int64_t(reserved.size())) {
+      absl::StatusOr<std::vector<int32_t>> more = pool->Take(int32_t(needed));
+      if (!more.ok()) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("device pool: ", needed, " blocks wanted to stage ",
+                         count, " rows, ", pool->free_blocks(), " free"));
+      }
+      taken->ids = std::move(*more);
+      rows.blocks = &taken->ids;
+    }
+    return rows;
+  }
+
+  // Copies `count` staged rows (device [count, row_bytes] keys and values)
+  // to their pool rows rows[i], one launch on `stream`.
+  absl::Status ScatterStaged(int count, int row_bytes, const int32_t* rows,
+                             const void* keys, const void* values,
+                             cudaStream_t on) {
+    cuda::ScatterRowsArgs args;
+    args.count = count;
+    // Rows are whole fp32 / 16-bit elements: a byte row of row_bytes is
+    // row_bytes / 2 16-bit elements for the copy kernel.
+    args.head_dim = row_bytes / 2;
+    args.dtype = DType::kBf16;
+    args.rows = rows;
+    args.keys = keys;
+    args.values = values;
+    args.key_rows = pool->plane_base(0);
+    args.value_rows = pool->plane_base(1);
+    return cuda::ScatterRows(args, on);
+  }
 };
 
 }  // namespace kvmem

@@ -22,9 +22,7 @@
 namespace kvmem {
 
 using device_internal::AlignUp;
-using device_internal::FirstRow;
 using device_internal::kAttentionSplits;
-using device_internal::RowsPerBlock;
 
 // One layer's policy state: per head a region of `head_bytes` holding its
 // positions, scores, slot rows, ring occupancy, n, t and page digests; and
@@ -561,31 +559,14 @@ absl::Status DeviceBackend::DecodeOwned(
     }
     ++staged;  // the new token
   }
-  const size_t block_bytes = impl_->pool->block_bytes();
-  const int64_t per_block = RowsPerBlock(block_bytes, int(row));
-  const int64_t needed = (int64_t(staged) + per_block - 1) / per_block;
   Impl::Blocks taken{impl_->pool.get(), {}};
-  if (needed > int64_t(impl_->reserved.size())) {
-    absl::StatusOr<std::vector<int32_t>> more =
-        impl_->pool->Take(int32_t(needed));
-    if (!more.ok()) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("device pool: ", needed, " blocks wanted to stage ",
-                       staged, " rows, ", impl_->pool->free_blocks(), " free"));
-    }
-    taken.ids = std::move(*more);
-  }
-  const std::vector<int32_t>& scratch =
-      taken.ids.empty() ? impl_->reserved : taken.ids;
-  auto staging_row = [&](int64_t s) {
-    return FirstRow(scratch[size_t(s / per_block)], block_bytes, int(row)) +
-           int32_t(s % per_block);
-  };
+  KVMEM_ASSIGN_OR_RETURN(const Impl::StagingRows staging,
+                         impl_->Stage(staged, int(row), &taken));
   each_item([&](size_t i) {
     const DevicePolicyItem& item = items[i];
     int64_t s = staged_begin[i];
     auto stage = [&](const uint8_t* key, const uint8_t* value) {
-      const int32_t at = staging_row(s);
+      const int32_t at = staging.Row(s);
       host32(dst_at)[s] = at;
       std::memcpy(h + stk_at + size_t(s) * row, key, row);
       std::memcpy(h + stv_at + size_t(s) * row, value, row);
@@ -620,16 +601,8 @@ absl::Status DeviceBackend::DecodeOwned(
   }
   // From here on an error leaves the layers' state half-stepped.
   *touched = true;
-  cuda::ScatterRowsArgs scatter;
-  scatter.count = staged;
-  scatter.head_dim = int(row / 2);  // byte rows as 16-bit elements
-  scatter.dtype = DType::kBf16;
-  scatter.rows = dev32(dst_at);
-  scatter.keys = d + stk_at;
-  scatter.values = d + stv_at;
-  scatter.key_rows = impl_->pool->plane_base(0);
-  scatter.value_rows = impl_->pool->plane_base(1);
-  KVMEM_RETURN_IF_ERROR(cuda::ScatterRows(scatter, stream));
+  KVMEM_RETURN_IF_ERROR(impl_->ScatterStaged(staged, int(row), dev32(dst_at),
+                                             d + stk_at, d + stv_at, stream));
 
   cuda::MapRowsArgs map;
   map.streams = plan.streams;
