@@ -348,16 +348,19 @@ absl::Status Engine::StepOwned(
     // The tokens the device evicted go to the host's spilled pages (a
     // row copy each, and a digest fold: side by side for large batches).
     const size_t count = launch.items.size();
-    ParallelFor inline_loop(0);
-    ParallelFor& loop = count >= 64 ? *parallel_ : inline_loop;
-    loop.Run(count, [&](size_t t) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    auto spill = [&](size_t t) ABSL_NO_THREAD_SAFETY_ANALYSIS {
       const DevicePolicyItem& item = launch.items[t];
       if (item.evicted_position < 0) return;
       const auto [i, h] = launch.at[t];
       sessions[i]->streams[layer][h].SpillEvicted(
           item.evicted_position, item.evicted_key, item.evicted_value,
           &done[i].outputs[h]);
-    });
+    };
+    if (count >= 64) {
+      parallel_->Run(count, spill);
+    } else {
+      for (size_t t = 0; t < count; ++t) spill(t);
+    }
   }
   return absl::OkStatus();
 }
