@@ -254,7 +254,8 @@ absl::Status Engine::ApplyEntry(
     }
     // The device copy of the layer follows the slots that changed.
     const DeviceLayerRows& rows = s.device[size_t(layer)];
-    if (device_writes != nullptr && !rows.empty()) {
+    if (device_writes != nullptr && !rows.empty() &&
+        !output.changed_slots.empty()) {
       const CascadeStream& cascade = streams[size_t(h)].cascade();
       std::vector<DeviceSlotWrite>& writes =
           (*device_writes)[s.stream_config.row_bytes()];
