@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/gpu/bench_util.cuh"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/decode_attention.h"
 #include "kernels/cuda/device_memory.h"
@@ -38,35 +39,6 @@ constexpr size_t kRotateBytes = size_t{256} << 20;  // > 5× the 50 MB L2
 constexpr int kWarmup = 5;
 constexpr int kTimed = 50;
 
-#define BENCH_CHECK(expr)                                     \
-  do {                                                        \
-    const absl::Status bench_status_ = (expr);                \
-    if (!bench_status_.ok()) {                                \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, \
-                   bench_status_.ToString().c_str());         \
-      std::abort();                                           \
-    }                                                         \
-  } while (false)
-
-template <typename T>
-T Check(absl::StatusOr<T> v) {
-  BENCH_CHECK(v.status());
-  return std::move(*v);
-}
-
-// Pseudo-random bf16 in about [-1, 1] from a hash of the index.
-__global__ void FillRandomBf16(uint16_t* out, size_t count, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < count;
-       i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t x = uint32_t(i) * 2654435761u ^ seed ^ uint32_t(i >> 32);
-    x ^= x >> 15;
-    x *= 2246822519u;
-    x ^= x >> 13;
-    const float f = (float(x & 0xffffu) - 32768.0f) / 32768.0f;
-    out[i] = uint16_t(__float_as_uint(f) >> 16);
-  }
-}
-
 // Everything allocated once, for the largest cell.
 struct Device {
   Stream stream;
@@ -85,10 +57,6 @@ void Fill(const DeviceBuffer& b, uint32_t seed) {
       CudaStatus(cudaGetLastError(), "FillRandomBf16", __FILE__, __LINE__));
 }
 
-float Median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 void SetUpDevice() {
   device = new Device;

@@ -292,7 +292,9 @@ __global__ void __launch_bounds__(kThreads) RefreshKernel(const RefreshArgs r) {
   const int changed = a.changed_counts[b];
   int last_page = -1;
   for (int c = 0; c < changed; ++c) {
-    const int slot = a.changed_slots[size_t(b) * sh.cascades + c];
+    const int capacity =
+        a.changed_capacity > 0 ? a.changed_capacity : sh.cascades;
+    const int slot = a.changed_slots[size_t(b) * capacity + c];
     if (slot < 0) break;
     int page, first, count;
     if (slot < S) {

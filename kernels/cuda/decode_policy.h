@@ -174,6 +174,9 @@ struct RefreshDigestsArgs {
   const void* key_rows = nullptr;                 // the pool's key plane
   const int32_t* changed_slots = nullptr;         // [B, C] as UpdateCascades
   const int32_t* changed_counts = nullptr;        // [B]
+  // Entries a stream of changed_slots: C (0) after a decode step, T·C
+  // after a chunk (kernels/cuda/chunk_insert.h).
+  int changed_capacity = 0;
 };
 absl::Status RefreshChangedDigests(const DecodePolicyShape& shape,
                                    const RefreshDigestsArgs& args,

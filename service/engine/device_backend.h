@@ -120,6 +120,26 @@ struct DevicePolicyItem {
   std::string evicted_key, evicted_value;
 };
 
+// One session layer's prefill chunk (T > 1 tokens with queries) on a
+// device-owned layer, every KV head of it: dense over the resident slots
+// and causal over the chunk (selection.md), nothing recalled.
+struct DevicePrefillItem {
+  DeviceLayerRows* layer = nullptr;
+  const uint8_t* queries = nullptr;  // [T, H·G, D] session dtype (the wire's)
+  const uint8_t* keys = nullptr;     // [T, H, D]
+  const uint8_t* values = nullptr;   // [T, H, D]
+  // Outputs, sized by the caller, per head h: [T, G, D] fp32 and [T, G].
+  std::vector<float*> out;
+  std::vector<float*> lse;
+  // Per head, the tokens that left the resident set, in eviction order:
+  // positions, and their rows back to back.
+  struct Evicted {
+    std::vector<int64_t> positions;
+    std::string keys, values;
+  };
+  std::vector<Evicted> evicted;  // [H], filled by the call
+};
+
 // One stream's decode attention (T = 1): G query rows over `rows` (device
 // rows of resident slots, or host rows staged for the launch), then the
 // new token's row.
@@ -214,6 +234,15 @@ class DeviceBackend {
                            absl::Span<DevicePolicyItem> items,
                            const std::function<absl::Status()>& recall,
                            bool* touched, ParallelFor* parallel = nullptr);
+
+  // One prefill chunk of `chunk_tokens` tokens for every item (each a
+  // device-owned layer; cuda::AttendChunk's bounds: D 128, bf16 or fp16,
+  // G dividing 64, T ≤ W): attention, the score update, the insertion and
+  // the refreshed digests, in one launch per phase for all items. Blocks
+  // until the outputs are in the items. On error *touched says whether the
+  // layers' device state may have changed (then it must be dropped).
+  absl::Status PrefillOwned(const DevicePolicyShape& shape, int chunk_tokens,
+                            absl::Span<DevicePrefillItem> items, bool* touched);
 
   // Writes host rows to device rows (after a step changed them).
   absl::Status Write(int row_bytes, absl::Span<const DeviceSlotWrite> writes);

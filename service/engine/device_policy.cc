@@ -23,72 +23,8 @@ namespace kvmem {
 
 using device_internal::AlignUp;
 using device_internal::kAttentionSplits;
-
-// One layer's policy state: per head a region of `head_bytes` holding its
-// positions, scores, slot rows, ring occupancy, n, t and page digests; and
-// the digests of each head's sealed spilled pages, uploaded once each (a
-// sealed page never changes), in a buffer that grows by doubling.
-struct DevicePolicyState {
-  cuda::DeviceBuffer buffer;
-  int heads = 0, slots = 0, cascades = 0, pages = 0, head_dim = 0;
-  cuda::DeviceBuffer sealed;  // [heads, sealed_capacity, 2, D] fp32
-  int sealed_capacity = 0;
-  std::vector<int> sealed_uploaded;  // [heads]
-
-  size_t DigestBytes() const { return size_t(2) * head_dim * 4; }
-  float* Sealed(int h) const {
-    return sealed.as<float>() +
-           size_t(h) * size_t(sealed_capacity) * 2 * size_t(head_dim);
-  }
-  size_t positions_at = 0, scores_at = 0, slot_rows_at = 0, stored_at = 0,
-         head_at = 0, n_at = 0, t_at = 0, digests_at = 0, head_bytes = 0;
-
-  void Lay(int h, int s, int c, int p, int d) {
-    heads = h, slots = s, cascades = c, pages = p, head_dim = d;
-    size_t at = 0;
-    auto take = [&](size_t bytes) {
-      const size_t here = at;
-      at += AlignUp(bytes);
-      return here;
-    };
-    positions_at = take(8 * size_t(s));
-    scores_at = take(4 * size_t(s));
-    slot_rows_at = take(4 * size_t(s));
-    stored_at = take(4 * size_t(c));
-    head_at = take(4 * size_t(c));
-    n_at = take(8);
-    t_at = take(8);
-    digests_at = take(size_t(p) * 2 * size_t(d) * 4);
-    head_bytes = at;
-  }
-  template <typename T>
-  T* At(char* base, int h, size_t offset) const {
-    return reinterpret_cast<T*>(base + size_t(h) * head_bytes + offset);
-  }
-  cuda::PolicyStreamPointers Policy(int h) const {
-    char* base = buffer.as<char>();
-    cuda::PolicyStreamPointers p;
-    p.positions = At<int64_t>(base, h, positions_at);
-    p.stored = At<int32_t>(base, h, stored_at);
-    p.head = At<int32_t>(base, h, head_at);
-    p.slot_rows = At<int32_t>(base, h, slot_rows_at);
-    p.digests = At<float>(base, h, digests_at);
-    p.sealed_digests = sealed_capacity > 0 ? Sealed(h) : nullptr;
-    return p;
-  }
-  cuda::CascadeStreamPointers Cascade(int h) const {
-    char* base = buffer.as<char>();
-    cuda::CascadeStreamPointers p;
-    p.positions = At<int64_t>(base, h, positions_at);
-    p.scores = At<float>(base, h, scores_at);
-    p.stored = At<int32_t>(base, h, stored_at);
-    p.head = At<int32_t>(base, h, head_at);
-    p.score_exponent = At<int64_t>(base, h, n_at);
-    p.tokens_seen = At<int64_t>(base, h, t_at);
-    p.slot_rows = At<int32_t>(base, h, slot_rows_at);
-    return p;
-  }
-};
+using device_internal::KernelShape;
+using device_internal::Layout;
 
 DeviceLayerRows::DeviceLayerRows() = default;
 DeviceLayerRows::~DeviceLayerRows() = default;
@@ -97,39 +33,10 @@ DeviceLayerRows& DeviceLayerRows::operator=(DeviceLayerRows&&) = default;
 
 namespace {
 
-cuda::DecodePolicyShape KernelShape(const DevicePolicyShape& shape,
-                                    int streams) {
-  cuda::DecodePolicyShape k;
-  k.streams = streams;
-  k.sinks = shape.cascade.sinks;
-  k.cascades = shape.cascade.cascades;
-  k.window = shape.cascade.window;
-  k.page_tokens = shape.page_tokens;
-  k.recent_tokens = shape.recent_tokens;
-  k.group = shape.group;
-  k.head_dim = shape.head_dim;
-  k.dtype = shape.dtype;
-  return k;
-}
-
 // Tokens of an item's spilled candidate j: sealed pages are full.
 int SpilledTokens(const DevicePolicyItem& item, size_t j, int page_tokens) {
   return j < item.sealed_digests.size() ? page_tokens : item.open_tokens;
 }
-
-// Carves one staging buffer into aligned regions, in order.
-class Layout {
- public:
-  size_t Take(size_t bytes) {
-    const size_t here = end_;
-    end_ += AlignUp(bytes);
-    return here;
-  }
-  size_t end() const { return end_; }
-
- private:
-  size_t end_ = 0;
-};
 
 }  // namespace
 

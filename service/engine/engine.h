@@ -228,12 +228,17 @@ class Engine {
   // and UNAVAILABLE returned. Caller holds s.mu.
   absl::Status SyncToHost(LiveSession& s, bool drop);
   absl::Status SyncLayerToHost(LiveSession& s, size_t layer, bool drop);
-  // Decode steps (ATTEND, FETCH) of device-owned layers (the entries `owned`
-  // marks): the
-  // whole policy on the device (DeviceBackend::DecodeOwned), the evicted
-  // tokens spilled on the host into done[i]. Layers are made device-owned
-  // by the caller. An error before anything changed is returned as is; one
-  // after marks the sessions failed. Callers hold every session's lock.
+  // Steps of device-owned layers (the entries `owned` marks): decode steps
+  // (ATTEND, FETCH) through DeviceBackend::DecodeOwned and prefill chunks
+  // through PrefillOwned (StepOwnedChunks), the whole policy on the device;
+  // the evicted tokens spilled on the host into done[i]. Layers are made
+  // device-owned by the caller. An error before anything changed is
+  // returned as is; one after marks the sessions failed. Callers hold
+  // every session's lock.
+  absl::Status StepOwnedChunks(
+      const std::vector<std::shared_ptr<LiveSession>>& sessions,
+      const StepRequestView& request, const std::vector<bool>& owned,
+      std::vector<HeadsApplied>& done);
   absl::Status StepOwned(
       const std::vector<std::shared_ptr<LiveSession>>& sessions,
       const std::vector<LiveSession*>& busy, const StepRequestView& request,

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "kernels/cuda/chunk_attention.h"
 #include "kernels/cuda/decode_attention.h"
 #include "kernels/cuda/decode_policy.h"
 #include "kernels/cuda/select_pages.h"
@@ -151,15 +152,23 @@ bool Engine::TakeLayer(LiveSession& s, size_t layer, StepMode mode,
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const StreamConfig& c = s.stream_config;
   const std::vector<StreamState>& streams = s.streams[layer];
-  // What the device policy does: ABSOLUTE sparse decode steps with a query
-  // (selection.md), ATTEND or FETCH, within the kernels' bounds. The rest
-  // stays on the host path (its attention on the device where
-  // AttendOnDevice can).
+  // What the device policy does, for ABSOLUTE sparse layers within the
+  // kernels' bounds: decode steps with a query (selection.md), ATTEND or
+  // FETCH; and ATTEND prefill chunks (T > 1: dense over the resident
+  // tokens, causal, nothing recalled) of D 128 in bf16 or fp16 with
+  // T ≤ W. The rest stays on the host path (its attention on the device
+  // where AttendOnDevice can).
   if (mode != StepMode::kAttend && mode != StepMode::kFetch) return false;
   if (mode == StepMode::kFetch && c.budget_tokens > cuda::kMaxSortRows) {
     return false;
   }
-  if (e.num_tokens != 1 || e.q.empty() || c.cache_rank || s.dense[layer] ||
+  if (e.num_tokens > 1 &&
+      (mode != StepMode::kAttend || c.head_dim != cuda::kChunkHeadDim ||
+       c.dtype == DType::kFp32 || cuda::kChunkTileRows % c.group != 0 ||
+       e.num_tokens > c.cascade.window)) {
+    return false;
+  }
+  if (e.num_tokens < 1 || e.q.empty() || c.cache_rank || s.dense[layer] ||
       c.group > cuda::kMaxPolicyGroup || c.head_dim > cuda::kMaxPolicyHeadDim ||
       c.page_tokens > cuda::kMaxPolicyPageTokens ||
       c.cascade.window % c.page_tokens != 0) {
@@ -197,6 +206,88 @@ bool Engine::TakeLayer(LiveSession& s, size_t layer, StepMode mode,
       .ok();
 }
 
+absl::Status Engine::StepOwnedChunks(
+    const std::vector<std::shared_ptr<LiveSession>>& sessions,
+    const StepRequestView& request, const std::vector<bool>& owned,
+    std::vector<HeadsApplied>& done) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const size_t layer = size_t(request.layer);
+  // Entries of one launch share a config shape and a chunk length.
+  struct Launch {
+    DevicePolicyShape shape;
+    int tokens = 0;
+    std::vector<DevicePrefillItem> items;
+    std::vector<size_t> at;  // entry of each item
+  };
+  std::map<std::string, Launch> launches;
+  for (size_t i = 0; i < sessions.size(); ++i) {
+    const StepEntryView& e = request.entries[i];
+    if (!owned[i] || e.num_tokens == 1) continue;
+    LiveSession& s = *sessions[i];
+    const StreamConfig& c = s.stream_config;
+    const std::string key = absl::StrCat(
+        e.num_tokens, "/", c.cascade.sinks, "/", c.cascade.cascades, "/",
+        c.cascade.window, "/", c.cascade.eager_fill, "/", c.cascade.beta, "/",
+        c.page_tokens, "/", c.group, "/", c.head_dim, "/", int(c.dtype), "/",
+        c.softmax_scale, "/", int(c.reduction));
+    Launch& launch = launches[key];
+    launch.shape = PolicyShapeOf(c);
+    launch.tokens = e.num_tokens;
+    DevicePrefillItem item;
+    item.layer = &s.device[layer];
+    item.queries = reinterpret_cast<const uint8_t*>(e.q.data());
+    item.keys = reinterpret_cast<const uint8_t*>(e.k.data());
+    item.values = reinterpret_cast<const uint8_t*>(e.v.data());
+    for (StreamStepOutput& output : done[i].outputs) {
+      output.out.assign(size_t(e.num_tokens) * c.group * c.head_dim, 0.0f);
+      output.lse.assign(size_t(e.num_tokens) * c.group, 0.0f);
+      item.out.push_back(output.out.data());
+      item.lse.push_back(output.lse.data());
+    }
+    launch.items.push_back(std::move(item));
+    launch.at.push_back(i);
+  }
+  for (auto& keyed : launches) {
+    Launch& launch = keyed.second;
+    bool touched = false;
+    const absl::Status st = options_.device->PrefillOwned(
+        launch.shape, launch.tokens, absl::MakeSpan(launch.items), &touched);
+    if (!st.ok()) {
+      if (touched) {
+        for (size_t i : launch.at) {
+          LiveSession& s = *sessions[i];
+          options_.device->Release(&s.device[layer]);
+          MarkFailed(s, st);
+        }
+        return absl::UnavailableError(
+            absl::StrCat("device: a prefill chunk failed midway (",
+                         st.message(), "); its sessions recover on a restart"));
+      }
+      return st;
+    }
+    device_policy_steps_.fetch_add(int64_t(launch.items.size()),
+                                   std::memory_order_relaxed);
+    // The tokens the chunk evicted go to the host's spilled pages, in
+    // order, as the host path spills them.
+    const size_t row =
+        size_t(launch.shape.head_dim) * size_t(DTypeBytes(launch.shape.dtype));
+    for (size_t t = 0; t < launch.items.size(); ++t) {
+      const size_t i = launch.at[t];
+      DevicePrefillItem& item = launch.items[t];
+      std::vector<StreamState>& streams = sessions[i]->streams[layer];
+      for (size_t h = 0; h < item.evicted.size(); ++h) {
+        const DevicePrefillItem::Evicted& e = item.evicted[h];
+        for (size_t j = 0; j < e.positions.size(); ++j) {
+          streams[h].SpillEvicted(
+              e.positions[j], absl::string_view(e.keys).substr(j * row, row),
+              absl::string_view(e.values).substr(j * row, row),
+              &done[i].outputs[h]);
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Engine::StepOwned(
     const std::vector<std::shared_ptr<LiveSession>>& sessions,
     const std::vector<LiveSession*>& busy, const StepRequestView& request,
@@ -212,8 +303,9 @@ absl::Status Engine::StepOwned(
     int64_t entries = 0;                        // decode steps
   };
   std::map<std::string, Launch> launches;
+  KVMEM_RETURN_IF_ERROR(StepOwnedChunks(sessions, request, owned, done));
   for (size_t i = 0; i < sessions.size(); ++i) {
-    if (!owned[i]) continue;
+    if (!owned[i] || request.entries[i].num_tokens != 1) continue;
     LiveSession& s = *sessions[i];
     const StreamConfig& c = s.stream_config;
     const StepEntryView& e = request.entries[i];

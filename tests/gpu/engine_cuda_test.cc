@@ -4,11 +4,13 @@
 // with its own RocksDB. Fresh random inputs, seed printed. Tolerances
 // (STYLE.md): attention outputs are rounded to the session dtype (bf16:
 // 1e-2, fp16: 1e-3, atol and rtol), LSE 1e-4; FETCH positions and rows are
-// exact. Decode steps (ATTEND and FETCH) of sparse layers run the whole
-// policy on the device (device-owned layers): FETCH's positions and rows
-// show it chose exactly as the CPU. APPEND steps and two-token chunks now
-// and then take a layer's state back to the host path and return it;
-// describing a session reads it back too.
+// exact. Decode steps (ATTEND and FETCH) and ATTEND prefill chunks of
+// sparse layers run the whole policy on the device (device-owned layers):
+// FETCH's positions and rows show it chose exactly as the CPU, the chunks
+// included (their scores come from tensor-core attention, within fp32
+// rounding of the CPU's: only a near-tie duel could go the other way).
+// APPEND steps now and then take a layer's state back to the host path and
+// return it; describing a session reads it back too.
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -151,8 +153,10 @@ class Driver {
   std::mt19937 rng_;
 };
 
-// Prefill chunks (CPU path on both), then batched decode steps that spill,
-// select sparsely and recall, alternating ATTEND and FETCH by layer.
+// Prefill chunks (ATTEND chunks of layer 0 on the device, APPEND chunks of
+// layer 1 on the host path), then batched decode steps that spill, select
+// sparsely and recall, alternating ATTEND and FETCH by layer, with
+// two-token ATTEND chunks between them.
 void RunWorkload(Engine* cpu, Engine* cuda, uint32_t seed, int decode_steps) {
   std::vector<SessionConfig> cs = {Config("a", DType::kBf16),
                                    Config("b", DType::kBf16),
@@ -213,8 +217,9 @@ TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
   EXPECT_GT(stats.device_pool_used_bytes, 0);  // the layers live there
   EXPECT_EQ(stats.device_fallbacks, 0);        // and every decode ran there
   // The decode steps of both layers ran the policy on the device: 150
-  // steps × 3 sessions × 2 layers, and the single-session ones.
-  EXPECT_GE(stats.device_policy_steps, 900);
+  // steps × 3 sessions × 2 layers, the 22 single-session ones; and layer
+  // 0's chunks: 2 prefill chunks and 12 two-token chunks × 3 sessions.
+  EXPECT_GE(stats.device_policy_steps, 900 + 22 + 6 + 36);
   EXPECT_EQ(stats.device_evictions, 0);
   EXPECT_GT(stats.spilled_bytes, 0);  // the workload spilled (and recalled)
 }

@@ -1,0 +1,113 @@
+// A prefill chunk through the cascade on the CUDA device (specs/cascade.md
+// §3–5, kvmem's choices of §8): the T tokens of a chunk attend densely to
+// every resident slot of their stream (sinks and cascades; empty slots are
+// masked) and causally to the chunk itself, and the exact probabilities,
+// reduced over the query group and weighted by the EMA factors, are summed
+// into each slot's score u and each new token's initial score — the
+// UpdateScores(T, …) of kernels/cascade_policy.h. The insertion of the T
+// tokens that follows is kernels/cuda/chunk_insert.h. The CPU oracles are
+// cpu::AttendCausalChunk and CascadeStream::UpdateScores.
+//
+// Three launches for the whole batch:
+// 1. factors: per stream and query q the increment factor f(n+1+q) and any
+//    renormalisation before q, exactly as UpdateScores walks n (one block
+//    per stream); score_exponent advances here;
+// 2. forward: flash attention on tensor cores (mma.sync m16n8k16, fp32
+//    accumulation, online softmax), one block per 64 query rows of a
+//    stream, giving out and the natural-log LSE;
+// 3. scores: one block per 64 keys of a stream recomputes QKᵀ on tensor
+//    cores for every query in order, p = exp(s − lse) with the final LSE,
+//    reduces p over the group (policy_math.h) and accumulates u ← u + f·r
+//    query by query in the CPU's order. Exact probabilities need the final
+//    LSE, hence the second QKᵀ pass (cascade.md §5).
+// The tensor-core dot products sum in another order than the CPU's, so
+// outputs and scores match the oracle within tolerance, not bit for bit;
+// given equal r, the score arithmetic is the CPU's, operation for operation.
+// Thread-safe (no state); asynchronous on the caller's stream; no
+// allocation, no synchronisation.
+#ifndef KVMEM_KERNELS_CUDA_CHUNK_ATTENTION_H_
+#define KVMEM_KERNELS_CUDA_CHUNK_ATTENTION_H_
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "kernels/cascade_policy.h"
+#include "kernels/cuda/cascade_update.h"
+#include "kernels/dtype.h"
+#include "kernels/policy_math.h"
+
+namespace kvmem::cuda {
+
+inline constexpr int kChunkHeadDim = 128;  // the only D of the tensor-core path
+inline constexpr int kChunkTileRows = 64;  // query rows (t, g) per block
+
+// Known on the host before launch.
+struct ChunkShape {
+  int streams = 0;             // B ≥ 1: one per KV head (of one session)
+  int group = 1;               // G = Hq/H, a divisor of 64
+  int chunk = 0;               // T ≥ 1
+  CascadeParams params;        // every stream's policy (sinks, β)
+  DType dtype = DType::kBf16;  // bf16 or fp16: queries, rows
+  ScoreReduction reduction = ScoreReduction::kMax;
+  float softmax_scale = 0.0f;  // finite, > 0 (usually 1/√D)
+  // Slots per stream, S + C·W (from params).
+  int64_t slots() const {
+    return int64_t{params.sinks} + int64_t{params.cascades} * params.window;
+  }
+};
+
+// Device pointers, borrowed until the stream has run the launches. Index
+// contents are the caller's contract (slot_rows < pool rows).
+struct ChunkInputs {
+  // [T, B·G, D]: the wire layout; query row (t, b, g) at (t·B + b)·G + g.
+  const void* queries = nullptr;
+  const void* keys = nullptr;          // [T, B, D]: the chunk's own rows
+  const void* values = nullptr;        // [T, B, D]
+  const void* key_rows = nullptr;      // [pool_rows, D]: the resident slots
+  const void* value_rows = nullptr;    // [pool_rows, D]
+  const int32_t* slot_rows = nullptr;  // [B, slots] pool row of each slot
+  const int64_t* positions = nullptr;  // [B, slots], −1 = empty (masked)
+};
+
+// Read and written in place: the layout of CascadeStream::Export.
+struct ChunkScoreState {
+  float* scores = nullptr;            // [B, slots] u; sinks and empty unused
+  int64_t* score_exponent = nullptr;  // [B] n, advanced by the step
+  // Or, instead of scores, score_exponent and the inputs' positions and
+  // slot_rows: [B] pointers (device memory) to each stream's own arrays,
+  // e.g. streams of several sessions in one launch. Only positions,
+  // scores, score_exponent and slot_rows are used.
+  const CascadeStreamPointers* streams = nullptr;
+};
+
+struct ChunkOutputs {
+  float* out = nullptr;             // [T, B·G, D] fp32, rows as the queries
+  float* lse = nullptr;             // [T, B·G] fp32, natural log
+  float* initial_scores = nullptr;  // [B, T] u of each new token
+};
+
+// Device scratch the three launches share (256-byte aligned, caller-owned,
+// not shared by launches in flight at once).
+size_t ChunkWorkspaceBytes(const ChunkShape& shape);
+
+// For benchmarks: events recorded on the stream after the factors and
+// after the forward launch (null: none).
+struct ChunkPhaseEvents {
+  cudaEvent_t after_factors = nullptr;
+  cudaEvent_t after_forward = nullptr;
+};
+
+// INVALID_ARGUMENT naming a bad shape field or a missing pointer; INTERNAL
+// with file:line on a launch error. On a shape error nothing is enqueued.
+absl::Status AttendChunk(const ChunkShape& shape, const ChunkInputs& inputs,
+                         const ChunkScoreState& state,
+                         const ChunkOutputs& outputs, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream,
+                         const ChunkPhaseEvents& events = {});
+
+}  // namespace kvmem::cuda
+
+#endif  // KVMEM_KERNELS_CUDA_CHUNK_ATTENTION_H_
