@@ -1,16 +1,19 @@
-// The three launches of a prefill chunk (chunk_attention.h). Both attention
-// kernels use mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate) on 64×64
-// tiles held in shared memory, four warps of 16 query rows each:
-// - fragments come from shared memory by ldmatrix (V transposed on the
-//   fly), tiles arrive by cp.async one tile ahead of the math; invalid keys
-//   (empty slots, past the end) are zero-filled so that 0·garbage cannot
-//   make a NaN;
+// The four launches of a prefill chunk (chunk_attention.h). Both attention
+// kernels use mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate) with eight
+// warps of 16 query rows each (128 rows a block) over 64-key tiles:
+// - tiles arrive in shared memory by cp.async one tile ahead of the math,
+//   fragments come out of it by ldmatrix (V transposed on the fly); the
+//   query tile stays in shared memory and its fragments are reloaded per
+//   tile, which keeps a thread within 128 registers (two blocks an SM);
+// - invalid keys (empty slots, past the end) are zero-filled so that
+//   0·garbage cannot make a NaN;
 // - a key k of stream b is slot k (k < slots: pool row slot_rows[b, k],
 //   visible when its position ≥ 0) or the chunk's token j = k − slots
 //   (visible to query token t ≥ j). vis[k] holds the first query token that
 //   sees key k: −1, j, or kNever.
-// The query rows of a stream are r = t·G + g (G divides 64, so a tile of 64
-// rows holds whole tokens).
+// The query rows of a stream are r = t·G + g (G a power of two ≤ 8, so a
+// 16-row warp tile holds whole tokens and the group reduction is a few
+// lane shuffles).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -26,13 +29,14 @@ namespace kvmem::cuda {
 namespace {
 
 constexpr int kD = kChunkHeadDim;
-constexpr int kRows = kChunkTileRows;  // query rows per tile
-constexpr int kKeys = 64;              // keys per tile
-constexpr int kThreads = 128;          // 4 warps × 16 rows
-constexpr int kPitch = kD + 8;         // halves per shared row: 272 B, so the 8
-                                       // rows of an ldmatrix phase hit 32 banks
+constexpr int kRows = 128;  // query rows per block
+constexpr int kKeys = 64;   // keys per tile
+constexpr int kWarps = 8;   // 16 rows each
+constexpr int kThreads = kWarps * 32;
+constexpr int kPitch = kD + 8;  // halves per shared row: 272 B, so the 8
+                                // rows of an ldmatrix phase hit 32 banks
 constexpr int kTileHalves = kKeys * kPitch;
-constexpr int kProbPitch = kKeys + 8;  // floats per row of the p tile
+constexpr int kQueryHalves = kRows * kPitch;
 constexpr int kNever = INT_MAX;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -40,13 +44,25 @@ constexpr size_t kAlign = 256;
 
 size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
-// The workspace: per stream and query, the factor f and the renormalisation
-// scale applied before it (0 = none); per stream the end-of-step scale.
+int QueryBlocks(const ChunkShape& shape) {
+  return (shape.chunk * shape.group + kRows - 1) / kRows;
+}
+
+// The workspace: per stream and query the factor f(n+1+q) times every
+// renormalisation scale after q, and the scale of a renormalisation just
+// before q (0 = none); per stream the scale of the old u (0 = none); per
+// query block, stream and key the block's sum of f·r.
 struct Workspace {
-  float* factor;       // [B, T]
-  double* prescale;    // [B, T]
-  double* finalscale;  // [B]
+  float* factor;     // [B, T]
+  double* prescale;  // [B, T]
+  double* scale;     // [B]
+  float* partials;   // [query blocks, B, slots + T]
 };
+
+size_t PartialsCount(const ChunkShape& shape) {
+  return size_t(QueryBlocks(shape)) * size_t(shape.streams) *
+         size_t(shape.slots() + shape.chunk);
+}
 
 Workspace CarveWorkspace(const ChunkShape& shape, void* base) {
   const size_t bt = size_t(shape.streams) * size_t(shape.chunk);
@@ -56,11 +72,13 @@ Workspace CarveWorkspace(const ChunkShape& shape, void* base) {
   p += AlignUp(bt * sizeof(float));
   w.prescale = reinterpret_cast<double*>(p);
   p += AlignUp(bt * sizeof(double));
-  w.finalscale = reinterpret_cast<double*>(p);
+  w.scale = reinterpret_cast<double*>(p);
+  p += AlignUp(size_t(shape.streams) * sizeof(double));
+  w.partials = reinterpret_cast<float*>(p);
   return w;
 }
 
-// ---- phase 1: the factors, walking n as UpdateScores does ----------------
+// ---- launch 1: the factors, walking n as UpdateScores does ---------------
 
 __global__ void ChunkFactorsKernel(double beta, int chunk,
                                    int64_t* score_exponents,
@@ -83,35 +101,44 @@ __global__ void ChunkFactorsKernel(double beta, int chunk,
     }
   }
   __syncthreads();
-  int64_t end = n + chunk;
   if (any_mid_step == 0) {
+    const int64_t end = n + chunk;
+    const bool renormalise = NeedsRenormalisation(beta, end);
+    const double after = renormalise ? ScoreScale(beta, end) : 1.0;
     for (int q = threadIdx.x; q < chunk; q += blockDim.x) {
-      factor[q] = IncrementFactor(beta, n + q + 1);
-      prescale[q] = 0.0;
+      const float f = IncrementFactor(beta, n + q + 1);
+      factor[q] = renormalise ? float(MulD(double(f), after)) : f;
     }
-  } else {
-    if (threadIdx.x != 0) return;
-    int64_t e = n;  // UpdateScores' loop, literally
-    for (int q = 0; q < chunk; ++q) {
-      prescale[q] = 0.0;
-      if (e > 0 && NeedsMidStepRenormalisation(beta, e + 1)) {
-        prescale[q] = ScoreScale(beta, e);
-        e = 0;
-      }
-      factor[q] = IncrementFactor(beta, e + 1);
-      ++e;
+    if (threadIdx.x == 0) {
+      w.scale[b] = renormalise ? after : 0.0;
+      *score_exponent = renormalise ? 0 : end;
     }
-    end = e;
+    return;
   }
-  if (threadIdx.x == 0) {
-    double final_scale = 0.0;
-    if (NeedsRenormalisation(beta, end)) {
-      final_scale = ScoreScale(beta, end);
-      end = 0;
+  if (threadIdx.x != 0) return;
+  // UpdateScores' loop, literally; then, from the last query back, each
+  // factor times the scales of the renormalisations after it.
+  int64_t e = n;
+  for (int q = 0; q < chunk; ++q) {
+    prescale[q] = 0.0;
+    if (e > 0 && NeedsMidStepRenormalisation(beta, e + 1)) {
+      prescale[q] = ScoreScale(beta, e);
+      e = 0;
     }
-    w.finalscale[b] = final_scale;
-    *score_exponent = end;
+    factor[q] = IncrementFactor(beta, e + 1);
+    ++e;
   }
+  double after = 1.0;
+  if (NeedsRenormalisation(beta, e)) {
+    after = ScoreScale(beta, e);
+    e = 0;
+  }
+  for (int q = chunk - 1; q >= 0; --q) {
+    factor[q] = float(MulD(double(factor[q]), after));
+    if (prescale[q] != 0.0) after = MulD(after, prescale[q]);
+  }
+  w.scale[b] = after == 1.0 ? 0.0 : after;
+  *score_exponent = e;
 }
 
 // ---- device helpers -------------------------------------------------------
@@ -265,7 +292,16 @@ __device__ void LoadKeyTile(const ChunkArgs& a, int b, int64_t k0, T* k_tile,
   }
 }
 
-// Starts the copy of stream b's query rows [r0, r0 + 64) into q_tile.
+// The stream row (from the block's first) that MMA row ρ of a 16-row warp
+// tile holds: 2·(ρ mod 8) + ρ/8, so that a thread's two fragment rows (gid
+// and gid + 8) are consecutive stream rows, two heads of one token when
+// G ≥ 2: the group reduction then starts inside the thread.
+__device__ __forceinline__ int TileRow(int row) {
+  return (row / 16) * 16 + 2 * (row % 8) + (row % 16) / 8;
+}
+
+// Starts the copy of stream b's query rows [r0, r0 + 128) into q_tile, in
+// TileRow order.
 template <typename T>
 __device__ void LoadQueryTile(const ChunkArgs& a, int b, int r0, T* q_tile) {
   const T* queries = static_cast<const T*>(a.in.queries);
@@ -274,7 +310,7 @@ __device__ void LoadQueryTile(const ChunkArgs& a, int b, int r0, T* q_tile) {
   for (int c = threadIdx.x; c < kRows * kPieces; c += kThreads) {
     const int row = c / kPieces;
     const int piece = c % kPieces;
-    const int r = r0 + row;
+    const int r = r0 + TileRow(row);
     const bool valid = r < rows;
     const T* src = queries + (valid ? QueryRow(a, b, r) * kD : 0);
     const int offset = piece * (16 / int(sizeof(T)));
@@ -282,86 +318,87 @@ __device__ void LoadQueryTile(const ChunkArgs& a, int b, int r0, T* q_tile) {
   }
 }
 
-// S (16 rows of this warp × 64 keys) = Q·Kᵀ from A fragments and a key tile.
+// S (16 rows of this warp × 64 keys) = Q·Kᵀ from the query and key tiles.
 template <typename T>
-__device__ __forceinline__ void QueryKeyTile(const uint32_t (&qf)[8][4],
-                                             const T* k_tile,
+__device__ __forceinline__ void QueryKeyTile(const T* q_tile, const T* k_tile,
                                              float (&s)[8][4]) {
   const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
   const int j = lane / 8;  // which of the four matrices this lane addresses
 #pragma unroll
   for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) {
+    // A: rows (j%2)·8 + 0..7 of the warp's 16, channels kk·16 + (j/2)·8.
+    uint32_t qf[4];
+    LdMatrix(qf, SharedAddress(q_tile +
+                               (warp * 16 + (j % 2) * 8 + lane % 8) * kPitch +
+                               kk * 16 + (j / 2) * 8));
 #pragma unroll
     for (int n2 = 0; n2 < 4; ++n2) {
-      // Matrices: keys n2·16 + (j/2)·8 + 0..7, channels kk·16 + (j%2)·8.
+      // B: keys n2·16 + (j/2)·8 + 0..7, channels kk·16 + (j%2)·8.
       const int key = n2 * 16 + (j / 2) * 8 + lane % 8;
       const int d = kk * 16 + (j % 2) * 8;
       uint32_t kb[4];
       LdMatrix(kb, SharedAddress(k_tile + key * kPitch + d));
-      Elem<T>::Mma(s[2 * n2], qf[kk], kb[0], kb[1]);
-      Elem<T>::Mma(s[2 * n2 + 1], qf[kk], kb[2], kb[3]);
+      Elem<T>::Mma(s[2 * n2], qf, kb[0], kb[1]);
+      Elem<T>::Mma(s[2 * n2 + 1], qf, kb[2], kb[3]);
     }
   }
 }
 
-// This warp's A fragments of a query tile (16 rows × 128 channels).
-template <typename T>
-__device__ __forceinline__ void LoadQueryFragments(const T* q_tile,
-                                                   uint32_t (&qf)[8][4]) {
+// The rows of this thread's two fragment rows (gid, gid + 8 of its warp)
+// and the keys a block must visit: every slot, and the chunk up to its
+// last token.
+struct BlockRows {
+  int rows;              // T·G
+  int row_a, row_b;      // stream rows
+  int token_a, token_b;  // their tokens, −2 past the end (they see nothing)
+  int tiles;             // 64-key tiles to visit
+};
+__device__ __forceinline__ BlockRows RowsOf(const ChunkArgs& a, int r0) {
+  BlockRows r;
+  r.rows = a.chunk * a.group;
   const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int j = lane / 8;
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) {
-    // Matrices: rows (j%2)·8 + 0..7, channels kk·16 + (j/2)·8.
-    const int row = warp * 16 + (j % 2) * 8 + lane % 8;
-    const int d = kk * 16 + (j / 2) * 8;
-    LdMatrix(qf[kk], SharedAddress(q_tile + row * kPitch + d));
-  }
+  r.row_a = r0 + TileRow((threadIdx.x / 32) * 16 + lane / 4);
+  r.row_b = r0 + TileRow((threadIdx.x / 32) * 16 + lane / 4 + 8);
+  r.token_a = r.row_a < r.rows ? r.row_a / a.group : -2;
+  r.token_b = r.row_b < r.rows ? r.row_b / a.group : -2;
+  const int last_token = (min(r0 + kRows, r.rows) - 1) / a.group;
+  r.tiles = int((a.slots + last_token + 1 + kKeys - 1) / kKeys);
+  return r;
 }
 
-// ---- phase 2: forward ------------------------------------------------------
+// ---- launch 2: forward -----------------------------------------------------
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     ChunkForwardKernel(const ChunkArgs a) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* q_tile = reinterpret_cast<T*>(shared_bytes);
-  T* k_tiles = q_tile + kTileHalves;       // [2][64][kPitch]
+  T* k_tiles = q_tile + kQueryHalves;      // [2][64][kPitch]
   T* v_tiles = k_tiles + 2 * kTileHalves;  // [2][64][kPitch]
   int* vis = reinterpret_cast<int*>(v_tiles + 2 * kTileHalves);  // [2][64]
 
   const int b = blockIdx.y;
   const int r0 = blockIdx.x * kRows;
-  const int rows = a.chunk * a.group;
+  const BlockRows my = RowsOf(a, r0);
   const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int gid = lane / 4;  // fragment row within 8
   const int tig = lane % 4;  // fragment column pair
-  const int row_a = r0 + warp * 16 + gid;
-  const int row_b = row_a + 8;
-  const int token_a = row_a < rows ? row_a / a.group : -2;  // −2 sees none
-  const int token_b = row_b < rows ? row_b / a.group : -2;
-  const int last_token = (min(r0 + kRows, rows) - 1) / a.group;
-  const int64_t key_end = a.slots + last_token + 1;  // later keys: masked
-  const int tiles = int((key_end + kKeys - 1) / kKeys);
 
   LoadQueryTile<T>(a, b, r0, q_tile);
   LoadKeyTile<T>(a, b, 0, k_tiles, v_tiles, vis);
   CommitCopies();
 
-  uint32_t qf[8][4];
   float o[16][4];
 #pragma unroll
   for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
   float m_a = -INFINITY, m_b = -INFINITY;  // running max, log2 units
   float l_a = 0.0f, l_b = 0.0f;            // this lane's share of Σp
 
-  for (int tile = 0; tile < tiles; ++tile) {
+  for (int tile = 0; tile < my.tiles; ++tile) {
     const int stage = tile & 1;
-    if (tile + 1 < tiles) {
+    if (tile + 1 < my.tiles) {
       const int next = stage ^ 1;
       LoadKeyTile<T>(a, b, int64_t{tile + 1} * kKeys,
                      k_tiles + next * kTileHalves, v_tiles + next * kTileHalves,
@@ -370,13 +407,11 @@ __global__ void __launch_bounds__(kThreads)
     CommitCopies();
     WaitCopies<1>();
     __syncthreads();
-    if (tile == 0) LoadQueryFragments<T>(q_tile, qf);
-    const T* k_tile = k_tiles + stage * kTileHalves;
     const T* v_tile = v_tiles + stage * kTileHalves;
     const int* tile_vis = vis + stage * kKeys;
 
     float s[8][4];
-    QueryKeyTile<T>(qf, k_tile, s);
+    QueryKeyTile<T>(q_tile, k_tiles + stage * kTileHalves, s);
 
     float tile_max_a = -INFINITY, tile_max_b = -INFINITY;
 #pragma unroll
@@ -384,8 +419,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int first = tile_vis[n * 8 + tig * 2 + e];
-        s[n][e] = token_a >= first ? s[n][e] * a.scale_log2 : -INFINITY;
-        s[n][e + 2] = token_b >= first ? s[n][e + 2] * a.scale_log2 : -INFINITY;
+        s[n][e] = my.token_a >= first ? s[n][e] * a.scale_log2 : -INFINITY;
+        s[n][e + 2] =
+            my.token_b >= first ? s[n][e + 2] * a.scale_log2 : -INFINITY;
         tile_max_a = fmaxf(tile_max_a, s[n][e]);
         tile_max_b = fmaxf(tile_max_b, s[n][e + 2]);
       }
@@ -436,7 +472,7 @@ __global__ void __launch_bounds__(kThreads)
           Elem<T>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
       for (int nd2 = 0; nd2 < kD / 16; ++nd2) {
-        // Matrices: keys kk·16 + (j%2)·8 + 0..7, channels (2·nd2 + j/2)·8.
+        // B: keys kk·16 + (j%2)·8 + 0..7, channels (2·nd2 + j/2)·8.
         const int key = kk * 16 + (j % 2) * 8 + lane % 8;
         const int d = (2 * nd2 + j / 2) * 8;
         uint32_t vb[4];
@@ -455,8 +491,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f;
   const float inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
-  if (row_a < rows) {
-    const int64_t g = QueryRow(a, b, row_a);
+  if (my.row_a < my.rows) {
+    const int64_t g = QueryRow(a, b, my.row_a);
     float* out = a.out.out + g * kD;
 #pragma unroll
     for (int n = 0; n < 16; ++n) {
@@ -467,8 +503,8 @@ __global__ void __launch_bounds__(kThreads)
       a.out.lse[g] = l_a > 0.0f ? (m_a + log2f(l_a)) * kLn2 : -INFINITY;
     }
   }
-  if (row_b < rows) {
-    const int64_t g = QueryRow(a, b, row_b);
+  if (my.row_b < my.rows) {
+    const int64_t g = QueryRow(a, b, my.row_b);
     float* out = a.out.out + g * kD;
 #pragma unroll
     for (int n = 0; n < 16; ++n) {
@@ -481,174 +517,188 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- phase 3: scores
-// ---------------------------------------------------------
+// ---- launch 3: per query block, Σ f·r per key
+// --------------------------------
 
-// Per query tile: the queries, their LSE, factors and renormalisations.
-template <typename T>
-struct ScoreStage {
-  T q[kTileHalves];
-  float lse[kRows];
-  float factor[kRows];     // per token of the tile (≤ 64)
-  double prescale[kRows];  // per token of the tile
-};
-
-template <typename T>
-__device__ void LoadScoreStage(const ChunkArgs& a, int b, int qt,
-                               ScoreStage<T>* stage) {
-  const int r0 = qt * kRows;
-  const int rows = a.chunk * a.group;
-  LoadQueryTile<T>(a, b, r0, stage->q);
-  const int tokens = kRows / a.group;
-  const int t0 = r0 / a.group;
-  const int i = threadIdx.x;
-  if (i < kRows && r0 + i < rows) {
-    CopyAsyncSmall<4>(&stage->lse[i], a.out.lse + QueryRow(a, b, r0 + i));
-  }
-  if (i < tokens && t0 + i < a.chunk) {
-    const int64_t q = int64_t{b} * a.chunk + t0 + i;
-    CopyAsyncSmall<4>(&stage->factor[i], a.w.factor + q);
-    CopyAsyncSmall<8>(&stage->prescale[i], a.w.prescale + q);
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int kGroup>
+__global__ void __launch_bounds__(kThreads, 2)
     ChunkScoresKernel(const ChunkArgs a) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  auto* stages = reinterpret_cast<ScoreStage<T>*>(shared_bytes);  // [2]
-  T* k_tile = reinterpret_cast<T*>(stages + 2);
-  float* probs = reinterpret_cast<float*>(k_tile + kTileHalves);  // [64][pitch]
-  int* vis = reinterpret_cast<int*>(probs + kRows * kProbPitch);  // [64]
+  T* q_tile = reinterpret_cast<T*>(shared_bytes);
+  T* k_tiles = q_tile + kQueryHalves;                            // [2][64][·]
+  int* vis = reinterpret_cast<int*>(k_tiles + 2 * kTileHalves);  // [2][64]
+  // [2][warps][64]: two stages, so that one barrier a tile suffices.
+  float* sums = reinterpret_cast<float*>(vis + 2 * kKeys);
 
   const int b = blockIdx.y;
-  const int64_t k0 = int64_t{blockIdx.x} * kKeys;
-  const int rows = a.chunk * a.group;
-  const int q_tiles = (rows + kRows - 1) / kRows;
+  const int qb = blockIdx.x;
+  const int r0 = qb * kRows;
+  const BlockRows my = RowsOf(a, r0);
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int gid = lane / 4;
   const int tig = lane % 4;
-  const int tokens_per_tile = kRows / a.group;
+  const int64_t keys_total = a.slots + a.chunk;
+  float* partial = a.w.partials + (int64_t{qb} * a.streams + b) * keys_total;
 
-  LoadKeyTile<T>(a, b, k0, k_tile, nullptr, vis);
-  LoadScoreStage<T>(a, b, 0, &stages[0]);
+  LoadQueryTile<T>(a, b, r0, q_tile);
+  LoadKeyTile<T>(a, b, 0, k_tiles, nullptr, vis);
   CommitCopies();
+  // Per fragment row: its LSE (log2 units) and its token's factor. With
+  // G ≥ 2 both rows are heads of one token and the group spans the lanes
+  // whose gid differs in its low log2(G/2) bits; the first of them (the
+  // leader) carries the group's r. With G = 1 each row is a token.
+  const float lse_a =
+      my.token_a >= 0 ? a.out.lse[QueryRow(a, b, my.row_a)] * kLog2e : 0.0f;
+  const float lse_b =
+      my.token_b >= 0 ? a.out.lse[QueryRow(a, b, my.row_b)] * kLog2e : 0.0f;
+  constexpr int half_group = kGroup > 1 ? kGroup / 2 : 1;
+  const bool leader = (gid & (half_group - 1)) == 0;
+  const float f_a = leader && my.token_a >= 0
+                        ? a.w.factor[int64_t{b} * a.chunk + my.token_a]
+                        : 0.0f;
+  const float f_b = leader && my.token_b >= 0
+                        ? a.w.factor[int64_t{b} * a.chunk + my.token_b]
+                        : 0.0f;
+  const bool mean = a.reduction == ScoreReduction::kMean;
+  constexpr float inv_group = 1.0f / float(kGroup);
 
-  // Thread c < 64 owns key k0 + c: a resident cascade slot's u, or a new
-  // token's initial score (from 0). Sinks, empty slots and keys past the
-  // end have no score.
-  const int64_t my_key = k0 + threadIdx.x;
-  float* my_score = nullptr;
-  if (threadIdx.x < kKeys) {
-    if (my_key >= a.sinks && my_key < a.slots) {
-      const StreamSlots mine = SlotsOf(a, b);
-      if (mine.positions[my_key] >= 0) my_score = mine.scores + my_key;
-    } else if (my_key >= a.slots && my_key < a.slots + a.chunk) {
-      my_score =
-          a.out.initial_scores + int64_t{b} * a.chunk + (my_key - a.slots);
+  for (int tile = 0; tile < my.tiles; ++tile) {
+    const int stage = tile & 1;
+    float* stage_sums = sums + stage * kWarps * kKeys;
+    if (tile + 1 < my.tiles) {
+      LoadKeyTile<T>(a, b, int64_t{tile + 1} * kKeys,
+                     k_tiles + (stage ^ 1) * kTileHalves, nullptr,
+                     vis + (stage ^ 1) * kKeys);
     }
-  }
-  float u = 0.0f;
-  if (my_score != nullptr && my_key < a.slots) u = *my_score;
-  // Query tiles before the first token that sees any key here add only
-  // zeros (u + f·0 = u): their products are skipped, not their
-  // renormalisations.
-  const int64_t last_key = min(k0 + kKeys, a.slots + a.chunk) - 1;
-  const int first_seeing_token =
-      k0 < a.slots ? 0 : int(min(k0, last_key) - a.slots);
-
-  for (int qt = 0; qt < q_tiles; ++qt) {
-    ScoreStage<T>& stage = stages[qt & 1];
-    if (qt + 1 < q_tiles)
-      LoadScoreStage<T>(a, b, qt + 1, &stages[(qt + 1) & 1]);
     CommitCopies();
     WaitCopies<1>();
     __syncthreads();
-    const int t0 = qt * tokens_per_tile;
-    const bool any_seen = t0 + tokens_per_tile > first_seeing_token;
-    if (any_seen) {
-      uint32_t qf[8][4];
-      LoadQueryFragments<T>(stage.q, qf);
-      float s[8][4];
-      QueryKeyTile<T>(qf, k_tile, s);
-      const int local_a = warp * 16 + gid;
-      const int local_b = local_a + 8;
-      const int row_a = qt * kRows + local_a;
-      const int row_b = row_a + 8;
-      const int token_a = row_a < rows ? row_a / a.group : -2;
-      const int token_b = row_b < rows ? row_b / a.group : -2;
-      const float lse_a = row_a < rows ? stage.lse[local_a] * kLog2e : 0.0f;
-      const float lse_b = row_b < rows ? stage.lse[local_b] * kLog2e : 0.0f;
+    const int* tile_vis = vis + stage * kKeys;
+    float s[8][4];
+    QueryKeyTile<T>(q_tile, k_tiles + stage * kTileHalves, s);
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
-        const int key = n * 8 + tig * 2;
-        float2 pa, pb;
-        pa.x =
-            token_a >= vis[key] ? exp2f(s[n][0] * a.scale_log2 - lse_a) : 0.0f;
-        pa.y = token_a >= vis[key + 1] ? exp2f(s[n][1] * a.scale_log2 - lse_a)
-                                       : 0.0f;
-        pb.x =
-            token_b >= vis[key] ? exp2f(s[n][2] * a.scale_log2 - lse_b) : 0.0f;
-        pb.y = token_b >= vis[key + 1] ? exp2f(s[n][3] * a.scale_log2 - lse_b)
-                                       : 0.0f;
-        *reinterpret_cast<float2*>(probs + local_a * kProbPitch + key) = pa;
-        *reinterpret_cast<float2*>(probs + local_b * kProbPitch + key) = pb;
+    for (int n = 0; n < 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int first = tile_vis[n * 8 + tig * 2 + e];
+        // x = log2 p; the max of p over the group is 2^(max x).
+        const float xa =
+            my.token_a >= first ? s[n][e] * a.scale_log2 - lse_a : -INFINITY;
+        const float xb = my.token_b >= first
+                             ? s[n][e + 2] * a.scale_log2 - lse_b
+                             : -INFINITY;
+        float v;
+        if (kGroup == 1) {
+          v = f_a * exp2f(xa) + f_b * exp2f(xb);
+        } else if (mean) {
+          float p = exp2f(xa) + exp2f(xb);
+#pragma unroll
+          for (int m = 1; m < half_group; m <<= 1) {
+            p += __shfl_xor_sync(0xffffffffu, p, 4 * m);
+          }
+          v = f_a * (p * inv_group);
+        } else {
+          float x = fmaxf(xa, xb);
+#pragma unroll
+          for (int m = 1; m < half_group; m <<= 1) {
+            x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4 * m));
+          }
+          v = f_a * exp2f(x);  // f_a is 0 off the leaders
+        }
+        // Σ over the warp's tokens: the lanes of the other groups.
+#pragma unroll
+        for (int m = half_group; m < 8; m <<= 1) {
+          v += __shfl_xor_sync(0xffffffffu, v, 4 * m);
+        }
+        if (gid == 0) stage_sums[warp * kKeys + n * 8 + tig * 2 + e] = v;
       }
     }
     __syncthreads();
-    if (my_score != nullptr) {
-      const int tokens = min(tokens_per_tile, a.chunk - t0);
-      for (int i = 0; i < tokens; ++i) {
-        const float r =
-            any_seen ? ReduceGroupProbability(
-                           probs + i * a.group * kProbPitch + threadIdx.x,
-                           a.group, kProbPitch, a.reduction)
-                     : 0.0f;
-        if (stage.prescale[i] != 0.0) u = RescaleScore(u, stage.prescale[i]);
-        u = AccumulateScore(u, stage.factor[i], r);
+    if (threadIdx.x < kKeys) {
+      const int64_t k = int64_t{tile} * kKeys + threadIdx.x;
+      if (k < keys_total) {
+        float total = 0.0f;
+        for (int w = 0; w < kWarps; ++w) {
+          total += stage_sums[w * kKeys + threadIdx.x];
+        }
+        partial[k] = total;
       }
     }
-    __syncthreads();  // probs and the stage are refilled next iteration
-  }
-  if (my_score != nullptr) {
-    const double final_scale = a.w.finalscale[b];
-    if (final_scale != 0.0) u = RescaleScore(u, final_scale);
-    *my_score = u;
+    // No barrier here: this stage's tiles and sums are rewritten only after
+    // the next iteration's barrier, which every thread reaches after it is
+    // done with them.
   }
 }
 
-size_t ForwardSharedBytes() {
-  return size_t(5) * kTileHalves * 2 + 2 * kKeys * sizeof(int);
+// ---- launch 4: u ← u·scale + Σ partials
+// ----------------------------------------
+
+__global__ void ChunkReduceKernel(const ChunkArgs a, int query_blocks) {
+  const int b = blockIdx.y;
+  const int64_t k = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  const int64_t keys_total = a.slots + a.chunk;
+  if (k >= keys_total) return;
+  float* target;
+  float u = 0.0f;
+  int first_block = 0;
+  if (k < a.slots) {
+    if (k < a.sinks) return;
+    const StreamSlots mine = SlotsOf(a, b);
+    if (mine.positions[k] < 0) return;
+    target = mine.scores + k;
+    u = *target;
+  } else {
+    const int64_t j = k - a.slots;  // a new token: from 0, its block on
+    target = a.out.initial_scores + int64_t{b} * a.chunk + j;
+    first_block = int(j * a.group / kRows);
+  }
+  float total = 0.0f;
+  for (int qb = first_block; qb < query_blocks; ++qb) {
+    total += a.w.partials[(int64_t{qb} * a.streams + b) * keys_total + k];
+  }
+  const double scale = a.w.scale[b];
+  if (scale != 0.0) u = RescaleScore(u, scale);
+  *target = AddF(u, total);
 }
+
+constexpr size_t kForwardSharedBytes =
+    size_t(kQueryHalves + 4 * kTileHalves) * 2 + 2 * kKeys * sizeof(int);
+constexpr size_t kScoresSharedBytes =
+    size_t(kQueryHalves + 2 * kTileHalves) * 2 + 2 * kKeys * sizeof(int) +
+    2 * kWarps * kKeys * sizeof(float);
+
+// The scores kernel for the batch's group size.
 template <typename T>
-size_t ScoresSharedBytes() {
-  return 2 * sizeof(ScoreStage<T>) + kTileHalves * sizeof(T) +
-         kRows * kProbPitch * sizeof(float) + kKeys * sizeof(int);
+auto ScoresKernelFor(int group) {
+  return group == 1   ? ChunkScoresKernel<T, 1>
+         : group == 2 ? ChunkScoresKernel<T, 2>
+         : group == 4 ? ChunkScoresKernel<T, 4>
+                      : ChunkScoresKernel<T, 8>;
 }
 
 template <typename T>
-absl::Status LaunchAttention(const ChunkArgs& a, const ChunkPhaseEvents& events,
+absl::Status LaunchAttention(const ChunkArgs& a, int query_blocks,
+                             const ChunkPhaseEvents& events,
                              cudaStream_t stream) {
-  const size_t forward_smem = ForwardSharedBytes();
-  const size_t scores_smem = ScoresSharedBytes<T>();
   KVMEM_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       ChunkForwardKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      int(forward_smem)));
+      int(kForwardSharedBytes)));
+  const auto scores_kernel = ScoresKernelFor<T>(a.group);
   KVMEM_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      ChunkScoresKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      int(scores_smem)));
-  const int rows = a.chunk * a.group;
-  const dim3 forward_grid((rows + kRows - 1) / kRows, a.streams);
-  ChunkForwardKernel<T><<<forward_grid, kThreads, forward_smem, stream>>>(a);
+      scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      int(kScoresSharedBytes)));
+  const dim3 grid(query_blocks, a.streams);
+  ChunkForwardKernel<T><<<grid, kThreads, kForwardSharedBytes, stream>>>(a);
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ChunkForwardKernel");
   if (events.after_forward != nullptr) {
     KVMEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(events.after_forward, stream));
   }
-  const dim3 scores_grid(unsigned((a.slots + a.chunk + kKeys - 1) / kKeys),
-                         a.streams);
-  ChunkScoresKernel<T><<<scores_grid, kThreads, scores_smem, stream>>>(a);
+  scores_kernel<<<grid, kThreads, kScoresSharedBytes, stream>>>(a);
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ChunkScoresKernel");
+  const dim3 reduce_grid(unsigned((a.slots + a.chunk + 255) / 256), a.streams);
+  ChunkReduceKernel<<<reduce_grid, 256, 0, stream>>>(a, query_blocks);
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ChunkReduceKernel");
   return absl::OkStatus();
 }
 
@@ -658,9 +708,11 @@ absl::Status CheckShape(const ChunkShape& shape) {
     return absl::InvalidArgumentError(absl::StrCat(
         "streams: ", shape.streams, ", want 1..65535 (a grid dimension)"));
   }
-  if (shape.group < 1 || kRows % shape.group != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("group: ", shape.group, ", want a divisor of ", kRows));
+  if (shape.group < 1 || shape.group > kMaxChunkGroup ||
+      (shape.group & (shape.group - 1)) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "group: ", shape.group,
+        ", want 1, 2, 4 or 8 (a power of two <= ", kMaxChunkGroup, ")"));
   }
   if (shape.chunk < 1 ||
       int64_t{shape.chunk} * shape.group * shape.streams > INT_MAX / kD) {
@@ -690,10 +742,11 @@ absl::Status CheckShape(const ChunkShape& shape) {
 }  // namespace
 
 size_t ChunkWorkspaceBytes(const ChunkShape& shape) {
-  const size_t bt =
-      size_t(std::max(shape.streams, 0)) * size_t(std::max(shape.chunk, 0));
+  if (shape.streams < 1 || shape.chunk < 1 || shape.group < 1) return 0;
+  const size_t bt = size_t(shape.streams) * size_t(shape.chunk);
   return AlignUp(bt * sizeof(float)) + AlignUp(bt * sizeof(double)) +
-         AlignUp(size_t(std::max(shape.streams, 0)) * sizeof(double));
+         AlignUp(size_t(shape.streams) * sizeof(double)) +
+         AlignUp(PartialsCount(shape) * sizeof(float));
 }
 
 absl::Status AttendChunk(const ChunkShape& shape, const ChunkInputs& inputs,
@@ -761,8 +814,9 @@ absl::Status AttendChunk(const ChunkShape& shape, const ChunkInputs& inputs,
     KVMEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(events.after_factors, stream));
   }
   return shape.dtype == DType::kBf16
-             ? LaunchAttention<__nv_bfloat16>(a, events, stream)
-             : LaunchAttention<__half>(a, events, stream);
+             ? LaunchAttention<__nv_bfloat16>(a, QueryBlocks(shape), events,
+                                              stream)
+             : LaunchAttention<__half>(a, QueryBlocks(shape), events, stream);
 }
 
 }  // namespace kvmem::cuda

@@ -8,21 +8,24 @@
 // tokens that follows is kernels/cuda/chunk_insert.h. The CPU oracles are
 // cpu::AttendCausalChunk and CascadeStream::UpdateScores.
 //
-// Three launches for the whole batch:
-// 1. factors: per stream and query q the increment factor f(n+1+q) and any
-//    renormalisation before q, exactly as UpdateScores walks n (one block
-//    per stream); score_exponent advances here;
+// Four launches for the whole batch:
+// 1. factors: per stream and query q the increment factor f(n+1+q), walking
+//    n as UpdateScores does; a renormalisation inside or after the chunk
+//    folds into the factors of the queries before it and into one scale
+//    of the old u. score_exponent advances here;
 // 2. forward: flash attention on tensor cores (mma.sync m16n8k16, fp32
-//    accumulation, online softmax), one block per 64 query rows of a
+//    accumulation, online softmax), one block per 128 query rows of a
 //    stream, giving out and the natural-log LSE;
-// 3. scores: one block per 64 keys of a stream recomputes QKᵀ on tensor
-//    cores for every query in order, p = exp(s − lse) with the final LSE,
-//    reduces p over the group (policy_math.h) and accumulates u ← u + f·r
-//    query by query in the CPU's order. Exact probabilities need the final
-//    LSE, hence the second QKᵀ pass (cascade.md §5).
-// The tensor-core dot products sum in another order than the CPU's, so
-// outputs and scores match the oracle within tolerance, not bit for bit;
-// given equal r, the score arithmetic is the CPU's, operation for operation.
+// 3. scores: the same blocks recompute QKᵀ, take p = exp(s − lse) with the
+//    final LSE, reduce p over the group (max or mean) and sum f·r over
+//    their queries into one partial sum per key (no atomics); exact
+//    probabilities need the final LSE, hence the second QKᵀ pass
+//    (cascade.md §5);
+// 4. reduce: per key, u ← u·scale + Σ partials in a fixed order, so the
+//    result does not depend on scheduling.
+// The sums run in another order than the CPU's sequential one (and the
+// tensor-core dot products too), so outputs and scores match the oracle
+// within fp32 rounding, not bit for bit; the score exponent is exact.
 // Thread-safe (no state); asynchronous on the caller's stream; no
 // allocation, no synchronisation.
 #ifndef KVMEM_KERNELS_CUDA_CHUNK_ATTENTION_H_
@@ -42,12 +45,12 @@
 namespace kvmem::cuda {
 
 inline constexpr int kChunkHeadDim = 128;  // the only D of the tensor-core path
-inline constexpr int kChunkTileRows = 64;  // query rows (t, g) per block
+inline constexpr int kMaxChunkGroup = 8;   // G: 1, 2, 4 or 8
 
 // Known on the host before launch.
 struct ChunkShape {
   int streams = 0;             // B ≥ 1: one per KV head (of one session)
-  int group = 1;               // G = Hq/H, a divisor of 64
+  int group = 1;               // G = Hq/H: 1, 2, 4 or 8
   int chunk = 0;               // T ≥ 1
   CascadeParams params;        // every stream's policy (sinks, β)
   DType dtype = DType::kBf16;  // bf16 or fp16: queries, rows
@@ -89,8 +92,10 @@ struct ChunkOutputs {
   float* initial_scores = nullptr;  // [B, T] u of each new token
 };
 
-// Device scratch the three launches share (256-byte aligned, caller-owned,
-// not shared by launches in flight at once).
+// Device scratch the launches share (256-byte aligned, caller-owned, not
+// shared by launches in flight at once): mostly the partial sums, 4 bytes
+// × ceil(T·G/128) × B × (slots + T), e.g. 18 MB at T 1024, G 4, B 8 and
+// 16K slots. 0 for a shape without streams, tokens or group.
 size_t ChunkWorkspaceBytes(const ChunkShape& shape);
 
 // For benchmarks: events recorded on the stream after the factors and

@@ -164,7 +164,8 @@ bool Engine::TakeLayer(LiveSession& s, size_t layer, StepMode mode,
   }
   if (e.num_tokens > 1 &&
       (mode != StepMode::kAttend || c.head_dim != cuda::kChunkHeadDim ||
-       c.dtype == DType::kFp32 || cuda::kChunkTileRows % c.group != 0 ||
+       c.dtype == DType::kFp32 || c.group > cuda::kMaxChunkGroup ||
+       (c.group & (c.group - 1)) != 0 ||
        e.num_tokens > c.cascade.window)) {
     return false;
   }
