@@ -702,7 +702,8 @@ absl::Status LaunchAttention(const ChunkArgs& a, int query_blocks,
   return absl::OkStatus();
 }
 
-absl::Status CheckShape(const ChunkShape& shape) {
+// `attend`: the attention fields too (a step with queries).
+absl::Status CheckShape(const ChunkShape& shape, bool attend) {
   if (absl::Status valid = shape.params.Validate(); !valid.ok()) return valid;
   if (shape.streams < 1 || shape.streams > 65535) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -724,6 +725,7 @@ absl::Status CheckShape(const ChunkShape& shape) {
         absl::StrCat("slots + chunk: ", shape.slots() + shape.chunk,
                      ", want below 2^31 − 64"));
   }
+  if (!attend) return absl::OkStatus();
   if (shape.dtype != DType::kBf16 && shape.dtype != DType::kFp16) {
     return absl::InvalidArgumentError(
         "dtype: want bf16 or fp16 (the tensor-core path)");
@@ -754,35 +756,39 @@ absl::Status AttendChunk(const ChunkShape& shape, const ChunkInputs& inputs,
                          const ChunkOutputs& outputs, void* workspace,
                          size_t workspace_bytes, cudaStream_t stream,
                          const ChunkPhaseEvents& events) {
-  if (absl::Status valid = CheckShape(shape); !valid.ok()) return valid;
+  // Without queries (APPEND): no attention, only n and the scale of u move.
+  const bool attend = inputs.queries != nullptr;
+  if (absl::Status valid = CheckShape(shape, attend); !valid.ok()) {
+    return valid;
+  }
   // With per-stream pointers the flat state arrays are not read.
   const bool flat = state.streams == nullptr;
-  const void* required[] = {
-      inputs.queries,
-      inputs.keys,
-      inputs.values,
-      inputs.key_rows,
-      inputs.value_rows,
-      flat ? static_cast<const void*>(inputs.slot_rows) : state.streams,
-      flat ? static_cast<const void*>(inputs.positions) : state.streams,
-      flat ? static_cast<const void*>(state.scores) : state.streams,
-      flat ? static_cast<const void*>(state.score_exponent) : state.streams,
-      outputs.out,
-      outputs.lse,
-      outputs.initial_scores,
-      workspace};
-  const char* names[] = {
-      "queries",   "keys",           "values",   "key_rows",       "value_rows",
-      "slot_rows", "positions",      "scores",   "score_exponent", "out",
-      "lse",       "initial_scores", "workspace"};
-  for (size_t i = 0; i < sizeof(required) / sizeof(required[0]); ++i) {
-    if (required[i] == nullptr) {
+  struct Needed {
+    const void* pointer;
+    const char* name;
+    bool needed;
+  };
+  const Needed needed[] = {{inputs.keys, "keys", attend},
+                           {inputs.values, "values", attend},
+                           {inputs.key_rows, "key_rows", attend},
+                           {inputs.value_rows, "value_rows", attend},
+                           {inputs.slot_rows, "slot_rows", flat},
+                           {inputs.positions, "positions", flat},
+                           {state.scores, "scores", flat},
+                           {state.score_exponent, "score_exponent", flat},
+                           {outputs.out, "out", attend},
+                           {outputs.lse, "lse", attend},
+                           {outputs.initial_scores, "initial_scores", true},
+                           {workspace, "workspace", true}};
+  for (const Needed& n : needed) {
+    if (n.needed && n.pointer == nullptr) {
       return absl::InvalidArgumentError(
-          absl::StrCat(names[i], ": null, want a device pointer"));
+          absl::StrCat(n.name, ": null, want a device pointer"));
     }
   }
   for (const void* p : {inputs.queries, inputs.keys, inputs.values,
                         inputs.key_rows, inputs.value_rows}) {
+    if (!attend) break;
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
       return absl::InvalidArgumentError(
           "queries, keys, values, key_rows, value_rows: want 16-byte aligned");
@@ -812,6 +818,14 @@ absl::Status AttendChunk(const ChunkShape& shape, const ChunkInputs& inputs,
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ChunkFactorsKernel");
   if (events.after_factors != nullptr) {
     KVMEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(events.after_factors, stream));
+  }
+  if (!attend) {
+    // u ← u·scale; the new tokens start at 0 (no partial sums to add).
+    const dim3 reduce_grid(unsigned((a.slots + a.chunk + 255) / 256),
+                           a.streams);
+    ChunkReduceKernel<<<reduce_grid, 256, 0, stream>>>(a, 0);
+    KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ChunkReduceKernel");
+    return absl::OkStatus();
   }
   return shape.dtype == DType::kBf16
              ? LaunchAttention<__nv_bfloat16>(a, QueryBlocks(shape), events,

@@ -66,6 +66,10 @@ struct ChunkShape {
 // contents are the caller's contract (slot_rows < pool rows).
 struct ChunkInputs {
   // [T, B·G, D]: the wire layout; query row (t, b, g) at (t·B + b)·G + g.
+  // Null: a step without attention (APPEND without queries, UpdateScores
+  // with no probabilities): n advances, renormalisations rescale u, the new
+  // tokens' initial scores are 0; keys, values, the pools, out and lse are
+  // not read (may be null), nor are dtype, group and softmax_scale.
   const void* queries = nullptr;
   const void* keys = nullptr;          // [T, B, D]: the chunk's own rows
   const void* values = nullptr;        // [T, B, D]

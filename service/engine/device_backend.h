@@ -120,15 +120,18 @@ struct DevicePolicyItem {
   std::string evicted_key, evicted_value;
 };
 
-// One session layer's prefill chunk (T > 1 tokens with queries) on a
-// device-owned layer, every KV head of it: dense over the resident slots
-// and causal over the chunk (selection.md), nothing recalled.
+// One session layer's chunk on a device-owned layer, every KV head of it:
+// T > 1 tokens with queries (ATTEND, or APPEND with queries), dense over
+// the resident slots and causal over the chunk (selection.md), nothing
+// recalled; or T ≥ 1 tokens without queries (APPEND), no attention.
 struct DevicePrefillItem {
   DeviceLayerRows* layer = nullptr;
-  const uint8_t* queries = nullptr;  // [T, H·G, D] session dtype (the wire's)
+  // [T, H·G, D] session dtype (the wire's), or null: no attention.
+  const uint8_t* queries = nullptr;
   const uint8_t* keys = nullptr;     // [T, H, D]
   const uint8_t* values = nullptr;   // [T, H, D]
-  // Outputs, sized by the caller, per head h: [T, G, D] fp32 and [T, G].
+  // Outputs, sized by the caller, per head h: [T, G, D] fp32 and [T, G];
+  // empty when not wanted (APPEND).
   std::vector<float*> out;
   std::vector<float*> lse;
   // Per head, the tokens that left the resident set, in eviction order:
@@ -235,10 +238,11 @@ class DeviceBackend {
                            const std::function<absl::Status()>& recall,
                            bool* touched, ParallelFor* parallel = nullptr);
 
-  // One prefill chunk of `chunk_tokens` tokens for every item (each a
-  // device-owned layer; cuda::AttendChunk's bounds: D 128, bf16 or fp16,
-  // G dividing 64, T ≤ W): attention, the score update, the insertion and
-  // the refreshed digests, in one launch per phase for all items. Blocks
+  // One chunk of `chunk_tokens` tokens for every item (each a device-owned
+  // layer; all with queries or all without; with queries
+  // cuda::AttendChunk's bounds: D 128, bf16 or fp16, G 1, 2, 4 or 8; T ≤
+  // W): attention, the score update, the insertion and the refreshed
+  // digests, in one launch per phase for all items. Blocks
   // until the outputs are in the items. On error *touched says whether the
   // layers' device state may have changed (then it must be dropped).
   absl::Status PrefillOwned(const DevicePolicyShape& shape, int chunk_tokens,

@@ -31,21 +31,25 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
   // Streams (KV heads) numbered across the items.
   std::vector<int> first_stream(items.size());
   int B = 0;
+  // Every item attends (queries), or none does (APPEND without queries).
+  const bool attend = items[0].queries != nullptr;
   for (size_t i = 0; i < items.size(); ++i) {
     const DevicePrefillItem& item = items[i];
     if (item.layer == nullptr || !item.layer->owned() ||
-        item.queries == nullptr || item.keys == nullptr ||
+        (item.queries != nullptr) != attend || item.keys == nullptr ||
         item.values == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("device prefill: item ", i,
-                       " is not a device-owned layer with a "
-                       "chunk"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "device prefill: item ", i,
+          " is not a device-owned layer with a chunk (queries in every item "
+          "or in none)"));
     }
     const int heads = item.layer->policy_->heads;
-    if (item.out.size() != size_t(heads) || item.lse.size() != size_t(heads)) {
+    const size_t outputs = attend ? size_t(heads) : 0;
+    if ((item.out.size() != outputs && !item.out.empty()) ||
+        item.lse.size() != item.out.size()) {
       return absl::InvalidArgumentError(
           absl::StrCat("device prefill: item ", i, " has outputs for ",
-                       item.out.size(), " heads, want ", heads));
+                       item.out.size(), " heads, want ", outputs, " or none"));
     }
     first_stream[i] = B;
     B += heads;
@@ -68,7 +72,8 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
   insert.batch.head_dim = D;
   insert.batch.dtype = shape.dtype;
   insert.chunk_tokens = T;
-  if (D != cuda::kChunkHeadDim || T < 1 || T > shape.cascade.window) {
+  if ((attend && D != cuda::kChunkHeadDim) || T < 1 ||
+      T > shape.cascade.window) {
     return absl::InvalidArgumentError(
         absl::StrCat("device prefill: D ", D, " and T ", T, ", want D ",
                      cuda::kChunkHeadDim, " and 1 <= T <= W"));
@@ -80,12 +85,12 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
       L.Take(size_t(B) * sizeof(cuda::PolicyStreamPointers));
   const size_t cascade_at =
       L.Take(size_t(B) * sizeof(cuda::CascadeStreamPointers));
-  const size_t q_at = L.Take(size_t(T) * B * G * row);
+  const size_t q_at = L.Take(attend ? size_t(T) * B * G * row : 0);
   const size_t k_at = L.Take(size_t(T) * B * row);
   const size_t v_at = L.Take(size_t(T) * B * row);
   const size_t in_end = L.end();
-  const size_t out_at = L.Take(size_t(T) * B * G * D * 4);
-  const size_t lse_at = L.Take(size_t(T) * B * G * 4);
+  const size_t out_at = L.Take(attend ? size_t(T) * B * G * D * 4 : 0);
+  const size_t lse_at = L.Take(attend ? size_t(T) * B * G * 4 : 0);
   const size_t epos_at = L.Take(size_t(B) * T * 8);
   const size_t ecount_at = L.Take(size_t(B) * 4);
   const size_t ek_at = L.Take(size_t(B) * T * row);
@@ -120,8 +125,10 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
     for (int t = 0; t < T; ++t) {
       const size_t to = size_t(t) * B + size_t(first_stream[i]);
       const size_t from = size_t(t) * heads;
-      std::memcpy(h + q_at + to * G * row, item.queries + from * G * row,
-                  size_t(heads) * G * row);
+      if (attend) {
+        std::memcpy(h + q_at + to * G * row, item.queries + from * G * row,
+                    size_t(heads) * G * row);
+      }
       std::memcpy(h + k_at + to * row, item.keys + from * row,
                   size_t(heads) * row);
       std::memcpy(h + v_at + to * row, item.values + from * row,
@@ -135,7 +142,7 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
   const auto* cascades =
       reinterpret_cast<const cuda::CascadeStreamPointers*>(d + cascade_at);
   cuda::ChunkInputs in;
-  in.queries = d + q_at;
+  in.queries = attend ? d + q_at : nullptr;
   in.keys = d + k_at;
   in.values = d + v_at;
   in.key_rows = impl_->pool->plane_base(0);
@@ -184,11 +191,12 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
   KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
   for (size_t i = 0; i < items.size(); ++i) {
     DevicePrefillItem& item = items[i];
-    const int heads = int(item.out.size());
+    const int heads = item.layer->policy_->heads;
+    const bool outputs = !item.out.empty();
     item.evicted.assign(size_t(heads), {});
     for (int hh = 0; hh < heads; ++hh) {
       const int b = first_stream[i] + hh;
-      for (int t = 0; t < T; ++t) {
+      for (int t = 0; t < T && outputs; ++t) {
         const size_t at = (size_t(t) * B + size_t(b)) * G;
         std::memcpy(item.out[size_t(hh)] + size_t(t) * G * D,
                     h + out_at + at * D * 4, size_t(G) * D * 4);

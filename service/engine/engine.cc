@@ -587,10 +587,12 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
     // CUDA backend: the host path's decode entries' attention, still
     // before anything changes (what does not fit falls back to the CPU
     // path); then the device-owned entries' whole steps.
-    if (options_.device != nullptr && mode != StepMode::kAppend) {
+    if (options_.device != nullptr) {
       int64_t rows_nanos = 0;
-      KVMEM_RETURN_IF_ERROR(AttendOnDevice(sessions, order, request, host_skip,
-                                           work, &rows_nanos));
+      if (mode != StepMode::kAppend) {
+        KVMEM_RETURN_IF_ERROR(AttendOnDevice(sessions, order, request,
+                                             host_skip, work, &rows_nanos));
+      }
       int64_t recall_nanos = 0;
       KVMEM_RETURN_IF_ERROR(StepOwned(sessions, order, request, owned,
                                       heads_applied, &recall_nanos));

@@ -20,6 +20,12 @@ namespace kvmem {
 
 namespace {
 
+// A device-owned entry that steps through PrefillOwned, not DecodeOwned:
+// a chunk, or a step without queries.
+bool OwnedAsChunk(const StepEntryView& e) {
+  return e.num_tokens > 1 || e.q.empty();
+}
+
 DevicePolicyShape PolicyShapeOf(const StreamConfig& c) {
   DevicePolicyShape shape;
   shape.cascade = c.cascade;
@@ -153,23 +159,28 @@ bool Engine::TakeLayer(LiveSession& s, size_t layer, StepMode mode,
   const StreamConfig& c = s.stream_config;
   const std::vector<StreamState>& streams = s.streams[layer];
   // What the device policy does, for ABSOLUTE sparse layers within the
-  // kernels' bounds: decode steps with a query (selection.md), ATTEND or
-  // FETCH; and ATTEND prefill chunks (T > 1: dense over the resident
-  // tokens, causal, nothing recalled) of D 128 in bf16 or fp16 with
-  // T ≤ W. The rest stays on the host path (its attention on the device
-  // where AttendOnDevice can).
-  if (mode != StepMode::kAttend && mode != StepMode::kFetch) return false;
+  // kernels' bounds (selection.md):
+  // - decode steps with a query (DecodeOwned): ATTEND, FETCH, and APPEND
+  //   (which attends for the scores and answers nothing);
+  // - chunks (PrefillOwned), T ≤ W: ATTEND or APPEND with queries and
+  //   T > 1 (dense over the resident tokens, causal, nothing recalled) in
+  //   D 128, bf16 or fp16, G 1, 2, 4 or 8; APPEND without queries, any T.
+  // The rest stays on the host path (its attention on the device where
+  // AttendOnDevice can).
   if (mode == StepMode::kFetch && c.budget_tokens > cuda::kMaxSortRows) {
     return false;
   }
-  if (e.num_tokens > 1 &&
-      (mode != StepMode::kAttend || c.head_dim != cuda::kChunkHeadDim ||
-       c.dtype == DType::kFp32 || c.group > cuda::kMaxChunkGroup ||
-       (c.group & (c.group - 1)) != 0 ||
-       e.num_tokens > c.cascade.window)) {
-    return false;
+  if (OwnedAsChunk(e)) {
+    if (mode == StepMode::kFetch || e.num_tokens > c.cascade.window) {
+      return false;
+    }
+    if (!e.q.empty() &&
+        (c.head_dim != cuda::kChunkHeadDim || c.dtype == DType::kFp32 ||
+         c.group > cuda::kMaxChunkGroup || (c.group & (c.group - 1)) != 0)) {
+      return false;
+    }
   }
-  if (e.num_tokens < 1 || e.q.empty() || c.cache_rank || s.dense[layer] ||
+  if (e.num_tokens < 1 || c.cache_rank || s.dense[layer] ||
       c.group > cuda::kMaxPolicyGroup || c.head_dim > cuda::kMaxPolicyHeadDim ||
       c.page_tokens > cuda::kMaxPolicyPageTokens ||
       c.cascade.window % c.page_tokens != 0) {
@@ -222,23 +233,26 @@ absl::Status Engine::StepOwnedChunks(
   std::map<std::string, Launch> launches;
   for (size_t i = 0; i < sessions.size(); ++i) {
     const StepEntryView& e = request.entries[i];
-    if (!owned[i] || e.num_tokens == 1) continue;
+    if (!owned[i] || !OwnedAsChunk(e)) continue;
     LiveSession& s = *sessions[i];
     const StreamConfig& c = s.stream_config;
+    const bool attend = !e.q.empty();
     const std::string key = absl::StrCat(
-        e.num_tokens, "/", c.cascade.sinks, "/", c.cascade.cascades, "/",
-        c.cascade.window, "/", c.cascade.eager_fill, "/", c.cascade.beta, "/",
-        c.page_tokens, "/", c.group, "/", c.head_dim, "/", int(c.dtype), "/",
-        c.softmax_scale, "/", int(c.reduction));
+        e.num_tokens, "/", attend, "/", c.cascade.sinks, "/",
+        c.cascade.cascades, "/", c.cascade.window, "/", c.cascade.eager_fill,
+        "/", c.cascade.beta, "/", c.page_tokens, "/", c.group, "/", c.head_dim,
+        "/", int(c.dtype), "/", c.softmax_scale, "/", int(c.reduction));
     Launch& launch = launches[key];
     launch.shape = PolicyShapeOf(c);
     launch.tokens = e.num_tokens;
     DevicePrefillItem item;
     item.layer = &s.device[layer];
-    item.queries = reinterpret_cast<const uint8_t*>(e.q.data());
+    item.queries =
+        attend ? reinterpret_cast<const uint8_t*>(e.q.data()) : nullptr;
     item.keys = reinterpret_cast<const uint8_t*>(e.k.data());
     item.values = reinterpret_cast<const uint8_t*>(e.v.data());
     for (StreamStepOutput& output : done[i].outputs) {
+      if (request.mode != StepMode::kAttend) break;  // APPEND answers none
       output.out.assign(size_t(e.num_tokens) * c.group * c.head_dim, 0.0f);
       output.lse.assign(size_t(e.num_tokens) * c.group, 0.0f);
       item.out.push_back(output.out.data());
@@ -306,7 +320,7 @@ absl::Status Engine::StepOwned(
   std::map<std::string, Launch> launches;
   KVMEM_RETURN_IF_ERROR(StepOwnedChunks(sessions, request, owned, done));
   for (size_t i = 0; i < sessions.size(); ++i) {
-    if (!owned[i] || request.entries[i].num_tokens != 1) continue;
+    if (!owned[i] || OwnedAsChunk(request.entries[i])) continue;
     LiveSession& s = *sessions[i];
     const StreamConfig& c = s.stream_config;
     const StepEntryView& e = request.entries[i];

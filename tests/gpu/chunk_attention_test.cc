@@ -44,6 +44,7 @@ struct ChunkConfig {
   ScoreReduction reduction = ScoreReduction::kMax;
   std::vector<int> histories;    // tokens each stream has seen; B = size
   bool stream_pointers = false;  // ChunkScoreState::streams, not flat arrays
+  bool attend = true;            // false: no queries (APPEND)
 };
 
 // A stream's history through the CPU oracle: decode steps with random
@@ -149,7 +150,7 @@ void RunConfig(const ChunkConfig& c) {
       DeviceBuffer::Allocate(ChunkWorkspaceBytes(shape));
   ASSERT_TRUE(workspace.ok()) << workspace.status();
   ChunkInputs in;
-  in.queries = d_queries.get();
+  in.queries = c.attend ? d_queries.get() : nullptr;
   in.keys = d_keys.get();
   in.values = d_values.get();
   in.key_rows = d_key_pool.get();
@@ -221,6 +222,30 @@ void RunConfig(const ChunkConfig& c) {
                  keys.begin() + first + row_bytes);
       v_b.insert(v_b.end(), values.begin() + first,
                  values.begin() + first + row_bytes);
+    }
+    if (!c.attend) {
+      // UpdateScores without probabilities; only scores can be compared.
+      std::vector<float> want_initial(chunk);
+      ASSERT_TRUE(cpu[b]
+                      .UpdateScores(chunk, {}, {}, absl::MakeSpan(want_initial))
+                      .ok());
+      for (int t = 0; t < chunk; ++t) {
+        report(got_initial[size_t(b) * chunk + t] == 0.0f &&
+                   want_initial[t] == 0.0f,
+               absl::StrCat("stream ", b, " initial score ", t, " ",
+                            got_initial[size_t(b) * chunk + t]));
+      }
+      for (int s = 0; s < slots; ++s) {
+        const float got = got_scores[size_t(b) * slots + s];
+        const bool scored = s >= c.params.sinks && cpu[b].slot_position(s) >= 0;
+        report(scored ? testing::Close(got, cpu[b].slot_score(s), 1e-5)
+                      : std::memcmp(&got, &scores[size_t(b) * slots + s],
+                                    sizeof(float)) == 0,
+               absl::StrCat("stream ", b, " slot ", s, " u ", got, " want ",
+                            cpu[b].slot_score(s)));
+      }
+      EXPECT_EQ(got_exponents[b], cpu[b].score_exponent()) << "stream " << b;
+      continue;
     }
     std::vector<float> want_out(size_t(chunk) * group * kD);
     std::vector<float> want_lse(size_t(chunk) * group);
@@ -349,6 +374,22 @@ TEST(ChunkAttention, MatchesTheCpuOracleOverManyTiles) {
   RunConfig(c);
 }
 
+TEST(ChunkAttention, WithoutQueriesOnlyRescalesLikeTheCpuOracle) {
+  KVMEM_REQUIRE_DEVICE();
+  ChunkConfig c;
+  c.name = "no queries, beta 1/2 T100 (renormalisations)";
+  c.params = Params(4, 2, 32, 0.5);
+  c.chunk = 100;
+  c.histories = {80, 3, 0};
+  c.attend = false;
+  RunConfig(c);
+  c.name = "no queries, beta near 1";
+  c.params = Params(4, 2, 64, 0.9999999);
+  c.chunk = 64;
+  c.histories = {500, 10};
+  RunConfig(c);
+}
+
 // The launcher validates before touching the device, so this runs anywhere.
 TEST(ChunkAttention, RefusesBadShapesNamingTheField) {
   ChunkShape shape;
@@ -357,7 +398,11 @@ TEST(ChunkAttention, RefusesBadShapesNamingTheField) {
   shape.chunk = 8;
   shape.params = Params(4, 1, 64, 0.9999999);
   shape.softmax_scale = 0.1f;
+  // Queries are set (never read: validation fails first), so that the
+  // attention fields are checked; every other pointer is null.
+  const uint8_t never_read = 0;
   ChunkInputs in;
+  in.queries = &never_read;
   ChunkScoreState state;
   ChunkOutputs out;
   auto refused = [&](const ChunkShape& s, const std::string& field) {
@@ -382,7 +427,9 @@ TEST(ChunkAttention, RefusesBadShapesNamingTheField) {
   bad = shape;
   bad.params.window = 0;
   refused(bad, "window");
-  refused(shape, "queries");  // every pointer is null
+  refused(shape, "keys");  // the first pointer a step with queries needs
+  in.queries = nullptr;    // without queries: the state comes first
+  refused(shape, "slot_rows");
 }
 
 }  // namespace

@@ -9,8 +9,8 @@
 // FETCH's positions and rows show it chose exactly as the CPU, the chunks
 // included (their scores come from tensor-core attention, within fp32
 // rounding of the CPU's: only a near-tie duel could go the other way).
-// APPEND steps now and then take a layer's state back to the host path and
-// return it; describing a session reads it back too.
+// APPEND steps (with queries or without) run there too; describing a
+// session reads the state back to the host.
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -96,14 +96,17 @@ class Driver {
   }
 
   // One request over `ids` (each at `positions[id]`) on both engines;
-  // compares the answers.
+  // compares the answers. `with_query` false: APPEND without queries.
   void Step(Engine* cpu, Engine* cuda, const std::vector<SessionConfig>& cs,
-            int layer, StepMode mode, int T, std::vector<int64_t>* at) {
+            int layer, StepMode mode, int T, std::vector<int64_t>* at,
+            bool with_query = true) {
     std::vector<std::string> q(cs.size()), k(cs.size()), v(cs.size());
     StepRequestView request{layer, mode, {}};
     for (size_t i = 0; i < cs.size(); ++i) {
       const ModelShape& s = cs[i].shape;
-      q[i] = Tensor(size_t(T) * s.query_heads * s.head_dim, s.dtype);
+      if (with_query) {
+        q[i] = Tensor(size_t(T) * s.query_heads * s.head_dim, s.dtype);
+      }
       k[i] = Tensor(size_t(T) * s.kv_heads * s.head_dim, s.dtype);
       v[i] = Tensor(size_t(T) * s.kv_heads * s.head_dim, s.dtype);
       request.entries.push_back(
@@ -153,10 +156,10 @@ class Driver {
   std::mt19937 rng_;
 };
 
-// Prefill chunks (ATTEND chunks of layer 0 on the device, APPEND chunks of
-// layer 1 on the host path), then batched decode steps that spill, select
+// Prefill chunks (ATTEND chunks of layer 0, APPEND chunks with and without
+// queries of layer 1), then batched decode steps that spill, select
 // sparsely and recall, alternating ATTEND and FETCH by layer, with
-// two-token ATTEND chunks between them.
+// two-token ATTEND chunks and APPEND steps between them; all on the device.
 void RunWorkload(Engine* cpu, Engine* cuda, uint32_t seed, int decode_steps) {
   std::vector<SessionConfig> cs = {Config("a", DType::kBf16),
                                    Config("b", DType::kBf16),
@@ -168,15 +171,19 @@ void RunWorkload(Engine* cpu, Engine* cuda, uint32_t seed, int decode_steps) {
   std::vector<int64_t> at0(cs.size(), 0), at1(cs.size(), 0);
   for (int chunk = 0; chunk < 2; ++chunk) {
     driver.Step(cpu, cuda, cs, 0, StepMode::kAttend, 20, &at0);
-    driver.Step(cpu, cuda, cs, 1, StepMode::kAppend, 20, &at1);
+    driver.Step(cpu, cuda, cs, 1, StepMode::kAppend, 20, &at1,
+                /*with_query=*/chunk == 0);
   }
   for (int t = 0; t < decode_steps; ++t) {
     driver.Step(cpu, cuda, cs, 0, StepMode::kAttend, 1, &at0);
     driver.Step(cpu, cuda, cs, 1,
                 t % 3 == 0 ? StepMode::kFetch : StepMode::kAttend, 1, &at1);
-    // Host-path steps in the middle of decoding: the layers' state comes
-    // back from the device, and goes again on the next decode step.
-    if (t % 11 == 5) driver.Step(cpu, cuda, cs, 1, StepMode::kAppend, 1, &at1);
+    // APPEND steps in the middle of decoding, with and without queries,
+    // and two-token chunks: on the device too.
+    if (t % 11 == 5) {
+      driver.Step(cpu, cuda, cs, 1, StepMode::kAppend, 1, &at1,
+                  /*with_query=*/t % 22 == 5);
+    }
     if (t % 13 == 6) driver.Step(cpu, cuda, cs, 0, StepMode::kAttend, 2, &at0);
     // One session alone now and then, in either layer: batches of other
     // compositions (and, in a small pool, layers that must make room).
@@ -216,10 +223,10 @@ TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
   const EngineStats stats = cuda.engine->Stats();
   EXPECT_GT(stats.device_pool_used_bytes, 0);  // the layers live there
   EXPECT_EQ(stats.device_fallbacks, 0);        // and every decode ran there
-  // The decode steps of both layers ran the policy on the device: 150
-  // steps × 3 sessions × 2 layers, the 22 single-session ones; and layer
-  // 0's chunks: 2 prefill chunks and 12 two-token chunks × 3 sessions.
-  EXPECT_GE(stats.device_policy_steps, 900 + 22 + 6 + 36);
+  // Every step ran the policy on the device: 150 decode steps × 3 sessions
+  // × 2 layers, the 22 single-session ones; 2 prefill chunks × 2 layers, 12
+  // two-token chunks and 14 APPEND steps, × 3 sessions.
+  EXPECT_GE(stats.device_policy_steps, 900 + 22 + 12 + 36 + 42);
   EXPECT_EQ(stats.device_evictions, 0);
   EXPECT_GT(stats.spilled_bytes, 0);  // the workload spilled (and recalled)
 }
