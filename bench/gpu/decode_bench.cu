@@ -57,7 +57,6 @@ void Fill(const DeviceBuffer& b, uint32_t seed) {
       CudaStatus(cudaGetLastError(), "FillRandomBf16", __FILE__, __LINE__));
 }
 
-
 void SetUpDevice() {
   device = new Device;
   device->stream = Check(Stream::Create());

@@ -299,11 +299,7 @@ bool KnownDType(DType t) {
 
 }  // namespace
 
-absl::Status UpdateCascades(const CascadeBatchShape& shape,
-                            const CascadeDeviceState& state,
-                            const CascadeStepInputs& inputs,
-                            const CascadeStepOutputs& outputs,
-                            cudaStream_t stream) {
+absl::Status CheckCascadeBatchShape(const CascadeBatchShape& shape) {
   if (shape.streams < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("streams: ", shape.streams, ", want >= 1"));
@@ -323,6 +319,16 @@ absl::Status UpdateCascades(const CascadeBatchShape& shape,
     return absl::InvalidArgumentError(absl::StrCat(
         "head_dim: ", shape.head_dim, ", want in [1, ", max_head_dim, "]"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status UpdateCascades(const CascadeBatchShape& shape,
+                            const CascadeDeviceState& state,
+                            const CascadeStepInputs& inputs,
+                            const CascadeStepOutputs& outputs,
+                            cudaStream_t stream) {
+  absl::Status valid = CheckCascadeBatchShape(shape);
+  if (!valid.ok()) return valid;
   if (state.key_rows == nullptr || state.value_rows == nullptr) {
     return absl::InvalidArgumentError(
         "state: key_rows and value_rows must be set");

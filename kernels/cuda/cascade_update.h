@@ -33,6 +33,11 @@ struct CascadeBatchShape {
   DType dtype = DType::kBf16;  // of the pools, new rows and evicted rows
 };
 
+// INVALID_ARGUMENT naming the first bad field of `shape` (streams, the
+// params, cascades above kMaxUpdateCascades, dtype, head_dim past rows of
+// 1 MiB); what UpdateCascades and InsertChunks check first.
+absl::Status CheckCascadeBatchShape(const CascadeBatchShape& shape);
+
 // One stream's state wherever it lies (CascadeDeviceState::streams): the
 // same arrays as below for this stream alone.
 struct CascadeStreamPointers {

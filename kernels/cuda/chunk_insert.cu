@@ -42,7 +42,6 @@ constexpr int kRegisterChain = 8;  // chains of up to this many slots move in
 // A chain holds at most one slot per cascade (contents only move to later
 // cascades), or one sink.
 constexpr int kMaxChainSlots = kMaxUpdateCascades;
-constexpr int kMaxRowBytes = 1 << 20;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // Fates (next_of_slot, slot_of_token): ≥ 0 a slot of the stream;
@@ -523,10 +522,6 @@ __global__ void __launch_bounds__(kMoveThreads)
   }
 }
 
-bool KnownDType(DType t) {
-  return t == DType::kBf16 || t == DType::kFp16 || t == DType::kFp32;
-}
-
 }  // namespace
 
 size_t ChunkInsertScratchBytes(const ChunkInsertShape& shape) {
@@ -546,25 +541,8 @@ absl::Status InsertChunks(const ChunkInsertShape& shape,
                           size_t scratch_bytes, cudaStream_t stream) {
   const CascadeBatchShape& batch = shape.batch;
   const CascadeParams& p = batch.params;
-  if (batch.streams < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("streams: ", batch.streams, ", want >= 1"));
-  }
-  absl::Status valid = p.Validate();
+  absl::Status valid = CheckCascadeBatchShape(batch);
   if (!valid.ok()) return valid;
-  if (p.cascades > kMaxUpdateCascades) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cascades: ", p.cascades, ", want <= ", kMaxUpdateCascades));
-  }
-  if (!KnownDType(batch.dtype)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "dtype: ", static_cast<int>(batch.dtype), ", want bf16/fp16/fp32"));
-  }
-  const int64_t max_head_dim = kMaxRowBytes / DTypeBytes(batch.dtype);
-  if (batch.head_dim < 1 || batch.head_dim > max_head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "head_dim: ", batch.head_dim, ", want in [1, ", max_head_dim, "]"));
-  }
   // T ≤ W is what lets each cascade's overwrites meet only old contents.
   if (shape.chunk_tokens < 1 || shape.chunk_tokens > p.window) {
     return absl::InvalidArgumentError(

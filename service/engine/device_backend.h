@@ -128,8 +128,8 @@ struct DevicePrefillItem {
   DeviceLayerRows* layer = nullptr;
   // [T, H·G, D] session dtype (the wire's), or null: no attention.
   const uint8_t* queries = nullptr;
-  const uint8_t* keys = nullptr;     // [T, H, D]
-  const uint8_t* values = nullptr;   // [T, H, D]
+  const uint8_t* keys = nullptr;    // [T, H, D]
+  const uint8_t* values = nullptr;  // [T, H, D]
   // Outputs, sized by the caller, per head h: [T, G, D] fp32 and [T, G];
   // empty when not wanted (APPEND).
   std::vector<float*> out;

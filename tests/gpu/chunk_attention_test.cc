@@ -198,6 +198,20 @@ void RunConfig(const ChunkConfig& c) {
     if (!ok && ++failures <= kMaxReported) ADD_FAILURE() << what;
   };
   const double out_tol = testing::Tolerance(c.dtype);
+  // Stream b's scores after the step: cascade slots' u within `tol` of the
+  // CPU's, sinks and empty slots with their bits kept; n exactly.
+  auto compare_scores = [&](int b, double tol) {
+    for (int s = 0; s < slots; ++s) {
+      const float got = got_scores[size_t(b) * slots + s];
+      const bool scored = s >= c.params.sinks && cpu[b].slot_position(s) >= 0;
+      report(scored ? testing::Close(got, cpu[b].slot_score(s), tol)
+                    : std::memcmp(&got, &scores[size_t(b) * slots + s],
+                                  sizeof(float)) == 0,
+             absl::StrCat("stream ", b, " slot ", s, " u ", got, " want ",
+                          cpu[b].slot_score(s)));
+    }
+    EXPECT_EQ(got_exponents[b], cpu[b].score_exponent()) << "stream " << b;
+  };
   for (int b = 0; b < streams; ++b) {
     // The CPU oracle: the occupied slots in slot order, then the chunk.
     std::vector<int> occupied;
@@ -235,16 +249,7 @@ void RunConfig(const ChunkConfig& c) {
                absl::StrCat("stream ", b, " initial score ", t, " ",
                             got_initial[size_t(b) * chunk + t]));
       }
-      for (int s = 0; s < slots; ++s) {
-        const float got = got_scores[size_t(b) * slots + s];
-        const bool scored = s >= c.params.sinks && cpu[b].slot_position(s) >= 0;
-        report(scored ? testing::Close(got, cpu[b].slot_score(s), 1e-5)
-                      : std::memcmp(&got, &scores[size_t(b) * slots + s],
-                                    sizeof(float)) == 0,
-               absl::StrCat("stream ", b, " slot ", s, " u ", got, " want ",
-                            cpu[b].slot_score(s)));
-      }
-      EXPECT_EQ(got_exponents[b], cpu[b].score_exponent()) << "stream " << b;
+      compare_scores(b, 1e-5);
       continue;
     }
     std::vector<float> want_out(size_t(chunk) * group * kD);
@@ -295,17 +300,7 @@ void RunConfig(const ChunkConfig& c) {
                           got_initial[size_t(b) * chunk + t], " want ",
                           want_initial[t]));
     }
-    for (int s = 0; s < slots; ++s) {
-      const float got = got_scores[size_t(b) * slots + s];
-      const bool scored = s >= c.params.sinks && cpu[b].slot_position(s) >= 0;
-      // Sinks and empty slots keep their bits; cascade slots match.
-      report(scored ? testing::Close(got, cpu[b].slot_score(s), 1e-4)
-                    : std::memcmp(&got, &scores[size_t(b) * slots + s],
-                                  sizeof(float)) == 0,
-             absl::StrCat("stream ", b, " slot ", s, " u ", got, " want ",
-                          cpu[b].slot_score(s)));
-    }
-    EXPECT_EQ(got_exponents[b], cpu[b].score_exponent()) << "stream " << b;
+    compare_scores(b, 1e-4);
   }
   EXPECT_EQ(failures, 0) << "seed " << seed;
 }
