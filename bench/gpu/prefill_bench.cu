@@ -8,6 +8,10 @@
 // storage is not included. Inputs rotate over 16 chunks of random bf16
 // (> 100 MB, beyond the 50 MB L2).
 //
+// --page_tokens=P (default 0: off) adds what the service does after each
+// insertion, the refresh of the changed pages' Quest digests, with W
+// rounded down to a multiple of P.
+//
 // Prints a table (median of --repeats runs after a warm-up) and one
 // `RESULT tokens=… budget=… cascades=… seconds=…` line per cell for
 // prefill_vs_sdpa.py, which measures the PyTorch SDPA baselines in the same
@@ -27,6 +31,7 @@
 #include "kernels/cuda/chunk_attention.h"
 #include "kernels/cuda/chunk_insert.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/decode_policy.h"
 #include "kernels/cuda/device_memory.h"
 
 namespace kvmem::cuda {
@@ -69,16 +74,23 @@ void Fill(const DeviceBuffer& b, uint32_t seed, cudaStream_t stream) {
 }
 
 // One layer's cascade state for 8 KV-head streams, on the device.
+// With page_tokens P > 0, W is rounded down to a multiple of P (as the
+// service requires) and the changed pages' Quest digests are refreshed
+// after each insertion, as the service does.
 struct Layer {
   CascadeParams params;
   int64_t slots = 0;
+  int page_tokens = 0;
   DeviceBuffer positions, scores, stored, head, exponent, tokens_seen;
   DeviceBuffer key_rows, value_rows, slot_rows;
+  DeviceBuffer digests, policy;  // P > 0: [B, pages, 2, D], [B] pointers
 
-  Layer(int budget, int cascades, cudaStream_t stream) {
+  Layer(int budget, int cascades, int page, cudaStream_t stream)
+      : page_tokens(page) {
     params.sinks = kSinks;
     params.cascades = cascades;
     params.window = (budget - kSinks) / cascades;
+    if (page > 0) params.window -= params.window % page;
     slots = int64_t{kSinks} + int64_t{cascades} * params.window;
     const size_t b = kKvHeads;
     positions = Check(DeviceBuffer::Allocate(b * slots * 8));
@@ -94,8 +106,38 @@ struct Layer {
     slot_rows = Check(DeviceBuffer::Allocate(rows.size() * 4));
     BENCH_CHECK(
         CopyToDevice(slot_rows.get(), rows.data(), rows.size() * 4, stream));
+    if (page > 0) {
+      const DecodePolicyShape k = PolicyShape();
+      const size_t per_stream = size_t(k.pages()) * 2 * kHeadDim;
+      digests = Check(DeviceBuffer::Allocate(b * per_stream * 4));
+      std::vector<PolicyStreamPointers> pointers(b);
+      for (size_t i = 0; i < b; ++i) {
+        pointers[i].positions = positions.as<int64_t>() + i * slots;
+        pointers[i].stored = stored.as<int32_t>() + i * cascades;
+        pointers[i].head = head.as<int32_t>() + i * cascades;
+        pointers[i].slot_rows = slot_rows.as<int32_t>() + i * slots;
+        pointers[i].digests = digests.as<float>() + i * per_stream;
+      }
+      policy = Check(DeviceBuffer::Allocate(b * sizeof(PolicyStreamPointers)));
+      BENCH_CHECK(CopyToDevice(policy.get(), pointers.data(),
+                               b * sizeof(PolicyStreamPointers), stream));
+    }
     BENCH_CHECK(
         CudaStatus(cudaStreamSynchronize(stream), "sync", __FILE__, __LINE__));
+  }
+
+  DecodePolicyShape PolicyShape() const {
+    DecodePolicyShape k;
+    k.streams = kKvHeads;
+    k.sinks = params.sinks;
+    k.cascades = params.cascades;
+    k.window = params.window;
+    k.page_tokens = page_tokens;
+    k.recent_tokens = page_tokens;
+    k.group = kGroup;
+    k.head_dim = kHeadDim;
+    k.dtype = DType::kBf16;
+    return k;
   }
 
   // An empty stream: no token seen (positions −1, counters 0).
@@ -131,6 +173,7 @@ int main(int argc, char** argv) {
       ParseList("cascades", argc, argv, "1,4");
   const int chunk = int(ParseList("chunk", argc, argv, "1024")[0]);
   const int repeats = int(ParseList("repeats", argc, argv, "3")[0]);
+  const int page_tokens = int(ParseList("page_tokens", argc, argv, "0")[0]);
 
   Stream stream = Check(Stream::Create());
   cudaStream_t s = stream.get();
@@ -139,8 +182,10 @@ int main(int argc, char** argv) {
                          __LINE__));
   std::printf(
       "# prefill through the cascade: 32 query / 8 KV heads x %d, bf16, "
-      "S=%d, T=%d, device %s; median of %d after a warm-up\n",
-      kHeadDim, kSinks, chunk, prop.name, repeats);
+      "S=%d, T=%d, device %s; median of %d after a warm-up; digests of "
+      "pages of %d tokens refreshed: %s\n",
+      kHeadDim, kSinks, chunk, prop.name, repeats, page_tokens,
+      page_tokens > 0 ? "yes" : "no");
   std::printf("%8s | %7s | %2s | %6s | %10s | %8s | %9s | %10s | %8s\n",
               "tokens", "budget", "C", "W", "seconds", "ms/chunk", "TFLOP/s",
               "floor s", "x floor");
@@ -161,7 +206,7 @@ int main(int argc, char** argv) {
 
   for (int64_t budget : budgets) {
     for (int64_t cascades : cascade_counts) {
-      Layer layer(int(budget), int(cascades), s);
+      Layer layer(int(budget), int(cascades), page_tokens, s);
       ChunkShape shape;
       shape.streams = kKvHeads;
       shape.group = kGroup;
@@ -190,7 +235,8 @@ int main(int argc, char** argv) {
       // Chunk c of the prompt; `mid` (if any) is recorded between the
       // attention and the insertion.
       auto step = [&](int64_t c, const Event* mid,
-                      const ChunkPhaseEvents& phases = {}) {
+                      const ChunkPhaseEvents& phases = {},
+                      const Event* inserted = nullptr) {
         {
           const int r = int(c % kRotate);
           ChunkInputs in;
@@ -234,6 +280,16 @@ int main(int argc, char** argv) {
           BENCH_CHECK(InsertChunks(insert_shape, cascade, insert_in, insert_out,
                                    buf.insert_scratch.get(),
                                    buf.insert_scratch.bytes(), s));
+          if (inserted != nullptr) BENCH_CHECK(inserted->Record(s));
+          if (layer.page_tokens > 0) {
+            RefreshDigestsArgs refresh;
+            refresh.streams = layer.policy.as<PolicyStreamPointers>();
+            refresh.key_rows = layer.key_rows.get();
+            refresh.changed_slots = insert_out.changed_slots;
+            refresh.changed_counts = insert_out.changed_counts;
+            refresh.changed_capacity = int(max_changed);
+            BENCH_CHECK(RefreshChangedDigests(layer.PolicyShape(), refresh, s));
+          }
         }
       };
       auto run = [&](int64_t tokens) {
@@ -279,16 +335,19 @@ int main(int argc, char** argv) {
         Event mid = Check(Event::Create(true));
         Event factors = Check(Event::Create(true));
         Event forward = Check(Event::Create(true));
-        std::vector<float> factor_ms, forward_ms, score_ms, insert_ms;
+        Event inserted = Check(Event::Create(true));
+        std::vector<float> factor_ms, forward_ms, score_ms, insert_ms,
+            digest_ms;
         for (int64_t c = full; c < full + 32; ++c) {
           BENCH_CHECK(start.Record(s));
-          step(c, &mid, {factors.get(), forward.get()});
+          step(c, &mid, {factors.get(), forward.get()}, &inserted);
           BENCH_CHECK(stop.Record(s));
           BENCH_CHECK(stop.Synchronize());
           factor_ms.push_back(Check(factors.ElapsedMsSince(start)));
           forward_ms.push_back(Check(forward.ElapsedMsSince(factors)));
           score_ms.push_back(Check(mid.ElapsedMsSince(forward)));
-          insert_ms.push_back(Check(stop.ElapsedMsSince(mid)));
+          insert_ms.push_back(Check(inserted.ElapsedMsSince(mid)));
+          digest_ms.push_back(Check(stop.ElapsedMsSince(inserted)));
         }
         const double forward_flops = 4.0 * chunk * kKvHeads * kGroup *
                                      kHeadDim *
@@ -296,13 +355,13 @@ int main(int argc, char** argv) {
         std::printf(
             "#   budget %lld C %lld, full cache, ms a chunk: factors %.3f, "
             "forward %.3f (%.0f TFLOP/s), scores %.3f (%.0f TFLOP/s), "
-            "insertion %.3f\n",
+            "insertion %.3f, digests %.3f\n",
             static_cast<long long>(budget), static_cast<long long>(cascades),
             Median(factor_ms), Median(forward_ms),
             forward_flops / (Median(forward_ms) * 1e-3) * 1e-12,
             Median(score_ms),
             forward_flops / 2 / (Median(score_ms) * 1e-3) * 1e-12,
-            Median(insert_ms));
+            Median(insert_ms), Median(digest_ms));
       }
     }
   }

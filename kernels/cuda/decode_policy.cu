@@ -278,37 +278,55 @@ struct RefreshArgs {
   RefreshDigestsArgs a;
 };
 
-// A thread per channel; the changed slots of a stream one after another
-// (ascending, so a page's slots are adjacent and it is done once).
+// Changed-slot entries a block of RefreshKernel walks: a decode step's C
+// fit one block; a chunk's T·C spread over many.
+constexpr int kRefreshEntries = 16;
+
+// The page holding `slot`, its first slot and how many slots it has.
+__device__ __forceinline__ void PageOfSlot(const DecodePolicyShape& sh,
+                                           int slot, int* page, int* first,
+                                           int* count) {
+  const int S = sh.sinks, P = sh.page_tokens;
+  if (slot < S) {
+    *page = slot / P;
+    *first = *page * P;
+    *count = min(P, S - *first);
+  } else {
+    const int k = (slot - S) / P;
+    *page = sh.sink_pages() + k;
+    *first = S + k * P;
+    *count = P;
+  }
+}
+
+// Block (b, y) takes stream b's changed-slot entries [y·16, y·16 + 16), a
+// thread per channel. The entries are ascending, so a page's slots are
+// adjacent: the page is refreshed once, by the entry that starts it.
 template <DType kT>
 __global__ void __launch_bounds__(kThreads) RefreshKernel(const RefreshArgs r) {
   const int b = blockIdx.x;
   const RefreshDigestsArgs& a = r.a;
   const DecodePolicyShape& sh = r.shape;
   const PolicyStreamPointers st = a.streams[b];
-  const int D = sh.head_dim, S = sh.sinks, P = sh.page_tokens;
+  const int D = sh.head_dim;
   const size_t row_bytes = size_t(D) * DTypeBytes(kT);
   const char* keys = static_cast<const char*>(a.key_rows);
   const int changed = a.changed_counts[b];
-  int last_page = -1;
-  for (int c = 0; c < changed; ++c) {
-    const int capacity =
-        a.changed_capacity > 0 ? a.changed_capacity : sh.cascades;
-    const int slot = a.changed_slots[size_t(b) * capacity + c];
+  const int capacity =
+      a.changed_capacity > 0 ? a.changed_capacity : sh.cascades;
+  const int32_t* slots = a.changed_slots + size_t(b) * capacity;
+  const int begin = blockIdx.y * kRefreshEntries;
+  const int end = min(changed, begin + kRefreshEntries);
+  for (int c = begin; c < end; ++c) {
+    const int slot = slots[c];
     if (slot < 0) break;
     int page, first, count;
-    if (slot < S) {
-      page = slot / P;
-      first = page * P;
-      count = min(P, S - first);
-    } else {
-      const int k = (slot - S) / P;
-      page = sh.sink_pages() + k;
-      first = S + k * P;
-      count = P;
+    PageOfSlot(sh, slot, &page, &first, &count);
+    if (c > 0) {
+      int before, unused_first, unused_count;
+      PageOfSlot(sh, slots[c - 1], &before, &unused_first, &unused_count);
+      if (before == page) continue;  // refreshed by an earlier entry
     }
-    if (page == last_page) continue;
-    last_page = page;
     float* low = st.digests + size_t(page) * 2 * size_t(D);
     float* high = low + D;
     for (int ch = threadIdx.x; ch < D; ch += kThreads) {
@@ -467,16 +485,20 @@ absl::Status RefreshChangedDigests(const DecodePolicyShape& shape,
     return absl::InvalidArgumentError(
         "RefreshDigestsArgs: every array must be set");
   }
+  const int capacity =
+      args.changed_capacity > 0 ? args.changed_capacity : shape.cascades;
+  const dim3 grid(shape.streams,
+                  (capacity + kRefreshEntries - 1) / kRefreshEntries);
   RefreshArgs r{shape, args};
   switch (shape.dtype) {
     case DType::kBf16:
-      RefreshKernel<DType::kBf16><<<shape.streams, kThreads, 0, stream>>>(r);
+      RefreshKernel<DType::kBf16><<<grid, kThreads, 0, stream>>>(r);
       break;
     case DType::kFp16:
-      RefreshKernel<DType::kFp16><<<shape.streams, kThreads, 0, stream>>>(r);
+      RefreshKernel<DType::kFp16><<<grid, kThreads, 0, stream>>>(r);
       break;
     default:
-      RefreshKernel<DType::kFp32><<<shape.streams, kThreads, 0, stream>>>(r);
+      RefreshKernel<DType::kFp32><<<grid, kThreads, 0, stream>>>(r);
       break;
   }
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("RefreshKernel");
