@@ -429,9 +429,15 @@ absl::Status DeviceBackend::DecodeOwned(
   select_rows.rows_count = dev32(idcount_at);
   KVMEM_RETURN_IF_ERROR(cuda::SelectPages(select_shape, select_in, select_out,
                                           select_rows, stream));
-  KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + selected_at, d + selected_at,
-                                         phase1_out_end - selected_at, stream));
-  KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
+  // The host learns which spilled pages were taken and reads them; nothing
+  // has changed yet. Without spilled candidates there is nothing to learn,
+  // and phase 2 follows on the stream with no round trip in between.
+  if (spilled_total > 0) {
+    KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + selected_at, d + selected_at,
+                                           phase1_out_end - selected_at,
+                                           stream));
+    KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
+  }
   for (int b = 0; b < B; ++b) {
     DevicePolicyItem& item = items[size_t(b)];
     const size_t n =
@@ -443,8 +449,7 @@ absl::Status DeviceBackend::DecodeOwned(
     item.spilled_values.assign(n, nullptr);
     item.spilled_positions.assign(n, nullptr);
   }
-  // The host reads the spilled pages taken; nothing has changed yet.
-  KVMEM_RETURN_IF_ERROR(recall());
+  if (spilled_total > 0) KVMEM_RETURN_IF_ERROR(recall());
 
   // Phase 2: staged rows (taken spilled tokens, the new tokens) into pool
   // blocks kept for staging (or taken for this call).
