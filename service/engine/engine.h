@@ -23,6 +23,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <utility>
@@ -238,7 +239,13 @@ class Engine {
   absl::Status StepOwnedChunks(
       const std::vector<std::shared_ptr<LiveSession>>& sessions,
       const StepRequestView& request, const std::vector<bool>& owned,
-      std::vector<HeadsApplied>& done);
+      std::vector<HeadsApplied>& done, std::set<size_t>* stepped);
+  // Releases the device state of `entries` (stepped on the device by a
+  // request that now fails, so never logged), marks their sessions failed
+  // and returns UNAVAILABLE naming `cause`.
+  absl::Status FailOwnedSteps(
+      const std::vector<std::shared_ptr<LiveSession>>& sessions, size_t layer,
+      const std::set<size_t>& entries, const absl::Status& cause);
   absl::Status StepOwned(
       const std::vector<std::shared_ptr<LiveSession>>& sessions,
       const std::vector<LiveSession*>& busy, const StepRequestView& request,

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <set>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
@@ -218,10 +219,26 @@ bool Engine::TakeLayer(LiveSession& s, size_t layer, StepMode mode,
       .ok();
 }
 
+absl::Status Engine::FailOwnedSteps(
+    const std::vector<std::shared_ptr<LiveSession>>& sessions, size_t layer,
+    const std::set<size_t>& entries,
+    const absl::Status& cause) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  for (size_t i : entries) {
+    LiveSession& s = *sessions[i];
+    options_.device->Release(&s.device[layer]);
+    MarkFailed(s, cause);
+  }
+  return absl::UnavailableError(
+      absl::StrCat("device: a step failed after the device state of ",
+                   entries.size(), " entries had changed (", cause.message(),
+                   "); their sessions recover on a restart"));
+}
+
 absl::Status Engine::StepOwnedChunks(
     const std::vector<std::shared_ptr<LiveSession>>& sessions,
     const StepRequestView& request, const std::vector<bool>& owned,
-    std::vector<HeadsApplied>& done) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    std::vector<HeadsApplied>& done,
+    std::set<size_t>* stepped) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const size_t layer = size_t(request.layer);
   // Entries of one launch share a config shape and a chunk length.
   struct Launch {
@@ -266,18 +283,12 @@ absl::Status Engine::StepOwnedChunks(
     bool touched = false;
     const absl::Status st = options_.device->PrefillOwned(
         launch.shape, launch.tokens, absl::MakeSpan(launch.items), &touched);
+    if (touched) stepped->insert(launch.at.begin(), launch.at.end());
     if (!st.ok()) {
-      if (touched) {
-        for (size_t i : launch.at) {
-          LiveSession& s = *sessions[i];
-          options_.device->Release(&s.device[layer]);
-          MarkFailed(s, st);
-        }
-        return absl::UnavailableError(
-            absl::StrCat("device: a prefill chunk failed midway (",
-                         st.message(), "); its sessions recover on a restart"));
-      }
-      return st;
+      // Entries stepped already (this launch's, if touched, and earlier
+      // ones') cannot be undone; the rest of the request is refused.
+      return stepped->empty() ? st
+                              : FailOwnedSteps(sessions, layer, *stepped, st);
     }
     device_policy_steps_.fetch_add(int64_t(launch.items.size()),
                                    std::memory_order_relaxed);
@@ -318,7 +329,11 @@ absl::Status Engine::StepOwned(
     int64_t entries = 0;                        // decode steps
   };
   std::map<std::string, Launch> launches;
-  KVMEM_RETURN_IF_ERROR(StepOwnedChunks(sessions, request, owned, done));
+  // Entries whose device state has changed in this request: if a later
+  // launch fails, they are stepped on the device but will not be logged.
+  std::set<size_t> stepped;
+  KVMEM_RETURN_IF_ERROR(
+      StepOwnedChunks(sessions, request, owned, done, &stepped));
   for (size_t i = 0; i < sessions.size(); ++i) {
     if (!owned[i] || OwnedAsChunk(request.entries[i])) continue;
     LiveSession& s = *sessions[i];
@@ -437,19 +452,15 @@ absl::Status Engine::StepOwned(
                                         absl::MakeSpan(launch.items), recall,
                                         &touched, parallel_.get());
     }
+    if (touched) {
+      for (const auto& [i, h] : launch.at) stepped.insert(i);
+    }
     if (!st.ok()) {
-      if (touched) {
-        // Half-stepped on the device, stale on the host.
-        for (const auto& [i, h] : launch.at) {
-          LiveSession& s = *sessions[i];
-          options_.device->Release(&s.device[layer]);
-          MarkFailed(s, st);
-        }
-        return absl::UnavailableError(
-            absl::StrCat("device: a decode step failed midway (", st.message(),
-                         "); its sessions recover on a restart"));
-      }
-      return st;
+      // Half-stepped on the device and stale on the host (this launch, if
+      // touched), or stepped by an earlier launch of the request: those
+      // sessions recover from storage. Otherwise nothing changed.
+      return stepped.empty() ? st
+                             : FailOwnedSteps(sessions, layer, stepped, st);
     }
     device_policy_steps_.fetch_add(launch.entries, std::memory_order_relaxed);
     // The tokens the device evicted go to the host's spilled pages (a
