@@ -159,13 +159,15 @@ bool Engine::TakeLayer(LiveSession& s, size_t layer, StepMode mode,
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const StreamConfig& c = s.stream_config;
   const std::vector<StreamState>& streams = s.streams[layer];
-  // What the device policy does, for ABSOLUTE sparse layers within the
-  // kernels' bounds (selection.md):
-  // - decode steps with a query (DecodeOwned): ATTEND, FETCH, and APPEND
-  //   (which attends for the scores and answers nothing);
-  // - chunks (PrefillOwned), T ≤ W: ATTEND or APPEND with queries and
-  //   T > 1 (dense over the resident tokens, causal, nothing recalled) in
-  //   D 128, bf16 or fp16, G 1, 2, 4 or 8; APPEND without queries, any T.
+  // What the device policy does, for ABSOLUTE layers within the kernels'
+  // bounds (selection.md):
+  // - decode steps with a query (DecodeOwned) of sparse layers: ATTEND,
+  //   FETCH, and APPEND (which attends for the scores and answers nothing);
+  // - chunks (PrefillOwned), T ≤ W, of sparse and dense layers alike (a
+  //   chunk selects the same either way): ATTEND or APPEND with queries
+  //   and T > 1 (dense over the resident tokens, causal, nothing recalled)
+  //   in D 128, bf16 or fp16, G 1, 2, 4 or 8; APPEND without queries, any
+  //   T. A dense layer's state comes back at its first decode step.
   // The rest stays on the host path (its attention on the device where
   // AttendOnDevice can).
   if (mode == StepMode::kFetch && c.budget_tokens > cuda::kMaxSortRows) {
@@ -181,8 +183,9 @@ bool Engine::TakeLayer(LiveSession& s, size_t layer, StepMode mode,
       return false;
     }
   }
-  if (e.num_tokens < 1 || c.cache_rank || s.dense[layer] ||
-      c.group > cuda::kMaxPolicyGroup || c.head_dim > cuda::kMaxPolicyHeadDim ||
+  if (e.num_tokens < 1 || c.cache_rank ||
+      (s.dense[layer] && !OwnedAsChunk(e)) || c.group > cuda::kMaxPolicyGroup ||
+      c.head_dim > cuda::kMaxPolicyHeadDim ||
       c.page_tokens > cuda::kMaxPolicyPageTokens ||
       c.cascade.window % c.page_tokens != 0) {
     return false;

@@ -231,6 +231,42 @@ TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
   EXPECT_GT(stats.spilled_bytes, 0);  // the workload spilled (and recalled)
 }
 
+// A dense layer's prefill chunks and APPEND steps run on the device too
+// (a chunk selects the same on dense and sparse layers); its decode steps
+// then bring the state back to the host path, which attends densely with
+// recall. Answers agree with the CPU engine throughout.
+TEST(EngineCuda, DenseLayersPrefillOnTheDeviceAndDecodeOnTheHost) {
+  KVMEM_REQUIRE_DEVICE();
+  const uint32_t seed = FreshSeed();
+  TestEngine cpu(nullptr);
+  TestEngine cuda(MakeDevice(size_t{256} << 20, size_t{1} << 20));
+  ASSERT_NE(cuda.engine, nullptr);
+  std::vector<SessionConfig> cs = {Config("d", DType::kBf16),
+                                   Config("e", DType::kBf16)};
+  for (SessionConfig& c : cs) c.policy.dense_layers = {0};
+  for (Engine* e : {cpu.engine.get(), cuda.engine.get()}) {
+    for (const SessionConfig& c : cs) ASSERT_TRUE(e->CreateSession(c).ok());
+  }
+  Driver driver(seed);
+  std::vector<int64_t> at(cs.size(), 0);
+  for (int round = 0; round < 3; ++round) {
+    // Chunks (the last round's without queries), on the device.
+    for (int chunk = 0; chunk < 3; ++chunk) {
+      driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 0,
+                  round < 2 ? StepMode::kAttend : StepMode::kAppend, 24, &at,
+                  /*with_query=*/round < 2);
+    }
+    // Decode on the host path (dense: everything resident and recalled).
+    for (int t = 0; t < 20; ++t) {
+      driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 0, StepMode::kAttend,
+                  1, &at);
+    }
+  }
+  const EngineStats stats = cuda.engine->Stats();
+  EXPECT_GE(stats.device_policy_steps, 3 * 3 * 2);  // every chunk
+  EXPECT_GT(stats.spilled_bytes, 0);  // 216 tokens past 68 slots: recalled
+}
+
 TEST(EngineCuda, AFullPoolEvictsIdleSessionsRowsAndStillAnswersAlike) {
   KVMEM_REQUIRE_DEVICE();
   const uint32_t seed = FreshSeed();
