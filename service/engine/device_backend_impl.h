@@ -149,6 +149,9 @@ struct DeviceBackend::Impl {
   cuda::PinnedHostBuffer host ABSL_GUARDED_BY(mu);  // staging, both ways
   cuda::DeviceBuffer device ABSL_GUARDED_BY(mu);    // its device twin
   cuda::DeviceBuffer workspace ABSL_GUARDED_BY(mu);
+  // Device-only scratch of prefill chunks (device_prefill.cc), grown by
+  // doubling, never shrunk.
+  cuda::DeviceBuffer chunk_scratch ABSL_GUARDED_BY(mu);
   // Pool blocks kept for staging host rows (spilled pages, new tokens) in
   // every launch, so that a full pool still attends; bigger launches take
   // more for their duration.

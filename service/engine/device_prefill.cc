@@ -8,6 +8,7 @@
 // the state pointers) and one device→host copy (outputs, evicted tokens).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -96,18 +97,29 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
   const size_t ek_at = L.Take(size_t(B) * T * row);
   const size_t ev_at = L.Take(size_t(B) * T * row);
   const size_t out_end = L.end();
-  const size_t initial_at = L.Take(size_t(B) * T * 4);
-  const size_t changed_at = L.Take(size_t(B) * T * C * 4);
-  const size_t ccount_at = L.Take(size_t(B) * 4);
+  // Device-only scratch, apart from the staging pair (whose host half is
+  // pinned): the new tokens' scores, the changed slots, and the kernels'
+  // workspaces (mostly the score pass's partial sums).
+  Layout scratch;
+  const size_t initial_at = scratch.Take(size_t(B) * T * 4);
+  const size_t changed_at = scratch.Take(size_t(B) * T * C * 4);
+  const size_t ccount_at = scratch.Take(size_t(B) * 4);
   const size_t work_bytes = cuda::ChunkWorkspaceBytes(chunk);
-  const size_t work_at = L.Take(work_bytes);
-  const size_t scratch_bytes = cuda::ChunkInsertScratchBytes(insert);
-  const size_t scratch_at = L.Take(scratch_bytes);
+  const size_t work_at = scratch.Take(work_bytes);
+  const size_t insert_bytes = cuda::ChunkInsertScratchBytes(insert);
+  const size_t insert_at = scratch.Take(insert_bytes);
 
   MutexLock lock(&impl_->mu);
   KVMEM_RETURN_IF_ERROR(impl_->Reserve(L.end()));
+  if (impl_->chunk_scratch.bytes() < scratch.end()) {
+    KVMEM_ASSIGN_OR_RETURN(
+        impl_->chunk_scratch,
+        cuda::DeviceBuffer::Allocate(
+            std::max(scratch.end(), impl_->chunk_scratch.bytes() * 2)));
+  }
   char* h = impl_->host.as<char>();
   char* d = impl_->device.as<char>();
+  char* x = impl_->chunk_scratch.as<char>();
   const cudaStream_t stream = impl_->stream.get();
   for (size_t i = 0; i < items.size(); ++i) {
     const DevicePrefillItem& item = items[i];
@@ -152,8 +164,8 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
   cuda::ChunkOutputs out;
   out.out = reinterpret_cast<float*>(d + out_at);
   out.lse = reinterpret_cast<float*>(d + lse_at);
-  out.initial_scores = reinterpret_cast<float*>(d + initial_at);
-  KVMEM_RETURN_IF_ERROR(cuda::AttendChunk(chunk, in, scores, out, d + work_at,
+  out.initial_scores = reinterpret_cast<float*>(x + initial_at);
+  KVMEM_RETURN_IF_ERROR(cuda::AttendChunk(chunk, in, scores, out, x + work_at,
                                           work_bytes, stream));
 
   cuda::CascadeDeviceState state;
@@ -171,10 +183,10 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
   insert_out.evicted_counts = reinterpret_cast<int32_t*>(d + ecount_at);
   insert_out.evicted_keys = d + ek_at;
   insert_out.evicted_values = d + ev_at;
-  insert_out.changed_slots = reinterpret_cast<int32_t*>(d + changed_at);
-  insert_out.changed_counts = reinterpret_cast<int32_t*>(d + ccount_at);
+  insert_out.changed_slots = reinterpret_cast<int32_t*>(x + changed_at);
+  insert_out.changed_counts = reinterpret_cast<int32_t*>(x + ccount_at);
   KVMEM_RETURN_IF_ERROR(cuda::InsertChunks(insert, state, insert_in, insert_out,
-                                           d + scratch_at, scratch_bytes,
+                                           x + insert_at, insert_bytes,
                                            stream));
 
   cuda::RefreshDigestsArgs refresh;
