@@ -2,6 +2,7 @@
 // contiguous share of the stream's rows and writes a partial (o, lse); kernel
 // 2 merges the partials per stream and, when asked, turns the logits kept by
 // kernel 1 into the group-reduced probabilities.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -346,7 +347,11 @@ struct MergeArgs {
   float* reduced_probs;
 };
 
-// Block per stream: lse = M + ln Σ e^(lse_i − M), o = Σ e^(lse_i − lse)·o_i.
+// Blocks (stream, y): each finds the stream's lse = M + ln Σ e^(lse_i − M);
+// block 0 writes it and o = Σ e^(lse_i − lse)·o_i; block y takes rows
+// y·128 + tid, stepping by gridDim.y·128, of the reduced probabilities (the
+// bulk of the work at a 2K budget: spread, so that a small batch does not
+// leave them to one block per stream).
 __global__ void __launch_bounds__(kMergeThreads)
     DecodeMergeKernel(const MergeArgs args) {
   __shared__ float s_weight[kMaxDecodeGroup][kMaxSplits];
@@ -376,11 +381,12 @@ __global__ void __launch_bounds__(kMergeThreads)
     }
     const float merged = top == -INFINITY ? -INFINITY : top + logf(total);
     s_lse[tid] = merged;
-    args.lse[size_t(stream) * group + tid] = merged;
+    if (blockIdx.y == 0) args.lse[size_t(stream) * group + tid] = merged;
   }
   __syncthreads();
   const int head_dim = args.head_dim;
-  for (int idx = tid; idx < group * head_dim; idx += kMergeThreads) {
+  for (int idx = tid; blockIdx.y == 0 && idx < group * head_dim;
+       idx += kMergeThreads) {
     const int g = idx / head_dim;
     float o = 0.0f;
     for (int i = 0; i < splits; ++i) {
@@ -405,7 +411,8 @@ __global__ void __launch_bounds__(kMergeThreads)
   if (args.reduced_probs == nullptr) return;
   const int n = args.row_count[stream];
   const int begin = args.row_begin[stream];
-  for (int t = tid; t < n; t += kMergeThreads) {
+  for (int t = blockIdx.y * kMergeThreads + tid; t < n;
+       t += gridDim.y * kMergeThreads) {
     float p[kMaxDecodeGroup];
 #pragma unroll
     for (int g = 0; g < kMaxDecodeGroup; ++g) {
@@ -609,7 +616,15 @@ absl::Status DecodeAttention(const DecodeAttentionShape& shape,
   merge.out = outputs.out;
   merge.lse = outputs.lse;
   merge.reduced_probs = outputs.reduced_probs;
-  DecodeMergeKernel<<<shape.streams, kMergeThreads, 0, stream>>>(merge);
+  // Probability blocks per stream: a budget's rows one per thread when it
+  // has probabilities to reduce.
+  const int prob_blocks =
+      outputs.reduced_probs == nullptr
+          ? 1
+          : std::min(64, (shape.max_rows_per_stream + kMergeThreads - 1) /
+                             kMergeThreads);
+  DecodeMergeKernel<<<dim3(shape.streams, std::max(prob_blocks, 1)),
+                      kMergeThreads, 0, stream>>>(merge);
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("DecodeMergeKernel");
   return absl::OkStatus();
 }

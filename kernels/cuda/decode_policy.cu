@@ -317,6 +317,7 @@ __global__ void __launch_bounds__(kThreads) RefreshKernel(const RefreshArgs r) {
   const int32_t* slots = a.changed_slots + size_t(b) * capacity;
   const int begin = blockIdx.y * kRefreshEntries;
   const int end = min(changed, begin + kRefreshEntries);
+  __shared__ int32_t page_rows[kMaxPolicyPageTokens];
   for (int c = begin; c < end; ++c) {
     const int slot = slots[c];
     if (slot < 0) break;
@@ -327,15 +328,25 @@ __global__ void __launch_bounds__(kThreads) RefreshKernel(const RefreshArgs r) {
       PageOfSlot(sh, slots[c - 1], &before, &unused_first, &unused_count);
       if (before == page) continue;  // refreshed by an earlier entry
     }
+    // The page's rows (−1: empty slot) first, side by side, so that the
+    // key loads below depend on nothing but shared memory.
+    __syncthreads();  // the previous page's rows are read
+    for (int j = threadIdx.x; j < count; j += kThreads) {
+      page_rows[j] =
+          st.positions[first + j] >= 0 ? st.slot_rows[first + j] : -1;
+    }
+    __syncthreads();
     float* low = st.digests + size_t(page) * 2 * size_t(D);
     float* high = low + D;
     for (int ch = threadIdx.x; ch < D; ch += kThreads) {
       bool seeded = false;
       float lo = 0.0f, hi = 0.0f;
+#pragma unroll 8
       for (int j = 0; j < count; ++j) {
-        if (st.positions[first + j] < 0) continue;
-        const float key = ElementToFloat<kT>(
-            keys + size_t(st.slot_rows[first + j]) * row_bytes, ch);
+        const int32_t row = page_rows[j];
+        if (row < 0) continue;
+        const float key =
+            ElementToFloat<kT>(keys + size_t(row) * row_bytes, ch);
         // std::min(lo, key) and std::max(hi, key), as the CPU folds.
         lo = !seeded ? key : (key < lo ? key : lo);
         hi = !seeded ? key : (hi < key ? key : hi);

@@ -26,9 +26,9 @@ namespace device_internal {
 
 // Thread blocks per stream in every attention launch: fixed, so a step's
 // result does not depend on its batch (a replayed step gives the same
-// bits). 8 × 256 streams of a 32-entry request fill an H100 many times;
-// a 2K-row stream gets 256 rows per block.
-constexpr int kAttentionSplits = 8;
+// bits). 16 × the 8 streams of one entry make a wave on an H100 (a batch of
+// one is not left to 64 blocks); a 2K-row stream gets 128 rows per block.
+constexpr int kAttentionSplits = 16;
 
 // Rows of `row_bytes` in the pool's planes: block b holds rows from
 // ceil(b · block / row) on, RowsPerBlock of them.
