@@ -355,29 +355,33 @@ struct MergeArgs {
 __global__ void __launch_bounds__(kMergeThreads)
     DecodeMergeKernel(const MergeArgs args) {
   __shared__ float s_weight[kMaxDecodeGroup][kMaxSplits];
+  __shared__ float s_partial[kMaxDecodeGroup * kMaxSplits];  // [split][g]
   __shared__ float s_lse[kMaxDecodeGroup];
   const int stream = blockIdx.x;
   const int group = args.group;
   const int splits = args.splits;
   const int tid = threadIdx.x;
   const size_t base = size_t(stream) * splits * group;
+  // The partial LSEs in one round of loads, not a chain of them per row.
+  for (int i = tid; i < splits * group; i += kMergeThreads) {
+    s_partial[i] = args.partial_lse[base + size_t(i)];
+  }
+  __syncthreads();
   if (tid < group) {
     float top = -INFINITY;
     for (int i = 0; i < splits; ++i) {
-      top = fmaxf(top, args.partial_lse[base + size_t(i) * group + tid]);
+      top = fmaxf(top, s_partial[i * group + tid]);
     }
     float total = 0.0f;
     if (top != -INFINITY) {
       for (int i = 0; i < splits; ++i) {
-        total += expf(args.partial_lse[base + size_t(i) * group + tid] - top);
+        total += expf(s_partial[i * group + tid] - top);
       }
     }
     for (int i = 0; i < splits; ++i) {
-      s_weight[tid][i] =
-          top == -INFINITY
-              ? 0.0f
-              : expf(args.partial_lse[base + size_t(i) * group + tid] - top) /
-                    total;
+      s_weight[tid][i] = top == -INFINITY
+                             ? 0.0f
+                             : expf(s_partial[i * group + tid] - top) / total;
     }
     const float merged = top == -INFINITY ? -INFINITY : top + logf(total);
     s_lse[tid] = merged;
