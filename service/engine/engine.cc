@@ -620,28 +620,56 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       int64_t end;
     };
     std::vector<Written> written;
-    for (size_t i = 0; i < n; ++i) {
+    // Each entry's reply, pages, device writes, log record and kept reply,
+    // side by side (every entry is a different session); then merged into
+    // the request's batch in entry order.
+    std::vector<storage::SpillBatch> entry_pages(n);
+    std::vector<DeviceWrites> entry_writes(n);
+    std::vector<std::string> entry_logs(n);
+    std::vector<absl::Status> entry_status(n);
+    auto apply_entry = [&](size_t i) ABSL_NO_THREAD_SAFETY_ANALYSIS {
       LiveSession& s = *sessions[i];
       if (replay[i]) {
         results[i] = s.last[size_t(layer)].reply;
-        continue;
+        return;
       }
       const StepEntryView& e = request.entries[i];
-      const int T = e.num_tokens;
-      StepEntryResult& result = results[i];
-      absl::Status applied =
-          ApplyEntry(s, layer, mode, e.position, T, work[i], &result, &batch,
-                     &device_writes, &heads_applied[i]);
-      if (!applied.ok()) return Annotate(applied, Field(i, "session_id"));
+      entry_status[i] = ApplyEntry(s, layer, mode, e.position, e.num_tokens,
+                                   work[i], &results[i], &entry_pages[i],
+                                   &entry_writes[i], &heads_applied[i]);
+      if (!entry_status[i].ok()) return;
+      entry_logs[i] = EncodeLoggedStep(mode, e.num_tokens, e.q, e.k, e.v);
+      KeepLastStep(mode, e, results[i], &s.last[size_t(layer)]);
+    };
+    if (n >= 4) {
+      parallel_->Run(n, apply_entry);
+    } else {
+      for (size_t i = 0; i < n; ++i) apply_entry(i);
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (!entry_status[i].ok()) {
+        return Annotate(entry_status[i], Field(i, "session_id"));
+      }
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (replay[i]) continue;
+      LiveSession& s = *sessions[i];
+      const StepEntryView& e = request.entries[i];
+      for (storage::SpillBatch::Entry& page : entry_pages[i].pages) {
+        batch.pages.push_back(std::move(page));
+      }
+      for (auto& [row_bytes, writes] : entry_writes[i]) {
+        std::vector<DeviceSlotWrite>& all = device_writes[row_bytes];
+        all.insert(all.end(), writes.begin(), writes.end());
+      }
       // The step log record, in the same batch as the pages it sealed.
       batch.log.push_back({s.manifest.seq, uint32_t(layer), e.position,
-                           EncodeLoggedStep(mode, T, e.q, e.k, e.v)});
+                           std::move(entry_logs[i])});
       s.log_bytes += int64_t(batch.log.back().body.size());
       sync = sync || s.config().durability == Durability::kStepSync;
       written.push_back({sessions[i], s.layer_next[size_t(layer)]});
-      KeepLastStep(mode, e, result, &s.last[size_t(layer)]);
       steps_.fetch_add(1, std::memory_order_relaxed);
-      tokens_appended_.fetch_add(T, std::memory_order_relaxed);
+      tokens_appended_.fetch_add(e.num_tokens, std::memory_order_relaxed);
     }
 
     phase_done(StepPhase::kApply);
