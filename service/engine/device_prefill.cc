@@ -80,7 +80,7 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
                      cuda::kChunkHeadDim, " and 1 <= T <= W"));
   }
 
-  // Staging, one layout both sides: inputs, outputs, device-only scratch.
+  // Staging, one layout both sides: inputs, then outputs.
   Layout L;
   const size_t policy_at =
       L.Take(size_t(B) * sizeof(cuda::PolicyStreamPointers));
