@@ -120,6 +120,10 @@ std::string Metrics::Render(const Gauges& gauges) const {
         gauges.engine.memory_bytes);
   Gauge(&out, "kvmem_memory_limit_bytes", "The engine's memory limit.",
         gauges.engine.memory_limit_bytes);
+  Gauge(&out, "kvmem_device_side_bytes",
+        "CUDA backend: device bytes beside the pool (device-owned layers' "
+        "state, staging, scratch).",
+        gauges.engine.device_side_bytes);
   Gauge(&out, "kvmem_rocksdb_bytes_written",
         "Bytes RocksDB wrote since the server started (WAL and memtables).",
         gauges.storage_bytes_written);

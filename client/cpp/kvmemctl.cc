@@ -337,7 +337,8 @@ int Stats(Client& client, bool json) {
        {"spilled_bytes", absl::StrCat(s.spilled_bytes())},
        {"spill_queue_bytes", absl::StrCat(s.spill_queue_bytes())},
        {"device_pool_bytes", absl::StrCat(s.device_pool_bytes())},
-       {"device_pool_used_bytes", absl::StrCat(s.device_pool_used_bytes())}});
+       {"device_pool_used_bytes", absl::StrCat(s.device_pool_used_bytes())},
+       {"device_side_bytes", absl::StrCat(s.device_side_bytes())}});
   return kExitOk;
 }
 

@@ -76,6 +76,11 @@ int64_t DeviceBackend::pool_bytes() const {
          int64_t(impl_->pool->block_bytes()) * 2;
 }
 
+int64_t DeviceBackend::side_bytes() const {
+  return impl_->scratch_bytes.load(std::memory_order_relaxed) +
+         impl_->policy_bytes->load(std::memory_order_relaxed);
+}
+
 int64_t DeviceBackend::used_bytes() const {
   return int64_t(impl_->pool->total_blocks() - impl_->pool->free_blocks() -
                  impl_->reserved_count) *
@@ -272,12 +277,7 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
   ds.want_probs = true;
   KVMEM_ASSIGN_OR_RETURN(cuda::DecodeAttentionPlan plan,
                          cuda::PlanDecodeAttentionSplits(ds, kAttentionSplits));
-  if (impl_->workspace.bytes() < plan.workspace_bytes) {
-    KVMEM_ASSIGN_OR_RETURN(
-        impl_->workspace,
-        cuda::DeviceBuffer::Allocate(
-            std::max(plan.workspace_bytes, impl_->workspace.bytes() * 2)));
-  }
+  KVMEM_RETURN_IF_ERROR(impl_->Grow(&impl_->workspace, plan.workspace_bytes));
   cuda::DecodeAttentionInputs in;
   in.queries = d + q_at;
   in.key_rows = impl_->pool->plane_base(0);

@@ -196,6 +196,10 @@ class DeviceBackend {
   // now; the blocks kept for staging are in neither.
   int64_t pool_bytes() const;
   int64_t used_bytes() const;
+  // Device bytes held beside the pool: the device-owned layers' state
+  // (positions, scores, digests, sealed pages' digests), and the staging
+  // and scratch buffers of launches.
+  int64_t side_bytes() const;
   // Free bytes of each plane (keys, or values), in whole blocks.
   int64_t free_plane_bytes() const;
 

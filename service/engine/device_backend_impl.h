@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -79,6 +80,19 @@ class Layout {
 // the digests of each head's sealed spilled pages, uploaded once each (a
 // sealed page never changes), in a buffer that grows by doubling.
 struct DevicePolicyState {
+  ~DevicePolicyState() {
+    if (counter != nullptr) counter->fetch_sub(counted);
+  }
+  // Adds `bytes` of device memory this state holds to the backend's count
+  // (DeviceBackend::Impl::policy_bytes), until the state goes.
+  void Count(std::shared_ptr<std::atomic<int64_t>> to, int64_t bytes) {
+    counter = std::move(to);
+    counted += bytes;
+    counter->fetch_add(bytes);
+  }
+  std::shared_ptr<std::atomic<int64_t>> counter;
+  int64_t counted = 0;
+
   cuda::DeviceBuffer buffer;
   int heads = 0, slots = 0, cascades = 0, pages = 0, head_dim = 0;
   cuda::DeviceBuffer sealed;  // [heads, sealed_capacity, 2, D] fp32
@@ -152,6 +166,27 @@ struct DeviceBackend::Impl {
   // Device-only scratch of prefill chunks (device_prefill.cc), grown by
   // doubling, never shrunk.
   cuda::DeviceBuffer chunk_scratch ABSL_GUARDED_BY(mu);
+  // Device bytes held beside the pool (DeviceBackend::side_bytes): the
+  // staging twin and the workspaces here, and the device-owned layers'
+  // state, which each DevicePolicyState adds and takes back itself.
+  std::atomic<int64_t> scratch_bytes{0};
+  const std::shared_ptr<std::atomic<int64_t>> policy_bytes =
+      std::make_shared<std::atomic<int64_t>>(0);
+
+  void CountScratch() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    scratch_bytes.store(
+        int64_t(device.bytes() + workspace.bytes() + chunk_scratch.bytes()),
+        std::memory_order_relaxed);
+  }
+  // Grows `buffer` (a workspace) to at least `bytes` by doubling.
+  absl::Status Grow(cuda::DeviceBuffer* buffer, size_t bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (buffer->bytes() >= bytes) return absl::OkStatus();
+    KVMEM_ASSIGN_OR_RETURN(*buffer, cuda::DeviceBuffer::Allocate(
+                                        std::max(bytes, buffer->bytes() * 2)));
+    CountScratch();
+    return absl::OkStatus();
+  }
   // Pool blocks kept for staging host rows (spilled pages, new tokens) in
   // every launch, so that a full pool still attends; bigger launches take
   // more for their duration.
@@ -163,6 +198,7 @@ struct DeviceBackend::Impl {
     const size_t grown = std::max(bytes, host.bytes() * 2);
     KVMEM_ASSIGN_OR_RETURN(host, cuda::PinnedHostBuffer::Allocate(grown));
     KVMEM_ASSIGN_OR_RETURN(device, cuda::DeviceBuffer::Allocate(grown));
+    CountScratch();
     return absl::OkStatus();
   }
 

@@ -78,6 +78,7 @@ absl::Status DeviceBackend::TakePolicy(
                      buffer.status().message()));
   }
   state->buffer = std::move(*buffer);
+  state->Count(impl_->policy_bytes, int64_t(bytes));
   state->sealed_uploaded.assign(size_t(H), 0);
   MutexLock lock(&impl_->mu);
   KVMEM_RETURN_IF_ERROR(impl_->Reserve(bytes));
@@ -339,6 +340,8 @@ absl::Status DeviceBackend::DecodeOwned(
         }
         // The old buffer is freed after the copies (cudaFree waits).
         KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
+        state.Count(impl_->policy_bytes,
+                    int64_t(grown.bytes()) - int64_t(state.sealed.bytes()));
         state.sealed = std::move(grown);
         state.sealed_capacity = capacity;
       }
@@ -543,12 +546,8 @@ absl::Status DeviceBackend::DecodeOwned(
   ds.want_probs = true;
   KVMEM_ASSIGN_OR_RETURN(cuda::DecodeAttentionPlan attention_plan,
                          cuda::PlanDecodeAttentionSplits(ds, kAttentionSplits));
-  if (impl_->workspace.bytes() < attention_plan.workspace_bytes) {
-    KVMEM_ASSIGN_OR_RETURN(
-        impl_->workspace,
-        cuda::DeviceBuffer::Allocate(std::max(attention_plan.workspace_bytes,
-                                              impl_->workspace.bytes() * 2)));
-  }
+  KVMEM_RETURN_IF_ERROR(
+      impl_->Grow(&impl_->workspace, attention_plan.workspace_bytes));
   cuda::DecodeAttentionInputs in;
   in.queries = d + q_at;
   in.key_rows = impl_->pool->plane_base(0);

@@ -111,12 +111,7 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
 
   MutexLock lock(&impl_->mu);
   KVMEM_RETURN_IF_ERROR(impl_->Reserve(L.end()));
-  if (impl_->chunk_scratch.bytes() < scratch.end()) {
-    KVMEM_ASSIGN_OR_RETURN(
-        impl_->chunk_scratch,
-        cuda::DeviceBuffer::Allocate(
-            std::max(scratch.end(), impl_->chunk_scratch.bytes() * 2)));
-  }
+  KVMEM_RETURN_IF_ERROR(impl_->Grow(&impl_->chunk_scratch, scratch.end()));
   char* h = impl_->host.as<char>();
   char* d = impl_->device.as<char>();
   char* x = impl_->chunk_scratch.as<char>();

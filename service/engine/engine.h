@@ -73,12 +73,15 @@ struct EngineStats {
   int64_t hibernations = 0;       // idle sessions hibernated for room
   int64_t device_pool_bytes = 0;  // CUDA backend: the pool, and in use
   int64_t device_pool_used_bytes = 0;
+  // CUDA backend: device bytes beside the pool (device-owned layers' state,
+  // staging and scratch; DeviceBackend::side_bytes).
+  int64_t device_side_bytes = 0;
   int64_t device_evictions = 0;  // idle sessions' device rows freed for room
   // Decode steps the CUDA backend could not take (no room even after
   // evictions, or a device error) that the CPU oracle computed instead.
   int64_t device_fallbacks = 0;
-  // Decode steps whose whole policy ran on the device (device-owned
-  // layers, DeviceBackend::DecodeOwned).
+  // Steps whose whole policy ran on the device (device-owned layers:
+  // DeviceBackend::DecodeOwned and PrefillOwned).
   int64_t device_policy_steps = 0;
   int64_t step_phase_nanos[int(StepPhase::kCount)] = {};
 };

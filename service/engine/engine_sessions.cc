@@ -222,6 +222,7 @@ EngineStats Engine::Stats() {
   if (options_.device != nullptr) {
     stats.device_pool_bytes = options_.device->pool_bytes();
     stats.device_pool_used_bytes = options_.device->used_bytes();
+    stats.device_side_bytes = options_.device->side_bytes();
   }
   for (const auto& session : AllLive()) {
     MutexLock lock(&session->mu);

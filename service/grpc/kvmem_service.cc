@@ -217,6 +217,7 @@ grpc::ServerUnaryReactor* KvMemoryService::GetStats(
     response->set_hibernations(stats.hibernations);
     response->set_device_pool_bytes(stats.device_pool_bytes);
     response->set_device_pool_used_bytes(stats.device_pool_used_bytes);
+    response->set_device_side_bytes(stats.device_side_bytes);
     response->set_device_fallbacks(stats.device_fallbacks);
     response->set_device_policy_steps(stats.device_policy_steps);
     for (int p = 0; p < int(StepPhase::kCount); ++p) {

@@ -227,6 +227,13 @@ TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
   // × 2 layers, the 22 single-session ones; 2 prefill chunks × 2 layers, 12
   // two-token chunks and 14 APPEND steps, × 3 sessions.
   EXPECT_GE(stats.device_policy_steps, 900 + 22 + 12 + 36 + 42);
+  // The device-owned layers' state and the staging, beside the pool; the
+  // sessions' deletion gives the state back (the staging stays).
+  EXPECT_GT(stats.device_side_bytes, 0);
+  for (const char* id : {"a", "b", "c"}) {
+    ASSERT_TRUE(cuda.engine->DeleteSession("t", id).ok());
+  }
+  EXPECT_LT(cuda.engine->Stats().device_side_bytes, stats.device_side_bytes);
   EXPECT_EQ(stats.device_evictions, 0);
   EXPECT_GT(stats.spilled_bytes, 0);  // the workload spilled (and recalled)
 }

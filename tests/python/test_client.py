@@ -299,6 +299,7 @@ def test_stats(client: kvmem.Client) -> None:
     assert after.hibernations == 0  # no memory limit in this server
     assert after.device_fallbacks == 0
     assert after.device_policy_steps == 0  # the CPU backend
+    assert after.device_side_bytes == 0
     assert set(after.step_phase_seconds) == {
         "lock", "plan", "recall", "device_rows", "device", "apply",
         "device_write", "write"}

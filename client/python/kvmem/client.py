@@ -44,7 +44,8 @@ class ServerStats:
     device_pool_used_bytes: int
     hibernations: int  # idle sessions checkpointed and dropped for room
     device_fallbacks: int  # decode steps the CPU took for a full pool
-    device_policy_steps: int  # decode steps whose policy ran on the device
+    device_policy_steps: int  # steps whose policy ran on the device
+    device_side_bytes: int  # device memory beside the pool (state, staging)
     # Seconds Step requests spent per phase since start ("lock", "plan",
     # "recall", "device_rows", "device", "apply", "device_write", "write").
     step_phase_seconds: Dict[str, float]
