@@ -176,6 +176,15 @@ struct Elem<__half> {
   }
 };
 
+// 2^x by the SFU alone (ex2.approx.ftz: about 2 ulp, subnormals flushed to
+// 0, 2^−∞ = 0); exp2f adds a denormal fix-up around it, on every
+// probability of both passes.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ uint32_t SharedAddress(const void* p) {
   return uint32_t(__cvta_generic_to_shared(p));
 }
@@ -438,8 +447,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     // A row that has seen no key yet keeps p = 0 (never exp(−∞ + ∞)).
     const float base_a = new_m_a == -INFINITY ? 0.0f : new_m_a;
     const float base_b = new_m_b == -INFINITY ? 0.0f : new_m_b;
-    const float alpha_a = exp2f(m_a - base_a);
-    const float alpha_b = exp2f(m_b - base_b);
+    const float alpha_a = Exp2(m_a - base_a);
+    const float alpha_b = Exp2(m_b - base_b);
     m_a = new_m_a;
     m_b = new_m_b;
     l_a *= alpha_a;
@@ -453,10 +462,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
-      s[n][0] = exp2f(s[n][0] - base_a);
-      s[n][1] = exp2f(s[n][1] - base_a);
-      s[n][2] = exp2f(s[n][2] - base_b);
-      s[n][3] = exp2f(s[n][3] - base_b);
+      s[n][0] = Exp2(s[n][0] - base_a);
+      s[n][1] = Exp2(s[n][1] - base_a);
+      s[n][2] = Exp2(s[n][2] - base_b);
+      s[n][3] = Exp2(s[n][3] - base_b);
       l_a += s[n][0] + s[n][1];
       l_b += s[n][2] + s[n][3];
     }
@@ -590,9 +599,9 @@ __global__ void __launch_bounds__(kThreads, 2)
                              : -INFINITY;
         float v;
         if (kGroup == 1) {
-          v = f_a * exp2f(xa) + f_b * exp2f(xb);
+          v = f_a * Exp2(xa) + f_b * Exp2(xb);
         } else if (mean) {
-          float p = exp2f(xa) + exp2f(xb);
+          float p = Exp2(xa) + Exp2(xb);
 #pragma unroll
           for (int m = 1; m < half_group; m <<= 1) {
             p += __shfl_xor_sync(0xffffffffu, p, 4 * m);
@@ -604,7 +613,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           for (int m = 1; m < half_group; m <<= 1) {
             x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4 * m));
           }
-          v = f_a * exp2f(x);  // f_a is 0 off the leaders
+          v = f_a * Exp2(x);  // f_a is 0 off the leaders
         }
         // Σ over the warp's tokens: the lanes of the other groups.
 #pragma unroll
