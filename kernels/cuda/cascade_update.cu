@@ -322,13 +322,8 @@ absl::Status CheckCascadeBatchShape(const CascadeBatchShape& shape) {
   return absl::OkStatus();
 }
 
-absl::Status UpdateCascades(const CascadeBatchShape& shape,
-                            const CascadeDeviceState& state,
-                            const CascadeStepInputs& inputs,
-                            const CascadeStepOutputs& outputs,
-                            cudaStream_t stream) {
-  absl::Status valid = CheckCascadeBatchShape(shape);
-  if (!valid.ok()) return valid;
+absl::Status CheckCascadeDeviceState(const CascadeDeviceState& state,
+                                     bool with_exponent) {
   if (state.key_rows == nullptr || state.value_rows == nullptr) {
     return absl::InvalidArgumentError(
         "state: key_rows and value_rows must be set");
@@ -336,11 +331,26 @@ absl::Status UpdateCascades(const CascadeBatchShape& shape,
   if (state.streams == nullptr &&
       (state.positions == nullptr || state.scores == nullptr ||
        state.stored == nullptr || state.head == nullptr ||
-       state.score_exponent == nullptr || state.tokens_seen == nullptr ||
-       state.slot_rows == nullptr)) {
+       (with_exponent && state.score_exponent == nullptr) ||
+       state.tokens_seen == nullptr || state.slot_rows == nullptr)) {
     return absl::InvalidArgumentError(
-        "state: positions, scores, stored, head, score_exponent, "
-        "tokens_seen and slot_rows must all be set (or streams)");
+        absl::StrCat("state: positions, scores, stored, head, ",
+                     with_exponent ? "score_exponent, " : "",
+                     "tokens_seen and slot_rows must all be set (or streams)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status UpdateCascades(const CascadeBatchShape& shape,
+                            const CascadeDeviceState& state,
+                            const CascadeStepInputs& inputs,
+                            const CascadeStepOutputs& outputs,
+                            cudaStream_t stream) {
+  absl::Status valid = CheckCascadeBatchShape(shape);
+  if (!valid.ok()) return valid;
+  if (absl::Status set = CheckCascadeDeviceState(state, /*with_exponent=*/true);
+      !set.ok()) {
+    return set;
   }
   if ((inputs.probs == nullptr) != (inputs.self_probs == nullptr)) {
     return absl::InvalidArgumentError(

@@ -72,6 +72,11 @@ struct CascadeDeviceState {
   const CascadeStreamPointers* streams = nullptr;
 };
 
+// INVALID_ARGUMENT unless the pools and either `streams` or every flat
+// array are set (score_exponent only when `with_exponent`).
+absl::Status CheckCascadeDeviceState(const CascadeDeviceState& state,
+                                     bool with_exponent);
+
 // The step's inputs, borrowed like the state. probs and self_probs must
 // be finite and ≥ 0; unlike the CPU oracle the device does not check them.
 struct CascadeStepInputs {

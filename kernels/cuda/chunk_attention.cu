@@ -210,13 +210,6 @@ __device__ __forceinline__ void CopyAsync16(void* shared, const void* global,
                    SharedAddress(shared)),
                "l"(global), "r"(valid ? 16 : 0));
 }
-template <int kBytes>
-__device__ __forceinline__ void CopyAsyncSmall(void* shared,
-                                               const void* global) {
-  asm volatile(
-      "cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(SharedAddress(shared)),
-      "l"(global), "n"(kBytes));
-}
 __device__ __forceinline__ void CommitCopies() {
   asm volatile("cp.async.commit_group;");
 }

@@ -549,17 +549,10 @@ absl::Status InsertChunks(const ChunkInsertShape& shape,
         absl::StrCat("chunk_tokens: ", shape.chunk_tokens, ", want in [1, ",
                      p.window, "] (the window)"));
   }
-  if (state.key_rows == nullptr || state.value_rows == nullptr) {
-    return absl::InvalidArgumentError(
-        "state: key_rows and value_rows must be set");
-  }
-  if (state.streams == nullptr &&
-      (state.positions == nullptr || state.scores == nullptr ||
-       state.stored == nullptr || state.head == nullptr ||
-       state.tokens_seen == nullptr || state.slot_rows == nullptr)) {
-    return absl::InvalidArgumentError(
-        "state: positions, scores, stored, head, tokens_seen and slot_rows "
-        "must all be set (or streams)");
+  if (absl::Status set =
+          CheckCascadeDeviceState(state, /*with_exponent=*/false);
+      !set.ok()) {
+    return set;
   }
   if (inputs.keys == nullptr || inputs.values == nullptr ||
       inputs.initial_scores == nullptr) {
