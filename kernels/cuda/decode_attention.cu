@@ -330,6 +330,229 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 }
 
+// The fast path, for the engine's shape: D 128 in bf16/fp16. Warps work
+// independently: each walks tiles of kRows rows of the block's share with
+// its own online softmax, loads a tile's K and V rows together (16 KB in
+// flight a warp at G ≤ 4), and the block combines its warps once, at the
+// end. No barrier inside the row loop, so loads never wait on other warps.
+//
+// Lanes: half h = lane / 16 takes the tile's rows h·kPairs + i; lane
+// sub = lane % 16 holds channels 8·sub .. 8·sub + 7 of each. A row's G dot
+// products are reduced over the 16 lanes by a reduce-scatter (kG/2 + kG/4 +
+// … + 1 shuffles a level instead of kG), after which lane sub holds the
+// logit of query head g = sub >> (4 − log2 kG).
+constexpr int kFastHeadDim = 128;
+constexpr int kFastWarps = kThreads / 32;
+
+template <int kG>
+__host__ __device__ constexpr int Log2Of() {
+  return kG == 1 ? 0 : kG == 2 ? 1 : kG == 4 ? 2 : 3;
+}
+
+// Sums v[0..kN) over the lanes whose bits below 2·kOffset differ, keeping
+// one value: at each level a lane keeps the half of its values picked by
+// its own bit and receives its partner's sums of that half.
+template <int kN, int kOffset>
+__device__ __forceinline__ float ReduceScatter(float* v, int sub) {
+  if constexpr (kOffset == 0) {
+    return v[0];
+  } else if constexpr (kN == 1) {
+    v[0] += __shfl_xor_sync(kFullMask, v[0], kOffset);
+    return ReduceScatter<1, kOffset / 2>(v, sub);
+  } else {
+    constexpr int kHalf = kN / 2;
+    const bool upper = (sub & kOffset) != 0;
+#pragma unroll
+    for (int j = 0; j < kHalf; ++j) {
+      const float send = upper ? v[j] : v[j + kHalf];
+      const float keep = upper ? v[j + kHalf] : v[j];
+      v[j] = keep + __shfl_xor_sync(kFullMask, send, kOffset);
+    }
+    return ReduceScatter<kHalf, kOffset / 2>(v, sub);
+  }
+}
+
+template <DType kT, int kG>
+__global__ void __launch_bounds__(kThreads, 3)
+    DecodeSplitFastKernel(const SplitArgs args) {
+  constexpr int kRows = kG == 8 ? 8 : 16;  // rows a warp tile (registers)
+  constexpr int kPairs = kRows / 2;        // rows a half-warp
+  constexpr int kShift = 4 - Log2Of<kG>();
+  constexpr int kRepeat = (1 << kShift) - 1;  // lanes repeating a logit
+  constexpr size_t kRowBytes = kFastHeadDim * 2;
+  __shared__ float s_m[kFastWarps][kG];
+  __shared__ float s_l[kFastWarps][kG];
+  __shared__ float s_acc[kFastWarps][kG][kFastHeadDim];
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int half = lane >> 4;
+  const int sub = lane & 15;
+  const int my_g = sub >> kShift;
+  const int group = args.group;
+  const int stream = blockIdx.y;
+  const int split = blockIdx.x;
+  const int splits = gridDim.x;
+  const int n = args.row_count[stream];
+  const int begin = args.row_begin[stream];
+  const int chunk = (n + splits - 1) / splits;
+  const int lo = min(n, split * chunk);
+  const int hi = min(n, lo + chunk);
+
+  float q[kG][kLaneSlots];
+  float acc[kG][kLaneSlots];
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    if (g < group) {
+      UnpackVector<kT>(LoadPiece(static_cast<const char*>(args.queries) +
+                                     (size_t(stream) * group + g) * kRowBytes,
+                                 sub),
+                       q[g]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kLaneSlots; ++j) q[g][j] = 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kLaneSlots; ++j) acc[g][j] = 0.0f;
+  }
+  float m = -INFINITY;  // running max and sum of head my_g
+  float l = 0.0f;
+  const char* keys = static_cast<const char*>(args.key_rows);
+  const char* values = static_cast<const char*>(args.value_rows);
+  constexpr int kStep = kFastWarps * kRows;
+
+  int tile = lo + warp * kRows;
+  // The tile's row indices, one a lane (both halves load the same), loaded
+  // one tile ahead so that the K/V loads never wait for them.
+  int index =
+      tile + sub < hi && sub < kRows ? args.rows[begin + tile + sub] : 0;
+  for (; tile < hi; tile += kStep) {
+    const int rows_in = min(kRows, hi - tile);
+    uint4 kp[kPairs];
+    uint4 vp[kPairs];
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+      const int r = half * kPairs + i;
+      const size_t row = size_t(__shfl_sync(kFullMask, index, r));
+      kp[i] = make_uint4(0, 0, 0, 0);
+      vp[i] = make_uint4(0, 0, 0, 0);
+      if (r < rows_in) {
+        kp[i] = LoadPiece(keys + row * kRowBytes, sub);
+        vp[i] = LoadPiece(values + row * kRowBytes, sub);
+      }
+    }
+    const int next = tile + kStep;
+    index = next + sub < hi && sub < kRows ? args.rows[begin + next + sub] : 0;
+
+    float s[kPairs];
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+      float x[kLaneSlots];
+      UnpackVector<kT>(kp[i], x);
+      float dot[kG];
+#pragma unroll
+      for (int g = 0; g < kG; ++g) {
+        dot[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kLaneSlots; ++j)
+          dot[g] = fmaf(q[g][j], x[j], dot[g]);
+      }
+      const float logit = ReduceScatter<kG, 8>(dot, sub) * args.scale;
+      const int r = half * kPairs + i;
+      s[i] = r < rows_in ? logit : -INFINITY;
+      tile_max = fmaxf(tile_max, s[i]);
+      if (args.logits != nullptr && r < rows_in && (sub & kRepeat) == 0 &&
+          my_g < group) {
+        args.logits[size_t(begin + tile + r) * group + my_g] = logit;
+      }
+    }
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 16));
+    const float m_new = fmaxf(m, tile_max);
+    const float alpha = m == -INFINITY ? 0.0f : expf(m - m_new);
+    float p[kPairs];
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+      p[i] = s[i] == -INFINITY ? 0.0f : expf(s[i] - m_new);
+      sum += p[i];
+    }
+    sum += __shfl_xor_sync(kFullMask, sum, 16);
+    l = l * alpha + sum;
+    m = m_new;
+
+    // acc = alpha·acc + Σ p·v; head g's alpha and p live in lane g << kShift
+    // of each half.
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+      const float a = __shfl_sync(kFullMask, alpha, g << kShift);
+#pragma unroll
+      for (int j = 0; j < kLaneSlots; ++j) acc[g][j] *= a;
+    }
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+      float x[kLaneSlots];
+      UnpackVector<kT>(vp[i], x);
+#pragma unroll
+      for (int g = 0; g < kG; ++g) {
+        const float w =
+            __shfl_sync(kFullMask, p[i], (half << 4) | (g << kShift));
+#pragma unroll
+        for (int j = 0; j < kLaneSlots; ++j)
+          acc[g][j] = fmaf(w, x[j], acc[g][j]);
+      }
+    }
+  }
+
+  // The two halves saw different rows under the same running max.
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+#pragma unroll
+    for (int j = 0; j < kLaneSlots; ++j) {
+      acc[g][j] += __shfl_xor_sync(kFullMask, acc[g][j], 16);
+    }
+  }
+  if (half == 0) {
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+#pragma unroll
+      for (int j = 0; j < kLaneSlots; ++j) {
+        s_acc[warp][g][sub * kLaneSlots + j] = acc[g][j];
+      }
+    }
+    if ((sub & kRepeat) == 0) {
+      s_m[warp][my_g] = m;
+      s_l[warp][my_g] = l;
+    }
+  }
+  __syncthreads();
+  const size_t partial = (size_t(stream) * splits + split) * group;
+  for (int idx = threadIdx.x; idx < group * kFastHeadDim; idx += kThreads) {
+    const int g = idx / kFastHeadDim;
+    const int c = idx % kFastHeadDim;
+    float top = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kFastWarps; ++w) top = fmaxf(top, s_m[w][g]);
+    float total = 0.0f;
+    float o = 0.0f;
+    if (top != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kFastWarps; ++w) {
+        const float weight =
+            s_m[w][g] == -INFINITY ? 0.0f : expf(s_m[w][g] - top);
+        total = fmaf(weight, s_l[w][g], total);
+        o = fmaf(weight, s_acc[w][g][c], o);
+      }
+    }
+    args.partial_out[partial * kFastHeadDim + idx] =
+        total > 0.0f ? o / total : 0.0f;
+    if (c == 0) {
+      args.partial_lse[partial + g] =
+          total > 0.0f ? top + logf(total) : -INFINITY;
+    }
+  }
+}
+
 struct MergeArgs {
   int group;
   int head_dim;
@@ -392,14 +615,14 @@ __global__ void __launch_bounds__(kMergeThreads)
   for (int idx = tid; blockIdx.y == 0 && idx < group * head_dim;
        idx += kMergeThreads) {
     const int g = idx / head_dim;
+    // Every split wrote its partial (zeros when it had no rows), so the
+    // loads are unconditional and independent: they go out together.
     float o = 0.0f;
+#pragma unroll 8
     for (int i = 0; i < splits; ++i) {
-      const float w = s_weight[g][i];
-      if (w != 0.0f) {
-        o = fmaf(w,
-                 args.partial_out[(base + size_t(i) * group) * head_dim + idx],
-                 o);
-      }
+      o = fmaf(s_weight[g][i],
+               args.partial_out[(base + size_t(i) * group) * head_dim + idx],
+               o);
     }
     const size_t at = size_t(stream) * group * head_dim + idx;
     if (args.out_fp32 != nullptr) args.out_fp32[at] = o;
@@ -431,6 +654,20 @@ __global__ void __launch_bounds__(kMergeThreads)
 
 int GroupSlots(int group) {
   return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+}
+
+template <DType kT>
+void* FastSplitKernelFor(int slots) {
+  switch (slots) {
+    case 1:
+      return reinterpret_cast<void*>(&DecodeSplitFastKernel<kT, 1>);
+    case 2:
+      return reinterpret_cast<void*>(&DecodeSplitFastKernel<kT, 2>);
+    case 4:
+      return reinterpret_cast<void*>(&DecodeSplitFastKernel<kT, 4>);
+    default:
+      return reinterpret_cast<void*>(&DecodeSplitFastKernel<kT, 8>);
+  }
 }
 
 template <DType kT>
@@ -586,16 +823,22 @@ absl::Status DecodeAttention(const DecodeAttentionShape& shape,
 
   const int slots = GroupSlots(shape.group);
   const int row_groups = kThreads / args.layout.lanes_per_row;
-  const size_t smem =
-      sizeof(float) *
-          (size_t(slots) * kTileRows +
-           size_t(row_groups) * slots * shape.head_dim + 3 * size_t(slots)) +
-      sizeof(int) * kTileRows;
+  size_t smem = sizeof(float) * (size_t(slots) * kTileRows +
+                                 size_t(row_groups) * slots * shape.head_dim +
+                                 3 * size_t(slots)) +
+                sizeof(int) * kTileRows;
+  const bool fast = args.layout.vector && shape.head_dim == kFastHeadDim &&
+                    shape.dtype != DType::kFp32;
   void* kernel =
-      shape.dtype == DType::kBf16   ? SplitKernelFor<DType::kBf16>(slots)
+      fast                          ? (shape.dtype == DType::kBf16
+                                           ? FastSplitKernelFor<DType::kBf16>(slots)
+                                           : FastSplitKernelFor<DType::kFp16>(slots))
+      : shape.dtype == DType::kBf16 ? SplitKernelFor<DType::kBf16>(slots)
       : shape.dtype == DType::kFp16 ? SplitKernelFor<DType::kFp16>(slots)
                                     : SplitKernelFor<DType::kFp32>(slots);
-  if (smem > 48 * 1024) {
+  if (fast) {
+    smem = 0;  // static shared memory only
+  } else if (smem > 48 * 1024) {
     KVMEM_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   }

@@ -2,6 +2,7 @@
 // shared memory (rows padded to an odd word count, so the threads of a warp
 // read distinct banks), the group's queries as fp32 beside it, and each
 // thread runs the shared per-head bound over its own row.
+#include <algorithm>
 #include <map>
 #include <mutex>
 
@@ -143,6 +144,148 @@ __global__ void ScorePagesKernel(const ScoreArgs args) {
   }
 }
 
+// The Quest bound (every non-rotation-invariant digest, with rows that
+// split into 16-byte pieces): eight threads per (page, query head). Thread
+// k sums the channels i ≡ k (mod 8) in ascending order and three xor
+// shuffles add the eight sums pairwise, which is QuestHeadBound's own
+// order, so the bits stay the CPU's while a page's work spreads over 8·G
+// threads. Digests are staged raw in shared memory with rows padded by 16
+// bytes (the pages of a warp fall on different banks), and the next tile's
+// pieces are loaded into registers while this tile is scored.
+constexpr int kQuestThreads = 256;
+constexpr int kQuestPieces = 4;  // staged 16-byte pieces a thread
+constexpr int kQuestTargetBlocks = 2048;
+
+struct QuestTile {
+  int pages_per_tile;  // pages a block scores at once
+  int q_stride;        // floats per staged query row
+  int row_stride;      // bytes per staged digest row (+ 16 pad)
+  int pieces;          // 16-byte pieces of a digest row
+};
+
+QuestTile PlanQuestTile(const PageScoreShape& shape) {
+  QuestTile t;
+  t.pieces = 2 * shape.head_dim * DTypeBytes(shape.digest_dtype) / 16;
+  t.pages_per_tile = std::min(kQuestThreads / (8 * shape.group),
+                              kQuestPieces * kQuestThreads / t.pieces);
+  t.q_stride = (shape.head_dim + 31) / 32 * 32 + 8;
+  t.row_stride = t.pieces * 16 + 16;
+  return t;
+}
+
+// Floats before the staged rows (queries, then bounds), a multiple of 4 so
+// that the rows take 16-byte stores.
+__host__ __device__ int QuestRowsOffset(int group, const QuestTile& t) {
+  return (group * t.q_stride + t.pages_per_tile * group + 3) / 4 * 4;
+}
+
+size_t QuestSmemBytes(const PageScoreShape& shape, const QuestTile& t) {
+  return sizeof(float) * QuestRowsOffset(shape.group, t) +
+         size_t(t.pages_per_tile) * t.row_stride;
+}
+
+template <DType kQ, DType kDigest>
+__global__ void __launch_bounds__(kQuestThreads)
+    ScoreQuestKernel(const ScoreArgs args, const QuestTile plan) {
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  const int head_dim = args.head_dim;
+  const int group = args.group;
+  const int ppt = plan.pages_per_tile;
+  float* s_query = smem;                             // [G, q_stride]
+  float* s_bound = s_query + group * plan.q_stride;  // [ppt, G]
+  char* s_rows = reinterpret_cast<char*>(smem + QuestRowsOffset(group, plan));
+  const int tid = threadIdx.x;
+  const int stream = blockIdx.y;
+  const char* query_base = static_cast<const char*>(args.queries) +
+                           size_t(stream) * group * head_dim * DTypeBytes(kQ);
+  for (int i = tid; i < group * head_dim; i += kQuestThreads) {
+    s_query[(i / head_dim) * plan.q_stride + i % head_dim] =
+        ElementToFloat<kQ>(query_base, i);
+  }
+  const int n = args.candidate_count[stream];
+  const int begin = args.candidate_begin[stream];
+  const uint4* digests = static_cast<const uint4*>(args.digests);
+  const int tile_pieces = ppt * plan.pieces;
+  const int stride = gridDim.x * ppt;
+
+  // Loads this thread's pieces of the tile at `tile` into registers.
+  uint4 piece[kQuestPieces];
+  auto load = [&](int tile) {
+    const int pages = min(ppt, n - tile);
+#pragma unroll
+    for (int b = 0; b < kQuestPieces; ++b) {
+      const int idx = tid + b * kQuestThreads;
+      const int p = idx / plan.pieces;
+      if (idx < tile_pieces && p < pages) {
+        const int page = args.candidate_pages[begin + tile + p];
+        piece[b] = __ldg(digests + size_t(page) * plan.pieces +
+                         (idx - p * plan.pieces));
+      }
+    }
+  };
+  int tile = blockIdx.x * ppt;
+  if (tile < n) load(tile);
+  const int k = tid & 7;
+  const int g = (tid >> 3) % group;
+  const int p = (tid >> 3) / group;
+  for (; tile < n; tile += stride) {
+    const int pages = min(ppt, n - tile);
+    __syncthreads();  // queries written; the previous tile is read
+#pragma unroll
+    for (int b = 0; b < kQuestPieces; ++b) {
+      const int idx = tid + b * kQuestThreads;
+      const int pp = idx / plan.pieces;
+      if (idx < tile_pieces && pp < pages) {
+        *reinterpret_cast<uint4*>(s_rows + pp * plan.row_stride +
+                                  (idx - pp * plan.pieces) * 16) = piece[b];
+      }
+    }
+    if (tile + stride < n) load(tile + stride);
+    __syncthreads();
+    float sum = 0.0f;
+    if (p < pages) {
+      const char* low = s_rows + p * plan.row_stride;
+      const char* high = low + head_dim * DTypeBytes(kDigest);
+      const float* q = s_query + g * plan.q_stride;
+      for (int i = k; i < head_dim; i += 8) {
+        const float up = MulF(q[i], ElementToFloat<kDigest>(high, i));
+        const float down = MulF(q[i], ElementToFloat<kDigest>(low, i));
+        sum = AddF(sum, up > down ? up : down);
+      }
+    }
+    sum = AddF(sum, __shfl_xor_sync(0xffffffffu, sum, 1));
+    sum = AddF(sum, __shfl_xor_sync(0xffffffffu, sum, 2));
+    sum = AddF(sum, __shfl_xor_sync(0xffffffffu, sum, 4));
+    if (k == 0 && p < pages) s_bound[p * group + g] = sum;
+    __syncthreads();
+    if (tid < pages) {
+      float score = s_bound[tid * group];
+      for (int h = 1; h < group; ++h) {
+        const float bound = s_bound[tid * group + h];
+        if (args.reduction == GroupReduction::kMax) {
+          score = bound > score ? bound : score;
+        } else {
+          score = AddF(score, bound);
+        }
+      }
+      args.scores[begin + tile + tid] = score;
+    }
+  }
+}
+
+template <DType kQ>
+void* QuestKernelFor(DType digest) {
+  switch (digest) {
+    case DType::kBf16:
+      return reinterpret_cast<void*>(&ScoreQuestKernel<kQ, DType::kBf16>);
+    case DType::kFp16:
+      return reinterpret_cast<void*>(&ScoreQuestKernel<kQ, DType::kFp16>);
+    default:
+      return reinterpret_cast<void*>(&ScoreQuestKernel<kQ, DType::kFp32>);
+  }
+}
+
 template <DType kQ>
 void* KernelFor(DType digest) {
   switch (digest) {
@@ -220,6 +363,26 @@ absl::Status ScorePages(const PageScoreShape& shape,
   args.vector =
       (2 * shape.head_dim * DTypeBytes(shape.digest_dtype)) % 16 == 0 &&
       Aligned16(inputs.digests);
+  if (!shape.kind.rotation_invariant && args.vector) {
+    const QuestTile plan = PlanQuestTile(shape);
+    const int tiles =
+        (shape.max_candidates_per_stream + plan.pages_per_tile - 1) /
+        plan.pages_per_tile;
+    const int per_stream =
+        std::max(1, std::min(tiles, (kQuestTargetBlocks + shape.streams - 1) /
+                                        shape.streams));
+    void* kernel = shape.query_dtype == DType::kBf16
+                       ? QuestKernelFor<DType::kBf16>(shape.digest_dtype)
+                   : shape.query_dtype == DType::kFp16
+                       ? QuestKernelFor<DType::kFp16>(shape.digest_dtype)
+                       : QuestKernelFor<DType::kFp32>(shape.digest_dtype);
+    void* kernel_args[] = {&args, const_cast<QuestTile*>(&plan)};
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernel(
+        kernel, dim3(per_stream, shape.streams), dim3(kQuestThreads),
+        kernel_args, QuestSmemBytes(shape, plan), stream));
+    KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ScoreQuestKernel");
+    return absl::OkStatus();
+  }
   // 64 pages a block where the staged rows fit in 72 KB, else 32.
   const size_t row_bytes = sizeof(float) * RowWords(shape.head_dim);
   args.pages_per_tile = 64 * row_bytes <= 72 * 1024 ? 64 : 32;

@@ -200,6 +200,18 @@ TEST(DecodeAttentionTest, OtherLaneLayoutsAndGroups) {
   RunCase({256, DType::kBf16, 8, ScoreReduction::kMax}, rng);  // largest
 }
 
+// D 128 in bf16/fp16 runs its own kernel (warps with their own softmax,
+// a reduce-scatter of the G dot products): every group size it handles.
+TEST(DecodeAttentionTest, WarpKernelGroups) {
+  KVMEM_REQUIRE_DEVICE();
+  std::mt19937 rng(testing::FreshSeed());
+  RunCase({128, DType::kBf16, 2, ScoreReduction::kMean}, rng);
+  RunCase({128, DType::kFp16, 3, ScoreReduction::kMax}, rng);
+  RunCase({128, DType::kBf16, 8, ScoreReduction::kMean}, rng);
+  RunCase({128, DType::kFp16, 8, ScoreReduction::kMax}, rng);
+  RunCase({128, DType::kBf16, 5, ScoreReduction::kMax}, rng);
+}
+
 TEST(DecodeAttentionTest, RejectsBadArguments) {
   DecodeAttentionShape shape;
   shape.streams = 1;

@@ -40,6 +40,7 @@ struct ScoreCase {
   DType dtype;
   bool rotation_invariant;
   DType digest_dtype;
+  GroupReduction reduction = GroupReduction::kMax;
 };
 
 // Scores every page of one stream per length on both backends; returns the
@@ -50,7 +51,8 @@ void RunScoreCase(const ScoreCase& c, std::mt19937& rng,
                << "D=" << c.head_dim << " P=" << c.page_tokens
                << " G=" << c.group << " " << testing::DTypeName(c.dtype)
                << (c.rotation_invariant ? " pair-norm" : " quest")
-               << " digests " << testing::DTypeName(c.digest_dtype));
+               << " digests " << testing::DTypeName(c.digest_dtype)
+               << (c.reduction == GroupReduction::kMax ? " max" : " sum"));
   const int d = c.head_dim;
   const int streams = static_cast<int>(kLengths.size());
   DigestKind kind;
@@ -94,8 +96,7 @@ void RunScoreCase(const ScoreCase& c, std::mt19937& rng,
     for (size_t i = 0; i < q32.size(); ++i)
       q32[i] = LoadElement(q.data(), c.dtype, int64_t(i));
     (*cpu_scores)[s].resize(pages);
-    ASSERT_TRUE(cpu::ScorePages(q32, d, stream_digests[s], kind,
-                                GroupReduction::kMax,
+    ASSERT_TRUE(cpu::ScorePages(q32, d, stream_digests[s], kind, c.reduction,
                                 absl::MakeSpan((*cpu_scores)[s]))
                     .ok());
   }
@@ -120,6 +121,7 @@ void RunScoreCase(const ScoreCase& c, std::mt19937& rng,
   shape.query_dtype = c.dtype;
   shape.digest_dtype = c.digest_dtype;
   shape.kind = kind;
+  shape.reduction = c.reduction;
   shape.max_candidates_per_stream =
       *std::max_element(count.begin(), count.end());
   PageScoreInputs in;
@@ -157,6 +159,26 @@ TEST(PageScoresTest, BitsMatchCpu) {
           RunScoreCase({d, p, g, t, false, DType::kFp32}, rng, &unused);
           RunScoreCase({d, p, g, t, false, t}, rng, &unused);  // narrow digests
           RunScoreCase({d, p, g, t, true, DType::kFp32}, rng, &unused);
+        }
+      }
+    }
+  }
+}
+
+// Groups of 2, 3 and 8 (8 lanes a head, so a page spans one or two warps),
+// the SUM reduction (added in head order), D with a tail past the last 8
+// channels, the largest D, and a row that does not split into 16-byte
+// pieces (the one-thread-a-page kernel).
+TEST(PageScoresTest, BitsMatchCpuOtherGroupsAndWidths) {
+  KVMEM_REQUIRE_DEVICE();
+  std::mt19937 rng(testing::FreshSeed());
+  std::vector<std::vector<float>> unused;
+  for (int d : {100, 256, 6}) {
+    for (int g : {2, 3, 8}) {
+      for (GroupReduction r : {GroupReduction::kMax, GroupReduction::kSum}) {
+        for (DType t : {DType::kBf16, DType::kFp32}) {
+          RunScoreCase({d, 16, g, t, false, t, r}, rng, &unused);
+          RunScoreCase({d, 3, g, t, false, DType::kFp32, r}, rng, &unused);
         }
       }
     }
