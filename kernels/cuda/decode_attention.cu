@@ -372,8 +372,9 @@ __device__ __forceinline__ float ReduceScatter(float* v, int sub) {
   }
 }
 
+// G 8 at 3 blocks an SM would spill its accumulators; it takes 2.
 template <DType kT, int kG>
-__global__ void __launch_bounds__(kThreads, 3)
+__global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
     DecodeSplitFastKernel(const SplitArgs args) {
   constexpr int kRows = kG == 8 ? 8 : 16;  // rows a warp tile (registers)
   constexpr int kPairs = kRows / 2;        // rows a half-warp
@@ -421,28 +422,31 @@ __global__ void __launch_bounds__(kThreads, 3)
   const char* values = static_cast<const char*>(args.value_rows);
   constexpr int kStep = kFastWarps * kRows;
 
-  int tile = lo + warp * kRows;
-  // The tile's row indices, one a lane (both halves load the same), loaded
-  // one tile ahead so that the K/V loads never wait for them.
-  int index =
-      tile + sub < hi && sub < kRows ? args.rows[begin + tile + sub] : 0;
-  for (; tile < hi; tile += kStep) {
-    const int rows_in = min(kRows, hi - tile);
-    uint4 kp[kPairs];
-    uint4 vp[kPairs];
+  // Software pipeline: a tile's V rows are loaded while its logits are
+  // computed, the next tile's K rows while its softmax and V sums run, and
+  // row indices (one a lane; both halves load the same) two tiles ahead.
+  auto load_index = [&](int at) {
+    return at + sub < hi && sub < kRows ? args.rows[begin + at + sub] : 0;
+  };
+  auto load_rows = [&](const char* base, int index, int rows_in,
+                       uint4 (&piece)[kPairs]) {
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
       const int r = half * kPairs + i;
       const size_t row = size_t(__shfl_sync(kFullMask, index, r));
-      kp[i] = make_uint4(0, 0, 0, 0);
-      vp[i] = make_uint4(0, 0, 0, 0);
-      if (r < rows_in) {
-        kp[i] = LoadPiece(keys + row * kRowBytes, sub);
-        vp[i] = LoadPiece(values + row * kRowBytes, sub);
-      }
+      piece[i] = make_uint4(0, 0, 0, 0);
+      if (r < rows_in) piece[i] = LoadPiece(base + row * kRowBytes, sub);
     }
-    const int next = tile + kStep;
-    index = next + sub < hi && sub < kRows ? args.rows[begin + next + sub] : 0;
+  };
+  int tile = lo + warp * kRows;
+  int index = load_index(tile);
+  int index_next = load_index(tile + kStep);
+  uint4 kp[kPairs];
+  uint4 vp[kPairs];
+  load_rows(keys, index, min(kRows, hi - tile), kp);
+  for (; tile < hi; tile += kStep) {
+    const int rows_in = min(kRows, hi - tile);
+    load_rows(values, index, rows_in, vp);
 
     float s[kPairs];
     float tile_max = -INFINITY;
@@ -467,6 +471,11 @@ __global__ void __launch_bounds__(kThreads, 3)
         args.logits[size_t(begin + tile + r) * group + my_g] = logit;
       }
     }
+    const int next = tile + kStep;
+    load_rows(keys, index_next, min(kRows, hi - next), kp);
+    index = index_next;
+    index_next = load_index(next + kStep);
+
     tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 16));
     const float m_new = fmaxf(m, tile_max);
     const float alpha = m == -INFINITY ? 0.0f : expf(m - m_new);
@@ -570,11 +579,11 @@ struct MergeArgs {
   float* reduced_probs;
 };
 
-// Blocks (stream, y): each finds the stream's lse = M + ln Σ e^(lse_i − M);
-// block 0 writes it and o = Σ e^(lse_i − lse)·o_i; block y takes rows
-// y·128 + tid, stepping by gridDim.y·128, of the reduced probabilities (the
-// bulk of the work at a 2K budget: spread, so that a small batch does not
-// leave them to one block per stream).
+// Blocks (stream, y): each finds the stream's lse = M + ln Σ e^(lse_i − M)
+// (block 0 writes it); block y takes the elements y·128 + tid, stepping by
+// gridDim.y·128, of o = Σ e^(lse_i − lse)·o_i and of the reduced
+// probabilities (the bulk of the work at a 2K budget). Spread, so that a
+// small batch does not leave a stream's splits to one block.
 __global__ void __launch_bounds__(kMergeThreads)
     DecodeMergeKernel(const MergeArgs args) {
   __shared__ float s_weight[kMaxDecodeGroup][kMaxSplits];
@@ -590,30 +599,37 @@ __global__ void __launch_bounds__(kMergeThreads)
     s_partial[i] = args.partial_lse[base + size_t(i)];
   }
   __syncthreads();
-  if (tid < group) {
+  // Warp g takes head g (and g + 4, …), a lane per split.
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  for (int g = warp; g < group; g += kMergeThreads / 32) {
     float top = -INFINITY;
-    for (int i = 0; i < splits; ++i) {
-      top = fmaxf(top, s_partial[i * group + tid]);
+    for (int i = lane; i < splits; i += 32) {
+      top = fmaxf(top, s_partial[i * group + g]);
     }
+    top = WarpMax(top);
     float total = 0.0f;
     if (top != -INFINITY) {
-      for (int i = 0; i < splits; ++i) {
-        total += expf(s_partial[i * group + tid] - top);
+      for (int i = lane; i < splits; i += 32) {
+        total += expf(s_partial[i * group + g] - top);
       }
     }
-    for (int i = 0; i < splits; ++i) {
-      s_weight[tid][i] = top == -INFINITY
-                             ? 0.0f
-                             : expf(s_partial[i * group + tid] - top) / total;
+    total = WarpSum(total);
+    for (int i = lane; i < splits; i += 32) {
+      s_weight[g][i] = top == -INFINITY
+                           ? 0.0f
+                           : expf(s_partial[i * group + g] - top) / total;
     }
-    const float merged = top == -INFINITY ? -INFINITY : top + logf(total);
-    s_lse[tid] = merged;
-    if (blockIdx.y == 0) args.lse[size_t(stream) * group + tid] = merged;
+    if (lane == 0) {
+      const float merged = top == -INFINITY ? -INFINITY : top + logf(total);
+      s_lse[g] = merged;
+      if (blockIdx.y == 0) args.lse[size_t(stream) * group + g] = merged;
+    }
   }
   __syncthreads();
   const int head_dim = args.head_dim;
-  for (int idx = tid; blockIdx.y == 0 && idx < group * head_dim;
-       idx += kMergeThreads) {
+  for (int idx = blockIdx.y * kMergeThreads + tid; idx < group * head_dim;
+       idx += gridDim.y * kMergeThreads) {
     const int g = idx / head_dim;
     // Every split wrote its partial (zeros when it had no rows), so the
     // loads are unconditional and independent: they go out together.
@@ -863,14 +879,16 @@ absl::Status DecodeAttention(const DecodeAttentionShape& shape,
   merge.out = outputs.out;
   merge.lse = outputs.lse;
   merge.reduced_probs = outputs.reduced_probs;
-  // Probability blocks per stream: a budget's rows one per thread when it
-  // has probabilities to reduce.
+  // Blocks per stream: an output element a thread, and a budget's rows one
+  // per thread when it has probabilities to reduce.
+  const int out_blocks =
+      (shape.group * shape.head_dim + kMergeThreads - 1) / kMergeThreads;
   const int prob_blocks =
       outputs.reduced_probs == nullptr
           ? 1
           : std::min(64, (shape.max_rows_per_stream + kMergeThreads - 1) /
                              kMergeThreads);
-  DecodeMergeKernel<<<dim3(shape.streams, std::max(prob_blocks, 1)),
+  DecodeMergeKernel<<<dim3(shape.streams, std::max(out_blocks, prob_blocks)),
                       kMergeThreads, 0, stream>>>(merge);
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("DecodeMergeKernel");
   return absl::OkStatus();

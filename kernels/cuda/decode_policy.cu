@@ -27,9 +27,10 @@ constexpr int kLaneElements = kMaxPolicyHeadDim / kLanes;
 // the eight lanes (the threads of `group_mask`) added as
 // ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)), then MAX over heads, head 0 first
 // (StreamState::Select's reduction).
+template <int kElements>
 __device__ __forceinline__ float GroupScore(const float* s_query,
-                                            const float (&low)[kLaneElements],
-                                            const float (&high)[kLaneElements],
+                                            const float (&low)[kElements],
+                                            const float (&high)[kElements],
                                             int group, int head_dim, int k,
                                             unsigned group_mask) {
   float score = 0.0f;
@@ -37,7 +38,7 @@ __device__ __forceinline__ float GroupScore(const float* s_query,
     const float* q = s_query + g * head_dim;
     float lane = 0.0f;
 #pragma unroll
-    for (int e = 0; e < kLaneElements; ++e) {
+    for (int e = 0; e < kElements; ++e) {
       const int i = e * kLanes + k;
       if (i < head_dim) {
         const float up = MulF(q[i], high[e]);
@@ -58,8 +59,12 @@ __device__ __forceinline__ float GroupScore(const float* s_query,
 // (independent loads, one memory latency a block rather than one per
 // channel and head) and score it. Block 0 of a stream also writes its
 // always-in ids.
-template <DType kT>
-__global__ void __launch_bounds__(kThreads) PlanKernel(const PlanArgs p) {
+// kElements: each lane's digest values held in registers, D/8 rounded up
+// to 16 or 32. Sized to D, so that D 128 leaves room for 3 blocks an SM
+// (at the largest size one block's registers filled an SM: 12% occupancy).
+template <DType kT, int kElements>
+__global__ void __launch_bounds__(kThreads, kElements <= 16 ? 3 : 1)
+    PlanKernel(const PlanArgs p) {
   __shared__ float s_query[kMaxPolicyGroup * kMaxPolicyHeadDim];
   const DecodePolicyShape& sh = p.shape;
   const PlanCandidatesArgs& a = p.a;
@@ -154,9 +159,9 @@ __global__ void __launch_bounds__(kThreads) PlanKernel(const PlanArgs p) {
                         : a.open_digests + size_t(b) * 2 * size_t(D);
     first_id = kSpilledIdBase + (a.spilled_begin[b] + i) * kMaxPolicyPageTokens;
   }
-  float low[kLaneElements], high[kLaneElements];
+  float low[kElements], high[kElements];
 #pragma unroll
-  for (int e = 0; e < kLaneElements; ++e) {
+  for (int e = 0; e < kElements; ++e) {
     const int i = e * kLanes + k;
     low[e] = i < D ? __ldg(digest + i) : 0.0f;
     high[e] = i < D ? __ldg(digest + D + i) : 0.0f;
@@ -417,15 +422,31 @@ absl::Status PlanDecodeCandidates(const DecodePolicyShape& shape,
   const dim3 grid(
       unsigned(shape.streams),
       unsigned((args.max_candidates + kPagesPerBlock - 1) / kPagesPerBlock));
+  const bool narrow = shape.head_dim <= 16 * kLanes;
   switch (shape.dtype) {
     case DType::kBf16:
-      PlanKernel<DType::kBf16><<<grid, kThreads, 0, stream>>>(p);
+      if (narrow) {
+        PlanKernel<DType::kBf16, 16><<<grid, kThreads, 0, stream>>>(p);
+      } else {
+        PlanKernel<DType::kBf16, kLaneElements>
+            <<<grid, kThreads, 0, stream>>>(p);
+      }
       break;
     case DType::kFp16:
-      PlanKernel<DType::kFp16><<<grid, kThreads, 0, stream>>>(p);
+      if (narrow) {
+        PlanKernel<DType::kFp16, 16><<<grid, kThreads, 0, stream>>>(p);
+      } else {
+        PlanKernel<DType::kFp16, kLaneElements>
+            <<<grid, kThreads, 0, stream>>>(p);
+      }
       break;
     default:
-      PlanKernel<DType::kFp32><<<grid, kThreads, 0, stream>>>(p);
+      if (narrow) {
+        PlanKernel<DType::kFp32, 16><<<grid, kThreads, 0, stream>>>(p);
+      } else {
+        PlanKernel<DType::kFp32, kLaneElements>
+            <<<grid, kThreads, 0, stream>>>(p);
+      }
       break;
   }
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("PlanKernel");

@@ -124,6 +124,42 @@ absl::StatusOr<float> Event::ElapsedMsSince(const Event& start) const {
 }
 
 // ---- copies -----------------------------------------------------------------
+absl::Status BeginCapture(cudaStream_t stream) {
+  KVMEM_CUDA_RETURN_IF_ERROR(
+      cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<GraphExec> GraphExec::EndCapture(cudaStream_t stream) {
+  cudaGraph_t graph = nullptr;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+  (void)cudaGraphDestroy(graph);  // the instance keeps what it needs
+  KVMEM_CUDA_RETURN_IF_ERROR(err);
+  return GraphExec(exec);
+}
+
+GraphExec::GraphExec(GraphExec&& other) noexcept
+    : exec_(std::exchange(other.exec_, nullptr)) {}
+
+GraphExec& GraphExec::operator=(GraphExec&& other) noexcept {
+  if (this != &other) {
+    if (exec_ != nullptr) (void)cudaGraphExecDestroy(exec_);
+    exec_ = std::exchange(other.exec_, nullptr);
+  }
+  return *this;
+}
+
+GraphExec::~GraphExec() {
+  if (exec_ != nullptr) (void)cudaGraphExecDestroy(exec_);
+}
+
+absl::Status GraphExec::Launch(cudaStream_t stream) const {
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec_, stream));
+  return absl::OkStatus();
+}
+
 absl::Status CopyToDevice(void* device_dst, const void* host_src, size_t bytes,
                           cudaStream_t stream) {
   if (bytes == 0) return absl::OkStatus();

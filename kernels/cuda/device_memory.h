@@ -107,6 +107,35 @@ class Event {
   cudaEvent_t event_ = nullptr;
 };
 
+// An instantiated CUDA graph, made by capturing the work a thread enqueues
+// on a stream (BeginCapture … GraphExec::EndCapture) and launched as one
+// call. Destroyed with the object.
+class GraphExec {
+ public:
+  // Ends the capture begun by BeginCapture on `stream` and instantiates
+  // what it recorded. On error (including a capture that an unsupported
+  // call invalidated) the stream has left capture mode all the same.
+  static absl::StatusOr<GraphExec> EndCapture(cudaStream_t stream);
+
+  GraphExec() = default;
+  GraphExec(GraphExec&& other) noexcept;
+  GraphExec& operator=(GraphExec&& other) noexcept;
+  GraphExec(const GraphExec&) = delete;
+  GraphExec& operator=(const GraphExec&) = delete;
+  ~GraphExec();
+
+  bool valid() const { return exec_ != nullptr; }
+  absl::Status Launch(cudaStream_t stream) const;
+
+ private:
+  explicit GraphExec(cudaGraphExec_t exec) : exec_(exec) {}
+  cudaGraphExec_t exec_ = nullptr;
+};
+
+// Starts recording, not running, what this thread enqueues on `stream`
+// (thread-local mode: other threads' CUDA calls are unaffected).
+absl::Status BeginCapture(cudaStream_t stream);
+
 // Asynchronous copies on `stream` (host memory should be pinned for the
 // copy to overlap). INTERNAL on a runtime error.
 absl::Status CopyToDevice(void* device_dst, const void* host_src, size_t bytes,

@@ -145,43 +145,53 @@ __global__ void ScorePagesKernel(const ScoreArgs args) {
 }
 
 // The Quest bound (every non-rotation-invariant digest, with rows that
-// split into 16-byte pieces): eight threads per (page, query head). Thread
-// k sums the channels i ≡ k (mod 8) in ascending order and three xor
+// split into 16-byte pieces): eight lanes per (page, query head). Lane k
+// sums the channels i ≡ k (mod 8) in ascending order and three xor
 // shuffles add the eight sums pairwise, which is QuestHeadBound's own
 // order, so the bits stay the CPU's while a page's work spreads over 8·G
-// threads. Digests are staged raw in shared memory with rows padded by 16
-// bytes (the pages of a warp fall on different banks), and the next tile's
-// pieces are loaded into registers while this tile is scored.
+// lanes. Queries and digests are staged in shared memory as fp32 (exact)
+// and transposed, lane k's channels side by side, so a lane reads four of
+// them with one 16-byte load; lane rows are 16·odd bytes apart, so the
+// eight lanes of a quarter-warp hit different banks. Each 8-lane group
+// scores kQuestUnits (page, head) units of a tile, and the next tile's
+// pieces are loaded into registers while this one is scored.
 constexpr int kQuestThreads = 256;
-constexpr int kQuestPieces = 4;  // staged 16-byte pieces a thread
+constexpr int kQuestGroups = kQuestThreads / 8;  // 8-lane groups a block
+constexpr int kQuestUnits = 4;                   // (page, head) a group
+constexpr int kQuestPieces = 4;  // 16-byte pieces a thread stages a tile
 constexpr int kQuestTargetBlocks = 2048;
 
 struct QuestTile {
   int pages_per_tile;  // pages a block scores at once
-  int q_stride;        // floats per staged query row
-  int row_stride;      // bytes per staged digest row (+ 16 pad)
+  int lane_stride;     // floats between two lanes' staged channels
   int pieces;          // 16-byte pieces of a digest row
 };
+
+// Floats of shared memory: queries [G][8][stride], bounds [ppt][G] (padded
+// to a multiple of 4), digests [ppt][2][8][stride].
+__host__ __device__ int QuestRowsOffset(int group, const QuestTile& t) {
+  return group * 8 * t.lane_stride + (t.pages_per_tile * group + 3) / 4 * 4;
+}
+
+size_t QuestSmemBytes(const PageScoreShape& shape, const QuestTile& t) {
+  return sizeof(float) * (QuestRowsOffset(shape.group, t) +
+                          size_t(t.pages_per_tile) * 16 * t.lane_stride);
+}
 
 QuestTile PlanQuestTile(const PageScoreShape& shape) {
   QuestTile t;
   t.pieces = 2 * shape.head_dim * DTypeBytes(shape.digest_dtype) / 16;
-  t.pages_per_tile = std::min(kQuestThreads / (8 * shape.group),
-                              kQuestPieces * kQuestThreads / t.pieces);
-  t.q_stride = (shape.head_dim + 31) / 32 * 32 + 8;
-  t.row_stride = t.pieces * 16 + 16;
+  t.pages_per_tile =
+      std::min(kQuestUnits * kQuestGroups / shape.group,
+               kQuestPieces * kQuestThreads / t.pieces);
+  const int per_lane = (shape.head_dim + 7) / 8;
+  t.lane_stride = (per_lane + 3) / 4 * 4;
+  if ((t.lane_stride / 4) % 2 == 0) t.lane_stride += 4;
+  // Within the 48 KB a block may take without opting in.
+  while (t.pages_per_tile > 1 && QuestSmemBytes(shape, t) > 48 * 1024) {
+    --t.pages_per_tile;
+  }
   return t;
-}
-
-// Floats before the staged rows (queries, then bounds), a multiple of 4 so
-// that the rows take 16-byte stores.
-__host__ __device__ int QuestRowsOffset(int group, const QuestTile& t) {
-  return (group * t.q_stride + t.pages_per_tile * group + 3) / 4 * 4;
-}
-
-size_t QuestSmemBytes(const PageScoreShape& shape, const QuestTile& t) {
-  return sizeof(float) * QuestRowsOffset(shape.group, t) +
-         size_t(t.pages_per_tile) * t.row_stride;
 }
 
 template <DType kQ, DType kDigest>
@@ -189,27 +199,30 @@ __global__ void __launch_bounds__(kQuestThreads)
     ScoreQuestKernel(const ScoreArgs args, const QuestTile plan) {
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
+  constexpr int kPer = kDigest == DType::kFp32 ? 4 : 8;  // channels a piece
   const int head_dim = args.head_dim;
   const int group = args.group;
   const int ppt = plan.pages_per_tile;
-  float* s_query = smem;                             // [G, q_stride]
-  float* s_bound = s_query + group * plan.q_stride;  // [ppt, G]
-  char* s_rows = reinterpret_cast<char*>(smem + QuestRowsOffset(group, plan));
+  const int stride = plan.lane_stride;
+  float* s_query = smem;                            // [G][8][stride]
+  float* s_bound = s_query + group * 8 * stride;    // [ppt][G]
+  float* s_rows = smem + QuestRowsOffset(group, plan);  // [ppt][2][8][stride]
   const int tid = threadIdx.x;
   const int stream = blockIdx.y;
   const char* query_base = static_cast<const char*>(args.queries) +
                            size_t(stream) * group * head_dim * DTypeBytes(kQ);
   for (int i = tid; i < group * head_dim; i += kQuestThreads) {
-    s_query[(i / head_dim) * plan.q_stride + i % head_dim] =
+    const int g = i / head_dim;
+    const int c = i - g * head_dim;
+    s_query[(g * 8 + c % 8) * stride + c / 8] =
         ElementToFloat<kQ>(query_base, i);
   }
   const int n = args.candidate_count[stream];
   const int begin = args.candidate_begin[stream];
   const uint4* digests = static_cast<const uint4*>(args.digests);
   const int tile_pieces = ppt * plan.pieces;
-  const int stride = gridDim.x * ppt;
+  const int tile_stride = gridDim.x * ppt;
 
-  // Loads this thread's pieces of the tile at `tile` into registers.
   uint4 piece[kQuestPieces];
   auto load = [&](int tile) {
     const int pages = min(ppt, n - tile);
@@ -227,37 +240,64 @@ __global__ void __launch_bounds__(kQuestThreads)
   int tile = blockIdx.x * ppt;
   if (tile < n) load(tile);
   const int k = tid & 7;
-  const int g = (tid >> 3) % group;
-  const int p = (tid >> 3) / group;
-  for (; tile < n; tile += stride) {
+  const int lane_channels = (head_dim - k + 7) / 8;
+  for (; tile < n; tile += tile_stride) {
     const int pages = min(ppt, n - tile);
     __syncthreads();  // queries written; the previous tile is read
 #pragma unroll
     for (int b = 0; b < kQuestPieces; ++b) {
       const int idx = tid + b * kQuestThreads;
-      const int pp = idx / plan.pieces;
-      if (idx < tile_pieces && pp < pages) {
-        *reinterpret_cast<uint4*>(s_rows + pp * plan.row_stride +
-                                  (idx - pp * plan.pieces) * 16) = piece[b];
+      const int p = idx / plan.pieces;
+      if (idx < tile_pieces && p < pages) {
+        // A piece may straddle the low and high rows when D·e is not a
+        // multiple of 16: place each element by its own index in [2, D].
+        const int first = (idx - p * plan.pieces) * kPer;
+        float x[kLaneSlots];
+        UnpackVector<kDigest>(piece[b], x);
+        float* dst = s_rows + p * 16 * stride;
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) {
+          const int at = first + e;
+          const int row = at >= head_dim ? 1 : 0;  // 0 low, 1 high
+          const int c = at - row * head_dim;
+          dst[(row * 8 + c % 8) * stride + c / 8] = x[e];
+        }
       }
     }
-    if (tile + stride < n) load(tile + stride);
+    if (tile + tile_stride < n) load(tile + tile_stride);
     __syncthreads();
-    float sum = 0.0f;
-    if (p < pages) {
-      const char* low = s_rows + p * plan.row_stride;
-      const char* high = low + head_dim * DTypeBytes(kDigest);
-      const float* q = s_query + g * plan.q_stride;
-      for (int i = k; i < head_dim; i += 8) {
-        const float up = MulF(q[i], ElementToFloat<kDigest>(high, i));
-        const float down = MulF(q[i], ElementToFloat<kDigest>(low, i));
-        sum = AddF(sum, up > down ? up : down);
+#pragma unroll
+    for (int u = 0; u < kQuestUnits; ++u) {
+      const int unit = (tid >> 3) + u * kQuestGroups;
+      const int p = unit / group;
+      const int g = unit - p * group;
+      float sum = 0.0f;
+      if (p < pages) {
+        const float* q = s_query + (g * 8 + k) * stride;
+        const float* low = s_rows + (p * 16 + k) * stride;
+        const float* high = low + 8 * stride;
+        for (int t0 = 0; t0 < lane_channels; t0 += 4) {
+          const float4 qv = *reinterpret_cast<const float4*>(q + t0);
+          const float4 hv = *reinterpret_cast<const float4*>(high + t0);
+          const float4 lv = *reinterpret_cast<const float4*>(low + t0);
+          const float qs[4] = {qv.x, qv.y, qv.z, qv.w};
+          const float hs[4] = {hv.x, hv.y, hv.z, hv.w};
+          const float ls[4] = {lv.x, lv.y, lv.z, lv.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (t0 + e < lane_channels) {
+              const float up = MulF(qs[e], hs[e]);
+              const float down = MulF(qs[e], ls[e]);
+              sum = AddF(sum, up > down ? up : down);
+            }
+          }
+        }
       }
+      sum = AddF(sum, __shfl_xor_sync(0xffffffffu, sum, 1));
+      sum = AddF(sum, __shfl_xor_sync(0xffffffffu, sum, 2));
+      sum = AddF(sum, __shfl_xor_sync(0xffffffffu, sum, 4));
+      if (k == 0 && p < pages) s_bound[p * group + g] = sum;
     }
-    sum = AddF(sum, __shfl_xor_sync(0xffffffffu, sum, 1));
-    sum = AddF(sum, __shfl_xor_sync(0xffffffffu, sum, 2));
-    sum = AddF(sum, __shfl_xor_sync(0xffffffffu, sum, 4));
-    if (k == 0 && p < pages) s_bound[p * group + g] = sum;
     __syncthreads();
     if (tid < pages) {
       float score = s_bound[tid * group];

@@ -81,6 +81,10 @@ int64_t DeviceBackend::side_bytes() const {
          impl_->policy_bytes->load(std::memory_order_relaxed);
 }
 
+int64_t DeviceBackend::decode_graph_launches() const {
+  return impl_->graph_launches.load(std::memory_order_relaxed);
+}
+
 int64_t DeviceBackend::used_bytes() const {
   return int64_t(impl_->pool->total_blocks() - impl_->pool->free_blocks() -
                  impl_->reserved_count) *

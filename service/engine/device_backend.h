@@ -202,6 +202,8 @@ class DeviceBackend {
   int64_t side_bytes() const;
   // Free bytes of each plane (keys, or values), in whole blocks.
   int64_t free_plane_bytes() const;
+  // DecodeOwned calls that replayed a captured CUDA graph.
+  int64_t decode_graph_launches() const;
 
   // Blocks for `heads` × `slots` rows of `row_bytes`, filled from
   // keys/values [heads][slots × row_bytes] (host). RESOURCE_EXHAUSTED when

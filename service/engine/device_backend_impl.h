@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -187,6 +188,28 @@ struct DeviceBackend::Impl {
     CountScratch();
     return absl::OkStatus();
   }
+  // DecodeOwned's CUDA graphs, by launch shape and buffer addresses
+  // (DecodeGraphKey): `seen` after a plain run, then captured once.
+  struct DecodeGraph {
+    bool seen = false;
+    bool failed = false;  // the capture failed: plain launches from now on
+    cuda::GraphExec exec;
+  };
+  static constexpr size_t kMaxDecodeGraphs = 64;
+  std::atomic<int64_t> graph_launches{0};
+  std::map<std::string, DecodeGraph> decode_graphs ABSL_GUARDED_BY(mu);
+  // The entry for `key`, made if new (all are dropped when the cache is
+  // full: shapes come and go with the batches).
+  DecodeGraph* FindDecodeGraph(const std::string& key)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    auto it = decode_graphs.find(key);
+    if (it == decode_graphs.end()) {
+      if (decode_graphs.size() >= kMaxDecodeGraphs) decode_graphs.clear();
+      it = decode_graphs.emplace(key, DecodeGraph{}).first;
+    }
+    return &it->second;
+  }
+
   // Pool blocks kept for staging host rows (spilled pages, new tokens) in
   // every launch, so that a full pool still attends; bigger launches take
   // more for their duration.

@@ -10,6 +10,7 @@
 
 #include <cstring>
 
+#include "absl/base/casts.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cascade_update.h"
 #include "kernels/cuda/cuda_status.h"
@@ -36,6 +37,25 @@ namespace {
 // Tokens of an item's spilled candidate j: sealed pages are full.
 int SpilledTokens(const DevicePolicyItem& item, size_t j, int page_tokens) {
   return j < item.sealed_digests.size() ? page_tokens : item.open_tokens;
+}
+
+// What a step without spilled candidates launches is a function of these:
+// the shape (every field), the batch, and the addresses its launches take
+// as arguments (staging pair, attention workspace, pool planes).
+std::string DecodeGraphKey(const DevicePolicyShape& s, int streams,
+                           int most_candidates,
+                           std::initializer_list<const void*> buffers) {
+  std::string key = absl::StrCat(
+      streams, "/", most_candidates, "/", s.cascade.sinks, "/",
+      s.cascade.cascades, "/", s.cascade.window, "/", s.cascade.eager_fill, "/",
+      absl::bit_cast<uint64_t>(s.cascade.beta), "/", s.page_tokens, "/",
+      s.recent_tokens, "/", s.budget_tokens, "/", s.group, "/", s.head_dim, "/",
+      int(s.dtype), "/", absl::bit_cast<uint32_t>(s.softmax_scale), "/",
+      int(s.reduction), "/", s.fetch);
+  for (const void* buffer : buffers) {
+    absl::StrAppend(&key, "/", reinterpret_cast<uintptr_t>(buffer));
+  }
+  return key;
 }
 
 }  // namespace
@@ -359,6 +379,59 @@ absl::Status DeviceBackend::DecodeOwned(
     }
   }
 
+  // Phase 2's rows (taken spilled tokens, the new tokens) staged on the
+  // host, bound for pool blocks kept for staging (or taken for this call).
+  Impl::Blocks taken{impl_->pool.get(), {}};
+  Impl::StagingRows staging;
+  int32_t staged = 0;
+  auto stage_rows = [&]() -> absl::Status {
+    std::vector<int32_t> staged_begin(static_cast<size_t>(B));
+    staged = 0;
+    for (int b = 0; b < B; ++b) {
+      const DevicePolicyItem& item = items[size_t(b)];
+      staged_begin[size_t(b)] = staged;
+      for (size_t j = 0; j < item.spilled_taken.size(); ++j) {
+        if (!item.spilled_taken[j]) continue;
+        if (item.spilled_keys[j] == nullptr ||
+            item.spilled_values[j] == nullptr ||
+            (shape.fetch && item.spilled_positions[j] == nullptr)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("device policy: item ", b, "'s taken spilled page ",
+                           j, " has no rows"));
+        }
+        staged += SpilledTokens(item, j, k.page_tokens);
+      }
+      ++staged;  // the new token
+    }
+    KVMEM_ASSIGN_OR_RETURN(staging, impl_->Stage(staged, int(row), &taken));
+    each_item([&](size_t i) {
+      const DevicePolicyItem& item = items[i];
+      int64_t s = staged_begin[i];
+      auto stage = [&](const uint8_t* key, const uint8_t* value) {
+        const int32_t at = staging.Row(s);
+        host32(dst_at)[s] = at;
+        std::memcpy(h + stk_at + size_t(s) * row, key, row);
+        std::memcpy(h + stv_at + size_t(s) * row, value, row);
+        ++s;
+        return at;
+      };
+      for (size_t j = 0; j < item.spilled_taken.size(); ++j) {
+        if (!item.spilled_taken[j]) continue;
+        host32(cstage_at)[size_t(spilled_begin[i]) + j] = int32_t(s);
+        for (int t = 0; t < SpilledTokens(item, j, k.page_tokens); ++t) {
+          if (shape.fetch) {
+            reinterpret_cast<int64_t*>(h + spos_at)[s] =
+                item.spilled_positions[j][t];
+          }
+          stage(item.spilled_keys[j] + size_t(t) * row,
+                item.spilled_values[j] + size_t(t) * row);
+        }
+      }
+      host32(newrow_at)[i] = stage(item.key, item.value);
+    });
+    return absl::OkStatus();
+  };
+
   // Phase 1: candidates, scores, the fill.
   each_item([&](size_t i) {
     const DevicePolicyItem& item = items[i];
@@ -387,259 +460,272 @@ absl::Status DeviceBackend::DecodeOwned(
     std::memcpy(h + newk_at + i * row, item.key, row);
     std::memcpy(h + newv_at + i * row, item.value, row);
   });
-  KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d, h, phase1_in_end, stream));
+  // Without spilled candidates the selection has nothing to tell the host:
+  // phase 2's rows are staged now and both phases' inputs go in one copy
+  // (the selection's output bytes between them ride along). Every API call
+  // costs ~10 µs of a batch-1 step.
+  const bool spills = spilled_total > 0;
+  if (!spills) KVMEM_RETURN_IF_ERROR(stage_rows());
 
-  cuda::PlanCandidatesArgs plan;
-  plan.streams =
-      reinterpret_cast<const cuda::PolicyStreamPointers*>(d + policy_at);
-  plan.queries = d + q_at;
-  plan.spilled_begin = dev32(sbegin_at);
-  plan.sealed_count = dev32(scount_at);
-  plan.open_tokens = dev32(otokens_at);
-  plan.open_digests = devf(odigest_at);
-  plan.candidate_begin = dev32(cbegin_at);
-  plan.scores = devf(scores_at);
-  plan.fresh_tokens = dev32(fresh_at);
-  plan.first_id = dev32(first_at);
-  plan.fresh_mask = reinterpret_cast<uint64_t*>(d + mask_at);
-  plan.always_in_ids = dev32(always_at);
-  plan.always_in_count = dev32(acount_at);
-  plan.max_candidates = std::max(1, most);
-  KVMEM_RETURN_IF_ERROR(cuda::PlanDecodeCandidates(k, plan, stream));
-
-  cuda::SelectPagesShape select_shape;
-  select_shape.streams = B;
-  select_shape.max_candidates_per_stream = std::max(1, most);
-  select_shape.compact_rows = true;
-  cuda::SelectPagesInputs select_in;
-  select_in.scores = devf(scores_at);
-  select_in.fresh_tokens = dev32(fresh_at);
-  select_in.candidate_begin = dev32(cbegin_at);
-  select_in.candidate_count = dev32(ccount_at);
-  select_in.always_in_tokens = dev32(acount_at);
-  select_in.budget_tokens = dev32(budget_at);
-  cuda::SelectPagesOutputs select_out;
-  select_out.selected = reinterpret_cast<uint8_t*>(d + selected_at);
-  select_out.selected_tokens = dev32(stok_at);
-  cuda::SelectPagesRows select_rows;
-  select_rows.always_in_rows = dev32(always_at);
-  select_rows.always_in_begin = dev32(abegin_at);
-  select_rows.candidate_first_row = dev32(first_at);
-  select_rows.candidate_fresh_mask =
-      reinterpret_cast<const uint64_t*>(d + mask_at);
-  select_rows.rows_begin = dev32(rbegin_at);
-  select_rows.rows = dev32(ids_at);
-  select_rows.rows_count = dev32(idcount_at);
-  KVMEM_RETURN_IF_ERROR(cuda::SelectPages(select_shape, select_in, select_out,
-                                          select_rows, stream));
-  // The host learns which spilled pages were taken and reads them; nothing
-  // has changed yet. Without spilled candidates there is nothing to learn,
-  // and phase 2 follows on the stream with no round trip in between.
-  if (spilled_total > 0) {
-    KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + selected_at, d + selected_at,
-                                           phase1_out_end - selected_at,
-                                           stream));
-    KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
-  }
-  for (int b = 0; b < B; ++b) {
-    DevicePolicyItem& item = items[size_t(b)];
-    const size_t n =
-        item.sealed_digests.size() + (item.open_tokens > 0 ? 1 : 0);
-    const uint8_t* taken = reinterpret_cast<const uint8_t*>(h + selected_at) +
-                           candidate_begin[size_t(b)] + Rc;
-    item.spilled_taken.assign(taken, taken + n);
-    item.spilled_keys.assign(n, nullptr);
-    item.spilled_values.assign(n, nullptr);
-    item.spilled_positions.assign(n, nullptr);
-  }
-  if (spilled_total > 0) KVMEM_RETURN_IF_ERROR(recall());
-
-  // Phase 2: staged rows (taken spilled tokens, the new tokens) into pool
-  // blocks kept for staging (or taken for this call).
-  std::vector<int32_t> staged_begin(static_cast<size_t>(B));
-  int32_t staged = 0;
-  for (int b = 0; b < B; ++b) {
-    const DevicePolicyItem& item = items[size_t(b)];
-    staged_begin[size_t(b)] = staged;
-    for (size_t j = 0; j < item.spilled_taken.size(); ++j) {
-      if (!item.spilled_taken[j]) continue;
-      if (item.spilled_keys[j] == nullptr ||
-          item.spilled_values[j] == nullptr ||
-          (shape.fetch && item.spilled_positions[j] == nullptr)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("device policy: item ", b, "'s taken spilled page ", j,
-                         " has no rows"));
-      }
-      staged += SpilledTokens(item, j, k.page_tokens);
+  // Everything the step enqueues, from the inputs' copy to the outputs'.
+  auto enqueue = [&]() -> absl::Status {
+    if (!spills) {
+      KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d, h, out_at, stream));
+    } else {
+      KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d, h, phase1_in_end, stream));
     }
-    ++staged;  // the new token
-  }
-  Impl::Blocks taken{impl_->pool.get(), {}};
-  KVMEM_ASSIGN_OR_RETURN(const Impl::StagingRows staging,
-                         impl_->Stage(staged, int(row), &taken));
-  each_item([&](size_t i) {
-    const DevicePolicyItem& item = items[i];
-    int64_t s = staged_begin[i];
-    auto stage = [&](const uint8_t* key, const uint8_t* value) {
-      const int32_t at = staging.Row(s);
-      host32(dst_at)[s] = at;
-      std::memcpy(h + stk_at + size_t(s) * row, key, row);
-      std::memcpy(h + stv_at + size_t(s) * row, value, row);
-      ++s;
-      return at;
-    };
-    for (size_t j = 0; j < item.spilled_taken.size(); ++j) {
-      if (!item.spilled_taken[j]) continue;
-      host32(cstage_at)[size_t(spilled_begin[i]) + j] = int32_t(s);
-      for (int t = 0; t < SpilledTokens(item, j, k.page_tokens); ++t) {
-        if (shape.fetch) {
-          reinterpret_cast<int64_t*>(h + spos_at)[s] =
-              item.spilled_positions[j][t];
-        }
-        stage(item.spilled_keys[j] + size_t(t) * row,
-              item.spilled_values[j] + size_t(t) * row);
+
+    cuda::PlanCandidatesArgs plan;
+    plan.streams =
+        reinterpret_cast<const cuda::PolicyStreamPointers*>(d + policy_at);
+    plan.queries = d + q_at;
+    plan.spilled_begin = dev32(sbegin_at);
+    plan.sealed_count = dev32(scount_at);
+    plan.open_tokens = dev32(otokens_at);
+    plan.open_digests = devf(odigest_at);
+    plan.candidate_begin = dev32(cbegin_at);
+    plan.scores = devf(scores_at);
+    plan.fresh_tokens = dev32(fresh_at);
+    plan.first_id = dev32(first_at);
+    plan.fresh_mask = reinterpret_cast<uint64_t*>(d + mask_at);
+    plan.always_in_ids = dev32(always_at);
+    plan.always_in_count = dev32(acount_at);
+    plan.max_candidates = std::max(1, most);
+    KVMEM_RETURN_IF_ERROR(cuda::PlanDecodeCandidates(k, plan, stream));
+
+    cuda::SelectPagesShape select_shape;
+    select_shape.streams = B;
+    select_shape.max_candidates_per_stream = std::max(1, most);
+    select_shape.compact_rows = true;
+    cuda::SelectPagesInputs select_in;
+    select_in.scores = devf(scores_at);
+    select_in.fresh_tokens = dev32(fresh_at);
+    select_in.candidate_begin = dev32(cbegin_at);
+    select_in.candidate_count = dev32(ccount_at);
+    select_in.always_in_tokens = dev32(acount_at);
+    select_in.budget_tokens = dev32(budget_at);
+    cuda::SelectPagesOutputs select_out;
+    select_out.selected = reinterpret_cast<uint8_t*>(d + selected_at);
+    select_out.selected_tokens = dev32(stok_at);
+    cuda::SelectPagesRows select_rows;
+    select_rows.always_in_rows = dev32(always_at);
+    select_rows.always_in_begin = dev32(abegin_at);
+    select_rows.candidate_first_row = dev32(first_at);
+    select_rows.candidate_fresh_mask =
+        reinterpret_cast<const uint64_t*>(d + mask_at);
+    select_rows.rows_begin = dev32(rbegin_at);
+    select_rows.rows = dev32(ids_at);
+    select_rows.rows_count = dev32(idcount_at);
+    KVMEM_RETURN_IF_ERROR(cuda::SelectPages(select_shape, select_in, select_out,
+                                            select_rows, stream));
+    // The host learns which spilled pages were taken and reads them; nothing
+    // has changed yet. Without spilled candidates there is nothing to learn,
+    // and phase 2 follows on the stream with no round trip in between.
+    if (spills) {
+      KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + selected_at, d + selected_at,
+                                             phase1_out_end - selected_at,
+                                             stream));
+      KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
+    }
+    for (int b = 0; b < B; ++b) {
+      DevicePolicyItem& item = items[size_t(b)];
+      const size_t n =
+          item.sealed_digests.size() + (item.open_tokens > 0 ? 1 : 0);
+      const uint8_t* selected =
+          reinterpret_cast<const uint8_t*>(h + selected_at) +
+          candidate_begin[size_t(b)] + Rc;
+      item.spilled_taken.assign(selected, selected + n);
+      item.spilled_keys.assign(n, nullptr);
+      item.spilled_values.assign(n, nullptr);
+      item.spilled_positions.assign(n, nullptr);
+    }
+    if (spills) {
+      KVMEM_RETURN_IF_ERROR(recall());
+      KVMEM_RETURN_IF_ERROR(stage_rows());
+      // The tail of phase 1's inputs (the new tokens) and phase 2's inputs
+      // travel together; only what staging used of the row regions is sent.
+      KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + cstage_at, h + cstage_at,
+                                               stk_at - cstage_at, stream));
+      KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + stk_at, h + stk_at,
+                                               size_t(staged) * row, stream));
+      KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + stv_at, h + stv_at,
+                                               size_t(staged) * row, stream));
+      if (shape.fetch) {
+        KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + spos_at, h + spos_at,
+                                                 size_t(staged) * 8, stream));
       }
     }
-    host32(newrow_at)[i] = stage(item.key, item.value);
-  });
-  // The tail of phase 1's inputs (the new tokens) and phase 2's inputs
-  // travel together; only what staging used of the row regions is sent.
-  KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + cstage_at, h + cstage_at,
-                                           stk_at - cstage_at, stream));
-  KVMEM_RETURN_IF_ERROR(
-      cuda::CopyToDevice(d + stk_at, h + stk_at, size_t(staged) * row, stream));
-  KVMEM_RETURN_IF_ERROR(
-      cuda::CopyToDevice(d + stv_at, h + stv_at, size_t(staged) * row, stream));
-  if (shape.fetch) {
-    KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + spos_at, h + spos_at,
-                                             size_t(staged) * 8, stream));
-  }
-  // From here on an error leaves the layers' state half-stepped.
-  *touched = true;
-  KVMEM_RETURN_IF_ERROR(impl_->ScatterStaged(staged, int(row), dev32(dst_at),
-                                             d + stk_at, d + stv_at, stream));
+    // From here on an error leaves the layers' state half-stepped.
+    *touched = true;
+    KVMEM_RETURN_IF_ERROR(impl_->ScatterStaged(staged, int(row), dev32(dst_at),
+                                               d + stk_at, d + stv_at, stream));
 
-  cuda::MapRowsArgs map;
-  map.streams = plan.streams;
-  map.ids = dev32(ids_at);
-  map.counts = dev32(idcount_at);
-  map.capacity = budget;
-  map.spilled_stage = dev32(cstage_at);
-  map.staged_rows = dev32(dst_at);
-  map.new_token_rows = dev32(newrow_at);
-  map.pool_rows = dev32(prow_at);
-  map.row_slots = dev32(rslot_at);
-  if (shape.fetch) {
-    map.row_positions = reinterpret_cast<int64_t*>(d + rpos_at);
-    map.staged_positions = reinterpret_cast<const int64_t*>(d + spos_at);
-    map.new_token_positions = reinterpret_cast<const int64_t*>(d + newpos_at);
-  }
-  KVMEM_RETURN_IF_ERROR(cuda::MapSelectedRows(k, map, stream));
+    cuda::MapRowsArgs map;
+    map.streams = plan.streams;
+    map.ids = dev32(ids_at);
+    map.counts = dev32(idcount_at);
+    map.capacity = budget;
+    map.spilled_stage = dev32(cstage_at);
+    map.staged_rows = dev32(dst_at);
+    map.new_token_rows = dev32(newrow_at);
+    map.pool_rows = dev32(prow_at);
+    map.row_slots = dev32(rslot_at);
+    if (shape.fetch) {
+      map.row_positions = reinterpret_cast<int64_t*>(d + rpos_at);
+      map.staged_positions = reinterpret_cast<const int64_t*>(d + spos_at);
+      map.new_token_positions = reinterpret_cast<const int64_t*>(d + newpos_at);
+    }
+    KVMEM_RETURN_IF_ERROR(cuda::MapSelectedRows(k, map, stream));
 
-  cuda::DecodeAttentionShape ds;
-  ds.streams = B;
-  ds.group = G;
-  ds.head_dim = D;
-  ds.dtype = shape.dtype;
-  ds.max_rows_per_stream = budget;
-  ds.rows_capacity = int64_t(B) * budget;
-  ds.want_probs = true;
-  KVMEM_ASSIGN_OR_RETURN(cuda::DecodeAttentionPlan attention_plan,
-                         cuda::PlanDecodeAttentionSplits(ds, kAttentionSplits));
-  KVMEM_RETURN_IF_ERROR(
-      impl_->Grow(&impl_->workspace, attention_plan.workspace_bytes));
-  cuda::DecodeAttentionInputs in;
-  in.queries = d + q_at;
-  in.key_rows = impl_->pool->plane_base(0);
-  in.value_rows = impl_->pool->plane_base(1);
-  in.rows = dev32(prow_at);
-  in.row_begin = dev32(rbegin_at);
-  in.row_count = dev32(idcount_at);
-  in.softmax_scale = shape.softmax_scale;
-  in.reduction = shape.reduction;
-  cuda::DecodeAttentionOutputs out;
-  out.out_fp32 = devf(out_at);
-  out.lse = devf(lse_at);
-  out.reduced_probs = devf(rprob_at);
-  KVMEM_RETURN_IF_ERROR(
-      cuda::DecodeAttention(ds, in, out, attention_plan, impl_->workspace.get(),
-                            impl_->workspace.bytes(), stream));
-
-  cuda::ScatterProbsArgs probs;
-  probs.row_slots = dev32(rslot_at);
-  probs.counts = dev32(idcount_at);
-  probs.capacity = budget;
-  probs.reduced_probs = devf(rprob_at);
-  probs.slot_probs = devf(sprob_at);
-  probs.self_probs = devf(self_at);
-  KVMEM_RETURN_IF_ERROR(cuda::ScatterSlotProbs(k, probs, stream));
-
-  if (shape.fetch) {
-    // The rows as they are before the update moves them, by position.
-    cuda::SortRowsArgs sort;
-    sort.rows = dev32(prow_at);
-    sort.positions = reinterpret_cast<const int64_t*>(d + rpos_at);
-    sort.counts = dev32(idcount_at);
-    sort.capacity = budget;
-    sort.sorted_rows = dev32(frow_at);
-    sort.sorted_positions = reinterpret_cast<int64_t*>(d + fpos_at);
-    KVMEM_RETURN_IF_ERROR(cuda::SortRowsByPosition(k, sort, stream));
-    cuda::GatherRowsShape gather_shape;
-    gather_shape.streams = B;
-    gather_shape.head_dim = D;
-    gather_shape.dtype = shape.dtype;
-    gather_shape.max_rows_per_stream = budget;
-    cuda::GatherRowsInputs gather_in;
-    gather_in.key_rows = impl_->pool->plane_base(0);
-    gather_in.value_rows = impl_->pool->plane_base(1);
-    gather_in.rows = dev32(frow_at);
-    gather_in.row_begin = dev32(rbegin_at);
-    gather_in.row_count = dev32(idcount_at);
-    cuda::GatherRowsOutputs gather_out;
-    gather_out.keys = d + fk_at;
-    gather_out.values = d + fv_at;
+    cuda::DecodeAttentionShape ds;
+    ds.streams = B;
+    ds.group = G;
+    ds.head_dim = D;
+    ds.dtype = shape.dtype;
+    ds.max_rows_per_stream = budget;
+    ds.rows_capacity = int64_t(B) * budget;
+    ds.want_probs = true;
+    KVMEM_ASSIGN_OR_RETURN(
+        cuda::DecodeAttentionPlan attention_plan,
+        cuda::PlanDecodeAttentionSplits(ds, kAttentionSplits));
     KVMEM_RETURN_IF_ERROR(
-        cuda::GatherRows(gather_shape, gather_in, gather_out, stream));
-  }
-  cuda::CascadeBatchShape cascade_shape;
-  cascade_shape.streams = B;
-  cascade_shape.params = shape.cascade;
-  cascade_shape.head_dim = D;
-  cascade_shape.dtype = shape.dtype;
-  cuda::CascadeDeviceState cascade_state;
-  cascade_state.key_rows = impl_->pool->plane_base(0);
-  cascade_state.value_rows = impl_->pool->plane_base(1);
-  cascade_state.streams =
-      reinterpret_cast<const cuda::CascadeStreamPointers*>(d + cascade_at);
-  cuda::CascadeStepInputs step;
-  step.probs = devf(sprob_at);
-  step.self_probs = devf(self_at);
-  step.keys = d + newk_at;
-  step.values = d + newv_at;
-  cuda::CascadeStepOutputs step_out;
-  step_out.evicted_positions = reinterpret_cast<int64_t*>(d + epos_at);
-  step_out.evicted_keys = d + ek_at;
-  step_out.evicted_values = d + ev_at;
-  step_out.changed_slots = dev32(changed_at);
-  step_out.changed_counts = dev32(ccnt_at);
-  KVMEM_RETURN_IF_ERROR(cuda::UpdateCascades(cascade_shape, cascade_state, step,
-                                             step_out, stream));
+        impl_->Grow(&impl_->workspace, attention_plan.workspace_bytes));
+    cuda::DecodeAttentionInputs in;
+    in.queries = d + q_at;
+    in.key_rows = impl_->pool->plane_base(0);
+    in.value_rows = impl_->pool->plane_base(1);
+    in.rows = dev32(prow_at);
+    in.row_begin = dev32(rbegin_at);
+    in.row_count = dev32(idcount_at);
+    in.softmax_scale = shape.softmax_scale;
+    in.reduction = shape.reduction;
+    cuda::DecodeAttentionOutputs out;
+    out.out_fp32 = devf(out_at);
+    out.lse = devf(lse_at);
+    out.reduced_probs = devf(rprob_at);
+    KVMEM_RETURN_IF_ERROR(cuda::DecodeAttention(
+        ds, in, out, attention_plan, impl_->workspace.get(),
+        impl_->workspace.bytes(), stream));
 
-  cuda::RefreshDigestsArgs refresh;
-  refresh.streams = plan.streams;
-  refresh.key_rows = impl_->pool->plane_base(0);
-  refresh.changed_slots = dev32(changed_at);
-  refresh.changed_counts = dev32(ccnt_at);
-  KVMEM_RETURN_IF_ERROR(cuda::RefreshChangedDigests(k, refresh, stream));
+    cuda::ScatterProbsArgs probs;
+    probs.row_slots = dev32(rslot_at);
+    probs.counts = dev32(idcount_at);
+    probs.capacity = budget;
+    probs.reduced_probs = devf(rprob_at);
+    probs.slot_probs = devf(sprob_at);
+    probs.self_probs = devf(self_at);
+    KVMEM_RETURN_IF_ERROR(cuda::ScatterSlotProbs(k, probs, stream));
 
-  KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + out_at, d + out_at,
-                                         phase2_out_end - out_at, stream));
-  if (shape.fetch) {
-    KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + idcount_at, d + idcount_at,
-                                           size_t(B) * 4, stream));
-    KVMEM_RETURN_IF_ERROR(
-        cuda::CopyToHost(h + fpos_at, d + fpos_at, rpos_at - fpos_at, stream));
+    if (shape.fetch) {
+      // The rows as they are before the update moves them, by position.
+      cuda::SortRowsArgs sort;
+      sort.rows = dev32(prow_at);
+      sort.positions = reinterpret_cast<const int64_t*>(d + rpos_at);
+      sort.counts = dev32(idcount_at);
+      sort.capacity = budget;
+      sort.sorted_rows = dev32(frow_at);
+      sort.sorted_positions = reinterpret_cast<int64_t*>(d + fpos_at);
+      KVMEM_RETURN_IF_ERROR(cuda::SortRowsByPosition(k, sort, stream));
+      cuda::GatherRowsShape gather_shape;
+      gather_shape.streams = B;
+      gather_shape.head_dim = D;
+      gather_shape.dtype = shape.dtype;
+      gather_shape.max_rows_per_stream = budget;
+      cuda::GatherRowsInputs gather_in;
+      gather_in.key_rows = impl_->pool->plane_base(0);
+      gather_in.value_rows = impl_->pool->plane_base(1);
+      gather_in.rows = dev32(frow_at);
+      gather_in.row_begin = dev32(rbegin_at);
+      gather_in.row_count = dev32(idcount_at);
+      cuda::GatherRowsOutputs gather_out;
+      gather_out.keys = d + fk_at;
+      gather_out.values = d + fv_at;
+      KVMEM_RETURN_IF_ERROR(
+          cuda::GatherRows(gather_shape, gather_in, gather_out, stream));
+    }
+    cuda::CascadeBatchShape cascade_shape;
+    cascade_shape.streams = B;
+    cascade_shape.params = shape.cascade;
+    cascade_shape.head_dim = D;
+    cascade_shape.dtype = shape.dtype;
+    cuda::CascadeDeviceState cascade_state;
+    cascade_state.key_rows = impl_->pool->plane_base(0);
+    cascade_state.value_rows = impl_->pool->plane_base(1);
+    cascade_state.streams =
+        reinterpret_cast<const cuda::CascadeStreamPointers*>(d + cascade_at);
+    cuda::CascadeStepInputs step;
+    step.probs = devf(sprob_at);
+    step.self_probs = devf(self_at);
+    step.keys = d + newk_at;
+    step.values = d + newv_at;
+    cuda::CascadeStepOutputs step_out;
+    step_out.evicted_positions = reinterpret_cast<int64_t*>(d + epos_at);
+    step_out.evicted_keys = d + ek_at;
+    step_out.evicted_values = d + ev_at;
+    step_out.changed_slots = dev32(changed_at);
+    step_out.changed_counts = dev32(ccnt_at);
+    KVMEM_RETURN_IF_ERROR(cuda::UpdateCascades(cascade_shape, cascade_state,
+                                               step, step_out, stream));
+
+    cuda::RefreshDigestsArgs refresh;
+    refresh.streams = plan.streams;
+    refresh.key_rows = impl_->pool->plane_base(0);
+    refresh.changed_slots = dev32(changed_at);
+    refresh.changed_counts = dev32(ccnt_at);
+    KVMEM_RETURN_IF_ERROR(cuda::RefreshChangedDigests(k, refresh, stream));
+
+    KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + out_at, d + out_at,
+                                           phase2_out_end - out_at, stream));
+    if (shape.fetch) {
+      KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + idcount_at, d + idcount_at,
+                                             size_t(B) * 4, stream));
+      KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + fpos_at, d + fpos_at,
+                                             rpos_at - fpos_at, stream));
+    }
+    return absl::OkStatus();
+  };
+
+  // Without spilled candidates, the launches of a step depend only on the
+  // batch's shape and the buffers' addresses. The second step of a shape is
+  // captured into a CUDA graph and later ones replay it: one API call for
+  // its copies and kernels (each call costs 5–20 µs of host time,
+  // which at batch 1 is most of the step). A capture that fails (say, an
+  // unsupported call) falls back to plain launches, for good.
+  Impl::DecodeGraph* graph =
+      spills ? nullptr
+             : impl_->FindDecodeGraph(DecodeGraphKey(
+                   shape, B, most,
+                   {d, h, impl_->workspace.get(), impl_->pool->plane_base(0),
+                    impl_->pool->plane_base(1)}));
+  absl::Status enqueued;
+  if (graph != nullptr && graph->exec.valid()) {
+    for (DevicePolicyItem& item : items) {  // no spilled candidates
+      item.spilled_taken.clear();
+      item.spilled_keys.clear();
+      item.spilled_values.clear();
+      item.spilled_positions.clear();
+    }
+    *touched = true;
+    enqueued = graph->exec.Launch(stream);
+    impl_->graph_launches.fetch_add(1, std::memory_order_relaxed);
+  } else if (graph != nullptr && graph->seen && !graph->failed &&
+             cuda::BeginCapture(stream).ok()) {
+    enqueued = enqueue();
+    absl::StatusOr<cuda::GraphExec> exec = cuda::GraphExec::EndCapture(stream);
+    *touched = false;  // a capture runs nothing
+    if (enqueued.ok() && exec.ok()) {
+      graph->exec = *std::move(exec);
+      *touched = true;
+      enqueued = graph->exec.Launch(stream);
+    } else {
+      graph->failed = true;
+      enqueued = enqueue();
+    }
+  } else {
+    enqueued = enqueue();
+    if (graph != nullptr && enqueued.ok()) graph->seen = true;
   }
+  KVMEM_RETURN_IF_ERROR(enqueued);
   KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
   each_item(
       [&](size_t i) {

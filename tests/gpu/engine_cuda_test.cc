@@ -238,6 +238,42 @@ TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
   EXPECT_GT(stats.spilled_bytes, 0);  // the workload spilled (and recalled)
 }
 
+// Steps without spilled candidates (60 tokens in 68 slots) replay a CUDA
+// graph captured at the second step of each batch shape (ATTEND and FETCH,
+// both sessions or one): answers stay the CPU engine's.
+TEST(EngineCuda, RepeatedStepsReplayACapturedGraphAndAnswerAlike) {
+  KVMEM_REQUIRE_DEVICE();
+  const uint32_t seed = FreshSeed();
+  TestEngine cpu(nullptr);
+  std::shared_ptr<DeviceBackend> device =
+      MakeDevice(size_t{256} << 20, size_t{1} << 20);
+  TestEngine cuda(device);
+  ASSERT_NE(cuda.engine, nullptr);
+  std::vector<SessionConfig> cs = {Config("a", DType::kBf16),
+                                   Config("b", DType::kBf16)};
+  for (Engine* e : {cpu.engine.get(), cuda.engine.get()}) {
+    for (const SessionConfig& c : cs) ASSERT_TRUE(e->CreateSession(c).ok());
+  }
+  Driver driver(seed);
+  std::vector<int64_t> at0(cs.size(), 0), at1(cs.size(), 0);
+  driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 0, StepMode::kAttend, 20,
+              &at0);
+  driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 1, StepMode::kAttend, 20,
+              &at1);
+  for (int t = 0; t < 40; ++t) {
+    driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 0, StepMode::kAttend,
+                1, &at0);
+    driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 1,
+                t % 2 == 0 ? StepMode::kFetch : StepMode::kAttend, 1, &at1);
+  }
+  const EngineStats stats = cuda.engine->Stats();
+  EXPECT_EQ(stats.device_fallbacks, 0);
+  EXPECT_EQ(stats.spilled_bytes, 0);  // nothing left the cascades
+  // Per layer and mode, the first step runs plainly and the second is
+  // captured: the other 36 or more of each replay the graph.
+  EXPECT_GE(device->decode_graph_launches(), 3 * 18);
+}
+
 // A dense layer's prefill chunks and APPEND steps run on the device too
 // (a chunk selects the same on dense and sparse layers); its decode steps
 // then bring the state back to the host path, which attends densely with
