@@ -429,7 +429,7 @@ __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
     return at + sub < hi && sub < kRows ? args.rows[begin + at + sub] : 0;
   };
   auto load_rows = [&](const char* base, int index, int rows_in,
-                       uint4 (&piece)[kPairs]) {
+                       uint4(&piece)[kPairs]) {
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
       const int r = half * kPairs + i;

@@ -181,9 +181,8 @@ size_t QuestSmemBytes(const PageScoreShape& shape, const QuestTile& t) {
 QuestTile PlanQuestTile(const PageScoreShape& shape) {
   QuestTile t;
   t.pieces = 2 * shape.head_dim * DTypeBytes(shape.digest_dtype) / 16;
-  t.pages_per_tile =
-      std::min(kQuestUnits * kQuestGroups / shape.group,
-               kQuestPieces * kQuestThreads / t.pieces);
+  t.pages_per_tile = std::min(kQuestUnits * kQuestGroups / shape.group,
+                              kQuestPieces * kQuestThreads / t.pieces);
   const int per_lane = (shape.head_dim + 7) / 8;
   t.lane_stride = (per_lane + 3) / 4 * 4;
   if ((t.lane_stride / 4) % 2 == 0) t.lane_stride += 4;
@@ -204,8 +203,8 @@ __global__ void __launch_bounds__(kQuestThreads)
   const int group = args.group;
   const int ppt = plan.pages_per_tile;
   const int stride = plan.lane_stride;
-  float* s_query = smem;                            // [G][8][stride]
-  float* s_bound = s_query + group * 8 * stride;    // [ppt][G]
+  float* s_query = smem;                                // [G][8][stride]
+  float* s_bound = s_query + group * 8 * stride;        // [ppt][G]
   float* s_rows = smem + QuestRowsOffset(group, plan);  // [ppt][2][8][stride]
   const int tid = threadIdx.x;
   const int stream = blockIdx.y;
