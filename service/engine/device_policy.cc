@@ -384,7 +384,8 @@ absl::Status DeviceBackend::DecodeOwned(
   Impl::Blocks taken{impl_->pool.get(), {}};
   Impl::StagingRows staging;
   int32_t staged = 0;
-  auto stage_rows = [&]() -> absl::Status {
+  auto stage_rows =
+      [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl_->mu) -> absl::Status {
     std::vector<int32_t> staged_begin(static_cast<size_t>(B));
     staged = 0;
     for (int b = 0; b < B; ++b) {
@@ -468,7 +469,8 @@ absl::Status DeviceBackend::DecodeOwned(
   if (!spills) KVMEM_RETURN_IF_ERROR(stage_rows());
 
   // Everything the step enqueues, from the inputs' copy to the outputs'.
-  auto enqueue = [&]() -> absl::Status {
+  auto enqueue = [&]()
+                     ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl_->mu) -> absl::Status {
     if (!spills) {
       KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d, h, out_at, stream));
     } else {
