@@ -331,44 +331,54 @@ __global__ void __launch_bounds__(kThreads, 3)
 }
 
 // The fast path, for the engine's shape: D 128 in bf16/fp16. Warps work
-// independently: each walks tiles of kRows rows of the block's share with
-// its own online softmax, loads a tile's K and V rows together (16 KB in
-// flight a warp at G ≤ 4), and the block combines its warps once, at the
-// end. No barrier inside the row loop, so loads never wait on other warps.
+// independently: each walks tiles of 16 rows of its block's share with its
+// own online softmax, and the block combines its 4 warps once, at the end.
+// No barrier inside the row loop. A tile's V rows load while its logits
+// are computed, the next tile's K rows while its softmax and V sums run.
 //
-// Lanes: half h = lane / 16 takes the tile's rows h·kPairs + i; lane
-// sub = lane % 16 holds channels 8·sub .. 8·sub + 7 of each. A row's G dot
-// products are reduced over the 16 lanes by a reduce-scatter (kG/2 + kG/4 +
-// … + 1 shuffles a level instead of kG), after which lane sub holds the
-// logit of query head g = sub >> (4 − log2 kG).
+// Logits on tensor cores: one mma.sync m16n8k16 per 8 keys and 16
+// channels, the group's G ≤ 8 query rows as the A rows (rows G..15 zero).
+// Lane (n = lane / 4, t = lane % 4) loads 16-byte pieces t, t + 4, t + 8,
+// t + 12 of key n straight into B fragments, and the same pieces of query
+// row n into A fragments: the channels meet the mma in a permuted order,
+// the same for queries and keys, so the dot products are unchanged. The
+// V sums stay on CUDA cores (lanes 16 a row, 8 channels each, half-warps on
+// different rows), with the probabilities passed through shared memory.
 constexpr int kFastHeadDim = 128;
 constexpr int kFastWarps = kThreads / 32;
+constexpr int kFastRows = 16;  // rows a warp tile: two mma n-tiles
 
-template <int kG>
-__host__ __device__ constexpr int Log2Of() {
-  return kG == 1 ? 0 : kG == 2 ? 1 : kG == 4 ? 2 : 3;
+// d += A·B for one m16n8k16 tile whose A rows 8..15 are zero.
+template <DType kT>
+__device__ __forceinline__ void MmaUpperRows(float (&d)[4], uint32_t a0,
+                                             uint32_t a2, uint32_t b0,
+                                             uint32_t b1) {
+  const uint32_t zero = 0;
+  if constexpr (kT == DType::kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(zero), "r"(a2), "r"(zero), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(zero), "r"(a2), "r"(zero), "r"(b0), "r"(b1));
+  }
 }
 
-// Sums v[0..kN) over the lanes whose bits below 2·kOffset differ, keeping
-// one value: at each level a lane keeps the half of its values picked by
-// its own bit and receives its partner's sums of that half.
-template <int kN, int kOffset>
-__device__ __forceinline__ float ReduceScatter(float* v, int sub) {
-  if constexpr (kOffset == 0) {
-    return v[0];
-  } else if constexpr (kN == 1) {
-    v[0] += __shfl_xor_sync(kFullMask, v[0], kOffset);
-    return ReduceScatter<1, kOffset / 2>(v, sub);
-  } else {
-    constexpr int kHalf = kN / 2;
-    const bool upper = (sub & kOffset) != 0;
+// Logits of one 8-key n-tile: d[0], d[1] = query row lane / 4, keys
+// 2·(lane % 4) and + 1 of the tile.
+template <DType kT>
+__device__ __forceinline__ void TileLogits(const uint4 (&q)[4],
+                                           const uint4 (&k)[4], float (&d)[4]) {
+  d[0] = d[1] = d[2] = d[3] = 0.0f;
 #pragma unroll
-    for (int j = 0; j < kHalf; ++j) {
-      const float send = upper ? v[j] : v[j + kHalf];
-      const float keep = upper ? v[j + kHalf] : v[j];
-      v[j] = keep + __shfl_xor_sync(kFullMask, send, kOffset);
-    }
-    return ReduceScatter<kHalf, kOffset / 2>(v, sub);
+  for (int s = 0; s < 4; ++s) {
+    MmaUpperRows<kT>(d, q[s].x, q[s].y, k[s].x, k[s].y);
+    MmaUpperRows<kT>(d, q[s].z, q[s].w, k[s].z, k[s].w);
   }
 }
 
@@ -376,20 +386,20 @@ __device__ __forceinline__ float ReduceScatter(float* v, int sub) {
 template <DType kT, int kG>
 __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
     DecodeSplitFastKernel(const SplitArgs args) {
-  constexpr int kRows = kG == 8 ? 8 : 16;  // rows a warp tile (registers)
-  constexpr int kPairs = kRows / 2;        // rows a half-warp
-  constexpr int kShift = 4 - Log2Of<kG>();
-  constexpr int kRepeat = (1 << kShift) - 1;  // lanes repeating a logit
+  constexpr int kPairs = kFastRows / 2;  // V rows a half-warp
   constexpr size_t kRowBytes = kFastHeadDim * 2;
+  __shared__ float s_p[kFastWarps][kG][kFastRows];
+  __shared__ float s_alpha[kFastWarps][kG];
   __shared__ float s_m[kFastWarps][kG];
   __shared__ float s_l[kFastWarps][kG];
   __shared__ float s_acc[kFastWarps][kG][kFastHeadDim];
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int half = lane >> 4;
-  const int sub = lane & 15;
-  const int my_g = sub >> kShift;
+  const int half = lane >> 4;  // V layout: rows half·8 + i
+  const int sub = lane & 15;   //   channels 8·sub …
+  const int qn = lane >> 2;    // mma layout: query row / key of the n-tile
+  const int qt = lane & 3;     //   pieces qt + 4s
   const int group = args.group;
   const int stream = blockIdx.y;
   const int split = blockIdx.x;
@@ -400,101 +410,109 @@ __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
   const int lo = min(n, split * chunk);
   const int hi = min(n, lo + chunk);
 
-  float q[kG][kLaneSlots];
+  uint4 q[4];
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    q[s] = qn < group ? LoadPiece(static_cast<const char*>(args.queries) +
+                                      (size_t(stream) * group + qn) * kRowBytes,
+                                  qt + 4 * s)
+                      : make_uint4(0, 0, 0, 0);
+  }
   float acc[kG][kLaneSlots];
 #pragma unroll
   for (int g = 0; g < kG; ++g) {
-    if (g < group) {
-      UnpackVector<kT>(LoadPiece(static_cast<const char*>(args.queries) +
-                                     (size_t(stream) * group + g) * kRowBytes,
-                                 sub),
-                       q[g]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kLaneSlots; ++j) q[g][j] = 0.0f;
-    }
 #pragma unroll
     for (int j = 0; j < kLaneSlots; ++j) acc[g][j] = 0.0f;
   }
-  float m = -INFINITY;  // running max and sum of head my_g
+  float m = -INFINITY;  // running max and sum of query row qn
   float l = 0.0f;
   const char* keys = static_cast<const char*>(args.key_rows);
   const char* values = static_cast<const char*>(args.value_rows);
-  constexpr int kStep = kFastWarps * kRows;
+  constexpr int kStep = kFastWarps * kFastRows;
 
-  // Software pipeline: a tile's V rows are loaded while its logits are
-  // computed, the next tile's K rows while its softmax and V sums run, and
-  // row indices (one a lane; both halves load the same) two tiles ahead.
+  // Row indices one a lane (both halves load the same), two tiles ahead.
   auto load_index = [&](int at) {
-    return at + sub < hi && sub < kRows ? args.rows[begin + at + sub] : 0;
+    return at + sub < hi ? args.rows[begin + at + sub] : 0;
   };
-  auto load_rows = [&](const char* base, int index, int rows_in,
-                       uint4(&piece)[kPairs]) {
+  auto load_keys = [&](int index, int rows_in, uint4(&k)[2][4]) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int r = 8 * j + qn;
+      const size_t row = size_t(__shfl_sync(kFullMask, index, r));
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        k[j][s] = r < rows_in ? LoadPiece(keys + row * kRowBytes, qt + 4 * s)
+                              : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  auto load_values = [&](int index, int rows_in, uint4(&v)[kPairs]) {
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
       const int r = half * kPairs + i;
       const size_t row = size_t(__shfl_sync(kFullMask, index, r));
-      piece[i] = make_uint4(0, 0, 0, 0);
-      if (r < rows_in) piece[i] = LoadPiece(base + row * kRowBytes, sub);
+      v[i] = r < rows_in ? LoadPiece(values + row * kRowBytes, sub)
+                         : make_uint4(0, 0, 0, 0);
     }
   };
-  int tile = lo + warp * kRows;
+  int tile = lo + warp * kFastRows;
   int index = load_index(tile);
   int index_next = load_index(tile + kStep);
-  uint4 kp[kPairs];
+  uint4 kp[2][4];
   uint4 vp[kPairs];
-  load_rows(keys, index, min(kRows, hi - tile), kp);
+  load_keys(index, min(kFastRows, hi - tile), kp);
   for (; tile < hi; tile += kStep) {
-    const int rows_in = min(kRows, hi - tile);
-    load_rows(values, index, rows_in, vp);
+    const int rows_in = min(kFastRows, hi - tile);
+    load_values(index, rows_in, vp);
 
-    float s[kPairs];
+    // Logits of row qn for keys 2qt, 2qt + 1, 8 + 2qt, 9 + 2qt.
+    float d[2][4];
+    TileLogits<kT>(q, kp[0], d[0]);
+    TileLogits<kT>(q, kp[1], d[1]);
+    float s[4];
     float tile_max = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < kPairs; ++i) {
-      float x[kLaneSlots];
-      UnpackVector<kT>(kp[i], x);
-      float dot[kG];
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        dot[g] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < kLaneSlots; ++j)
-          dot[g] = fmaf(q[g][j], x[j], dot[g]);
-      }
-      const float logit = ReduceScatter<kG, 8>(dot, sub) * args.scale;
-      const int r = half * kPairs + i;
-      s[i] = r < rows_in ? logit : -INFINITY;
-      tile_max = fmaxf(tile_max, s[i]);
-      if (args.logits != nullptr && r < rows_in && (sub & kRepeat) == 0 &&
-          my_g < group) {
-        args.logits[size_t(begin + tile + r) * group + my_g] = logit;
+    for (int e = 0; e < 4; ++e) {
+      const int r = 8 * (e / 2) + 2 * qt + e % 2;
+      const float logit = d[e / 2][e % 2] * args.scale;
+      s[e] = r < rows_in ? logit : -INFINITY;
+      tile_max = fmaxf(tile_max, s[e]);
+      if (args.logits != nullptr && r < rows_in && qn < group) {
+        args.logits[size_t(begin + tile + r) * group + qn] = logit;
       }
     }
     const int next = tile + kStep;
-    load_rows(keys, index_next, min(kRows, hi - next), kp);
+    load_keys(index_next, min(kFastRows, hi - next), kp);
     index = index_next;
     index_next = load_index(next + kStep);
 
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 16));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 2));
     const float m_new = fmaxf(m, tile_max);
     const float alpha = m == -INFINITY ? 0.0f : expf(m - m_new);
-    float p[kPairs];
+    float p[4];
     float sum = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kPairs; ++i) {
-      p[i] = s[i] == -INFINITY ? 0.0f : expf(s[i] - m_new);
-      sum += p[i];
+    for (int e = 0; e < 4; ++e) {
+      p[e] = s[e] == -INFINITY ? 0.0f : expf(s[e] - m_new);
+      sum += p[e];
     }
-    sum += __shfl_xor_sync(kFullMask, sum, 16);
+    sum += __shfl_xor_sync(kFullMask, sum, 1);
+    sum += __shfl_xor_sync(kFullMask, sum, 2);
     l = l * alpha + sum;
     m = m_new;
+    if (qn < kG) {
+      float* row = s_p[warp][qn];
+      *reinterpret_cast<float2*>(row + 2 * qt) = make_float2(p[0], p[1]);
+      *reinterpret_cast<float2*>(row + 8 + 2 * qt) = make_float2(p[2], p[3]);
+      if (qt == 0) s_alpha[warp][qn] = alpha;
+    }
+    __syncwarp();
 
-    // acc = alpha·acc + Σ p·v; head g's alpha and p live in lane g << kShift
-    // of each half.
+    // acc = alpha·acc + Σ p·v over this half's rows.
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
-      const float a = __shfl_sync(kFullMask, alpha, g << kShift);
+      const float a = s_alpha[warp][g];
 #pragma unroll
       for (int j = 0; j < kLaneSlots; ++j) acc[g][j] *= a;
     }
@@ -504,13 +522,14 @@ __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
       UnpackVector<kT>(vp[i], x);
 #pragma unroll
       for (int g = 0; g < kG; ++g) {
-        const float w =
-            __shfl_sync(kFullMask, p[i], (half << 4) | (g << kShift));
+        const float w = s_p[warp][g][half * kPairs + i];
 #pragma unroll
-        for (int j = 0; j < kLaneSlots; ++j)
+        for (int j = 0; j < kLaneSlots; ++j) {
           acc[g][j] = fmaf(w, x[j], acc[g][j]);
+        }
       }
     }
+    __syncwarp();  // s_p and s_alpha are rewritten by the next tile
   }
 
   // The two halves saw different rows under the same running max.
@@ -529,10 +548,10 @@ __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
         s_acc[warp][g][sub * kLaneSlots + j] = acc[g][j];
       }
     }
-    if ((sub & kRepeat) == 0) {
-      s_m[warp][my_g] = m;
-      s_l[warp][my_g] = l;
-    }
+  }
+  if (qt == 0 && qn < kG) {
+    s_m[warp][qn] = m;
+    s_l[warp][qn] = l;
   }
   __syncthreads();
   const size_t partial = (size_t(stream) * splits + split) * group;
