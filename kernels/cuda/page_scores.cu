@@ -193,14 +193,17 @@ QuestTile PlanQuestTile(const PageScoreShape& shape) {
   return t;
 }
 
-template <DType kQ, DType kDigest>
+// kD, kG: D and G known at compile time (0: read from the arguments), so
+// that the common shape (D 128, G a power of two) runs without the loop
+// guards and divisions: the kernel is instruction-bound.
+template <DType kQ, DType kDigest, int kD, int kG>
 __global__ void __launch_bounds__(kQuestThreads)
     ScoreQuestKernel(const ScoreArgs args, const QuestTile plan) {
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   constexpr int kPer = kDigest == DType::kFp32 ? 4 : 8;  // channels a piece
-  const int head_dim = args.head_dim;
-  const int group = args.group;
+  const int head_dim = kD != 0 ? kD : args.head_dim;
+  const int group = kG != 0 ? kG : args.group;
   const int ppt = plan.pages_per_tile;
   const int stride = plan.lane_stride;
   float* s_query = smem;                                // [G][8][stride]
@@ -239,7 +242,8 @@ __global__ void __launch_bounds__(kQuestThreads)
   int tile = blockIdx.x * ppt;
   if (tile < n) load(tile);
   const int k = tid & 7;
-  const int lane_channels = (head_dim - k + 7) / 8;
+  const int lane_channels =
+      kD % 8 == 0 && kD != 0 ? kD / 8 : (head_dim - k + 7) / 8;
   for (; tile < n; tile += tile_stride) {
     const int pages = min(ppt, n - tile);
     __syncthreads();  // queries written; the previous tile is read
@@ -275,6 +279,7 @@ __global__ void __launch_bounds__(kQuestThreads)
         const float* q = s_query + (g * 8 + k) * stride;
         const float* low = s_rows + (p * 16 + k) * stride;
         const float* high = low + 8 * stride;
+#pragma unroll
         for (int t0 = 0; t0 < lane_channels; t0 += 4) {
           const float4 qv = *reinterpret_cast<const float4*>(q + t0);
           const float4 hv = *reinterpret_cast<const float4*>(high + t0);
@@ -313,15 +318,42 @@ __global__ void __launch_bounds__(kQuestThreads)
   }
 }
 
+// The kernel for a shape: compiled for D 128 and G 1/2/4/8 with 16-bit
+// queries, else general.
+template <DType kQ, DType kDigest>
+void* QuestKernelFor(int head_dim, int group) {
+  if constexpr (kQ != DType::kFp32) {
+    if (head_dim == 128) {
+      switch (group) {
+        case 1:
+          return reinterpret_cast<void*>(
+              &ScoreQuestKernel<kQ, kDigest, 128, 1>);
+        case 2:
+          return reinterpret_cast<void*>(
+              &ScoreQuestKernel<kQ, kDigest, 128, 2>);
+        case 4:
+          return reinterpret_cast<void*>(
+              &ScoreQuestKernel<kQ, kDigest, 128, 4>);
+        case 8:
+          return reinterpret_cast<void*>(
+              &ScoreQuestKernel<kQ, kDigest, 128, 8>);
+        default:
+          break;
+      }
+    }
+  }
+  return reinterpret_cast<void*>(&ScoreQuestKernel<kQ, kDigest, 0, 0>);
+}
+
 template <DType kQ>
-void* QuestKernelFor(DType digest) {
+void* QuestKernelFor(DType digest, int head_dim, int group) {
   switch (digest) {
     case DType::kBf16:
-      return reinterpret_cast<void*>(&ScoreQuestKernel<kQ, DType::kBf16>);
+      return QuestKernelFor<kQ, DType::kBf16>(head_dim, group);
     case DType::kFp16:
-      return reinterpret_cast<void*>(&ScoreQuestKernel<kQ, DType::kFp16>);
+      return QuestKernelFor<kQ, DType::kFp16>(head_dim, group);
     default:
-      return reinterpret_cast<void*>(&ScoreQuestKernel<kQ, DType::kFp32>);
+      return QuestKernelFor<kQ, DType::kFp32>(head_dim, group);
   }
 }
 
@@ -410,11 +442,12 @@ absl::Status ScorePages(const PageScoreShape& shape,
     const int per_stream =
         std::max(1, std::min(tiles, (kQuestTargetBlocks + shape.streams - 1) /
                                         shape.streams));
+    const int d = shape.head_dim, g = shape.group;
     void* kernel = shape.query_dtype == DType::kBf16
-                       ? QuestKernelFor<DType::kBf16>(shape.digest_dtype)
+                       ? QuestKernelFor<DType::kBf16>(shape.digest_dtype, d, g)
                    : shape.query_dtype == DType::kFp16
-                       ? QuestKernelFor<DType::kFp16>(shape.digest_dtype)
-                       : QuestKernelFor<DType::kFp32>(shape.digest_dtype);
+                       ? QuestKernelFor<DType::kFp16>(shape.digest_dtype, d, g)
+                       : QuestKernelFor<DType::kFp32>(shape.digest_dtype, d, g);
     void* kernel_args[] = {&args, const_cast<QuestTile*>(&plan)};
     KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernel(
         kernel, dim3(per_stream, shape.streams), dim3(kQuestThreads),

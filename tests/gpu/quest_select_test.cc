@@ -167,13 +167,13 @@ TEST(PageScoresTest, BitsMatchCpu) {
 
 // Groups of 2, 3 and 8 (8 lanes a head, so a page spans one or two warps),
 // the SUM reduction (added in head order), D with a tail past the last 8
-// channels, the largest D, and a row that does not split into 16-byte
-// pieces (the one-thread-a-page kernel).
+// channels, D 128 (compiled for its G), the largest D, and a row that does
+// not split into 16-byte pieces (the one-thread-a-page kernel).
 TEST(PageScoresTest, BitsMatchCpuOtherGroupsAndWidths) {
   KVMEM_REQUIRE_DEVICE();
   std::mt19937 rng(testing::FreshSeed());
   std::vector<std::vector<float>> unused;
-  for (int d : {100, 256, 6}) {
+  for (int d : {100, 128, 256, 6}) {
     for (int g : {2, 3, 8}) {
       for (GroupReduction r : {GroupReduction::kMax, GroupReduction::kSum}) {
         for (DType t : {DType::kBf16, DType::kFp32}) {
