@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <mutex>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
@@ -382,6 +384,35 @@ __device__ __forceinline__ void TileLogits(const uint4 (&q)[4],
   }
 }
 
+// Asynchronous 16-byte global → shared copies (cp.async, L2 only); a
+// size of 0 fills the 16 bytes with zeros and reads nothing.
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src,
+                                          int bytes) {
+  const unsigned at = unsigned(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(at),
+               "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;");
+}
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
+}
+
+// Each warp stages its tiles' K and V rows in shared memory, two tiles
+// ahead of the math (cp.async): 16 KB in flight a warp without holding
+// registers for them. Piece p of tile row r sits at slot 16r + (p ^ 4(r&1)),
+// so the mma's K reads (rows r and r + 1 in one phase) hit distinct banks.
+constexpr int kFastStages = 2;
+constexpr int kTilePieces = kFastRows * 16;  // 16-byte pieces of a tile
+constexpr size_t kFastSmemBytes =
+    size_t(kFastWarps) * kFastStages * 2 * kTilePieces * 16;
+
+__device__ __forceinline__ int TileSlot(int r, int piece) {
+  return r * 16 + (piece ^ ((r & 1) << 2));
+}
+
 // G 8 at 3 blocks an SM would spill its accumulators; it takes 2.
 template <DType kT, int kG>
 __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
@@ -430,40 +461,48 @@ __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
   const char* values = static_cast<const char*>(args.value_rows);
   constexpr int kStep = kFastWarps * kFastRows;
 
-  // Row indices one a lane (both halves load the same), two tiles ahead.
+  // Row indices one a lane (both halves load the same), three tiles ahead.
   auto load_index = [&](int at) {
     return at + sub < hi ? args.rows[begin + at + sub] : 0;
   };
-  auto load_keys = [&](int index, int rows_in, uint4(&k)[2][4]) {
+  extern __shared__ uint4 s_tiles[];
+  uint4* tiles = s_tiles + size_t(warp) * kFastStages * 2 * kTilePieces;
+  // The copies of the tile at `at` into `stage` (zeros past the share), one
+  // commit group, empty past the end.
+  auto issue = [&](int at, int index, int stage) {
+    if (at < hi) {
+      uint4* k_dst = tiles + stage * 2 * kTilePieces;
+      uint4* v_dst = k_dst + kTilePieces;
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int r = 8 * j + qn;
-      const size_t row = size_t(__shfl_sync(kFullMask, index, r));
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        k[j][s] = r < rows_in ? LoadPiece(keys + row * kRowBytes, qt + 4 * s)
-                              : make_uint4(0, 0, 0, 0);
+      for (int c = 0; c < kFastRows / 2; ++c) {
+        const int r = half + 2 * c;
+        const size_t row = size_t(__shfl_sync(kFullMask, index, r));
+        const bool in = at + r < hi;
+        const size_t from = in ? row * kRowBytes + size_t(sub) * 16 : 0;
+        CpAsync16(k_dst + TileSlot(r, sub), keys + from, in ? 16 : 0);
+        CpAsync16(v_dst + TileSlot(r, sub), values + from, in ? 16 : 0);
       }
     }
-  };
-  auto load_values = [&](int index, int rows_in, uint4(&v)[kPairs]) {
-#pragma unroll
-    for (int i = 0; i < kPairs; ++i) {
-      const int r = half * kPairs + i;
-      const size_t row = size_t(__shfl_sync(kFullMask, index, r));
-      v[i] = r < rows_in ? LoadPiece(values + row * kRowBytes, sub)
-                         : make_uint4(0, 0, 0, 0);
-    }
+    CpAsyncCommit();
   };
   int tile = lo + warp * kFastRows;
-  int index = load_index(tile);
-  int index_next = load_index(tile + kStep);
-  uint4 kp[2][4];
-  uint4 vp[kPairs];
-  load_keys(index, min(kFastRows, hi - tile), kp);
-  for (; tile < hi; tile += kStep) {
+  issue(tile, load_index(tile), 0);
+  issue(tile + kStep, load_index(tile + kStep), 1);
+  int index_ahead = load_index(tile + 2 * kStep);
+  int stage = 0;
+  for (; tile < hi; tile += kStep, stage ^= 1) {
     const int rows_in = min(kFastRows, hi - tile);
-    load_values(index, rows_in, vp);
+    CpAsyncWait<kFastStages - 1>();  // this tile's copies have landed
+    __syncwarp();
+    const uint4* k_src = tiles + stage * 2 * kTilePieces;
+    const uint4* v_src = k_src + kTilePieces;
+    uint4 kp[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+        kp[j][s] = k_src[TileSlot(8 * j + qn, qt + 4 * s)];
+    }
 
     // Logits of row qn for keys 2qt, 2qt + 1, 8 + 2qt, 9 + 2qt.
     float d[2][4];
@@ -481,10 +520,6 @@ __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
         args.logits[size_t(begin + tile + r) * group + qn] = logit;
       }
     }
-    const int next = tile + kStep;
-    load_keys(index_next, min(kFastRows, hi - next), kp);
-    index = index_next;
-    index_next = load_index(next + kStep);
 
     tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 2));
@@ -519,7 +554,7 @@ __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
       float x[kLaneSlots];
-      UnpackVector<kT>(vp[i], x);
+      UnpackVector<kT>(v_src[TileSlot(half * kPairs + i, sub)], x);
 #pragma unroll
       for (int g = 0; g < kG; ++g) {
         const float w = s_p[warp][g][half * kPairs + i];
@@ -529,8 +564,11 @@ __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
         }
       }
     }
-    __syncwarp();  // s_p and s_alpha are rewritten by the next tile
+    __syncwarp();  // s_p, s_alpha and this stage are rewritten next
+    issue(tile + 2 * kStep, index_ahead, stage);
+    index_ahead = load_index(tile + 3 * kStep);
   }
+  CpAsyncWait<0>();
 
   // The two halves saw different rows under the same running max.
 #pragma unroll
@@ -872,7 +910,18 @@ absl::Status DecodeAttention(const DecodeAttentionShape& shape,
       : shape.dtype == DType::kFp16 ? SplitKernelFor<DType::kFp16>(slots)
                                     : SplitKernelFor<DType::kFp32>(slots);
   if (fast) {
-    smem = 0;  // static shared memory only
+    // The staged tiles, over the 48 KB a block gets without opting in:
+    // raised once per kernel (a driver call costs tens of µs, and a step
+    // may be under stream capture).
+    smem = kFastSmemBytes;
+    static std::mutex mu;
+    static std::set<void*> raised;
+    std::lock_guard<std::mutex> lock(mu);
+    if (raised.count(kernel) == 0) {
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      raised.insert(kernel);
+    }
   } else if (smem > 48 * 1024) {
     KVMEM_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
