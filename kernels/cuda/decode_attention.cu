@@ -335,8 +335,8 @@ __global__ void __launch_bounds__(kThreads, 3)
 // The fast path, for the engine's shape: D 128 in bf16/fp16. Warps work
 // independently: each walks tiles of 16 rows of its block's share with its
 // own online softmax, and the block combines its 4 warps once, at the end.
-// No barrier inside the row loop. A tile's V rows load while its logits
-// are computed, the next tile's K rows while its softmax and V sums run.
+// No barrier inside the row loop. The K and V rows of a warp's tiles
+// arrive in shared memory by cp.async, two tiles ahead of the math.
 //
 // Logits on tensor cores: one mma.sync m16n8k16 per 8 keys and 16
 // channels, the group's G ≤ 8 query rows as the A rows (rows G..15 zero).
