@@ -73,6 +73,11 @@ class DeviceLayerRows {
   std::unique_ptr<DevicePolicyState> policy_;  // set while device-owned
 };
 
+// Items (an entry's KV head each) from which a launch's per-item host
+// loops run on the worker threads rather than one after another: waking
+// them costs as much as hundreds of items' row copies (device_policy.cc).
+inline constexpr int kParallelDeviceItems = 256;
+
 // What every stream of one DecodeOwned call shares: one session config.
 struct DevicePolicyShape {
   CascadeParams cascade;

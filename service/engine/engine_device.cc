@@ -477,7 +477,7 @@ absl::Status Engine::StepOwned(
           item.evicted_position, item.evicted_key, item.evicted_value,
           &done[i].outputs[h]);
     };
-    if (count >= 64) {
+    if (count >= size_t(kParallelDeviceItems)) {
       parallel_->Run(count, spill);
     } else {
       for (size_t t = 0; t < count; ++t) spill(t);
