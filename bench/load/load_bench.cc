@@ -62,6 +62,7 @@ ABSL_FLAG(int, layers, 2, "L of every session");
 ABSL_FLAG(int, prefill, 512, "tokens appended to each layer before timing");
 ABSL_FLAG(bool, recall, true, "policy.recall of every session");
 ABSL_FLAG(int, handler_threads, 8, "server --handler_threads");
+ABSL_FLAG(std::string, backend, "cpu", "server --backend (cpu, cuda, auto)");
 ABSL_FLAG(bool, callgrind_timed_phase, true,
           "under callgrind: zero the counters when the timed phase starts "
           "and dump them when it ends");
@@ -286,7 +287,7 @@ int Main() {
   ServerOptions options;
   options.listen = "127.0.0.1:0";
   options.data_dir = dir;
-  options.backend = "cpu";
+  options.backend = absl::GetFlag(FLAGS_backend);
   options.handler_threads = absl::GetFlag(FLAGS_handler_threads);
   absl::StatusOr<std::unique_ptr<Server>> server = StartServer(options);
   if (!server.ok()) {
