@@ -21,6 +21,10 @@ ABSL_FLAG(std::string, backend, "auto",
 ABSL_FLAG(int64_t, device_memory, 0,
           "CUDA backend: bytes of the device pool for resident keys and "
           "values; 0 = 80% of the device's free memory at start");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "CUDA backend: replay a decode step's launches as a CUDA graph "
+          "(captured at the second step of each batch shape); false: plain "
+          "launches every step");
 ABSL_FLAG(int, handler_threads, 8,
           "threads running handlers that may block on storage (1..1024)");
 ABSL_FLAG(int, max_message_bytes, 256 << 20,
@@ -73,6 +77,7 @@ int main(int argc, char** argv) {
   options.data_dir = absl::GetFlag(FLAGS_data_dir);
   options.backend = absl::GetFlag(FLAGS_backend);
   options.device_memory_bytes = absl::GetFlag(FLAGS_device_memory);
+  options.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   options.handler_threads = absl::GetFlag(FLAGS_handler_threads);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);

@@ -181,6 +181,7 @@ absl::Status ChooseBackend(const ServerOptions& options, std::string* backend,
   }
   DeviceBackend::Options device_options;
   device_options.pool_bytes = size_t(options.device_memory_bytes);
+  device_options.decode_graphs = options.cuda_graphs;
   absl::StatusOr<std::unique_ptr<DeviceBackend>> made =
       DeviceBackend::Create(device_options);
   if (!made.ok() && flag == "auto") {

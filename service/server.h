@@ -21,6 +21,9 @@ struct ServerOptions {
   // CUDA backend: bytes of the device pool holding resident keys and
   // values; 0 = 80% of the device's free memory at start.
   int64_t device_memory_bytes = 0;
+  // CUDA backend: decode steps without spilled pages replay a captured
+  // CUDA graph (DeviceBackend::Options::decode_graphs).
+  bool cuda_graphs = true;
   // Threads that run handlers which may block on storage. 1..1024.
   int handler_threads = 8;
   // Largest request or response message, bytes. 1 KiB..2 GiB-1.

@@ -40,6 +40,7 @@ absl::StatusOr<std::unique_ptr<DeviceBackend>> DeviceBackend::Create(
   pool.free_fraction = options.free_fraction;
   pool.planes = 2;  // keys, values
   KVMEM_ASSIGN_OR_RETURN(impl->pool, cuda::DevicePool::Create(pool));
+  impl->graphs_on = options.decode_graphs;
   KVMEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(
       &impl->multiprocessors, cudaDevAttrMultiProcessorCount, 0));
   {

@@ -189,6 +189,10 @@ class DeviceBackend {
     size_t pool_bytes = 0;
     double free_fraction = 0.8;
     size_t block_bytes = size_t{1} << 20;
+    // Device-owned decode steps without spilled candidates are captured
+    // into a CUDA graph at the second step of each shape and replayed
+    // (device_policy.cc); false: plain launches every step.
+    bool decode_graphs = true;
   };
   // UNAVAILABLE without a device; RESOURCE_EXHAUSTED when the pool does not
   // fit; INVALID_ARGUMENT for bad options.

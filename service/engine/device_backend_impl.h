@@ -196,6 +196,7 @@ struct DeviceBackend::Impl {
     cuda::GraphExec exec;
   };
   static constexpr size_t kMaxDecodeGraphs = 64;
+  bool graphs_on = true;  // Options::decode_graphs, fixed at Create
   std::atomic<int64_t> graph_launches{0};
   std::map<std::string, DecodeGraph> decode_graphs ABSL_GUARDED_BY(mu);
   // The entry for `key`, made if new (all are dropped when the cache is

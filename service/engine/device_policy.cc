@@ -696,11 +696,12 @@ absl::Status DeviceBackend::DecodeOwned(
   // which at batch 1 is most of the step). A capture that fails (say, an
   // unsupported call) falls back to plain launches, for good.
   Impl::DecodeGraph* graph =
-      spills ? nullptr
-             : impl_->FindDecodeGraph(DecodeGraphKey(
-                   shape, B, most,
-                   {d, h, impl_->workspace.get(), impl_->pool->plane_base(0),
-                    impl_->pool->plane_base(1)}));
+      spills || !impl_->graphs_on
+          ? nullptr
+          : impl_->FindDecodeGraph(DecodeGraphKey(
+                shape, B, most,
+                {d, h, impl_->workspace.get(), impl_->pool->plane_base(0),
+                 impl_->pool->plane_base(1)}));
   absl::Status enqueued;
   if (graph != nullptr && graph->exec.valid()) {
     for (DevicePolicyItem& item : items) {  // no spilled candidates
