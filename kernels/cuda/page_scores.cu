@@ -1,7 +1,10 @@
-// One thread per candidate page: the page's digest is staged as fp32 in
-// shared memory (rows padded to an odd word count, so the threads of a warp
-// read distinct banks), the group's queries as fp32 beside it, and each
-// thread runs the shared per-head bound over its own row.
+// Two kernels. ScoreQuestKernel (below ScorePagesKernel) takes the Quest
+// bound on rows that split into 16-byte pieces: eight lanes a page and
+// head. ScorePagesKernel takes the rest (pair-norm digests, odd rows): one
+// thread per candidate page, the page's digest staged as fp32 in shared
+// memory (rows padded to an odd word count, so the threads of a warp read
+// distinct banks), the group's queries as fp32 beside it, and each thread
+// running the shared per-head bound over its own row.
 #include <algorithm>
 #include <map>
 #include <mutex>

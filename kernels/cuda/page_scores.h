@@ -1,8 +1,9 @@
 // Batched Quest page scores on the CUDA device (specs/quest.md §2,
 // selection.md step 3): for every candidate page of every stream, the
 // group reduction of the per-head bound. The per-head bound is page_score.h's
-// QuestHeadBound / PairNormHeadBound, evaluated in one thread per page in
-// the CPU's order, so scores equal cpu::ScorePages bit for bit.
+// QuestHeadBound (eight lanes a page and head, added in its own tree) or
+// PairNormHeadBound (one thread a page), in the CPU's order either way, so
+// scores equal cpu::ScorePages bit for bit.
 // Thread-safe (no state); the launch is asynchronous on the caller's stream.
 #ifndef KVMEM_KERNELS_CUDA_PAGE_SCORES_H_
 #define KVMEM_KERNELS_CUDA_PAGE_SCORES_H_
