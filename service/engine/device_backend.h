@@ -58,6 +58,9 @@ class DeviceLayerRows {
 
   bool empty() const { return blocks_.empty(); }
   bool owned() const { return policy_ != nullptr; }
+  // Sealed pages' digests of `head` the device holds (DecodeOwned uploads
+  // newer ones); 0 unless owned.
+  int sealed_on_device(int head) const;
   int32_t Row(int head, int slot) const {
     const int64_t i = int64_t(head) * slots_ + slot;
     return first_row_[size_t(i / rows_per_block_)] +
@@ -102,10 +105,14 @@ struct DevicePolicyItem {
   const uint8_t* key = nullptr;    // [D] the new token
   const uint8_t* value = nullptr;  // [D]
   int64_t position = 0;            // the new token's
-  // Spilled candidates (recall on) in tie order: the sealed pages by
-  // sequence (P tokens each; every one so far, as the stream lists them:
-  // the device keeps the digests it has, and uploads only newer ones),
-  // then the open page when it holds tokens. Digests [2, D] fp32.
+  // Spilled candidates (recall on) in tie order: the stream's
+  // `sealed_pages` sealed pages by sequence (P tokens each), then the open
+  // page when it holds tokens. Digests [2, D] fp32. The device keeps the
+  // digests it has been sent, so `sealed_digests` holds only those of
+  // pages sealed_from … sealed_pages − 1, with sealed_from at most
+  // layer->sealed_on_device(head): a step costs no host work per page.
+  int sealed_pages = 0;
+  int sealed_from = 0;
   std::vector<const float*> sealed_digests;
   const float* open_digest = nullptr;
   int open_tokens = 0;

@@ -28,6 +28,9 @@ using device_internal::KernelShape;
 using device_internal::Layout;
 
 DeviceLayerRows::DeviceLayerRows() = default;
+int DeviceLayerRows::sealed_on_device(int head) const {
+  return policy_ == nullptr ? 0 : policy_->sealed_uploaded[size_t(head)];
+}
 DeviceLayerRows::~DeviceLayerRows() = default;
 DeviceLayerRows::DeviceLayerRows(DeviceLayerRows&&) = default;
 DeviceLayerRows& DeviceLayerRows::operator=(DeviceLayerRows&&) = default;
@@ -36,7 +39,7 @@ namespace {
 
 // Tokens of an item's spilled candidate j: sealed pages are full.
 int SpilledTokens(const DevicePolicyItem& item, size_t j, int page_tokens) {
-  return j < item.sealed_digests.size() ? page_tokens : item.open_tokens;
+  return j < size_t(item.sealed_pages) ? page_tokens : item.open_tokens;
 }
 
 // What a step without spilled candidates launches is a function of these:
@@ -231,11 +234,21 @@ absl::Status DeviceBackend::DecodeOwned(
     }
     spilled_begin[size_t(b)] = spilled_total;
     candidate_begin[size_t(b)] = b * Rc + spilled_total;
-    const int n =
-        int(item.sealed_digests.size()) + (item.open_tokens > 0 ? 1 : 0);
+    const int held = item.layer->sealed_on_device(item.head);
+    if (item.sealed_from < 0 || item.sealed_from > item.sealed_pages ||
+        item.sealed_from > held ||
+        int(item.sealed_digests.size()) !=
+            item.sealed_pages - item.sealed_from) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "device policy: item ", b, "'s sealed digests cover pages ",
+          item.sealed_from, "..", item.sealed_from + item.sealed_digests.size(),
+          " of ", item.sealed_pages, "; want from at most ", held,
+          " (what the device holds) to the last"));
+    }
+    const int n = item.sealed_pages + (item.open_tokens > 0 ? 1 : 0);
     spilled_total += n;
     spilled_tokens_total +=
-        int(item.sealed_digests.size()) * k.page_tokens + item.open_tokens;
+        item.sealed_pages * k.page_tokens + item.open_tokens;
     most = std::max(most, Rc + n);
   }
   const int64_t candidates = int64_t(B) * Rc + spilled_total;
@@ -305,11 +318,9 @@ absl::Status DeviceBackend::DecodeOwned(
   // Sealed digests the device does not hold yet (host → device only).
   size_t new_sealed = 0;
   for (const DevicePolicyItem& item : items) {
-    new_sealed +=
-        item.sealed_digests.size() -
-        std::min(
-            item.sealed_digests.size(),
-            size_t(item.layer->policy_->sealed_uploaded[size_t(item.head)]));
+    new_sealed += size_t(std::max(
+        0, item.sealed_pages -
+               item.layer->policy_->sealed_uploaded[size_t(item.head)]));
   }
   const size_t fresh_sealed_at = L.Take(new_sealed * 2 * D * 4);
 
@@ -344,7 +355,7 @@ absl::Status DeviceBackend::DecodeOwned(
     for (DevicePolicyItem& item : items) {
       DevicePolicyState& state = *item.layer->policy_;
       const int have = state.sealed_uploaded[size_t(item.head)];
-      const int want = int(item.sealed_digests.size());
+      const int want = item.sealed_pages;
       if (want <= have) continue;
       if (want > state.sealed_capacity) {
         const int capacity = std::max({want, 2 * state.sealed_capacity, 64});
@@ -370,7 +381,8 @@ absl::Status DeviceBackend::DecodeOwned(
       char* at = h + fresh_sealed_at + staged_digests * state.DigestBytes();
       for (int p = have; p < want; ++p) {
         std::memcpy(at + size_t(p - have) * state.DigestBytes(),
-                    item.sealed_digests[size_t(p)], state.DigestBytes());
+                    item.sealed_digests[size_t(p - item.sealed_from)],
+                    state.DigestBytes());
       }
       KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(
           reinterpret_cast<char*>(state.Sealed(item.head)) +
@@ -445,7 +457,7 @@ absl::Status DeviceBackend::DecodeOwned(
         state.Policy(item.head);
     reinterpret_cast<cuda::CascadeStreamPointers*>(h + cascade_at)[i] =
         state.Cascade(item.head);
-    const int sealed = int(item.sealed_digests.size());
+    const int sealed = item.sealed_pages;
     const int n = sealed + (item.open_tokens > 0 ? 1 : 0);
     if (item.open_tokens > 0) {
       std::memcpy(h + odigest_at + i * 2 * D * 4, item.open_digest,
@@ -534,7 +546,7 @@ absl::Status DeviceBackend::DecodeOwned(
     for (int b = 0; b < B; ++b) {
       DevicePolicyItem& item = items[size_t(b)];
       const size_t n =
-          item.sealed_digests.size() + (item.open_tokens > 0 ? 1 : 0);
+          size_t(item.sealed_pages) + (item.open_tokens > 0 ? 1 : 0);
       const uint8_t* selected =
           reinterpret_cast<const uint8_t*>(h + selected_at) +
           candidate_begin[size_t(b)] + Rc;

@@ -365,9 +365,13 @@ absl::Status Engine::StepOwned(
       item.value = reinterpret_cast<const uint8_t*>(e.v.data()) + h * kv_head;
       item.position = e.position;
       if (c.recall) {
-        item.sealed_digests.reserve(stream.sealed_pages().size());
-        for (const SealedPageRef& page : stream.sealed_pages()) {
-          item.sealed_digests.push_back(page.digest.data());
+        // Only the pages the device does not hold yet (usually none).
+        const std::vector<SealedPageRef>& sealed = stream.sealed_pages();
+        item.sealed_pages = int(sealed.size());
+        item.sealed_from =
+            std::min(item.sealed_pages, item.layer->sealed_on_device(int(h)));
+        for (size_t p = size_t(item.sealed_from); p < sealed.size(); ++p) {
+          item.sealed_digests.push_back(sealed[p].digest.data());
         }
         const storage::SpillPage& open = stream.open_page();
         if (!open.positions.empty()) {
