@@ -110,7 +110,7 @@ struct DevicePolicyItem {
   // page when it holds tokens. Digests [2, D] fp32. The device keeps the
   // digests it has been sent, so `sealed_digests` holds only those of
   // pages sealed_from … sealed_pages − 1, with sealed_from at most
-  // layer->sealed_on_device(head): a step costs no host work per page.
+  // layer->sealed_on_device(head): a step gathers no pointer per page.
   int sealed_pages = 0;
   int sealed_from = 0;
   std::vector<const float*> sealed_digests;
