@@ -22,8 +22,10 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/chunk_attention.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/launch.h"
 
 namespace kvmem::cuda {
 namespace {
@@ -185,10 +187,6 @@ __device__ __forceinline__ float Exp2(float x) {
   return y;
 }
 
-__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
-  return uint32_t(__cvta_generic_to_shared(p));
-}
-
 // Four 8×8 b16 matrices; lane i gives the address of row i%8 of matrix i/8.
 __device__ __forceinline__ void LdMatrix(uint32_t (&r)[4], uint32_t address) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -201,21 +199,6 @@ __device__ __forceinline__ void LdMatrixTransposed(uint32_t (&r)[4],
       "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
       : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
       : "r"(address));
-}
-
-// 16 bytes global → shared; zeros when !valid (nothing is read then).
-__device__ __forceinline__ void CopyAsync16(void* shared, const void* global,
-                                            bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(
-                   SharedAddress(shared)),
-               "l"(global), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void CommitCopies() {
-  asm volatile("cp.async.commit_group;");
-}
-template <int kPending>
-__device__ __forceinline__ void WaitCopies() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
 }
 
 struct ChunkArgs {
@@ -683,13 +666,18 @@ template <typename T>
 absl::Status LaunchAttention(const ChunkArgs& a, int query_blocks,
                              const ChunkPhaseEvents& events,
                              cudaStream_t stream) {
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      ChunkForwardKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      int(kForwardSharedBytes)));
+  if (absl::Status allowed = AllowDynamicSharedMemory(
+          reinterpret_cast<const void*>(&ChunkForwardKernel<T>),
+          kForwardSharedBytes);
+      !allowed.ok()) {
+    return allowed;
+  }
   const auto scores_kernel = ScoresKernelFor<T>(a.group);
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      int(kScoresSharedBytes)));
+  if (absl::Status allowed = AllowDynamicSharedMemory(
+          reinterpret_cast<const void*>(scores_kernel), kScoresSharedBytes);
+      !allowed.ok()) {
+    return allowed;
+  }
   const dim3 grid(query_blocks, a.streams);
   ChunkForwardKernel<T><<<grid, kThreads, kForwardSharedBytes, stream>>>(a);
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ChunkForwardKernel");

@@ -5,12 +5,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <mutex>
-#include <set>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/decode_attention.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/cuda/row_access.cuh"
 
 namespace kvmem::cuda {
@@ -384,22 +384,6 @@ __device__ __forceinline__ void TileLogits(const uint4 (&q)[4],
   }
 }
 
-// Asynchronous 16-byte global → shared copies (cp.async, L2 only); a
-// size of 0 fills the 16 bytes with zeros and reads nothing.
-__device__ __forceinline__ void CpAsync16(void* dst, const void* src,
-                                          int bytes) {
-  const unsigned at = unsigned(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(at),
-               "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void CpAsyncCommit() {
-  asm volatile("cp.async.commit_group;");
-}
-template <int kPending>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
-}
-
 // Each warp stages its tiles' K and V rows in shared memory, two tiles
 // ahead of the math (cp.async): 16 KB in flight a warp without holding
 // registers for them. Piece p of tile row r sits at slot 16r + (p ^ 4(r&1)),
@@ -479,11 +463,11 @@ __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
         const size_t row = size_t(__shfl_sync(kFullMask, index, r));
         const bool in = at + r < hi;
         const size_t from = in ? row * kRowBytes + size_t(sub) * 16 : 0;
-        CpAsync16(k_dst + TileSlot(r, sub), keys + from, in ? 16 : 0);
-        CpAsync16(v_dst + TileSlot(r, sub), values + from, in ? 16 : 0);
+        CopyAsync16(k_dst + TileSlot(r, sub), keys + from, in);
+        CopyAsync16(v_dst + TileSlot(r, sub), values + from, in);
       }
     }
-    CpAsyncCommit();
+    CommitCopies();
   };
   int tile = lo + warp * kFastRows;
   issue(tile, load_index(tile), 0);
@@ -492,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
   int stage = 0;
   for (; tile < hi; tile += kStep, stage ^= 1) {
     const int rows_in = min(kFastRows, hi - tile);
-    CpAsyncWait<kFastStages - 1>();  // this tile's copies have landed
+    WaitCopies<kFastStages - 1>();  // this tile's copies have landed
     __syncwarp();
     const uint4* k_src = tiles + stage * 2 * kTilePieces;
     const uint4* v_src = k_src + kTilePieces;
@@ -568,7 +552,7 @@ __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
     issue(tile + 2 * kStep, index_ahead, stage);
     index_ahead = load_index(tile + 3 * kStep);
   }
-  CpAsyncWait<0>();
+  WaitCopies<0>();
 
   // The two halves saw different rows under the same running max.
 #pragma unroll
@@ -909,22 +893,10 @@ absl::Status DecodeAttention(const DecodeAttentionShape& shape,
       : shape.dtype == DType::kBf16 ? SplitKernelFor<DType::kBf16>(slots)
       : shape.dtype == DType::kFp16 ? SplitKernelFor<DType::kFp16>(slots)
                                     : SplitKernelFor<DType::kFp32>(slots);
-  if (fast) {
-    // The staged tiles, over the 48 KB a block gets without opting in:
-    // raised once per kernel (a driver call costs tens of µs, and a step
-    // may be under stream capture).
-    smem = kFastSmemBytes;
-    static std::mutex mu;
-    static std::set<void*> raised;
-    std::lock_guard<std::mutex> lock(mu);
-    if (raised.count(kernel) == 0) {
-      KVMEM_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-      raised.insert(kernel);
-    }
-  } else if (smem > 48 * 1024) {
-    KVMEM_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  if (fast) smem = kFastSmemBytes;  // the staged tiles
+  if (absl::Status allowed = AllowDynamicSharedMemory(kernel, smem);
+      !allowed.ok()) {
+    return allowed;
   }
   void* kernel_args[] = {&args};
   KVMEM_CUDA_RETURN_IF_ERROR(

@@ -6,11 +6,10 @@
 // distinct banks), the group's queries as fp32 beside it, and each thread
 // running the shared per-head bound over its own row.
 #include <algorithm>
-#include <map>
-#include <mutex>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/cuda/page_scores.h"
 #include "kernels/cuda/row_access.cuh"
 
@@ -469,19 +468,9 @@ absl::Status ScorePages(const PageScoreShape& shape,
                  : shape.query_dtype == DType::kFp16
                      ? KernelFor<DType::kFp16>(shape.digest_dtype)
                      : KernelFor<DType::kFp32>(shape.digest_dtype);
-  if (smem > 48 * 1024) {
-    // Raised once per kernel to the most any launch needs (the driver call
-    // costs tens of microseconds; a step must not pay it). Per process, so
-    // for the current device only: a multi-device engine sets it per device.
-    static std::mutex mu;
-    static std::map<void*, int> raised;
-    std::lock_guard<std::mutex> lock(mu);
-    int& limit = raised[kernel];
-    if (limit < int(smem)) {
-      KVMEM_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-      limit = int(smem);
-    }
+  if (absl::Status allowed = AllowDynamicSharedMemory(kernel, smem);
+      !allowed.ok()) {
+    return allowed;
   }
   int tiles = (shape.max_candidates_per_stream + args.pages_per_tile - 1) /
               args.pages_per_tile;

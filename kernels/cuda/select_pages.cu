@@ -4,10 +4,10 @@
 // that fits (an inclusive scan of fresh tokens), then let one warp finish
 // the greedy rule after the first page that did not fit (pages that fit
 // what is left, in order; few, since what is left is under a page).
-#include <mutex>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/cuda/select_pages.h"
 
 namespace kvmem::cuda {
@@ -287,17 +287,10 @@ absl::Status SelectPages(const SelectPagesShape& shape,
   args.compact = shape.compact_rows;
   const size_t smem = size_t(args.sort_capacity) *
                       (sizeof(uint64_t) + sizeof(int) + sizeof(uint8_t));
-  if (smem > 48 * 1024) {
-    // Raised once to the most any launch needs (see page_scores.cu).
-    static std::mutex mu;
-    static int raised = 0;
-    std::lock_guard<std::mutex> lock(mu);
-    if (raised < int(smem)) {
-      KVMEM_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-          SelectPagesKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-          int(smem)));
-      raised = int(smem);
-    }
+  if (absl::Status allowed = AllowDynamicSharedMemory(
+          reinterpret_cast<const void*>(&SelectPagesKernel), smem);
+      !allowed.ok()) {
+    return allowed;
   }
   SelectPagesKernel<<<shape.streams, kThreads, smem, stream>>>(args);
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("SelectPagesKernel");

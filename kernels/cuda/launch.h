@@ -1,0 +1,21 @@
+// Host-side help for launching the kernels of kernels/cuda/. Thread-safe.
+#ifndef KVMEM_KERNELS_CUDA_LAUNCH_H_
+#define KVMEM_KERNELS_CUDA_LAUNCH_H_
+
+#include <cstddef>
+
+#include "absl/status/status.h"
+
+namespace kvmem::cuda {
+
+// Lets `kernel` take `bytes` of dynamic shared memory, over the 48 KiB a
+// block gets without opting in. The driver call is made once per kernel and
+// size (it costs tens of µs, and a decode step may be under stream
+// capture), raising the limit to the most any launch has asked for. Per
+// process, so for the current device only: a multi-device engine would set
+// it per device. INTERNAL with file:line when the driver refuses.
+absl::Status AllowDynamicSharedMemory(const void* kernel, size_t bytes);
+
+}  // namespace kvmem::cuda
+
+#endif  // KVMEM_KERNELS_CUDA_LAUNCH_H_
