@@ -543,19 +543,20 @@ absl::Status DeviceBackend::DecodeOwned(
                                              stream));
       KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
     }
-    for (int b = 0; b < B; ++b) {
-      DevicePolicyItem& item = items[size_t(b)];
-      const size_t n =
-          size_t(item.sealed_pages) + (item.open_tokens > 0 ? 1 : 0);
-      const uint8_t* selected =
-          reinterpret_cast<const uint8_t*>(h + selected_at) +
-          candidate_begin[size_t(b)] + Rc;
-      item.spilled_taken.assign(selected, selected + n);
-      item.spilled_keys.assign(n, nullptr);
-      item.spilled_values.assign(n, nullptr);
-      item.spilled_positions.assign(n, nullptr);
-    }
+    // Without spilled candidates the items' spilled_* lists stay empty.
     if (spills) {
+      for (int b = 0; b < B; ++b) {
+        DevicePolicyItem& item = items[size_t(b)];
+        const size_t n =
+            size_t(item.sealed_pages) + (item.open_tokens > 0 ? 1 : 0);
+        const uint8_t* selected =
+            reinterpret_cast<const uint8_t*>(h + selected_at) +
+            candidate_begin[size_t(b)] + Rc;
+        item.spilled_taken.assign(selected, selected + n);
+        item.spilled_keys.assign(n, nullptr);
+        item.spilled_values.assign(n, nullptr);
+        item.spilled_positions.assign(n, nullptr);
+      }
       KVMEM_RETURN_IF_ERROR(recall());
       KVMEM_RETURN_IF_ERROR(stage_rows());
       // The tail of phase 1's inputs (the new tokens) and phase 2's inputs
@@ -716,12 +717,6 @@ absl::Status DeviceBackend::DecodeOwned(
                  impl_->pool->plane_base(1)}));
   absl::Status enqueued;
   if (graph != nullptr && graph->exec.valid()) {
-    for (DevicePolicyItem& item : items) {  // no spilled candidates
-      item.spilled_taken.clear();
-      item.spilled_keys.clear();
-      item.spilled_values.clear();
-      item.spilled_positions.clear();
-    }
     *touched = true;
     enqueued = graph->exec.Launch(stream);
     impl_->graph_launches.fetch_add(1, std::memory_order_relaxed);
