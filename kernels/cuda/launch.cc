@@ -4,6 +4,7 @@
 
 #include <map>
 #include <mutex>
+#include <tuple>
 
 #include "kernels/cuda/cuda_status.h"
 
@@ -21,6 +22,26 @@ absl::Status AllowDynamicSharedMemory(const void* kernel, size_t bytes) {
     limit = bytes;
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<int> ResidentBlocks(const void* kernel, int threads,
+                                   size_t bytes) {
+  int device = 0;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t, int>, int> known;
+  std::lock_guard<std::mutex> lock(mu);
+  int& blocks = known[{kernel, threads, bytes, device}];
+  if (blocks == 0) {
+    int per_sm = 0;
+    int sms = 0;
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, kernel, threads, bytes));
+    KVMEM_CUDA_RETURN_IF_ERROR(
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    blocks = per_sm * sms > 0 ? per_sm * sms : 1;
+  }
+  return blocks;
 }
 
 }  // namespace kvmem::cuda

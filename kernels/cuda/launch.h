@@ -5,6 +5,7 @@
 #include <cstddef>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace kvmem::cuda {
 
@@ -15,6 +16,13 @@ namespace kvmem::cuda {
 // process, so for the current device only: a multi-device engine would set
 // it per device. INTERNAL with file:line when the driver refuses.
 absl::Status AllowDynamicSharedMemory(const void* kernel, size_t bytes);
+
+// How many blocks of `kernel` (`threads` a block, `bytes` of dynamic shared
+// memory) the current device holds at once, over all its SMs: a grid this
+// size runs in one wave. Asked of the driver once per kernel, shape and
+// device, for the same reasons as above. At least 1.
+absl::StatusOr<int> ResidentBlocks(const void* kernel, int threads,
+                                   size_t bytes);
 
 }  // namespace kvmem::cuda
 

@@ -1,10 +1,12 @@
-// Two kernels. ScoreQuestKernel (below ScorePagesKernel) takes the Quest
-// bound on rows that split into 16-byte pieces: eight lanes a page and
-// head. ScorePagesKernel takes the rest (pair-norm digests, odd rows): one
-// thread per candidate page, the page's digest staged as fp32 in shared
-// memory (rows padded to an odd word count, so the threads of a warp read
-// distinct banks), the group's queries as fp32 beside it, and each thread
-// running the shared per-head bound over its own row.
+// Three kernels. ScoreQuest128Kernel (last) takes the Quest bound at D 128
+// with 16-bit queries and digests and G 1/2/4/8. ScoreQuestKernel takes
+// the Quest bound on other rows that split into 16-byte pieces: eight
+// lanes a page and head. ScorePagesKernel takes the rest (pair-norm
+// digests, odd rows): one thread per candidate page, the page's digest
+// staged as fp32 in shared memory (rows padded to an odd word count, so the
+// threads of a warp read distinct banks), the group's queries as fp32
+// beside it, and each thread running the shared per-head bound over its
+// own row.
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
@@ -195,17 +197,14 @@ QuestTile PlanQuestTile(const PageScoreShape& shape) {
   return t;
 }
 
-// kD, kG: D and G known at compile time (0: read from the arguments), so
-// that the common shape (D 128, G a power of two) runs without the loop
-// guards and divisions: the kernel is instruction-bound.
-template <DType kQ, DType kDigest, int kD, int kG>
+template <DType kQ, DType kDigest>
 __global__ void __launch_bounds__(kQuestThreads)
     ScoreQuestKernel(const ScoreArgs args, const QuestTile plan) {
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   constexpr int kPer = kDigest == DType::kFp32 ? 4 : 8;  // channels a piece
-  const int head_dim = kD != 0 ? kD : args.head_dim;
-  const int group = kG != 0 ? kG : args.group;
+  const int head_dim = args.head_dim;
+  const int group = args.group;
   const int ppt = plan.pages_per_tile;
   const int stride = plan.lane_stride;
   float* s_query = smem;                                // [G][8][stride]
@@ -244,8 +243,7 @@ __global__ void __launch_bounds__(kQuestThreads)
   int tile = blockIdx.x * ppt;
   if (tile < n) load(tile);
   const int k = tid & 7;
-  const int lane_channels =
-      kD % 8 == 0 && kD != 0 ? kD / 8 : (head_dim - k + 7) / 8;
+  const int lane_channels = (head_dim - k + 7) / 8;
   for (; tile < n; tile += tile_stride) {
     const int pages = min(ppt, n - tile);
     __syncthreads();  // queries written; the previous tile is read
@@ -320,42 +318,250 @@ __global__ void __launch_bounds__(kQuestThreads)
   }
 }
 
-// The kernel for a shape: compiled for D 128 and G 1/2/4/8 with 16-bit
-// queries, else general.
-template <DType kQ, DType kDigest>
-void* QuestKernelFor(int head_dim, int group) {
-  if constexpr (kQ != DType::kFp32) {
-    if (head_dim == 128) {
-      switch (group) {
-        case 1:
-          return reinterpret_cast<void*>(
-              &ScoreQuestKernel<kQ, kDigest, 128, 1>);
-        case 2:
-          return reinterpret_cast<void*>(
-              &ScoreQuestKernel<kQ, kDigest, 128, 2>);
-        case 4:
-          return reinterpret_cast<void*>(
-              &ScoreQuestKernel<kQ, kDigest, 128, 4>);
-        case 8:
-          return reinterpret_cast<void*>(
-              &ScoreQuestKernel<kQ, kDigest, 128, 8>);
-        default:
-          break;
+// The Quest bound at D 128 with 16-bit queries and digests and G 1/2/4/8,
+// the shape of every model the service is tuned for. Same lanes and order
+// as ScoreQuestKernel (lane k: channels i ≡ k mod 8 ascending, then the
+// three xor shuffles), but shared memory no longer bounds it (ncu had L1
+// at 87 % there, from 48 wavefronts a page):
+// - a lane keeps its channels of kHeads queries in registers for the whole
+//   kernel, and reads its page's digest channels once for all of them;
+// - a thread stages four adjacent 16-byte pieces of one digest row, whose
+//   channel c sits in column c / 8 of residue row c % 8, so one residue's
+//   four columns leave as one 16-byte store (8 stores a thread, not 32).
+// Residue rows are kQ128Stride floats apart (16·odd bytes: the eight lanes
+// of a page read distinct banks) and pages kQ128PagePitch (16 banks on, so
+// the two pages of a quarter-warp's stores do not collide).
+constexpr int kQ128Threads = 256;
+// Blocks a launch, in resident waves: 4 and 16 (smaller runs of tiles a
+// block) measured alike or slower than 1.
+constexpr int kQ128Waves = 1;
+constexpr int kQ128Pages = 32;  // a tile: 8 threads stage each page
+constexpr int kQ128Stride = 20;
+constexpr int kQ128PagePitch = 16 * kQ128Stride + 16;
+// Query heads a lane holds (32 registers): 2 measured faster than 4 (one
+// digest read a page for all four heads, but 125 registers and 2 blocks an
+// SM): 25.0 against 30.5 µs at b32 × 4K, 237 against 244 at 64K.
+constexpr int kQ128MaxHeads = 2;
+
+// Rows, queries [G·8][stride], bounds [32][G].
+size_t Quest128SmemBytes(int group) {
+  return sizeof(float) *
+         (size_t(kQ128Pages) * kQ128PagePitch +
+          size_t(group) * 8 * kQ128Stride + size_t(kQ128Pages) * group);
+}
+
+// Work items are (stream, tile) pairs, stream-major, tiles_per_stream a
+// stream (from the largest candidate count); a block takes per_block of
+// them in a row.
+struct Quest128Work {
+  int tiles_per_stream;
+  int items;
+  int per_block;
+};
+
+template <DType kQ, DType kDigest, int kG>
+__global__ void __launch_bounds__(kQ128Threads, 3)
+    ScoreQuest128Kernel(const ScoreArgs args, const Quest128Work work) {
+  constexpr int kHeads = kG < kQ128MaxHeads ? kG : kQ128MaxHeads;
+  constexpr int kUnits = kG / kHeads;  // (page, head chunk) units a page
+  extern __shared__ float4 smem4[];
+  float* s_rows = reinterpret_cast<float*>(smem4);        // [32][pitch]
+  float* s_query = s_rows + kQ128Pages * kQ128PagePitch;  // [G·8][stride]
+  float* s_bound = s_query + kG * 8 * kQ128Stride;        // [32][G]
+  const int tid = threadIdx.x;
+  const int k = tid & 7;
+  const int unit_group = tid >> 3;  // 32 of them
+  const int first_head = (unit_group % kUnits) * kHeads;
+  const uint4* digests = static_cast<const uint4*>(args.digests);
+  // Staging: quarter-warp = two pages × four 64-byte groups of one row.
+  const int stage_group = tid & 3;  // columns 4·group .. 4·group + 3
+  const int stage_row = (tid >> 3) & 1;
+  const int stage_page = (tid >> 4) * 2 + ((tid >> 2) & 1);
+  float* stage_dst = s_rows + stage_page * kQ128PagePitch +
+                     stage_row * 8 * kQ128Stride + 4 * stage_group;
+
+  // The block's work items: a contiguous run of (stream, tile) pairs, so
+  // that it loads a stream's queries once or twice, and keeps the next
+  // tile's pieces in flight while it scores this one (at 4K tokens a block
+  // a tile had left the kernel waiting on memory).
+  const int w_begin = blockIdx.x * work.per_block;
+  const int w_end = min(work.items, w_begin + work.per_block);
+  uint4 piece[4];
+  auto load = [&](int w) {
+    const int stream = w / work.tiles_per_stream;
+    const int tile = (w - stream * work.tiles_per_stream) * kQ128Pages;
+    if (tile + stage_page < args.candidate_count[stream]) {
+      const int page = args.candidate_pages[args.candidate_begin[stream] +
+                                            tile + stage_page];
+      const uint4* src =
+          digests + size_t(page) * 32 + stage_row * 16 + stage_group * 4;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) piece[j] = __ldg(src + j);
+    }
+  };
+  if (w_begin < w_end) load(w_begin);
+  float q[kHeads][16];
+  int stream = -1;
+  for (int w = w_begin; w < w_end; ++w) {
+    const int w_stream = w / work.tiles_per_stream;
+    if (w_stream != stream) {
+      // This lane's channels (k + 8c) of its heads, kept in registers; the
+      // queries come in 16-byte pieces, transposed through shared memory.
+      stream = w_stream;
+      __syncthreads();  // the previous stream's queries are read
+      const uint4* query_pieces =
+          static_cast<const uint4*>(args.queries) + size_t(stream) * kG * 16;
+      for (int i = tid; i < kG * 16; i += kQ128Threads) {
+        float x[kLaneSlots];
+        UnpackVector<kQ>(__ldg(query_pieces + i), x);
+        const int g = i / 16;  // piece i: channels 8m..8m+7 of head g
+        const int m = i % 16;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          s_query[(g * 8 + e) * kQ128Stride + m] = x[e];
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) {
+        const float* row = s_query + ((first_head + h) * 8 + k) * kQ128Stride;
+#pragma unroll
+        for (int c = 0; c < 16; c += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(row + c);
+          q[h][c] = v.x;
+          q[h][c + 1] = v.y;
+          q[h][c + 2] = v.z;
+          q[h][c + 3] = v.w;
+        }
+      }
+    }
+    const int tile = (w - stream * work.tiles_per_stream) * kQ128Pages;
+    const int begin = args.candidate_begin[stream];
+    const int pages = min(kQ128Pages, args.candidate_count[stream] - tile);
+    __syncthreads();  // the previous tile is read
+    if (stage_page < pages) {
+      float x[4][kLaneSlots];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) UnpackVector<kDigest>(piece[j], x[j]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        *reinterpret_cast<float4*>(stage_dst + e * kQ128Stride) =
+            make_float4(x[0][e], x[1][e], x[2][e], x[3][e]);
+      }
+    }
+    if (w + 1 < w_end) load(w + 1);
+    if (pages <= 0) continue;  // a short stream's unused tile
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) {
+      const int p = (unit_group + u * 32) / kUnits;
+      float sum[kHeads];
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) sum[h] = 0.0f;
+      if (p < pages) {
+        const float* low = s_rows + p * kQ128PagePitch + k * kQ128Stride;
+        const float* high = low + 8 * kQ128Stride;
+#pragma unroll
+        for (int t0 = 0; t0 < 16; t0 += 4) {
+          const float4 lv = *reinterpret_cast<const float4*>(low + t0);
+          const float4 hv = *reinterpret_cast<const float4*>(high + t0);
+          const float ls[4] = {lv.x, lv.y, lv.z, lv.w};
+          const float hs[4] = {hv.x, hv.y, hv.z, hv.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+#pragma unroll
+            for (int h = 0; h < kHeads; ++h) {
+              const float up = MulF(q[h][t0 + e], hs[e]);
+              const float down = MulF(q[h][t0 + e], ls[e]);
+              sum[h] = AddF(sum[h], up > down ? up : down);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) {
+        sum[h] = AddF(sum[h], __shfl_xor_sync(0xffffffffu, sum[h], 1));
+        sum[h] = AddF(sum[h], __shfl_xor_sync(0xffffffffu, sum[h], 2));
+        sum[h] = AddF(sum[h], __shfl_xor_sync(0xffffffffu, sum[h], 4));
+      }
+      if (k == 0 && p < pages) {
+        if constexpr (kUnits == 1) {
+          float score = sum[0];
+#pragma unroll
+          for (int h = 1; h < kHeads; ++h) {
+            score = args.reduction == GroupReduction::kMax
+                        ? (sum[h] > score ? sum[h] : score)
+                        : AddF(score, sum[h]);
+          }
+          args.scores[begin + tile + p] = score;
+        } else {
+#pragma unroll
+          for (int h = 0; h < kHeads; ++h) {
+            s_bound[p * kG + first_head + h] = sum[h];
+          }
+        }
+      }
+    }
+    if constexpr (kUnits > 1) {
+      __syncthreads();
+      if (tid < pages) {
+        float score = s_bound[tid * kG];
+#pragma unroll
+        for (int h = 1; h < kG; ++h) {
+          const float bound = s_bound[tid * kG + h];
+          score = args.reduction == GroupReduction::kMax
+                      ? (bound > score ? bound : score)
+                      : AddF(score, bound);
+        }
+        args.scores[begin + tile + tid] = score;
       }
     }
   }
-  return reinterpret_cast<void*>(&ScoreQuestKernel<kQ, kDigest, 0, 0>);
+}
+
+template <DType kQ, DType kDigest>
+void* Quest128KernelFor(int group) {
+  switch (group) {
+    case 1:
+      return reinterpret_cast<void*>(&ScoreQuest128Kernel<kQ, kDigest, 1>);
+    case 2:
+      return reinterpret_cast<void*>(&ScoreQuest128Kernel<kQ, kDigest, 2>);
+    case 4:
+      return reinterpret_cast<void*>(&ScoreQuest128Kernel<kQ, kDigest, 4>);
+    case 8:
+      return reinterpret_cast<void*>(&ScoreQuest128Kernel<kQ, kDigest, 8>);
+    default:
+      return nullptr;
+  }
+}
+
+// The D-128 kernel for a shape, or null where it does not apply.
+void* Quest128KernelFor(const PageScoreShape& shape) {
+  if (shape.head_dim != 128) return nullptr;
+  const bool q16 =
+      shape.query_dtype == DType::kBf16 || shape.query_dtype == DType::kFp16;
+  const bool d16 =
+      shape.digest_dtype == DType::kBf16 || shape.digest_dtype == DType::kFp16;
+  if (!q16 || !d16) return nullptr;
+  if (shape.query_dtype == DType::kBf16) {
+    return shape.digest_dtype == DType::kBf16
+               ? Quest128KernelFor<DType::kBf16, DType::kBf16>(shape.group)
+               : Quest128KernelFor<DType::kBf16, DType::kFp16>(shape.group);
+  }
+  return shape.digest_dtype == DType::kBf16
+             ? Quest128KernelFor<DType::kFp16, DType::kBf16>(shape.group)
+             : Quest128KernelFor<DType::kFp16, DType::kFp16>(shape.group);
 }
 
 template <DType kQ>
-void* QuestKernelFor(DType digest, int head_dim, int group) {
+void* QuestKernelFor(DType digest) {
   switch (digest) {
     case DType::kBf16:
-      return QuestKernelFor<kQ, DType::kBf16>(head_dim, group);
+      return reinterpret_cast<void*>(&ScoreQuestKernel<kQ, DType::kBf16>);
     case DType::kFp16:
-      return QuestKernelFor<kQ, DType::kFp16>(head_dim, group);
+      return reinterpret_cast<void*>(&ScoreQuestKernel<kQ, DType::kFp16>);
     default:
-      return QuestKernelFor<kQ, DType::kFp32>(head_dim, group);
+      return reinterpret_cast<void*>(&ScoreQuestKernel<kQ, DType::kFp32>);
   }
 }
 
@@ -436,6 +642,29 @@ absl::Status ScorePages(const PageScoreShape& shape,
   args.vector =
       (2 * shape.head_dim * DTypeBytes(shape.digest_dtype)) % 16 == 0 &&
       Aligned16(inputs.digests);
+  if (void* kernel = Quest128KernelFor(shape);
+      kernel != nullptr && !shape.kind.rotation_invariant && args.vector &&
+      Aligned16(inputs.queries)) {
+    const size_t smem = Quest128SmemBytes(shape.group);
+    if (absl::Status allowed = AllowDynamicSharedMemory(kernel, smem);
+        !allowed.ok()) {
+      return allowed;
+    }
+    absl::StatusOr<int> slots = ResidentBlocks(kernel, kQ128Threads, smem);
+    if (!slots.ok()) return slots.status();
+    Quest128Work work;
+    work.tiles_per_stream =
+        (shape.max_candidates_per_stream + kQ128Pages - 1) / kQ128Pages;
+    work.items = work.tiles_per_stream * shape.streams;
+    const int target = *slots * kQ128Waves;
+    work.per_block = (work.items + target - 1) / target;
+    const int blocks = (work.items + work.per_block - 1) / work.per_block;
+    void* kernel_args[] = {&args, &work};
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernel(
+        kernel, dim3(blocks), dim3(kQ128Threads), kernel_args, smem, stream));
+    KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ScoreQuest128Kernel");
+    return absl::OkStatus();
+  }
   if (!shape.kind.rotation_invariant && args.vector) {
     const QuestTile plan = PlanQuestTile(shape);
     const int tiles =
@@ -444,12 +673,11 @@ absl::Status ScorePages(const PageScoreShape& shape,
     const int per_stream =
         std::max(1, std::min(tiles, (kQuestTargetBlocks + shape.streams - 1) /
                                         shape.streams));
-    const int d = shape.head_dim, g = shape.group;
     void* kernel = shape.query_dtype == DType::kBf16
-                       ? QuestKernelFor<DType::kBf16>(shape.digest_dtype, d, g)
+                       ? QuestKernelFor<DType::kBf16>(shape.digest_dtype)
                    : shape.query_dtype == DType::kFp16
-                       ? QuestKernelFor<DType::kFp16>(shape.digest_dtype, d, g)
-                       : QuestKernelFor<DType::kFp32>(shape.digest_dtype, d, g);
+                       ? QuestKernelFor<DType::kFp16>(shape.digest_dtype)
+                       : QuestKernelFor<DType::kFp32>(shape.digest_dtype);
     void* kernel_args[] = {&args, const_cast<QuestTile*>(&plan)};
     KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernel(
         kernel, dim3(per_stream, shape.streams), dim3(kQuestThreads),

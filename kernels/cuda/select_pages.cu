@@ -1,9 +1,10 @@
-// A block per stream: sort (score descending, index ascending) with a
-// bitonic network (in registers and shuffles up to 512 candidates, else in
-// shared memory), take the prefix of the sorted order
-// that fits (an inclusive scan of fresh tokens), then let one warp finish
-// the greedy rule after the first page that did not fit (pages that fit
-// what is left, in order; few, since what is left is under a page).
+// A block per stream. Up to 512 candidates: sort them (score descending,
+// index ascending) with a bitonic network in registers and shuffles, take
+// the prefix of the sorted order that fits (an inclusive scan of fresh
+// tokens), then let one warp finish the greedy rule after the first page
+// that did not fit (pages that fit what is left, in order; few, since what
+// is left is under a page). Above 512: find that first miss by a radix
+// search instead of a sort (RadixSelect), and sort only the tail.
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
@@ -72,6 +73,162 @@ __device__ void BlockInclusiveScan(int* a, int len, int* s_warp) {
   __syncthreads();
 }
 
+// Sorts s_keys[0..capacity) ascending (capacity a power of two, padded
+// with ~0) by a bitonic network in shared memory, the whole block.
+__device__ void BlockBitonicSort(uint64_t* s_keys, int capacity) {
+  const int tid = threadIdx.x;
+  for (int k = 2; k <= capacity; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = tid; i < capacity; i += kThreads) {
+        const int partner = i ^ j;
+        if (partner > i) {
+          const uint64_t a = s_keys[i];
+          const uint64_t b = s_keys[partner];
+          const bool ascending = (i & k) == 0;
+          if ((a > b) == ascending) {
+            s_keys[i] = b;
+            s_keys[partner] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// The greedy rule after the first page that did not fit, by warp 0 (the
+// caller's condition): over sorted[from..count) in order, take each page
+// with fresh tokens that fit in `left`. Returns what is left (lane 0's).
+__device__ int WarpGreedyTail(const uint64_t* sorted, int from, int count,
+                              const int* fresh, uint8_t* s_taken, int left) {
+  const int lane = threadIdx.x % 32;
+  for (int base = from; base < count && left > 0; base += 32) {
+    const int i = base + lane;
+    const int index = i < count ? int(uint32_t(sorted[i])) : 0;
+    const int tokens = i < count ? fresh[index] : 0;
+    bool fits = i < count && tokens > 0 && tokens <= left;
+    unsigned ballot = __ballot_sync(kFullMask, fits);
+    while (ballot != 0) {
+      const int first = __ffs(ballot) - 1;
+      const int taken_tokens = __shfl_sync(kFullMask, tokens, first);
+      if (lane == first) s_taken[index] = 1;
+      left -= taken_tokens;
+      fits = fits && lane > first && tokens <= left;
+      ballot = __ballot_sync(kFullMask, fits);
+    }
+  }
+  return left;
+}
+
+// Above kThreads candidates the block does not sort them all: it finds the
+// first page that does not fit (the miss) by a radix search over the sort
+// keys, 8 bits a pass, weighting each key by its fresh tokens: the miss is
+// the smallest key whose tokens, with those of every smaller key, pass
+// `avail`. Pages before it with tokens are taken; only the pages after it
+// that could still fit (0 < tokens ≤ what is left, a page's worth at
+// most) are sorted, for the greedy tail. At 4095 candidates a stream this
+// replaced a full sort of 78 barrier stages. `s_keys[0..n)` hold the keys
+// (unsorted) and `s_fresh[0..n)` their tokens; `s_tail` has room for n.
+// Returns what is left of `avail`.
+__device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
+                           int avail, uint8_t* s_taken, uint64_t* s_tail) {
+  __shared__ unsigned long long s_hist[256];  // (count << 32) | tokens
+  __shared__ uint64_t s_prefix;
+  __shared__ int s_below, s_bin_count, s_tail_count;
+  __shared__ uint64_t s_miss;
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  uint64_t prefix = 0;  // the miss's bits above `shift + 8`
+  int below = 0;        // tokens of the keys below those bits
+  int shift = 56;
+  for (;; shift -= 8) {
+    for (int b = tid; b < 256; b += kThreads) s_hist[b] = 0;
+    __syncthreads();
+    for (int first = 0; first < n; first += kThreads) {
+      const int i = first + tid;
+      const uint64_t key = i < n ? s_keys[i] : 0;
+      const bool in = i < n && (shift == 56 || (key >> (shift + 8)) == prefix);
+      const int digit = in ? int((key >> shift) & 0xff) : -1;
+      const int tokens = in ? s_fresh[i] : 0;
+      // Keys of a stream share their top bits, so lanes of one digit add
+      // up first and one of them touches the histogram.
+      const unsigned peers = __match_any_sync(kFullMask, digit);
+      const unsigned sum = __reduce_add_sync(peers, unsigned(tokens));
+      if (in && lane == __ffs(peers) - 1) {
+        atomicAdd(&s_hist[digit],
+                  (static_cast<unsigned long long>(__popc(peers)) << 32) | sum);
+      }
+    }
+    __syncthreads();
+    if (tid < 32) {
+      // Lane l holds bins 8l..8l+7; the bin where the running tokens pass
+      // `avail` holds the miss.
+      int sums[8];
+      int lane_sum = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        sums[j] = int(uint32_t(s_hist[tid * 8 + j]));
+        lane_sum += sums[j];
+      }
+      int incl = lane_sum;
+      for (int off = 1; off < 32; off <<= 1) {
+        const int up = __shfl_up_sync(kFullMask, incl, off);
+        if (tid >= off) incl += up;
+      }
+      int run = below + incl - lane_sum;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (run <= avail && run + sums[j] > avail) {
+          s_prefix = (prefix << 8) | uint64_t(tid * 8 + j);
+          s_below = run;
+          s_bin_count = int(s_hist[tid * 8 + j] >> 32);
+        }
+        run += sums[j];
+      }
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    below = s_below;
+    // Warp 0 writes these again only after two more barriers, which every
+    // thread reaches after reading them.
+    if (shift == 0 || s_bin_count == 1) break;
+  }
+  if (shift == 0) {
+    if (tid == 0) s_miss = prefix;
+  } else {
+    for (int i = tid; i < n; i += kThreads) {
+      if ((s_keys[i] >> shift) == prefix) s_miss = s_keys[i];
+    }
+  }
+  if (tid == 0) s_tail_count = 0;
+  __syncthreads();
+  const uint64_t miss = s_miss;
+  const int left = avail - below;
+  for (int i = tid; i < n; i += kThreads) {
+    const uint64_t key = s_keys[i];
+    const int tokens = s_fresh[i];
+    s_taken[i] = key < miss && tokens > 0 ? 1 : 0;
+    if (key > miss && tokens > 0 && tokens <= left) {
+      s_tail[atomicAdd(&s_tail_count, 1)] = key;
+    }
+  }
+  __syncthreads();
+  const int tail = s_tail_count;
+  int capacity = 1;
+  while (capacity < tail) capacity <<= 1;
+  for (int i = tail + tid; i < capacity; i += kThreads)
+    s_tail[i] = ~uint64_t{0};
+  __syncthreads();
+  if (tail > 1) BlockBitonicSort(s_tail, capacity);
+  __shared__ int s_rest;
+  if (tid < 32) {
+    const int rest = WarpGreedyTail(s_tail, 0, tail, s_fresh, s_taken, left);
+    if (tid == 0) s_rest = rest;
+  }
+  __syncthreads();
+  return s_rest;
+}
+
 struct SelectArgs {
   int sort_capacity;  // power of two ≥ every candidate count
   SelectPagesInputs in;
@@ -82,8 +239,12 @@ struct SelectArgs {
 
 __global__ void __launch_bounds__(kThreads)
     SelectPagesKernel(const SelectArgs args) {
-  extern __shared__ uint64_t s_keys[];  // [sort_capacity]
-  int* s_tokens = reinterpret_cast<int*>(s_keys + args.sort_capacity);
+  // [sort_capacity] keys, then (radix path) as many tail keys, tokens and
+  // taken flags.
+  extern __shared__ uint64_t s_keys[];
+  uint64_t* s_tail = s_keys + args.sort_capacity;
+  int* s_tokens = reinterpret_cast<int*>(
+      s_tail + (args.sort_capacity > kThreads ? args.sort_capacity : 0));
   uint8_t* s_taken = reinterpret_cast<uint8_t*>(s_tokens + args.sort_capacity);
   __shared__ int s_warp[kThreads / 32];
   __shared__ int s_total;
@@ -114,12 +275,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = tid; i < n; i += kThreads) s_taken[i] = 1;
     selected_tokens = always_in + s_total;
   } else {
-    int capacity = 1;
-    while (capacity < n) capacity <<= 1;
-    if (capacity <= kThreads) {
+    if (n <= kThreads) {
       // A key a thread, in registers: partners within a warp by shuffles,
       // across warps through shared memory (2 barriers a stage, 12 stages
-      // of 36 at 256 candidates). The same network as below.
+      // of 36 at 256 candidates). The same network as BlockBitonicSort.
+      int capacity = 1;
+      while (capacity < n) capacity <<= 1;
       uint64_t key =
           tid < n ? SortKey(args.in.scores[begin + tid], tid) : ~uint64_t{0};
       for (int k = 2; k <= capacity; k <<= 1) {
@@ -140,72 +301,46 @@ __global__ void __launch_bounds__(kThreads)
       }
       if (tid < capacity) s_keys[tid] = key;
       __syncthreads();
-    } else {
-      for (int i = tid; i < capacity; i += kThreads) {
-        s_keys[i] =
-            i < n ? SortKey(args.in.scores[begin + i], i) : ~uint64_t{0};
+      for (int i = tid; i < n; i += kThreads) {
+        s_tokens[i] = fresh[uint32_t(s_keys[i])];
+        s_taken[i] = 0;
+      }
+      if (tid == 0) s_first_miss = n;
+      __syncthreads();
+      BlockInclusiveScan(s_tokens, n, s_warp);
+      const int avail = budget - always_in;
+      // The greedy takes every page up to the first prefix over the budget.
+      for (int i = tid; i < n; i += kThreads) {
+        const int incl = s_tokens[i];
+        const int before = i == 0 ? 0 : s_tokens[i - 1];
+        if (incl > avail && before <= avail) s_first_miss = i;
       }
       __syncthreads();
-      for (int k = 2; k <= capacity; k <<= 1) {
-        for (int j = k >> 1; j > 0; j >>= 1) {
-          for (int i = tid; i < capacity; i += kThreads) {
-            const int partner = i ^ j;
-            if (partner > i) {
-              const uint64_t a = s_keys[i];
-              const uint64_t b = s_keys[partner];
-              const bool ascending = (i & k) == 0;
-              if ((a > b) == ascending) {
-                s_keys[i] = b;
-                s_keys[partner] = a;
-              }
-            }
-          }
-          __syncthreads();
-        }
+      const int miss = s_first_miss;
+      for (int i = tid; i < miss; i += kThreads) {
+        const int before = i == 0 ? 0 : s_tokens[i - 1];
+        s_taken[uint32_t(s_keys[i])] = s_tokens[i] > before ? 1 : 0;
       }
-    }
-    for (int i = tid; i < n; i += kThreads) {
-      s_tokens[i] = fresh[uint32_t(s_keys[i])];
-      s_taken[i] = 0;
-    }
-    if (tid == 0) s_first_miss = n;
-    __syncthreads();
-    BlockInclusiveScan(s_tokens, n, s_warp);
-    const int avail = budget - always_in;
-    // The greedy takes every page up to the first prefix over the budget.
-    for (int i = tid; i < n; i += kThreads) {
-      const int incl = s_tokens[i];
-      const int before = i == 0 ? 0 : s_tokens[i - 1];
-      if (incl > avail && before <= avail) s_first_miss = i;
-    }
-    __syncthreads();
-    const int miss = s_first_miss;
-    for (int i = tid; i < miss; i += kThreads) {
-      const int before = i == 0 ? 0 : s_tokens[i - 1];
-      s_taken[uint32_t(s_keys[i])] = s_tokens[i] > before ? 1 : 0;
-    }
-    // s_taken is indexed by candidate; pages from `miss` on start untaken.
-    __syncthreads();
-    if (tid < 32) {
-      int left = avail - (miss == 0 ? 0 : s_tokens[miss - 1]);
-      for (int base = miss; base < n && left > 0; base += 32) {
-        const int i = base + tid;
-        const int index = i < n ? int(uint32_t(s_keys[i])) : 0;
-        const int tokens = i < n ? fresh[index] : 0;
-        bool fits = i < n && tokens > 0 && tokens <= left;
-        unsigned ballot = __ballot_sync(kFullMask, fits);
-        while (ballot != 0) {
-          const int lane = __ffs(ballot) - 1;
-          const int taken_tokens = __shfl_sync(kFullMask, tokens, lane);
-          if (tid == lane) s_taken[index] = 1;
-          left -= taken_tokens;
-          fits = fits && tid > lane && tokens <= left;
-          ballot = __ballot_sync(kFullMask, fits);
-        }
+      // s_taken is indexed by candidate; pages from `miss` on start untaken.
+      __syncthreads();
+      if (tid < 32) {
+        const int left =
+            WarpGreedyTail(s_keys, miss, n, fresh, s_taken,
+                           avail - (miss == 0 ? 0 : s_tokens[miss - 1]));
+        if (tid == 0) s_left = left;
       }
+      __syncthreads();
+    } else {
+      for (int i = tid; i < n; i += kThreads) {
+        s_keys[i] = SortKey(args.in.scores[begin + i], i);
+        s_tokens[i] = fresh[i];
+      }
+      __syncthreads();
+      const int left =
+          RadixSelect(s_keys, s_tokens, n, budget - always_in, s_taken, s_tail);
       if (tid == 0) s_left = left;
+      __syncthreads();
     }
-    __syncthreads();
     selected_tokens = budget - s_left;
   }
   __syncthreads();
@@ -223,21 +358,56 @@ __global__ void __launch_bounds__(kThreads)
   int32_t* out = rows.rows + rows.rows_begin[stream];
   const int32_t* always = rows.always_in_rows + rows.always_in_begin[stream];
   for (int i = tid; i < always_in; i += kThreads) out[i] = always[i];
+  // The taken candidates, listed (in any order) over the keys, which are
+  // no longer needed.
+  int* s_list = reinterpret_cast<int*>(s_keys);
+  __shared__ int s_listed;
+  if (tid == 0) s_listed = 0;
+  __syncthreads();
   for (int i = tid; i < n; i += kThreads) {
-    s_tokens[i] =
-        s_taken[i] ? __popcll(rows.candidate_fresh_mask[begin + i]) : 0;
+    int tokens = 0;
+    if (s_taken[i]) {
+      tokens = __popcll(rows.candidate_fresh_mask[begin + i]);
+      s_list[atomicAdd(&s_listed, 1)] = i;
+    }
+    s_tokens[i] = tokens;
   }
   __syncthreads();
   BlockInclusiveScan(s_tokens, n, s_warp);
-  for (int i = tid; i < n; i += kThreads) {
-    if (!s_taken[i]) continue;
-    uint64_t mask = rows.candidate_fresh_mask[begin + i];
-    const int first_row = rows.candidate_first_row[begin + i];
-    int at = always_in + (i == 0 ? 0 : s_tokens[i - 1]);
-    while (mask != 0) {
-      const int j = __ffsll(static_cast<long long>(mask)) - 1;
-      out[at++] = first_row + j;
-      mask &= mask - 1;
+  // Each thread loads one listed page's mask, first row and place at once;
+  // then the half-warps of its warp write the warp's 32 pages in turn, a
+  // lane a row of each 16-row chunk, so that rows leave in 64-byte stores.
+  // (ncu: a thread a page, writing its rows one by one, had made 77 % of
+  // the kernel's sectors excess ones; a half-warp walking every candidate
+  // for the taken ones then waited on each page's loads in turn.)
+  const int listed = s_listed;
+  const int lane = tid & 31;
+  const int half_lane = tid & 15;
+  for (int first = 0; first < listed; first += kThreads) {
+    const int j = first + tid;
+    uint64_t mask = 0;
+    int first_row = 0;
+    int at = 0;
+    if (j < listed) {
+      const int i = s_list[j];
+      mask = rows.candidate_fresh_mask[begin + i];
+      first_row = rows.candidate_first_row[begin + i];
+      at = always_in + (i == 0 ? 0 : s_tokens[i - 1]);
+    }
+#pragma unroll 4
+    for (int step = 0; step < 16; ++step) {
+      const int src = 2 * step + (lane >> 4);
+      const uint64_t m = __shfl_sync(kFullMask, mask, src);
+      const int row0 = __shfl_sync(kFullMask, first_row, src);
+      int place = __shfl_sync(kFullMask, at, src);
+      for (int chunk = 0; chunk < 64 && (m >> chunk) != 0; chunk += 16) {
+        const uint32_t bits = uint32_t(m >> chunk) & 0xffffu;
+        if ((bits >> half_lane) & 1u) {
+          out[place + __popc(bits & ((1u << half_lane) - 1u))] =
+              row0 + chunk + half_lane;
+        }
+        place += __popc(bits);
+      }
     }
   }
   if (tid == 0)
@@ -285,8 +455,12 @@ absl::Status SelectPages(const SelectPagesShape& shape,
   args.out = outputs;
   args.rows = rows;
   args.compact = shape.compact_rows;
-  const size_t smem = size_t(args.sort_capacity) *
-                      (sizeof(uint64_t) + sizeof(int) + sizeof(uint8_t));
+  // Keys, tokens and taken flags; above kThreads candidates also the
+  // radix path's tail keys.
+  const size_t smem =
+      size_t(args.sort_capacity) *
+      (sizeof(uint64_t) * (args.sort_capacity > kThreads ? 2 : 1) +
+       sizeof(int) + sizeof(uint8_t));
   if (absl::Status allowed = AllowDynamicSharedMemory(
           reinterpret_cast<const void*>(&SelectPagesKernel), smem);
       !allowed.ok()) {
