@@ -1,10 +1,10 @@
-// A block per stream. Up to 512 candidates: sort them (score descending,
-// index ascending) with a bitonic network in registers and shuffles, take
-// the prefix of the sorted order that fits (an inclusive scan of fresh
-// tokens), then let one warp finish the greedy rule after the first page
-// that did not fit (pages that fit what is left, in order; few, since what
-// is left is under a page). Above 512: find that first miss by a radix
-// search instead of a sort (RadixSelect), and sort only the tail.
+// A block per stream. Up to 512 candidates (SelectOneAThread): sort them
+// (score descending, index ascending) with a bitonic network in registers
+// and shuffles, take the prefix of the sorted order that fits (a scan of
+// fresh tokens), then let one warp finish the greedy rule after the first
+// page that did not fit (pages that fit what is left, in order; few, since
+// what is left is under a page). Above 512: find that first miss by a
+// radix search instead of a sort (RadixSelect), and sort only the tail.
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
@@ -229,6 +229,49 @@ __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
   return s_rest;
 }
 
+// Inclusive scan of one value a thread over the block (every thread of
+// the block calls it). `s_warp` holds kThreads / 32 ints.
+__device__ int BlockInclusiveScanOne(int value, int* s_warp) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  int incl = value;
+  for (int off = 1; off < 32; off <<= 1) {
+    const int up = __shfl_up_sync(kFullMask, incl, off);
+    if (lane >= off) incl += up;
+  }
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  for (int w = 0; w < warp; ++w) incl += s_warp[w];
+  __syncthreads();  // s_warp may be written again
+  return incl;
+}
+
+// Writes the fresh rows of the warp's 32 pages: lane l holds a page's
+// fresh-row mask (0: none), first row and first place in `out`. The
+// half-warps take the pages in turn, a lane a row of each 16-row chunk, so
+// that the rows leave in 64-byte stores. (ncu: a thread a page, writing
+// its rows one by one, had made 77 % of the kernel's sectors excess ones.)
+__device__ void WarpWriteRows(int32_t* out, uint64_t mask, int first_row,
+                              int at) {
+  const int lane = threadIdx.x % 32;
+  const int half_lane = lane & 15;
+#pragma unroll 4
+  for (int step = 0; step < 16; ++step) {
+    const int src = 2 * step + (lane >> 4);
+    const uint64_t m = __shfl_sync(kFullMask, mask, src);
+    const int row0 = __shfl_sync(kFullMask, first_row, src);
+    int place = __shfl_sync(kFullMask, at, src);
+    for (int chunk = 0; chunk < 64 && (m >> chunk) != 0; chunk += 16) {
+      const uint32_t bits = uint32_t(m >> chunk) & 0xffffu;
+      if ((bits >> half_lane) & 1u) {
+        out[place + __popc(bits & ((1u << half_lane) - 1u))] =
+            row0 + chunk + half_lane;
+      }
+      place += __popc(bits);
+    }
+  }
+}
+
 struct SelectArgs {
   int sort_capacity;  // power of two ≥ every candidate count
   SelectPagesInputs in;
@@ -236,6 +279,127 @@ struct SelectArgs {
   SelectPagesRows rows;
   bool compact;
 };
+
+// Up to kThreads candidates: a candidate a thread, everything it needs
+// (score, fresh tokens, fresh-row mask, first row) loaded at once and kept
+// in registers; the sort in registers and shuffles, the prefix and the
+// rows' places by block scans of one value a thread. At 255 candidates a
+// stream this replaced a chain of eight dependent trips to memory.
+// `s_keys`, `s_fresh` and `s_taken` have room for kThreads.
+__device__ void SelectOneAThread(const SelectArgs& args, int n,
+                                 uint64_t* s_keys, int* s_fresh,
+                                 uint8_t* s_taken) {
+  __shared__ int s_warp[kThreads / 32];
+  __shared__ int s_miss, s_miss_before, s_left;
+  const int stream = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int begin = args.in.candidate_begin[stream];
+  const int always_in = args.in.always_in_tokens[stream];
+  const int budget = args.in.budget_tokens[stream];
+  const bool mine = tid < n;
+  float score = 0.0f;
+  int tokens = 0;
+  uint64_t mask = 0;
+  int first_row = 0;
+  if (mine) {
+    score = args.in.scores[begin + tid];
+    tokens = args.in.fresh_tokens[begin + tid];
+    if (args.compact) {
+      mask = args.rows.candidate_fresh_mask[begin + tid];
+      first_row = args.rows.candidate_first_row[begin + tid];
+    }
+  }
+  int32_t* out = nullptr;
+  if (args.compact) {
+    out = args.rows.rows + args.rows.rows_begin[stream];
+    const int32_t* always =
+        args.rows.always_in_rows + args.rows.always_in_begin[stream];
+    for (int i = tid; i < always_in; i += kThreads) out[i] = always[i];
+  }
+  if (mine) {
+    s_fresh[tid] = tokens;
+    s_taken[tid] = 0;
+  }
+  if (tid == 0) {  // no miss when nothing is a candidate
+    s_miss = n;
+    s_miss_before = 0;
+  }
+  // Block sum of the tokens (the last thread's inclusive scan).
+  __shared__ int s_total;
+  const int running = BlockInclusiveScanOne(tokens, s_warp);
+  if (tid == kThreads - 1) s_total = running;
+  __syncthreads();
+  const int total = s_total;
+  const bool dense = always_in + total <= budget;
+  int selected_tokens = always_in + total;
+  bool taken = mine;  // dense: every page
+  if (!dense) {
+    // Sort (score descending, index ascending): partners within a warp by
+    // shuffles, across warps through shared memory (2 barriers a stage).
+    int capacity = 1;
+    while (capacity < n) capacity <<= 1;
+    uint64_t key = mine ? SortKey(score, tid) : ~uint64_t{0};
+    // Warps past the capacity hold no keys and only keep the barriers;
+    // the shuffle stages are unrolled (ncu: the sort had been 61 % of the
+    // kernel's instructions at 255 candidates).
+    const bool sorting = tid - tid % 32 < capacity;
+    for (int k = 2; k <= capacity; k <<= 1) {
+      for (int j = k >> 1; j >= 32; j >>= 1) {
+        if (tid < capacity) s_keys[tid] = key;
+        __syncthreads();
+        const uint64_t partner = tid < capacity ? s_keys[tid ^ j] : key;
+        __syncthreads();
+        const bool lower = (tid & j) == 0;
+        const bool ascending = (tid & k) == 0;
+        key = lower == ascending ? min(key, partner) : max(key, partner);
+      }
+      if (sorting) {
+        const bool ascending = (tid & k) == 0;
+#pragma unroll
+        for (int j = 16; j > 0; j >>= 1) {
+          if (j < k) {
+            const uint64_t partner = __shfl_xor_sync(kFullMask, key, j);
+            const bool lower = (tid & j) == 0;
+            key = lower == ascending ? min(key, partner) : max(key, partner);
+          }
+        }
+      }
+    }
+    if (tid < capacity) s_keys[tid] = key;
+    // Thread j now holds the j-th page of the order: the greedy takes
+    // every page whose prefix of tokens fits, up to the first that does
+    // not (the miss).
+    const int index = int(uint32_t(key));
+    const int sorted_tokens = mine ? s_fresh[index] : 0;
+    const int incl = BlockInclusiveScanOne(sorted_tokens, s_warp);
+    const int avail = budget - always_in;
+    if (mine && incl <= avail && sorted_tokens > 0) s_taken[index] = 1;
+    if (mine && incl > avail && incl - sorted_tokens <= avail) {
+      s_miss = tid;
+      s_miss_before = incl - sorted_tokens;
+    }
+    __syncthreads();
+    if (tid < 32) {
+      const int left = WarpGreedyTail(s_keys, s_miss, n, s_fresh, s_taken,
+                                      avail - s_miss_before);
+      if (tid == 0) s_left = left;
+    }
+    __syncthreads();
+    selected_tokens = budget - s_left;
+    taken = mine && s_taken[tid] != 0;
+  }
+  if (mine) args.out.selected[begin + tid] = taken ? 1 : 0;
+  if (tid == 0) {
+    args.out.selected_tokens[stream] = selected_tokens;
+    if (args.out.dense != nullptr) args.out.dense[stream] = dense ? 1 : 0;
+  }
+  if (!args.compact) return;
+  // Rows: always-in first, then taken pages' fresh rows in page order.
+  const int rows = taken ? __popcll(mask) : 0;
+  const int rows_incl = BlockInclusiveScanOne(rows, s_warp);
+  WarpWriteRows(out, taken ? mask : 0, first_row, always_in + rows_incl - rows);
+  if (tid == kThreads - 1) args.rows.rows_count[stream] = always_in + rows_incl;
+}
 
 __global__ void __launch_bounds__(kThreads)
     SelectPagesKernel(const SelectArgs args) {
@@ -248,12 +412,15 @@ __global__ void __launch_bounds__(kThreads)
   uint8_t* s_taken = reinterpret_cast<uint8_t*>(s_tokens + args.sort_capacity);
   __shared__ int s_warp[kThreads / 32];
   __shared__ int s_total;
-  __shared__ int s_first_miss;
   __shared__ int s_left;
 
   const int stream = blockIdx.x;
   const int tid = threadIdx.x;
   const int n = args.in.candidate_count[stream];
+  if (n <= kThreads) {
+    SelectOneAThread(args, n, s_keys, s_tokens, s_taken);
+    return;
+  }
   const int begin = args.in.candidate_begin[stream];
   const int always_in = args.in.always_in_tokens[stream];
   const int budget = args.in.budget_tokens[stream];
@@ -275,72 +442,15 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = tid; i < n; i += kThreads) s_taken[i] = 1;
     selected_tokens = always_in + s_total;
   } else {
-    if (n <= kThreads) {
-      // A key a thread, in registers: partners within a warp by shuffles,
-      // across warps through shared memory (2 barriers a stage, 12 stages
-      // of 36 at 256 candidates). The same network as BlockBitonicSort.
-      int capacity = 1;
-      while (capacity < n) capacity <<= 1;
-      uint64_t key =
-          tid < n ? SortKey(args.in.scores[begin + tid], tid) : ~uint64_t{0};
-      for (int k = 2; k <= capacity; k <<= 1) {
-        for (int j = k >> 1; j > 0; j >>= 1) {
-          uint64_t partner;
-          if (j >= 32) {  // threads past the capacity hold no key
-            if (tid < capacity) s_keys[tid] = key;
-            __syncthreads();
-            partner = tid < capacity ? s_keys[tid ^ j] : key;
-            __syncthreads();
-          } else {
-            partner = __shfl_xor_sync(kFullMask, key, j);
-          }
-          const bool lower = (tid & j) == 0;
-          const bool ascending = (tid & k) == 0;
-          key = lower == ascending ? min(key, partner) : max(key, partner);
-        }
-      }
-      if (tid < capacity) s_keys[tid] = key;
-      __syncthreads();
-      for (int i = tid; i < n; i += kThreads) {
-        s_tokens[i] = fresh[uint32_t(s_keys[i])];
-        s_taken[i] = 0;
-      }
-      if (tid == 0) s_first_miss = n;
-      __syncthreads();
-      BlockInclusiveScan(s_tokens, n, s_warp);
-      const int avail = budget - always_in;
-      // The greedy takes every page up to the first prefix over the budget.
-      for (int i = tid; i < n; i += kThreads) {
-        const int incl = s_tokens[i];
-        const int before = i == 0 ? 0 : s_tokens[i - 1];
-        if (incl > avail && before <= avail) s_first_miss = i;
-      }
-      __syncthreads();
-      const int miss = s_first_miss;
-      for (int i = tid; i < miss; i += kThreads) {
-        const int before = i == 0 ? 0 : s_tokens[i - 1];
-        s_taken[uint32_t(s_keys[i])] = s_tokens[i] > before ? 1 : 0;
-      }
-      // s_taken is indexed by candidate; pages from `miss` on start untaken.
-      __syncthreads();
-      if (tid < 32) {
-        const int left =
-            WarpGreedyTail(s_keys, miss, n, fresh, s_taken,
-                           avail - (miss == 0 ? 0 : s_tokens[miss - 1]));
-        if (tid == 0) s_left = left;
-      }
-      __syncthreads();
-    } else {
-      for (int i = tid; i < n; i += kThreads) {
-        s_keys[i] = SortKey(args.in.scores[begin + i], i);
-        s_tokens[i] = fresh[i];
-      }
-      __syncthreads();
-      const int left =
-          RadixSelect(s_keys, s_tokens, n, budget - always_in, s_taken, s_tail);
-      if (tid == 0) s_left = left;
-      __syncthreads();
+    for (int i = tid; i < n; i += kThreads) {
+      s_keys[i] = SortKey(args.in.scores[begin + i], i);
+      s_tokens[i] = fresh[i];
     }
+    __syncthreads();
+    const int left =
+        RadixSelect(s_keys, s_tokens, n, budget - always_in, s_taken, s_tail);
+    if (tid == 0) s_left = left;
+    __syncthreads();
     selected_tokens = budget - s_left;
   }
   __syncthreads();
@@ -374,15 +484,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   BlockInclusiveScan(s_tokens, n, s_warp);
-  // Each thread loads one listed page's mask, first row and place at once;
-  // then the half-warps of its warp write the warp's 32 pages in turn, a
-  // lane a row of each 16-row chunk, so that rows leave in 64-byte stores.
-  // (ncu: a thread a page, writing its rows one by one, had made 77 % of
-  // the kernel's sectors excess ones; a half-warp walking every candidate
-  // for the taken ones then waited on each page's loads in turn.)
+  // Each thread loads one listed page's mask, first row and place at once,
+  // and its warp writes the rows of its 32.
   const int listed = s_listed;
-  const int lane = tid & 31;
-  const int half_lane = tid & 15;
   for (int first = 0; first < listed; first += kThreads) {
     const int j = first + tid;
     uint64_t mask = 0;
@@ -394,21 +498,7 @@ __global__ void __launch_bounds__(kThreads)
       first_row = rows.candidate_first_row[begin + i];
       at = always_in + (i == 0 ? 0 : s_tokens[i - 1]);
     }
-#pragma unroll 4
-    for (int step = 0; step < 16; ++step) {
-      const int src = 2 * step + (lane >> 4);
-      const uint64_t m = __shfl_sync(kFullMask, mask, src);
-      const int row0 = __shfl_sync(kFullMask, first_row, src);
-      int place = __shfl_sync(kFullMask, at, src);
-      for (int chunk = 0; chunk < 64 && (m >> chunk) != 0; chunk += 16) {
-        const uint32_t bits = uint32_t(m >> chunk) & 0xffffu;
-        if ((bits >> half_lane) & 1u) {
-          out[place + __popc(bits & ((1u << half_lane) - 1u))] =
-              row0 + chunk + half_lane;
-        }
-        place += __popc(bits);
-      }
-    }
+    WarpWriteRows(out, mask, first_row, at);
   }
   if (tid == 0)
     rows.rows_count[stream] = always_in + (n == 0 ? 0 : s_tokens[n - 1]);
