@@ -386,20 +386,28 @@ __global__ void __launch_bounds__(kQ128Threads, 3)
   // a tile had left the kernel waiting on memory).
   const int w_begin = blockIdx.x * work.per_block;
   const int w_end = min(work.items, w_begin + work.per_block);
-  uint4 piece[4];
-  auto load = [&](int w) {
+  // Two stages: the page this thread stages for item w + 2 is read while
+  // item w is scored, and its digest pieces for item w + 1, so that the
+  // digest loads no longer wait on the page index behind them.
+  auto page_of = [&](int w) {
+    if (w >= w_end) return -1;
     const int stream = w / work.tiles_per_stream;
     const int tile = (w - stream * work.tiles_per_stream) * kQ128Pages;
-    if (tile + stage_page < args.candidate_count[stream]) {
-      const int page = args.candidate_pages[args.candidate_begin[stream] +
-                                            tile + stage_page];
+    if (tile + stage_page >= args.candidate_count[stream]) return -1;
+    return args
+        .candidate_pages[args.candidate_begin[stream] + tile + stage_page];
+  };
+  uint4 piece[4];
+  auto load = [&](int page) {
+    if (page >= 0) {
       const uint4* src =
           digests + size_t(page) * 32 + stage_row * 16 + stage_group * 4;
 #pragma unroll
       for (int j = 0; j < 4; ++j) piece[j] = __ldg(src + j);
     }
   };
-  if (w_begin < w_end) load(w_begin);
+  load(page_of(w_begin));
+  int next_page = page_of(w_begin + 1);
   float q[kHeads][16];
   int stream = -1;
   for (int w = w_begin; w < w_end; ++w) {
@@ -449,7 +457,8 @@ __global__ void __launch_bounds__(kQ128Threads, 3)
             make_float4(x[0][e], x[1][e], x[2][e], x[3][e]);
       }
     }
-    if (w + 1 < w_end) load(w + 1);
+    load(next_page);
+    next_page = page_of(w + 2);
     if (pages <= 0) continue;  // a short stream's unused tile
     __syncthreads();
 #pragma unroll

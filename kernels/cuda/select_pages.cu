@@ -280,16 +280,17 @@ struct SelectArgs {
   bool compact;
 };
 
-// Up to kThreads candidates: a candidate a thread, everything it needs
-// (score, fresh tokens, fresh-row mask, first row) loaded at once and kept
-// in registers; the sort in registers and shuffles, the prefix and the
-// rows' places by block scans of one value a thread. At 255 candidates a
-// stream this replaced a chain of eight dependent trips to memory.
-// `s_keys`, `s_fresh` and `s_taken` have room for kThreads.
+// Up to kBlock candidates (the block's threads): a candidate a thread,
+// everything it needs (score, fresh tokens, fresh-row mask, first row) loaded
+// at once and kept in registers; the sort in registers and shuffles, the prefix
+// and the rows' places by block scans of one value a thread. At 255 candidates
+// a stream this replaced a chain of eight dependent trips to memory. `s_keys`,
+// `s_fresh` and `s_taken` have room for kBlock.
+template <int kBlock>
 __device__ void SelectOneAThread(const SelectArgs& args, int n,
                                  uint64_t* s_keys, int* s_fresh,
                                  uint8_t* s_taken) {
-  __shared__ int s_warp[kThreads / 32];
+  __shared__ int s_warp[kBlock / 32];
   __shared__ int s_miss, s_miss_before, s_left;
   const int stream = blockIdx.x;
   const int tid = threadIdx.x;
@@ -314,7 +315,7 @@ __device__ void SelectOneAThread(const SelectArgs& args, int n,
     out = args.rows.rows + args.rows.rows_begin[stream];
     const int32_t* always =
         args.rows.always_in_rows + args.rows.always_in_begin[stream];
-    for (int i = tid; i < always_in; i += kThreads) out[i] = always[i];
+    for (int i = tid; i < always_in; i += kBlock) out[i] = always[i];
   }
   if (mine) {
     s_fresh[tid] = tokens;
@@ -327,7 +328,7 @@ __device__ void SelectOneAThread(const SelectArgs& args, int n,
   // Block sum of the tokens (the last thread's inclusive scan).
   __shared__ int s_total;
   const int running = BlockInclusiveScanOne(tokens, s_warp);
-  if (tid == kThreads - 1) s_total = running;
+  if (tid == kBlock - 1) s_total = running;
   __syncthreads();
   const int total = s_total;
   const bool dense = always_in + total <= budget;
@@ -398,7 +399,7 @@ __device__ void SelectOneAThread(const SelectArgs& args, int n,
   const int rows = taken ? __popcll(mask) : 0;
   const int rows_incl = BlockInclusiveScanOne(rows, s_warp);
   WarpWriteRows(out, taken ? mask : 0, first_row, always_in + rows_incl - rows);
-  if (tid == kThreads - 1) args.rows.rows_count[stream] = always_in + rows_incl;
+  if (tid == kBlock - 1) args.rows.rows_count[stream] = always_in + rows_incl;
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -418,7 +419,7 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   const int n = args.in.candidate_count[stream];
   if (n <= kThreads) {
-    SelectOneAThread(args, n, s_keys, s_tokens, s_taken);
+    SelectOneAThread<kThreads>(args, n, s_keys, s_tokens, s_taken);
     return;
   }
   const int begin = args.in.candidate_begin[stream];
@@ -504,6 +505,20 @@ __global__ void __launch_bounds__(kThreads)
     rows.rows_count[stream] = always_in + (n == 0 ? 0 : s_tokens[n - 1]);
 }
 
+// Streams of at most kSmallBlock candidates (a 4K-token cascade has 255):
+// half the threads, so half the warps that idle through the sort's
+// barriers and the scans.
+constexpr int kSmallBlock = 256;
+
+__global__ void __launch_bounds__(kSmallBlock)
+    SelectPagesSmallKernel(const SelectArgs args) {
+  __shared__ uint64_t s_keys[kSmallBlock];
+  __shared__ int s_fresh[kSmallBlock];
+  __shared__ uint8_t s_taken[kSmallBlock];
+  SelectOneAThread<kSmallBlock>(args, args.in.candidate_count[blockIdx.x],
+                                s_keys, s_fresh, s_taken);
+}
+
 }  // namespace
 
 absl::Status SelectPages(const SelectPagesShape& shape,
@@ -540,11 +555,17 @@ absl::Status SelectPages(const SelectPagesShape& shape,
         "rows: every field must be set when shape.compact_rows");
   }
   SelectArgs args;
-  args.sort_capacity = PowerOfTwoAtLeast(shape.max_candidates_per_stream);
   args.in = inputs;
   args.out = outputs;
   args.rows = rows;
   args.compact = shape.compact_rows;
+  if (shape.max_candidates_per_stream <= kSmallBlock) {
+    args.sort_capacity = kSmallBlock;
+    SelectPagesSmallKernel<<<shape.streams, kSmallBlock, 0, stream>>>(args);
+    KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("SelectPagesSmallKernel");
+    return absl::OkStatus();
+  }
+  args.sort_capacity = PowerOfTwoAtLeast(shape.max_candidates_per_stream);
   // Keys, tokens and taken flags; above kThreads candidates also the
   // radix path's tail keys.
   const size_t smem =
