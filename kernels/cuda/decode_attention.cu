@@ -10,6 +10,7 @@
 #include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/decode_attention.h"
+#include "kernels/cuda/grid_dependency.cuh"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/row_access.cuh"
 
@@ -84,6 +85,8 @@ __device__ __forceinline__ float WarpSum(float v) {
 template <DType kT, int kG>
 __global__ void __launch_bounds__(kThreads, 3)
     DecodeSplitKernel(const SplitArgs args) {
+  WaitForPriorGrids();  // the rows come from the selection
+  LetDependentsLaunch();
   extern __shared__ float smem[];
   const RowLayout& layout = args.layout;
   const int head_dim = layout.head_dim;
@@ -401,6 +404,8 @@ __device__ __forceinline__ int TileSlot(int r, int piece) {
 template <DType kT, int kG>
 __global__ void __launch_bounds__(kThreads, kG == 8 ? 2 : 3)
     DecodeSplitFastKernel(const SplitArgs args) {
+  WaitForPriorGrids();  // the rows come from the selection
+  LetDependentsLaunch();
   constexpr int kPairs = kFastRows / 2;  // V rows a half-warp
   constexpr size_t kRowBytes = kFastHeadDim * 2;
   __shared__ float s_p[kFastWarps][kG][kFastRows];
@@ -627,6 +632,7 @@ struct MergeArgs {
 // small batch does not leave a stream's splits to one block.
 __global__ void __launch_bounds__(kMergeThreads)
     DecodeMergeKernel(const MergeArgs args) {
+  WaitForPriorGrids();  // the splits' partial outputs
   __shared__ float s_weight[kMaxDecodeGroup][kMaxSplits];
   __shared__ float s_partial[kMaxDecodeGroup * kMaxSplits];  // [split][g]
   __shared__ float s_lse[kMaxDecodeGroup];
@@ -899,9 +905,12 @@ absl::Status DecodeAttention(const DecodeAttentionShape& shape,
     return allowed;
   }
   void* kernel_args[] = {&args};
-  KVMEM_CUDA_RETURN_IF_ERROR(
-      cudaLaunchKernel(kernel, dim3(plan.splits, shape.streams), dim3(kThreads),
-                       kernel_args, smem, stream));
+  if (absl::Status launched =
+          LaunchAfterPrior(kernel, dim3(plan.splits, shape.streams),
+                           dim3(kThreads), smem, stream, kernel_args);
+      !launched.ok()) {
+    return launched;
+  }
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("DecodeSplitKernel");
 
   MergeArgs merge;
@@ -928,8 +937,14 @@ absl::Status DecodeAttention(const DecodeAttentionShape& shape,
           ? 1
           : std::min(64, (shape.max_rows_per_stream + kMergeThreads - 1) /
                              kMergeThreads);
-  DecodeMergeKernel<<<dim3(shape.streams, std::max(out_blocks, prob_blocks)),
-                      kMergeThreads, 0, stream>>>(merge);
+  void* merge_args[] = {&merge};
+  if (absl::Status launched = LaunchAfterPrior(
+          reinterpret_cast<const void*>(&DecodeMergeKernel),
+          dim3(shape.streams, std::max(out_blocks, prob_blocks)),
+          dim3(kMergeThreads), 0, stream, merge_args);
+      !launched.ok()) {
+    return launched;
+  }
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("DecodeMergeKernel");
   return absl::OkStatus();
 }

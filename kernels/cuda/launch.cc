@@ -24,6 +24,23 @@ absl::Status AllowDynamicSharedMemory(const void* kernel, size_t bytes) {
   return absl::OkStatus();
 }
 
+absl::Status LaunchAfterPrior(const void* kernel, dim3 grid, dim3 block,
+                              size_t shared_bytes, cudaStream_t stream,
+                              void** args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernelExC(&config, kernel, args));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<int> ResidentBlocks(const void* kernel, int threads,
                                    size_t bytes) {
   int device = 0;

@@ -2,6 +2,8 @@
 #ifndef KVMEM_KERNELS_CUDA_LAUNCH_H_
 #define KVMEM_KERNELS_CUDA_LAUNCH_H_
 
+#include <cuda_runtime.h>
+
 #include <cstddef>
 
 #include "absl/status/status.h"
@@ -16,6 +18,14 @@ namespace kvmem::cuda {
 // process, so for the current device only: a multi-device engine would set
 // it per device. INTERNAL with file:line when the driver refuses.
 absl::Status AllowDynamicSharedMemory(const void* kernel, size_t bytes);
+
+// Launches `kernel` as cudaLaunchKernel does, allowed to start while the
+// kernel before it in `stream` finishes (programmatic dependent launch;
+// see grid_dependency.cuh). The kernel must call WaitForPriorGrids before
+// it touches memory that earlier kernels use. INTERNAL on a driver error.
+absl::Status LaunchAfterPrior(const void* kernel, dim3 grid, dim3 block,
+                              size_t shared_bytes, cudaStream_t stream,
+                              void** args);
 
 // How many blocks of `kernel` (`threads` a block, `bytes` of dynamic shared
 // memory) the current device holds at once, over all its SMs: a grid this

@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/grid_dependency.cuh"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/page_scores.h"
 #include "kernels/cuda/row_access.cuh"
@@ -362,6 +363,7 @@ struct Quest128Work {
 template <DType kQ, DType kDigest, int kG>
 __global__ void __launch_bounds__(kQ128Threads, 3)
     ScoreQuest128Kernel(const ScoreArgs args, const Quest128Work work) {
+  LetDependentsLaunch();  // the selection, which waits for this grid
   constexpr int kHeads = kG < kQ128MaxHeads ? kG : kQ128MaxHeads;
   constexpr int kUnits = kG / kHeads;  // (page, head chunk) units a page
   extern __shared__ float4 smem4[];

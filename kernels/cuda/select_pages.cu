@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/grid_dependency.cuh"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/select_pages.h"
 
@@ -404,6 +405,8 @@ __device__ void SelectOneAThread(const SelectArgs& args, int n,
 
 __global__ void __launch_bounds__(kThreads)
     SelectPagesKernel(const SelectArgs args) {
+  WaitForPriorGrids();  // the scores
+  LetDependentsLaunch();
   // [sort_capacity] keys, then (radix path) as many tail keys, tokens and
   // taken flags.
   extern __shared__ uint64_t s_keys[];
@@ -512,6 +515,8 @@ constexpr int kSmallBlock = 256;
 
 __global__ void __launch_bounds__(kSmallBlock)
     SelectPagesSmallKernel(const SelectArgs args) {
+  WaitForPriorGrids();  // the scores
+  LetDependentsLaunch();
   __shared__ uint64_t s_keys[kSmallBlock];
   __shared__ int s_fresh[kSmallBlock];
   __shared__ uint8_t s_taken[kSmallBlock];
@@ -561,7 +566,13 @@ absl::Status SelectPages(const SelectPagesShape& shape,
   args.compact = shape.compact_rows;
   if (shape.max_candidates_per_stream <= kSmallBlock) {
     args.sort_capacity = kSmallBlock;
-    SelectPagesSmallKernel<<<shape.streams, kSmallBlock, 0, stream>>>(args);
+    void* kernel_args[] = {&args};
+    if (absl::Status launched = LaunchAfterPrior(
+            reinterpret_cast<const void*>(&SelectPagesSmallKernel),
+            dim3(shape.streams), dim3(kSmallBlock), 0, stream, kernel_args);
+        !launched.ok()) {
+      return launched;
+    }
     KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("SelectPagesSmallKernel");
     return absl::OkStatus();
   }
@@ -577,7 +588,13 @@ absl::Status SelectPages(const SelectPagesShape& shape,
       !allowed.ok()) {
     return allowed;
   }
-  SelectPagesKernel<<<shape.streams, kThreads, smem, stream>>>(args);
+  void* kernel_args[] = {&args};
+  if (absl::Status launched = LaunchAfterPrior(
+          reinterpret_cast<const void*>(&SelectPagesKernel),
+          dim3(shape.streams), dim3(kThreads), smem, stream, kernel_args);
+      !launched.ok()) {
+    return launched;
+  }
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("SelectPagesKernel");
   return absl::OkStatus();
 }
