@@ -25,6 +25,8 @@ namespace kvmem::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// Attended rows a thread keeps in registers in a sparse step.
+constexpr int kSparseRowsPerThread = kMaxSparseStepRows / kThreads;
 constexpr int kBatch = 16;         // cascade slots per thread per load round
 constexpr int kRegisterChain = 8;  // chains up to this long move in registers
 constexpr int kMaxRowBytes = 1 << 20;
@@ -148,8 +150,10 @@ __global__ void __launch_bounds__(kThreads)
   // Every thread derives the same factors (same address: one load a warp).
   const int64_t n = *my.score_exponent;
   const int64_t t = *my.tokens_seen;
-  const bool attended = a.in.probs != nullptr;
-  const float self_prob = attended && tid == 0 ? a.in.self_probs[b] : 0.0f;
+  const bool sparse = a.in.row_slots != nullptr;
+  const bool attended = a.in.probs != nullptr || sparse;
+  __shared__ float s_self_prob;  // a sparse step's r of the new token
+  if (tid == 0) s_self_prob = 0.0f;
   const bool mid = n > 0 && NeedsMidStepRenormalisation(a.beta, n + 1);
   const double mid_scale = mid ? ScoreScale(a.beta, n) : 1.0;
   const int64_t k = (mid ? 0 : n) + 1;  // n after the step
@@ -159,7 +163,54 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   // Phase 1: UpdateScores(1, ...).
-  if (attended || mid || end) {
+  if (sparse) {
+    // The attended slots' old u, kept while a renormalisation rescales
+    // every held slot (the others as if r = 0: AccumulateScore adds +0),
+    // then written with their r folded in, in UpdateScores' order.
+    const int cascade_slots = a.cascades * a.window;
+    float* cu = u + a.sinks;
+    const int rows = a.in.row_counts[b];
+    const size_t at = size_t(b) * a.in.row_capacity;
+    int js[kSparseRowsPerThread];
+    float x0[kSparseRowsPerThread];
+    float rs[kSparseRowsPerThread];
+#pragma unroll
+    for (int i = 0; i < kSparseRowsPerThread; ++i) {
+      const int r = tid + i * kThreads;
+      js[i] = -1;
+      if (r < rows) {
+        const int slot = a.in.row_slots[at + r];
+        rs[i] = a.in.row_probs[at + r];
+        if (slot == -2) s_self_prob = rs[i];
+        const int j = slot - a.sinks;
+        if (slot >= a.sinks && j < cascade_slots &&
+            j % a.window < plan.stored[j / a.window]) {
+          js[i] = j;
+          x0[i] = cu[j];
+        }
+      }
+    }
+    if (mid || end) {
+      __syncthreads();  // every attended u read before the rescale below
+      for (int j = tid; j < cascade_slots; j += kThreads) {
+        if (j % a.window >= plan.stored[j / a.window]) continue;
+        float x = cu[j];
+        if (mid) x = RescaleScore(x, mid_scale);
+        if (end) x = RescaleScore(x, end_scale);
+        cu[j] = x;
+      }
+      __syncthreads();  // before the attended slots are written again
+    }
+#pragma unroll
+    for (int i = 0; i < kSparseRowsPerThread; ++i) {
+      if (js[i] < 0) continue;
+      float x = x0[i];
+      if (mid) x = RescaleScore(x, mid_scale);
+      x = AccumulateScore(x, factor, rs[i]);
+      if (end) x = RescaleScore(x, end_scale);
+      cu[js[i]] = x;
+    }
+  } else if (attended || mid || end) {
     const int cascade_slots = a.cascades * a.window;
     float* cu = u + a.sinks;
     const float* cr = attended ? a.in.probs + slot0 + a.sinks : nullptr;
@@ -243,6 +294,9 @@ __global__ void __launch_bounds__(kThreads)
 
   // Phase 2c: swap the carry along the chain; the duel.
   if (tid == 0) {
+    const float self_prob = !attended ? 0.0f
+                            : sparse  ? s_self_prob
+                                      : a.in.self_probs[b];
     float initial = 0.0f;
     if (mid) initial = RescaleScore(initial, mid_scale);
     if (attended) initial = AccumulateScore(initial, factor, self_prob);
@@ -356,6 +410,19 @@ absl::Status UpdateCascades(const CascadeBatchShape& shape,
     return absl::InvalidArgumentError(
         "inputs: set both probs and self_probs (a step with attention) or "
         "neither (without)");
+  }
+  if (inputs.row_slots != nullptr) {
+    if (inputs.probs != nullptr || inputs.row_probs == nullptr ||
+        inputs.row_counts == nullptr) {
+      return absl::InvalidArgumentError(
+          "inputs: row_slots need row_probs and row_counts, and exclude "
+          "probs and self_probs");
+    }
+    if (inputs.row_capacity < 1 || inputs.row_capacity > kMaxSparseStepRows) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("inputs.row_capacity: ", inputs.row_capacity,
+                       ", want 1..", kMaxSparseStepRows));
+    }
   }
   if (inputs.keys == nullptr || inputs.values == nullptr) {
     return absl::InvalidArgumentError("inputs: keys and values must be set");

@@ -77,6 +77,9 @@ struct CascadeDeviceState {
 absl::Status CheckCascadeDeviceState(const CascadeDeviceState& state,
                                      bool with_exponent);
 
+// The most attended rows a stream may pass as CascadeStepInputs::row_slots.
+inline constexpr int kMaxSparseStepRows = 4096;
+
 // The step's inputs, borrowed like the state. probs and self_probs must
 // be finite and ≥ 0; unlike the CPU oracle the device does not check them.
 struct CascadeStepInputs {
@@ -87,6 +90,18 @@ struct CascadeStepInputs {
   const float* self_probs = nullptr;  // [B] r of the new token on itself
   const void* keys = nullptr;         // [B, D] dtype: the new tokens
   const void* values = nullptr;       // [B, D] dtype
+  // Or, instead of probs and self_probs, the attended rows as the decode
+  // attention left them: stream b's rows j < row_counts[b] at
+  // b·row_capacity + j, each a slot (≥ 0; sinks and empty slots ignored),
+  // −2 for the new token itself (its r on itself; 0 when absent) or
+  // another negative (ignored), with its r. Every other slot then has
+  // r = 0 and is not touched, except at a renormalisation: a step costs
+  // O(selected rows), not O(slots) (96K-token windows: 98 µs a step dense).
+  // row_capacity ≤ kMaxSparseStepRows.
+  const int32_t* row_slots = nullptr;
+  const float* row_probs = nullptr;
+  const int32_t* row_counts = nullptr;
+  int row_capacity = 0;
 };
 
 // Every element is written by every launch.

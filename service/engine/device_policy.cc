@@ -311,8 +311,12 @@ absl::Status DeviceBackend::DecodeOwned(
   const size_t prow_at = L.Take(size_t(B) * budget * 4);
   const size_t rslot_at = L.Take(size_t(B) * budget * 4);
   const size_t rprob_at = L.Take(size_t(B) * budget * 4);
-  const size_t sprob_at = L.Take(size_t(B) * N * 4);
-  const size_t self_at = L.Take(size_t(B) * 4);
+  // The cascade update takes the attended rows as they are (O(budget) a
+  // stream); a budget over what it keeps in registers goes through dense
+  // per-slot probabilities instead (O(slots)).
+  const bool sparse_update = budget <= cuda::kMaxSparseStepRows;
+  const size_t sprob_at = L.Take(sparse_update ? 0 : size_t(B) * N * 4);
+  const size_t self_at = L.Take(sparse_update ? 0 : size_t(B) * 4);
   const size_t changed_at = L.Take(size_t(B) * C * 4);
   const size_t ccnt_at = L.Take(size_t(B) * 4);
   // Sealed digests the device does not hold yet (host → device only).
@@ -624,14 +628,16 @@ absl::Status DeviceBackend::DecodeOwned(
         ds, in, out, attention_plan, impl_->workspace.get(),
         impl_->workspace.bytes(), stream));
 
-    cuda::ScatterProbsArgs probs;
-    probs.row_slots = dev32(rslot_at);
-    probs.counts = dev32(idcount_at);
-    probs.capacity = budget;
-    probs.reduced_probs = devf(rprob_at);
-    probs.slot_probs = devf(sprob_at);
-    probs.self_probs = devf(self_at);
-    KVMEM_RETURN_IF_ERROR(cuda::ScatterSlotProbs(k, probs, stream));
+    if (!sparse_update) {
+      cuda::ScatterProbsArgs probs;
+      probs.row_slots = dev32(rslot_at);
+      probs.counts = dev32(idcount_at);
+      probs.capacity = budget;
+      probs.reduced_probs = devf(rprob_at);
+      probs.slot_probs = devf(sprob_at);
+      probs.self_probs = devf(self_at);
+      KVMEM_RETURN_IF_ERROR(cuda::ScatterSlotProbs(k, probs, stream));
+    }
 
     if (shape.fetch) {
       // The rows as they are before the update moves them, by position.
@@ -671,8 +677,15 @@ absl::Status DeviceBackend::DecodeOwned(
     cascade_state.streams =
         reinterpret_cast<const cuda::CascadeStreamPointers*>(d + cascade_at);
     cuda::CascadeStepInputs step;
-    step.probs = devf(sprob_at);
-    step.self_probs = devf(self_at);
+    if (sparse_update) {
+      step.row_slots = dev32(rslot_at);
+      step.row_probs = devf(rprob_at);
+      step.row_counts = dev32(idcount_at);
+      step.row_capacity = budget;
+    } else {
+      step.probs = devf(sprob_at);
+      step.self_probs = devf(self_at);
+    }
     step.keys = d + newk_at;
     step.values = d + newv_at;
     cuda::CascadeStepOutputs step_out;

@@ -58,6 +58,8 @@ struct SweepCounts {
   int64_t near_tie_duels = 0;
   int64_t near_tie_divergences = 0;  // streams stopped at a near-tie
   int64_t renormalisations = 0;
+  int64_t sparse_steps = 0;             // attended rows instead of probs
+  int64_t sparse_renormalisations = 0;  // stream-steps of those
   int64_t steps_without_attention = 0;
   int64_t row_checks = 0;   // stream checkpoints whose rows were compared
   int64_t long_chains = 0;  // insertions that changed more than 8 slots
@@ -142,6 +144,7 @@ struct DeviceBatch {
   DeviceBuffer positions, scores, stored, head, exponent, seen, keys, values,
       slot_rows;
   DeviceBuffer probs, self_probs, new_keys, new_values;
+  DeviceBuffer row_slots, row_probs, row_counts;
   DeviceBuffer evicted_positions, evicted_keys, evicted_values, changed,
       changed_counts;
 
@@ -277,8 +280,40 @@ void RunConfig(const SweepConfig& config, std::mt19937& rng,
   for (int step = 0; step < kSteps; ++step) {
     const bool attended = rng() % 8 != 0;
     counts->steps_without_attention += !attended;
-    const std::vector<float> probs = RandomProbs(state_slots, rng);
+    std::vector<float> probs = RandomProbs(state_slots, rng);
     const std::vector<float> self_probs = RandomProbs(streams, rng);
+    // Every third attended step passes the attended rows instead (what
+    // the engine does): half the slots get r = 0 on both sides, the rest
+    // are listed in a shuffled order with the new token's row (−2) and an
+    // ignored one (−1).
+    const int row_capacity = slots + 2;
+    const bool sparse =
+        attended && step % 3 == 1 && row_capacity <= kMaxSparseStepRows;
+    counts->sparse_steps += sparse;
+    std::vector<int32_t> row_slots, row_counts;
+    std::vector<float> row_probs;
+    if (sparse) {
+      row_slots.assign(size_t(streams) * row_capacity, -7);
+      row_probs.assign(row_slots.size(), -1.0f);
+      for (int b = 0; b < streams; ++b) {
+        std::vector<std::pair<int32_t, float>> rows = {{-2, self_probs[b]},
+                                                       {-1, 0.5f}};
+        for (int s = 0; s < slots; ++s) {
+          float& r = probs[size_t(b) * slots + s];
+          if (rng() % 2 == 0) r = 0.0f;
+          if (r != 0.0f) rows.push_back({s, r});
+        }
+        std::shuffle(rows.begin(), rows.end(), rng);
+        for (size_t j = 0; j < rows.size(); ++j) {
+          row_slots[size_t(b) * row_capacity + j] = rows[j].first;
+          row_probs[size_t(b) * row_capacity + j] = rows[j].second;
+        }
+        row_counts.push_back(int32_t(rows.size()));
+      }
+      dev.row_slots = Upload(row_slots, stream.get());
+      dev.row_probs = Upload(row_probs, stream.get());
+      dev.row_counts = Upload(row_counts, stream.get());
+    }
     const std::vector<uint8_t> new_keys =
         testing::RandomRows(size_t(streams) * d, config.dtype, rng);
     const std::vector<uint8_t> new_values =
@@ -296,8 +331,15 @@ void RunConfig(const SweepConfig& config, std::mt19937& rng,
           FillDevice(out->get(), poison, out->bytes(), stream.get()).ok());
     }
     CascadeStepInputs in;
-    in.probs = attended ? dev.probs.as<float>() : nullptr;
-    in.self_probs = attended ? dev.self_probs.as<float>() : nullptr;
+    if (sparse) {
+      in.row_slots = dev.row_slots.as<int32_t>();
+      in.row_probs = dev.row_probs.as<float>();
+      in.row_counts = dev.row_counts.as<int32_t>();
+      in.row_capacity = row_capacity;
+    } else {
+      in.probs = attended ? dev.probs.as<float>() : nullptr;
+      in.self_probs = attended ? dev.self_probs.as<float>() : nullptr;
+    }
     in.keys = dev.new_keys.get();
     in.values = dev.new_values.get();
     absl::Status launched =
@@ -430,6 +472,7 @@ void RunConfig(const SweepConfig& config, std::mt19937& rng,
       counts->long_chains += want.changed_slots.size() > 8;
       counts->near_tie_duels += duels[b].near_tie;
       counts->renormalisations += cs.score_exponent() == 0;
+      counts->sparse_renormalisations += sparse && cs.score_exponent() == 0;
       if (diff.empty()) continue;
       alive[b] = false;
       if (duels[b].near_tie) {
@@ -516,18 +559,22 @@ TEST(CascadeUpdateTest, MatchesCpuPolicyStepByStep) {
       "cascade update parity: %lld configs, %lld streams, %lld stream-steps "
       "compared, %lld sink inserts, %lld evictions, %lld duels (%lld "
       "near-ties; %lld streams diverged at one and were stopped), %lld "
-      "renormalisations, %lld steps without attention, %lld row "
+      "renormalisations, %lld sparse steps (%lld renormalising stream-steps), "
+      "%lld steps without attention, %lld row "
       "checkpoints, %lld insertions changing > 8 slots, %lld failures\n",
       (long long)counts.configs, (long long)counts.streams,
       (long long)counts.stream_steps, (long long)counts.sink_inserts,
       (long long)counts.evictions, (long long)counts.duels,
       (long long)counts.near_tie_duels, (long long)counts.near_tie_divergences,
-      (long long)counts.renormalisations,
+      (long long)counts.renormalisations, (long long)counts.sparse_steps,
+      (long long)counts.sparse_renormalisations,
       (long long)counts.steps_without_attention, (long long)counts.row_checks,
       (long long)counts.long_chains, (long long)counts.failures);
   EXPECT_EQ(counts.failures, 0);
   EXPECT_GT(counts.duels, 0);
   EXPECT_GT(counts.renormalisations, 0);
+  EXPECT_GT(counts.sparse_steps, 0);
+  EXPECT_GT(counts.sparse_renormalisations, 0);
   EXPECT_GT(counts.long_chains, 0);
 }
 
@@ -597,6 +644,34 @@ TEST(CascadeUpdateTest, RejectsBadArguments) {
     CascadeStepInputs bad = in;
     bad.keys = nullptr;
     expect_invalid(shape, state, bad, out, "keys null");
+  }
+  {
+    // Attended rows: with probs, without their probabilities or counts,
+    // or with a capacity out of range.
+    static const int32_t kSlots[1] = {0};
+    static const float kProbs[1] = {0.5f};
+    CascadeStepInputs rows = in;
+    rows.probs = nullptr;
+    rows.self_probs = nullptr;
+    rows.row_slots = kSlots;
+    rows.row_probs = kProbs;
+    rows.row_counts = kSlots;
+    rows.row_capacity = 1;
+    CascadeStepInputs bad = rows;
+    bad.probs = in.probs;
+    bad.self_probs = in.self_probs;
+    expect_invalid(shape, state, bad, out, "row_slots with probs");
+    bad = rows;
+    bad.row_probs = nullptr;
+    expect_invalid(shape, state, bad, out, "row_slots without row_probs");
+    bad = rows;
+    bad.row_counts = nullptr;
+    expect_invalid(shape, state, bad, out, "row_slots without row_counts");
+    bad = rows;
+    bad.row_capacity = 0;
+    expect_invalid(shape, state, bad, out, "row_capacity 0");
+    bad.row_capacity = kMaxSparseStepRows + 1;
+    expect_invalid(shape, state, bad, out, "row_capacity over the limit");
   }
   {
     CascadeStepOutputs bad = out;
