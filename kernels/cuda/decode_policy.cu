@@ -189,7 +189,11 @@ __global__ void __launch_bounds__(kThreads) MapKernel(const MapArgs m) {
   const int64_t slot0 = int64_t(b) * m.shape.slots();
   const int n = a.counts[b];
   const size_t at = size_t(b) * a.capacity;
-  for (int i = threadIdx.x; i < n; i += kThreads) {
+  // A block a kThreads rows of a stream, so that a thread's two dependent
+  // loads (the id, then its row) are its only trip: a block walking a
+  // stream's 2K rows had taken 12 µs at batch 1 under ncu, now 4.
+  const int i = blockIdx.y * kThreads + threadIdx.x;
+  if (i < n) {
     const int32_t id = a.ids[at + i];
     int32_t row, slot, staged = -1;
     if (id == kNewTokenId) {
@@ -285,7 +289,11 @@ struct RefreshArgs {
 
 // Changed-slot entries a block of RefreshKernel walks: a decode step's C
 // fit one block; a chunk's T·C spread over many.
+// Changed entries a block refreshes: one when a stream has few (a decode
+// step changes at most C + 1 slots: its pages are refreshed side by side,
+// not one after another: 18 → 7 µs at batch 1 under ncu), else 16.
 constexpr int kRefreshEntries = 16;
+constexpr int kRefreshAlone = 64;  // capacities up to this: one a block
 
 // The page holding `slot`, its first slot and how many slots it has.
 __device__ __forceinline__ void PageOfSlot(const DecodePolicyShape& sh,
@@ -320,8 +328,9 @@ __global__ void __launch_bounds__(kThreads) RefreshKernel(const RefreshArgs r) {
   const int capacity =
       a.changed_capacity > 0 ? a.changed_capacity : sh.cascades;
   const int32_t* slots = a.changed_slots + size_t(b) * capacity;
-  const int begin = blockIdx.y * kRefreshEntries;
-  const int end = min(changed, begin + kRefreshEntries);
+  const int per_block = capacity <= kRefreshAlone ? 1 : kRefreshEntries;
+  const int begin = blockIdx.y * per_block;
+  const int end = min(changed, begin + per_block);
   __shared__ int32_t page_rows[kMaxPolicyPageTokens];
   for (int c = begin; c < end; ++c) {
     const int slot = slots[c];
@@ -465,7 +474,8 @@ absl::Status MapSelectedRows(const DecodePolicyShape& shape,
         "MapRowsArgs: streams, ids, counts, new_token_rows, pool_rows and "
         "row_slots must be set and capacity >= 1");
   }
-  MapKernel<<<shape.streams, kThreads, 0, stream>>>(MapArgs{shape, args});
+  const dim3 grid(shape.streams, (args.capacity + kThreads - 1) / kThreads);
+  MapKernel<<<grid, kThreads, 0, stream>>>(MapArgs{shape, args});
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("MapKernel");
   return absl::OkStatus();
 }
@@ -520,7 +530,9 @@ absl::Status RefreshChangedDigests(const DecodePolicyShape& shape,
   const int capacity =
       args.changed_capacity > 0 ? args.changed_capacity : shape.cascades;
   const dim3 grid(shape.streams,
-                  (capacity + kRefreshEntries - 1) / kRefreshEntries);
+                  capacity <= kRefreshAlone
+                      ? capacity
+                      : (capacity + kRefreshEntries - 1) / kRefreshEntries);
   RefreshArgs r{shape, args};
   switch (shape.dtype) {
     case DType::kBf16:
