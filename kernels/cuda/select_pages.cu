@@ -133,7 +133,8 @@ __device__ int WarpGreedyTail(const uint64_t* sorted, int from, int count,
 // Returns what is left of `avail`.
 __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
                            int avail, uint8_t* s_taken, uint64_t* s_tail) {
-  __shared__ unsigned long long s_hist[256];  // (count << 32) | tokens
+  __shared__ int s_hist_count[256];
+  __shared__ int s_hist_tokens[256];
   __shared__ uint64_t s_prefix;
   __shared__ int s_below, s_bin_count, s_tail_count;
   __shared__ uint64_t s_miss;
@@ -143,7 +144,10 @@ __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
   int below = 0;        // tokens of the keys below those bits
   int shift = 56;
   for (;; shift -= 8) {
-    for (int b = tid; b < 256; b += kThreads) s_hist[b] = 0;
+    for (int b = tid; b < 256; b += kThreads) {
+      s_hist_count[b] = 0;
+      s_hist_tokens[b] = 0;
+    }
     __syncthreads();
     for (int first = 0; first < n; first += kThreads) {
       const int i = first + tid;
@@ -151,13 +155,21 @@ __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
       const bool in = i < n && (shift == 56 || (key >> (shift + 8)) == prefix);
       const int digit = in ? int((key >> shift) & 0xff) : -1;
       const int tokens = in ? s_fresh[i] : 0;
-      // Keys of a stream share their top bits, so lanes of one digit add
-      // up first and one of them touches the histogram.
-      const unsigned peers = __match_any_sync(kFullMask, digit);
-      const unsigned sum = __reduce_add_sync(peers, unsigned(tokens));
-      if (in && lane == __ffs(peers) - 1) {
-        atomicAdd(&s_hist[digit],
-                  (static_cast<unsigned long long>(__popc(peers)) << 32) | sum);
+      // The first pass finds a stream's keys mostly in one bin (they share
+      // their top bits): a warp whose lanes all hold one digit adds up
+      // first and touches the histogram once. Otherwise a lane adds its
+      // own (a __match_any_sync + __reduce_add_sync per group had compiled
+      // to a loop over the warp's groups, 10 % of the kernel's samples).
+      const int digit0 = __shfl_sync(kFullMask, digit, 0);
+      if (__all_sync(kFullMask, digit == digit0)) {
+        const unsigned sum = __reduce_add_sync(kFullMask, unsigned(tokens));
+        if (lane == 0 && digit0 >= 0) {
+          atomicAdd(&s_hist_count[digit0], 32);
+          atomicAdd(&s_hist_tokens[digit0], int(sum));
+        }
+      } else if (in) {
+        atomicAdd(&s_hist_count[digit], 1);
+        atomicAdd(&s_hist_tokens[digit], tokens);
       }
     }
     __syncthreads();
@@ -168,7 +180,7 @@ __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
       int lane_sum = 0;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        sums[j] = int(uint32_t(s_hist[tid * 8 + j]));
+        sums[j] = s_hist_tokens[tid * 8 + j];
         lane_sum += sums[j];
       }
       int incl = lane_sum;
@@ -182,7 +194,7 @@ __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
         if (run <= avail && run + sums[j] > avail) {
           s_prefix = (prefix << 8) | uint64_t(tid * 8 + j);
           s_below = run;
-          s_bin_count = int(s_hist[tid * 8 + j] >> 32);
+          s_bin_count = s_hist_count[tid * 8 + j];
         }
         run += sums[j];
       }
