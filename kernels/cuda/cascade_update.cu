@@ -5,7 +5,10 @@
 //    the mid-step and end-of-step renormalisations of UpdateScores folded
 //    per slot (each u goes through the same rounded operations in the same
 //    order as on the CPU, which also works slot by slot); all of a round's
-//    loads are issued before its stores;
+//    loads are issued before its stores. Given the attended rows instead
+//    of per-slot probabilities, only those slots change (an unattended
+//    slot adds r = 0, which leaves u as it is), unless the step
+//    renormalises;
 // 2. thread 0 plans the insertion from stored/head alone: the chain of
 //    slots the carry passes through (rules a, b, c) and the slot a rule-d
 //    duel is against; threads then load those slots' positions, scores and
@@ -162,13 +165,19 @@ __global__ void __launch_bounds__(kThreads)
   const double end_scale = end ? ScoreScale(a.beta, k) : 1.0;
   __syncthreads();
 
-  // Phase 1: UpdateScores(1, ...).
+  // Phase 1: UpdateScores(1, ...). Cascade slot j (from the first
+  // cascade's first slot) holds a token when its offset in its ring is
+  // below the ring's count (rings fill from their first slot).
+  const int cascade_slots = a.cascades * a.window;
+  float* cu = u + a.sinks;
+  auto held_slot = [&](int j) {
+    return j >= 0 && j < cascade_slots &&
+           j % a.window < plan.stored[j / a.window];
+  };
   if (sparse) {
     // The attended slots' old u, kept while a renormalisation rescales
     // every held slot (the others as if r = 0: AccumulateScore adds +0),
     // then written with their r folded in, in UpdateScores' order.
-    const int cascade_slots = a.cascades * a.window;
-    float* cu = u + a.sinks;
     const int rows = a.in.row_counts[b];
     const size_t at = size_t(b) * a.in.row_capacity;
     int js[kSparseRowsPerThread];
@@ -183,8 +192,7 @@ __global__ void __launch_bounds__(kThreads)
         rs[i] = a.in.row_probs[at + r];
         if (slot == -2) s_self_prob = rs[i];
         const int j = slot - a.sinks;
-        if (slot >= a.sinks && j < cascade_slots &&
-            j % a.window < plan.stored[j / a.window]) {
+        if (slot >= a.sinks && held_slot(j)) {
           js[i] = j;
           x0[i] = cu[j];
         }
@@ -193,7 +201,7 @@ __global__ void __launch_bounds__(kThreads)
     if (mid || end) {
       __syncthreads();  // every attended u read before the rescale below
       for (int j = tid; j < cascade_slots; j += kThreads) {
-        if (j % a.window >= plan.stored[j / a.window]) continue;
+        if (!held_slot(j)) continue;
         float x = cu[j];
         if (mid) x = RescaleScore(x, mid_scale);
         if (end) x = RescaleScore(x, end_scale);
@@ -211,8 +219,6 @@ __global__ void __launch_bounds__(kThreads)
       cu[js[i]] = x;
     }
   } else if (attended || mid || end) {
-    const int cascade_slots = a.cascades * a.window;
-    float* cu = u + a.sinks;
     const float* cr = attended ? a.in.probs + slot0 + a.sinks : nullptr;
     for (int j0 = tid; j0 < cascade_slots; j0 += kThreads * kBatch) {
       bool held[kBatch];
@@ -221,7 +227,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int q = 0; q < kBatch; ++q) {
         const int j = j0 + q * kThreads;
-        held[q] = j < cascade_slots && j % a.window < plan.stored[j / a.window];
+        held[q] = held_slot(j);
         v[q] = held[q] ? cu[j] : 0.0f;
         p[q] = held[q] && attended ? cr[j] : 0.0f;
       }
