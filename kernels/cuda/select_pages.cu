@@ -1,10 +1,11 @@
-// A block per stream. Up to 512 candidates (SelectOneAThread): sort them
-// (score descending, index ascending) with a bitonic network in registers
-// and shuffles, take the prefix of the sorted order that fits (a scan of
-// fresh tokens), then let one warp finish the greedy rule after the first
-// page that did not fit (pages that fit what is left, in order; few, since
-// what is left is under a page). Above 512: find that first miss by a
-// radix search instead of a sort (RadixSelect), and sort only the tail.
+// A block per stream. Up to 512 candidates (SelectOneAThread, in 256-thread
+// blocks when no stream has more than 256): sort them (score descending,
+// index ascending) with a bitonic network in registers and shuffles, take
+// the prefix of the sorted order that fits (a scan of fresh tokens), then
+// let one warp finish the greedy rule after the first page that did not
+// fit (pages that fit what is left, in order; few, since what is left is
+// under a page). Above 512: find that first miss by a radix search instead
+// of a sort (RadixSelect), and sort only the tail.
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
