@@ -255,10 +255,12 @@ class DeviceBackend {
   // the items. On error *touched says whether the layers' device state may
   // have changed (then it is undefined and must be dropped); if not, it is
   // as before the call.
+  // `wait_nanos`, when set, gains the time spent waiting for the device.
   absl::Status DecodeOwned(const DevicePolicyShape& shape,
                            absl::Span<DevicePolicyItem> items,
                            const std::function<absl::Status()>& recall,
-                           bool* touched, ParallelFor* parallel = nullptr);
+                           bool* touched, ParallelFor* parallel = nullptr,
+                           int64_t* wait_nanos = nullptr);
 
   // One chunk of `chunk_tokens` tokens for every item (each a device-owned
   // layer; all with queries or all without; with queries

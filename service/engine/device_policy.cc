@@ -8,6 +8,7 @@
 // spilled pages it took), once for the results and the evicted tokens.
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cstring>
 
 #include "absl/base/casts.h"
@@ -198,7 +199,7 @@ void DeviceBackend::DropPolicy(DeviceLayerRows* rows) { rows->policy_.reset(); }
 absl::Status DeviceBackend::DecodeOwned(
     const DevicePolicyShape& shape, absl::Span<DevicePolicyItem> items,
     const std::function<absl::Status()>& recall, bool* touched,
-    ParallelFor* parallel) {
+    ParallelFor* parallel, int64_t* wait_nanos) {
   *touched = false;
   if (items.empty()) return absl::OkStatus();
   const int B = int(items.size());
@@ -347,6 +348,17 @@ absl::Status DeviceBackend::DecodeOwned(
   char* h = impl_->host.as<char>();
   char* d = impl_->device.as<char>();
   const cudaStream_t stream = impl_->stream.get();
+  // The stream's completion, its wait counted in *wait_nanos.
+  auto wait_for_device = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl_->mu) {
+    const auto start = std::chrono::steady_clock::now();
+    absl::Status done = impl_->stream.Synchronize();
+    if (wait_nanos != nullptr) {
+      *wait_nanos += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                         std::chrono::steady_clock::now() - start)
+                         .count();
+    }
+    return done;
+  };
   auto host32 = [&](size_t at) { return reinterpret_cast<int32_t*>(h + at); };
   auto dev32 = [&](size_t at) { return reinterpret_cast<int32_t*>(d + at); };
   auto devf = [&](size_t at) { return reinterpret_cast<float*>(d + at); };
@@ -545,7 +557,7 @@ absl::Status DeviceBackend::DecodeOwned(
       KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + selected_at, d + selected_at,
                                              phase1_out_end - selected_at,
                                              stream));
-      KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
+      KVMEM_RETURN_IF_ERROR(wait_for_device());
     }
     // Without spilled candidates the items' spilled_* lists stay empty.
     if (spills) {
@@ -751,7 +763,7 @@ absl::Status DeviceBackend::DecodeOwned(
     if (graph != nullptr && enqueued.ok()) graph->seen = true;
   }
   KVMEM_RETURN_IF_ERROR(enqueued);
-  KVMEM_RETURN_IF_ERROR(impl_->stream.Synchronize());
+  KVMEM_RETURN_IF_ERROR(wait_for_device());
   each_item(
       [&](size_t i) {
         DevicePolicyItem& item = items[i];

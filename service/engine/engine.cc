@@ -593,13 +593,17 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
         KVMEM_RETURN_IF_ERROR(AttendOnDevice(sessions, order, request,
                                              host_skip, work, &rows_nanos));
       }
-      int64_t recall_nanos = 0;
+      OwnedStepNanos owned_nanos;
       KVMEM_RETURN_IF_ERROR(StepOwned(sessions, order, request, owned,
-                                      heads_applied, &recall_nanos));
+                                      heads_applied, &owned_nanos));
       phase_done(StepPhase::kDevice);
-      phase_nanos[int(StepPhase::kDevice)] -= rows_nanos + recall_nanos;
+      phase_nanos[int(StepPhase::kDevice)] -= rows_nanos + owned_nanos.recall +
+                                              owned_nanos.wait +
+                                              owned_nanos.spill;
       phase_nanos[int(StepPhase::kDeviceRows)] += rows_nanos;
-      phase_nanos[int(StepPhase::kRecall)] += recall_nanos;
+      phase_nanos[int(StepPhase::kRecall)] += owned_nanos.recall;
+      phase_nanos[int(StepPhase::kDeviceWait)] += owned_nanos.wait;
+      phase_nanos[int(StepPhase::kDeviceSpill)] += owned_nanos.spill;
     }
 
     // Apply. Every input was checked and read above, so a stream step

@@ -55,11 +55,14 @@ enum class StepPhase : int {
                  // STEP_SYNC wait, which holds no lock)
   kDeviceRows,   // CUDA backend: uploads and each head's row list
   kRecall,       // reading the spilled pages a selection took
+  kDeviceWait,   // CUDA backend: waiting for a device-owned step's kernels
+  kDeviceSpill,  // CUDA backend: the tokens a device-owned step evicted, to
+                 // the host's spilled pages
   kCount,
 };
 inline constexpr const char* kStepPhaseNames[] = {
-    "lock",         "plan",  "device",      "apply",
-    "device_write", "write", "device_rows", "recall"};
+    "lock",  "plan",        "device", "apply",       "device_write",
+    "write", "device_rows", "recall", "device_wait", "device_spill"};
 
 struct EngineStats {
   int64_t sessions = 0;
@@ -249,11 +252,17 @@ class Engine {
   absl::Status FailOwnedSteps(
       const std::vector<std::shared_ptr<LiveSession>>& sessions, size_t layer,
       const std::set<size_t>& entries, const absl::Status& cause);
+  // Parts of StepOwned's time that the Step phases show apart.
+  struct OwnedStepNanos {
+    int64_t recall = 0;  // reading the spilled pages the device selected
+    int64_t wait = 0;    // waiting for the device (DecodeOwned's syncs)
+    int64_t spill = 0;   // evicted tokens to the host's spilled pages
+  };
   absl::Status StepOwned(
       const std::vector<std::shared_ptr<LiveSession>>& sessions,
       const std::vector<LiveSession*>& busy, const StepRequestView& request,
       const std::vector<bool>& owned, std::vector<HeadsApplied>& done,
-      int64_t* recall_nanos);
+      OwnedStepNanos* nanos);
   // Whether entry `e` of layer `layer` of `s` may step as a device-owned
   // layer: uploads its rows and its policy state when needed (evicting idle
   // sessions' rows for room). False keeps it on the host path.

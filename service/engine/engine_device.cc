@@ -321,8 +321,8 @@ absl::Status Engine::StepOwned(
     const std::vector<std::shared_ptr<LiveSession>>& sessions,
     const std::vector<LiveSession*>& busy, const StepRequestView& request,
     const std::vector<bool>& owned, std::vector<HeadsApplied>& done,
-    int64_t* recall_nanos) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-  *recall_nanos = 0;
+    OwnedStepNanos* nanos) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  *nanos = OwnedStepNanos();
   const size_t layer = size_t(request.layer);
   // Streams of one launch share a config shape.
   struct Launch {
@@ -403,7 +403,7 @@ absl::Status Engine::StepOwned(
                         std::chrono::steady_clock::now() - start)
                         .count();
         }
-      } clock{start, recall_nanos};
+      } clock{start, &nanos->recall};
       for (size_t t = 0; t < launch.items.size(); ++t) {
         DevicePolicyItem& item = launch.items[t];
         const auto [i, h] = launch.at[t];
@@ -447,17 +447,17 @@ absl::Status Engine::StepOwned(
       return absl::OkStatus();
     };
     bool touched = false;
-    absl::Status st =
-        options_.device->DecodeOwned(launch.shape, absl::MakeSpan(launch.items),
-                                     recall, &touched, parallel_.get());
+    absl::Status st = options_.device->DecodeOwned(
+        launch.shape, absl::MakeSpan(launch.items), recall, &touched,
+        parallel_.get(), &nanos->wait);
     if (st.code() == absl::StatusCode::kResourceExhausted && !touched) {
       // Staging found no free block: idle sessions' rows make room.
       EvictIdleDeviceRows(busy, [&] {
         return options_.device->free_plane_bytes() >= (int64_t{64} << 20);
       });
-      st = options_.device->DecodeOwned(launch.shape,
-                                        absl::MakeSpan(launch.items), recall,
-                                        &touched, parallel_.get());
+      st = options_.device->DecodeOwned(
+          launch.shape, absl::MakeSpan(launch.items), recall, &touched,
+          parallel_.get(), &nanos->wait);
     }
     if (touched) {
       for (const auto& [i, h] : launch.at) stepped.insert(i);
@@ -481,11 +481,15 @@ absl::Status Engine::StepOwned(
           item.evicted_position, item.evicted_key, item.evicted_value,
           &done[i].outputs[h]);
     };
+    const auto spill_start = std::chrono::steady_clock::now();
     if (count >= size_t(kParallelDeviceItems)) {
       parallel_->Run(count, spill);
     } else {
       for (size_t t = 0; t < count; ++t) spill(t);
     }
+    nanos->spill += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now() - spill_start)
+                        .count();
   }
   return absl::OkStatus();
 }

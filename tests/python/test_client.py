@@ -302,7 +302,7 @@ def test_stats(client: kvmem.Client) -> None:
     assert after.device_side_bytes == 0
     assert set(after.step_phase_seconds) == {
         "lock", "plan", "recall", "device_rows", "device", "apply",
-        "device_write", "write"}
+        "device_write", "write", "device_wait", "device_spill"}
     assert all(v >= 0 for v in after.step_phase_seconds.values())
 
 

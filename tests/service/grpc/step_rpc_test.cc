@@ -118,8 +118,9 @@ TEST_F(ServerTest, StepAndStepStreamAnswerAlike) {
   // Where those steps' time went: every phase is reported, the CPU
   // backend's work is in plan and apply, and nothing in the device ones.
   const auto& phases = stats.step_phase_seconds();
-  for (const char* phase : {"lock", "plan", "recall", "device", "apply",
-                            "device_write", "write", "device_rows"}) {
+  for (const char* phase :
+       {"lock", "plan", "recall", "device", "apply", "device_write", "write",
+        "device_rows", "device_wait", "device_spill"}) {
     ASSERT_EQ(phases.count(phase), 1u) << phase;
     EXPECT_GE(phases.at(phase), 0.0) << phase;
   }
@@ -127,6 +128,8 @@ TEST_F(ServerTest, StepAndStepStreamAnswerAlike) {
   EXPECT_GT(phases.at("apply"), 0.0);
   EXPECT_EQ(phases.at("device"), 0.0);
   EXPECT_EQ(phases.at("device_rows"), 0.0);
+  EXPECT_EQ(phases.at("device_wait"), 0.0);
+  EXPECT_EQ(phases.at("device_spill"), 0.0);
   EXPECT_EQ(stats.device_pool_bytes(), 0);
   EXPECT_EQ(stats.hibernations(), 0);
 }
