@@ -364,16 +364,39 @@ absl::Status DeviceBackend::DecodeOwned(
   auto devf = [&](size_t at) { return reinterpret_cast<float*>(d + at); };
 
   // The sealed digests each stream gained since its last step: its buffer
-  // grown (doubling) where needed, then one copy per stream. A digest, once
-  // on the device, stays valid: sealed pages never change.
+  // grown (doubling) where needed, the digests staged side by side, then
+  // one batched copy for all streams (a copy call per stream had cost
+  // ~1 µs each, 250 µs at 256 streams on the step that seals a page). A
+  // digest, once on the device, stays valid: sealed pages never change.
   {
     size_t staged_digests = 0;
+    std::vector<void*> to;
+    std::vector<const void*> from;
+    std::vector<size_t> sizes;
+    // The copies so far, in one call. The staging is pinned and reused by
+    // the next call only after this one's stream work: stream order for
+    // the sources.
+    auto flush = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl_->mu) {
+      if (to.empty()) return absl::OkStatus();
+      cudaMemcpyAttributes order = {};
+      order.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+      size_t first = 0;
+      KVMEM_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyBatchAsync(to.data(), from.data(), sizes.data(), to.size(),
+                               &order, &first, 1, stream));
+      to.clear();
+      from.clear();
+      sizes.clear();
+      return absl::OkStatus();
+    };
     for (DevicePolicyItem& item : items) {
       DevicePolicyState& state = *item.layer->policy_;
       const int have = state.sealed_uploaded[size_t(item.head)];
       const int want = item.sealed_pages;
       if (want <= have) continue;
       if (want > state.sealed_capacity) {
+        // Copies batched into this buffer land before it is copied over.
+        KVMEM_RETURN_IF_ERROR(flush());
         const int capacity = std::max({want, 2 * state.sealed_capacity, 64});
         KVMEM_ASSIGN_OR_RETURN(
             cuda::DeviceBuffer grown,
@@ -400,13 +423,14 @@ absl::Status DeviceBackend::DecodeOwned(
                     item.sealed_digests[size_t(p - item.sealed_from)],
                     state.DigestBytes());
       }
-      KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(
-          reinterpret_cast<char*>(state.Sealed(item.head)) +
-              size_t(have) * state.DigestBytes(),
-          at, size_t(want - have) * state.DigestBytes(), stream));
+      to.push_back(reinterpret_cast<char*>(state.Sealed(item.head)) +
+                   size_t(have) * state.DigestBytes());
+      from.push_back(at);
+      sizes.push_back(size_t(want - have) * state.DigestBytes());
       staged_digests += size_t(want - have);
       state.sealed_uploaded[size_t(item.head)] = want;
     }
+    KVMEM_RETURN_IF_ERROR(flush());
   }
 
   // Phase 2's rows (taken spilled tokens, the new tokens) staged on the
