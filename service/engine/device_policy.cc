@@ -365,9 +365,9 @@ absl::Status DeviceBackend::DecodeOwned(
 
   // The sealed digests each stream gained since its last step: its buffer
   // grown (doubling) where needed, the digests staged side by side, then
-  // one batched copy for all streams (a copy call per stream had cost
-  // ~1 µs each, 250 µs at 256 streams on the step that seals a page). A
-  // digest, once on the device, stays valid: sealed pages never change.
+  // one batched copy for all streams (not a copy call per stream: on the
+  // step that seals a page, that is every stream of the batch). A digest,
+  // once on the device, stays valid: sealed pages never change.
   {
     size_t staged_digests = 0;
     std::vector<void*> to;

