@@ -47,7 +47,8 @@ class ServerStats:
     device_policy_steps: int  # steps whose policy ran on the device
     device_side_bytes: int  # device memory beside the pool (state, staging)
     # Seconds Step requests spent per phase since start ("lock", "plan",
-    # "recall", "device_rows", "device", "apply", "device_write", "write").
+    # "recall", "device_rows", "device", "apply", "device_write", "write",
+    # "device_wait", "device_spill").
     step_phase_seconds: Dict[str, float]
 
 
