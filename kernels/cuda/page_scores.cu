@@ -8,6 +8,7 @@
 // beside it, and each thread running the shared per-head bound over its
 // own row.
 #include <algorithm>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
@@ -653,9 +654,14 @@ absl::Status ScorePages(const PageScoreShape& shape,
   args.vector =
       (2 * shape.head_dim * DTypeBytes(shape.digest_dtype)) % 16 == 0 &&
       Aligned16(inputs.digests);
+  // Its work items, (stream, tile) pairs, are counted in an int.
+  const int64_t quest128_tiles =
+      (int64_t{shape.max_candidates_per_stream} + kQ128Pages - 1) / kQ128Pages;
+  const int64_t quest128_items = quest128_tiles * shape.streams;
   if (void* kernel = Quest128KernelFor(shape);
       kernel != nullptr && !shape.kind.rotation_invariant && args.vector &&
-      Aligned16(inputs.queries)) {
+      Aligned16(inputs.queries) &&
+      quest128_items <= std::numeric_limits<int>::max()) {
     const size_t smem = Quest128SmemBytes(shape.group);
     if (absl::Status allowed = AllowDynamicSharedMemory(kernel, smem);
         !allowed.ok()) {
@@ -664,9 +670,8 @@ absl::Status ScorePages(const PageScoreShape& shape,
     absl::StatusOr<int> slots = ResidentBlocks(kernel, kQ128Threads, smem);
     if (!slots.ok()) return slots.status();
     Quest128Work work;
-    work.tiles_per_stream =
-        (shape.max_candidates_per_stream + kQ128Pages - 1) / kQ128Pages;
-    work.items = work.tiles_per_stream * shape.streams;
+    work.tiles_per_stream = int(quest128_tiles);
+    work.items = int(quest128_items);
     const int target = *slots * kQ128Waves;
     work.per_block = (work.items + target - 1) / target;
     const int blocks = (work.items + work.per_block - 1) / work.per_block;

@@ -22,8 +22,6 @@ namespace kvmem {
 
 namespace {
 
-// A device-owned entry that steps through PrefillOwned, not DecodeOwned:
-// a chunk, or a step without queries.
 // Whether two sessions' decode steps share one DecodeOwned launch: the
 // fields of the launch key in StepOwned.
 bool SameLaunchShape(const StreamConfig& a, const StreamConfig& b) {
@@ -38,6 +36,8 @@ bool SameLaunchShape(const StreamConfig& a, const StreamConfig& b) {
          a.softmax_scale == b.softmax_scale && a.reduction == b.reduction;
 }
 
+// A device-owned entry that steps through PrefillOwned, not DecodeOwned:
+// a chunk, or a step without queries.
 bool OwnedAsChunk(const StepEntryView& e) {
   return e.num_tokens > 1 || e.q.empty();
 }
