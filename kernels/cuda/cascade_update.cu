@@ -178,7 +178,8 @@ __global__ void __launch_bounds__(kThreads)
     // The attended slots' old u, kept while a renormalisation rescales
     // every held slot (the others as if r = 0: AccumulateScore adds +0),
     // then written with their r folded in, in UpdateScores' order.
-    const int rows = a.in.row_counts[b];
+    // At most row_capacity (≤ kMaxSparseStepRows, what the registers hold).
+    const int rows = min(a.in.row_counts[b], a.in.row_capacity);
     const size_t at = size_t(b) * a.in.row_capacity;
     int js[kSparseRowsPerThread];
     float x0[kSparseRowsPerThread];
