@@ -1,11 +1,12 @@
-// A block per stream. Up to 512 candidates (SelectOneAThread, in 256-thread
-// blocks when no stream has more than 256): sort them (score descending,
-// index ascending) with a bitonic network in registers and shuffles, take
-// the prefix of the sorted order that fits (a scan of fresh tokens), then
-// let one warp finish the greedy rule after the first page that did not
-// fit (pages that fit what is left, in order; few, since what is left is
-// under a page). Above 512: find that first miss by a radix search instead
-// of a sort (RadixSelect), and sort only the tail.
+// A block per stream, of 256, 512 or 1024 threads as the largest stream
+// needs. A stream with at most a block's candidates (SelectOneAThread):
+// sort them (score descending, index ascending) with a bitonic network in
+// registers and shuffles, take the prefix of the sorted order that fits (a
+// scan of fresh tokens), then let one warp finish the greedy rule after
+// the first page that did not fit (pages that fit what is left, in order;
+// few, since what is left is under a page). Above: find that first miss
+// by a radix search instead of a sort (RadixSelect), and sort only the
+// tail.
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
@@ -16,7 +17,11 @@
 namespace kvmem::cuda {
 namespace {
 
-constexpr int kThreads = 512;
+// Threads a block of SelectPagesKernel: 512 up to 512 candidates a stream
+// (a candidate a thread), else 1024 (twice the keys a radix round; at 6148
+// candidates and batch 1 the 512-thread block took 49 µs under ncu).
+constexpr int kMidBlock = 512;
+constexpr int kLargeBlock = 1024;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 int PowerOfTwoAtLeast(int n) {
@@ -42,9 +47,10 @@ __device__ __forceinline__ uint64_t SortKey(float score, int index) {
 }
 
 // In-place inclusive scan of a[0..len) by the whole block.
+template <int kBlock>
 __device__ void BlockInclusiveScan(int* a, int len, int* s_warp) {
   const int tid = threadIdx.x;
-  const int per = (len + kThreads - 1) / kThreads;
+  const int per = (len + kBlock - 1) / kBlock;
   const int first = tid * per;
   const int last = min(len, first + per);
   int sum = 0;
@@ -59,12 +65,12 @@ __device__ void BlockInclusiveScan(int* a, int len, int* s_warp) {
   if (lane == 31) s_warp[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    int w = lane < kThreads / 32 ? s_warp[lane] : 0;
+    int w = lane < kBlock / 32 ? s_warp[lane] : 0;
     for (int off = 1; off < 32; off <<= 1) {
       const int up = __shfl_up_sync(kFullMask, w, off);
       if (lane >= off) w += up;
     }
-    if (lane < kThreads / 32) s_warp[lane] = w;
+    if (lane < kBlock / 32) s_warp[lane] = w;
   }
   __syncthreads();
   int running = incl - sum + (warp > 0 ? s_warp[warp - 1] : 0);
@@ -77,11 +83,12 @@ __device__ void BlockInclusiveScan(int* a, int len, int* s_warp) {
 
 // Sorts s_keys[0..capacity) ascending (capacity a power of two, padded
 // with ~0) by a bitonic network in shared memory, the whole block.
+template <int kBlock>
 __device__ void BlockBitonicSort(uint64_t* s_keys, int capacity) {
   const int tid = threadIdx.x;
   for (int k = 2; k <= capacity; k <<= 1) {
     for (int j = k >> 1; j > 0; j >>= 1) {
-      for (int i = tid; i < capacity; i += kThreads) {
+      for (int i = tid; i < capacity; i += kBlock) {
         const int partner = i ^ j;
         if (partner > i) {
           const uint64_t a = s_keys[i];
@@ -122,7 +129,7 @@ __device__ int WarpGreedyTail(const uint64_t* sorted, int from, int count,
   return left;
 }
 
-// Above kThreads candidates the block does not sort them all: it finds the
+// Above kBlock candidates the block does not sort them all: it finds the
 // first page that does not fit (the miss) by a radix search over the sort
 // keys, 8 bits a pass, weighting each key by its fresh tokens: the miss is
 // the smallest key whose tokens, with those of every smaller key, pass
@@ -132,6 +139,7 @@ __device__ int WarpGreedyTail(const uint64_t* sorted, int from, int count,
 // replaced a full sort of 78 barrier stages. `s_keys[0..n)` hold the keys
 // (unsorted) and `s_fresh[0..n)` their tokens; `s_tail` has room for n.
 // Returns what is left of `avail`.
+template <int kBlock>
 __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
                            int avail, uint8_t* s_taken, uint64_t* s_tail) {
   __shared__ int s_hist_count[256];
@@ -145,12 +153,12 @@ __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
   int below = 0;        // tokens of the keys below those bits
   int shift = 56;
   for (;; shift -= 8) {
-    for (int b = tid; b < 256; b += kThreads) {
+    for (int b = tid; b < 256; b += kBlock) {
       s_hist_count[b] = 0;
       s_hist_tokens[b] = 0;
     }
     __syncthreads();
-    for (int first = 0; first < n; first += kThreads) {
+    for (int first = 0; first < n; first += kBlock) {
       const int i = first + tid;
       const uint64_t key = i < n ? s_keys[i] : 0;
       const bool in = i < n && (shift == 56 || (key >> (shift + 8)) == prefix);
@@ -210,7 +218,7 @@ __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
   if (shift == 0) {
     if (tid == 0) s_miss = prefix;
   } else {
-    for (int i = tid; i < n; i += kThreads) {
+    for (int i = tid; i < n; i += kBlock) {
       if ((s_keys[i] >> shift) == prefix) s_miss = s_keys[i];
     }
   }
@@ -218,7 +226,7 @@ __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
   __syncthreads();
   const uint64_t miss = s_miss;
   const int left = avail - below;
-  for (int i = tid; i < n; i += kThreads) {
+  for (int i = tid; i < n; i += kBlock) {
     const uint64_t key = s_keys[i];
     const int tokens = s_fresh[i];
     s_taken[i] = key < miss && tokens > 0 ? 1 : 0;
@@ -230,10 +238,9 @@ __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
   const int tail = s_tail_count;
   int capacity = 1;
   while (capacity < tail) capacity <<= 1;
-  for (int i = tail + tid; i < capacity; i += kThreads)
-    s_tail[i] = ~uint64_t{0};
+  for (int i = tail + tid; i < capacity; i += kBlock) s_tail[i] = ~uint64_t{0};
   __syncthreads();
-  if (tail > 1) BlockBitonicSort(s_tail, capacity);
+  if (tail > 1) BlockBitonicSort<kBlock>(s_tail, capacity);
   __shared__ int s_rest;
   if (tid < 32) {
     const int rest = WarpGreedyTail(s_tail, 0, tail, s_fresh, s_taken, left);
@@ -244,7 +251,7 @@ __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
 }
 
 // Inclusive scan of one value a thread over the block (every thread of
-// the block calls it). `s_warp` holds kThreads / 32 ints.
+// the block calls it). `s_warp` holds a warp's int.
 __device__ int BlockInclusiveScanOne(int value, int* s_warp) {
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -416,7 +423,8 @@ __device__ void SelectOneAThread(const SelectArgs& args, int n,
   if (tid == kBlock - 1) args.rows.rows_count[stream] = always_in + rows_incl;
 }
 
-__global__ void __launch_bounds__(kThreads)
+template <int kBlock>
+__global__ void __launch_bounds__(kBlock)
     SelectPagesKernel(const SelectArgs args) {
   WaitForPriorGrids();  // the scores
   LetDependentsLaunch();
@@ -425,17 +433,17 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ uint64_t s_keys[];
   uint64_t* s_tail = s_keys + args.sort_capacity;
   int* s_tokens = reinterpret_cast<int*>(
-      s_tail + (args.sort_capacity > kThreads ? args.sort_capacity : 0));
+      s_tail + (args.sort_capacity > kBlock ? args.sort_capacity : 0));
   uint8_t* s_taken = reinterpret_cast<uint8_t*>(s_tokens + args.sort_capacity);
-  __shared__ int s_warp[kThreads / 32];
+  __shared__ int s_warp[kBlock / 32];
   __shared__ int s_total;
   __shared__ int s_left;
 
   const int stream = blockIdx.x;
   const int tid = threadIdx.x;
   const int n = args.in.candidate_count[stream];
-  if (n <= kThreads) {
-    SelectOneAThread<kThreads>(args, n, s_keys, s_tokens, s_taken);
+  if (n <= kBlock) {
+    SelectOneAThread<kBlock>(args, n, s_keys, s_tokens, s_taken);
     return;
   }
   const int begin = args.in.candidate_begin[stream];
@@ -447,7 +455,7 @@ __global__ void __launch_bounds__(kThreads)
   if (tid == 0) s_total = 0;
   __syncthreads();
   int local = 0;
-  for (int i = tid; i < n; i += kThreads) local += fresh[i];
+  for (int i = tid; i < n; i += kBlock) local += fresh[i];
   for (int off = 16; off > 0; off >>= 1) {
     local += __shfl_xor_sync(kFullMask, local, off);
   }
@@ -456,22 +464,22 @@ __global__ void __launch_bounds__(kThreads)
   const bool dense = always_in + s_total <= budget;
   int selected_tokens = 0;
   if (dense) {
-    for (int i = tid; i < n; i += kThreads) s_taken[i] = 1;
+    for (int i = tid; i < n; i += kBlock) s_taken[i] = 1;
     selected_tokens = always_in + s_total;
   } else {
-    for (int i = tid; i < n; i += kThreads) {
+    for (int i = tid; i < n; i += kBlock) {
       s_keys[i] = SortKey(args.in.scores[begin + i], i);
       s_tokens[i] = fresh[i];
     }
     __syncthreads();
-    const int left =
-        RadixSelect(s_keys, s_tokens, n, budget - always_in, s_taken, s_tail);
+    const int left = RadixSelect<kBlock>(s_keys, s_tokens, n,
+                                         budget - always_in, s_taken, s_tail);
     if (tid == 0) s_left = left;
     __syncthreads();
     selected_tokens = budget - s_left;
   }
   __syncthreads();
-  for (int i = tid; i < n; i += kThreads) {
+  for (int i = tid; i < n; i += kBlock) {
     args.out.selected[begin + i] = s_taken[i];
   }
   if (tid == 0) {
@@ -484,14 +492,14 @@ __global__ void __launch_bounds__(kThreads)
   const SelectPagesRows& rows = args.rows;
   int32_t* out = rows.rows + rows.rows_begin[stream];
   const int32_t* always = rows.always_in_rows + rows.always_in_begin[stream];
-  for (int i = tid; i < always_in; i += kThreads) out[i] = always[i];
+  for (int i = tid; i < always_in; i += kBlock) out[i] = always[i];
   // The taken candidates, listed (in any order) over the keys, which are
   // no longer needed.
   int* s_list = reinterpret_cast<int*>(s_keys);
   __shared__ int s_listed;
   if (tid == 0) s_listed = 0;
   __syncthreads();
-  for (int i = tid; i < n; i += kThreads) {
+  for (int i = tid; i < n; i += kBlock) {
     int tokens = 0;
     if (s_taken[i]) {
       tokens = __popcll(rows.candidate_fresh_mask[begin + i]);
@@ -500,11 +508,11 @@ __global__ void __launch_bounds__(kThreads)
     s_tokens[i] = tokens;
   }
   __syncthreads();
-  BlockInclusiveScan(s_tokens, n, s_warp);
+  BlockInclusiveScan<kBlock>(s_tokens, n, s_warp);
   // Each thread loads one listed page's mask, first row and place at once,
   // and its warp writes the rows of its 32.
   const int listed = s_listed;
-  for (int first = 0; first < listed; first += kThreads) {
+  for (int first = 0; first < listed; first += kBlock) {
     const int j = first + tid;
     uint64_t mask = 0;
     int first_row = 0;
@@ -590,21 +598,24 @@ absl::Status SelectPages(const SelectPagesShape& shape,
     return absl::OkStatus();
   }
   args.sort_capacity = PowerOfTwoAtLeast(shape.max_candidates_per_stream);
-  // Keys, tokens and taken flags; above kThreads candidates also the
+  const int block =
+      shape.max_candidates_per_stream <= kMidBlock ? kMidBlock : kLargeBlock;
+  const void* kernel =
+      block == kMidBlock
+          ? reinterpret_cast<const void*>(&SelectPagesKernel<kMidBlock>)
+          : reinterpret_cast<const void*>(&SelectPagesKernel<kLargeBlock>);
+  // Keys, tokens and taken flags; above a block's candidates also the
   // radix path's tail keys.
-  const size_t smem =
-      size_t(args.sort_capacity) *
-      (sizeof(uint64_t) * (args.sort_capacity > kThreads ? 2 : 1) +
-       sizeof(int) + sizeof(uint8_t));
-  if (absl::Status allowed = AllowDynamicSharedMemory(
-          reinterpret_cast<const void*>(&SelectPagesKernel), smem);
+  const size_t smem = size_t(args.sort_capacity) *
+                      (sizeof(uint64_t) * (args.sort_capacity > block ? 2 : 1) +
+                       sizeof(int) + sizeof(uint8_t));
+  if (absl::Status allowed = AllowDynamicSharedMemory(kernel, smem);
       !allowed.ok()) {
     return allowed;
   }
   void* kernel_args[] = {&args};
   if (absl::Status launched = LaunchAfterPrior(
-          reinterpret_cast<const void*>(&SelectPagesKernel),
-          dim3(shape.streams), dim3(kThreads), smem, stream, kernel_args);
+          kernel, dim3(shape.streams), dim3(block), smem, stream, kernel_args);
       !launched.ok()) {
     return launched;
   }

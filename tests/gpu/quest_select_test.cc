@@ -191,10 +191,13 @@ TEST(PageScoresTest, BitsMatchCpuOtherGroupsAndWidths) {
 TEST(SelectPagesTest, SameSelectionAsCpuAndCompactRows) {
   KVMEM_REQUIRE_DEVICE();
   std::mt19937 rng(testing::FreshSeed());
-  // Rounds 4..7 keep to streams of at most 256 candidates, which take the
-  // small kernel.
+  // Rounds 0..3 take the 1024-thread kernel (a stream of 1000 one-row
+  // pages sorts in registers there), 4..5 keep to streams of at most 256
+  // candidates (the 256-thread kernel), 6..7 to 512 (the 512-thread one).
   for (int round = 0; round < 8; ++round) {
-    const int most_pages = round < 4 ? kMaxSelectCandidates : 256;
+    const int most_pages = round < 4   ? kMaxSelectCandidates
+                           : round < 6 ? 256
+                                       : 512;
     std::vector<float> scores;
     std::vector<int32_t> fresh;
     std::vector<int32_t> begin, count, always, budget;
@@ -204,7 +207,7 @@ TEST(SelectPagesTest, SameSelectionAsCpuAndCompactRows) {
     // Pages of 40 rows take two 16-row chunks and a part of a third when
     // the rows are written; 8192 one-row pages is the largest stream.
     for (int page_tokens : {1, 3, 16, 40}) {
-      for (int n : {1, 7, 65, 4099, 8192}) {
+      for (int n : {1, 7, 65, 1000, 4099, 8192}) {
         if (n == 8192 && page_tokens != 1) continue;
         const int pages = (n + page_tokens - 1) / page_tokens;
         if (pages > most_pages) continue;
