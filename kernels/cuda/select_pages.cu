@@ -46,34 +46,38 @@ __device__ __forceinline__ uint64_t SortKey(float score, int index) {
   return (uint64_t{order} << 32) | uint32_t(index);
 }
 
-// In-place inclusive scan of a[0..len) by the whole block.
+// Inclusive scan of one value a lane over its warp (all 32 lanes call it).
+__device__ __forceinline__ int WarpInclusiveScan(int value) {
+  const int lane = threadIdx.x % 32;
+  for (int off = 1; off < 32; off <<= 1) {
+    const int up = __shfl_up_sync(kFullMask, value, off);
+    if (lane >= off) value += up;
+  }
+  return value;
+}
+
+// Inclusive scan of one value a thread over the block (every thread of
+// the block calls it). `s_warp` holds a warp's int.
+__device__ int BlockInclusiveScanOne(int value, int* s_warp) {
+  const int warp = threadIdx.x / 32;
+  int incl = WarpInclusiveScan(value);
+  if (threadIdx.x % 32 == 31) s_warp[warp] = incl;
+  __syncthreads();
+  for (int w = 0; w < warp; ++w) incl += s_warp[w];
+  __syncthreads();  // s_warp may be written again
+  return incl;
+}
+
+// In-place inclusive scan of a[0..len) by the whole block: a run of
+// elements a thread, the runs' sums scanned across the block.
 template <int kBlock>
 __device__ void BlockInclusiveScan(int* a, int len, int* s_warp) {
-  const int tid = threadIdx.x;
   const int per = (len + kBlock - 1) / kBlock;
-  const int first = tid * per;
+  const int first = int(threadIdx.x) * per;
   const int last = min(len, first + per);
   int sum = 0;
   for (int i = first; i < last; ++i) sum += a[i];
-  const int lane = tid % 32;
-  const int warp = tid / 32;
-  int incl = sum;
-  for (int off = 1; off < 32; off <<= 1) {
-    const int up = __shfl_up_sync(kFullMask, incl, off);
-    if (lane >= off) incl += up;
-  }
-  if (lane == 31) s_warp[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    int w = lane < kBlock / 32 ? s_warp[lane] : 0;
-    for (int off = 1; off < 32; off <<= 1) {
-      const int up = __shfl_up_sync(kFullMask, w, off);
-      if (lane >= off) w += up;
-    }
-    if (lane < kBlock / 32) s_warp[lane] = w;
-  }
-  __syncthreads();
-  int running = incl - sum + (warp > 0 ? s_warp[warp - 1] : 0);
+  int running = BlockInclusiveScanOne(sum, s_warp) - sum;
   for (int i = first; i < last; ++i) {
     running += a[i];
     a[i] = running;
@@ -192,12 +196,7 @@ __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
         sums[j] = s_hist_tokens[tid * 8 + j];
         lane_sum += sums[j];
       }
-      int incl = lane_sum;
-      for (int off = 1; off < 32; off <<= 1) {
-        const int up = __shfl_up_sync(kFullMask, incl, off);
-        if (tid >= off) incl += up;
-      }
-      int run = below + incl - lane_sum;
+      int run = below + WarpInclusiveScan(lane_sum) - lane_sum;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         if (run <= avail && run + sums[j] > avail) {
@@ -248,23 +247,6 @@ __device__ int RadixSelect(const uint64_t* s_keys, const int* s_fresh, int n,
   }
   __syncthreads();
   return s_rest;
-}
-
-// Inclusive scan of one value a thread over the block (every thread of
-// the block calls it). `s_warp` holds a warp's int.
-__device__ int BlockInclusiveScanOne(int value, int* s_warp) {
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  int incl = value;
-  for (int off = 1; off < 32; off <<= 1) {
-    const int up = __shfl_up_sync(kFullMask, incl, off);
-    if (lane >= off) incl += up;
-  }
-  if (lane == 31) s_warp[warp] = incl;
-  __syncthreads();
-  for (int w = 0; w < warp; ++w) incl += s_warp[w];
-  __syncthreads();  // s_warp may be written again
-  return incl;
 }
 
 // Writes the fresh rows of the warp's 32 pages: lane l holds a page's
