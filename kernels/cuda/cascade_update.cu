@@ -174,6 +174,15 @@ __global__ void __launch_bounds__(kThreads)
     return j >= 0 && j < cascade_slots &&
            j % a.window < plan.stored[j / a.window];
   };
+  // One u through UpdateScores' rounded operations, in its order: the
+  // mid-step renormalisation, r (when attended; r = 0 adds +0, so a slot
+  // not attended may skip it), the end-of-step renormalisation.
+  auto step_u = [&](float x, bool with_r, float r) {
+    if (mid) x = RescaleScore(x, mid_scale);
+    if (with_r) x = AccumulateScore(x, factor, r);
+    if (end) x = RescaleScore(x, end_scale);
+    return x;
+  };
   if (sparse) {
     // The attended slots' old u, kept while a renormalisation rescales
     // every held slot (the others as if r = 0: AccumulateScore adds +0),
@@ -202,22 +211,13 @@ __global__ void __launch_bounds__(kThreads)
     if (mid || end) {
       __syncthreads();  // every attended u read before the rescale below
       for (int j = tid; j < cascade_slots; j += kThreads) {
-        if (!held_slot(j)) continue;
-        float x = cu[j];
-        if (mid) x = RescaleScore(x, mid_scale);
-        if (end) x = RescaleScore(x, end_scale);
-        cu[j] = x;
+        if (held_slot(j)) cu[j] = step_u(cu[j], false, 0.0f);
       }
       __syncthreads();  // before the attended slots are written again
     }
 #pragma unroll
     for (int i = 0; i < kSparseRowsPerThread; ++i) {
-      if (js[i] < 0) continue;
-      float x = x0[i];
-      if (mid) x = RescaleScore(x, mid_scale);
-      x = AccumulateScore(x, factor, rs[i]);
-      if (end) x = RescaleScore(x, end_scale);
-      cu[js[i]] = x;
+      if (js[i] >= 0) cu[js[i]] = step_u(x0[i], true, rs[i]);
     }
   } else if (attended || mid || end) {
     const float* cr = attended ? a.in.probs + slot0 + a.sinks : nullptr;
@@ -234,12 +234,7 @@ __global__ void __launch_bounds__(kThreads)
       }
 #pragma unroll
       for (int q = 0; q < kBatch; ++q) {
-        if (!held[q]) continue;
-        float x = v[q];
-        if (mid) x = RescaleScore(x, mid_scale);
-        if (attended) x = AccumulateScore(x, factor, p[q]);
-        if (end) x = RescaleScore(x, end_scale);
-        cu[j0 + q * kThreads] = x;
+        if (held[q]) cu[j0 + q * kThreads] = step_u(v[q], attended, p[q]);
       }
     }
   }
@@ -304,10 +299,7 @@ __global__ void __launch_bounds__(kThreads)
     const float self_prob = !attended ? 0.0f
                             : sparse  ? s_self_prob
                                       : a.in.self_probs[b];
-    float initial = 0.0f;
-    if (mid) initial = RescaleScore(initial, mid_scale);
-    if (attended) initial = AccumulateScore(initial, factor, self_prob);
-    if (end) initial = RescaleScore(initial, end_scale);
+    const float initial = step_u(0.0f, attended, self_prob);
     *my.score_exponent = end ? 0 : k;
     *my.tokens_seen = t + 1;
 
