@@ -3,8 +3,9 @@
 // warps of 16 query rows each (128 rows a block) over 64-key tiles:
 // - tiles arrive in shared memory by cp.async one tile ahead of the math,
 //   fragments come out of it by ldmatrix (V transposed on the fly); the
-//   query tile stays in shared memory and its fragments are reloaded per
-//   tile, which keeps a thread within 128 registers (two blocks an SM);
+//   forward pass reloads its query fragments from shared memory every
+//   tile, which keeps a thread within 128 registers (two blocks an SM),
+//   the score pass (no output accumulator) keeps them in registers;
 // - invalid keys (empty slots, past the end) are zero-filled so that
 //   0·garbage cannot make a NaN;
 // - a key k of stream b is slot k (k < slots: pool row slot_rows[b, k],
@@ -303,32 +304,50 @@ __device__ void LoadQueryTile(const ChunkArgs& a, int b, int r0, T* q_tile) {
   }
 }
 
+// The A fragment of channels kk·16 … +15 of this warp's 16 query rows:
+// rows (j%2)·8 + 0..7, channels kk·16 + (j/2)·8, j = lane/8.
+template <typename T>
+__device__ __forceinline__ void QueryFragment(const T* q_tile, int kk,
+                                              uint32_t (&qf)[4]) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int j = lane / 8;
+  LdMatrix(qf, SharedAddress(q_tile +
+                             (warp * 16 + (j % 2) * 8 + lane % 8) * kPitch +
+                             kk * 16 + (j / 2) * 8));
+}
+
+// s += the products of query fragment kk with the key tile's channels
+// kk·16 … +15 (16 rows × 64 keys).
+template <typename T>
+__device__ __forceinline__ void AddKeyProducts(const uint32_t (&qf)[4],
+                                               const T* k_tile, int kk,
+                                               float (&s)[8][4]) {
+  const int lane = threadIdx.x % 32;
+  const int j = lane / 8;
+#pragma unroll
+  for (int n2 = 0; n2 < 4; ++n2) {
+    // B: keys n2·16 + (j/2)·8 + 0..7, channels kk·16 + (j%2)·8.
+    const int key = n2 * 16 + (j / 2) * 8 + lane % 8;
+    const int d = kk * 16 + (j % 2) * 8;
+    uint32_t kb[4];
+    LdMatrix(kb, SharedAddress(k_tile + key * kPitch + d));
+    Elem<T>::Mma(s[2 * n2], qf, kb[0], kb[1]);
+    Elem<T>::Mma(s[2 * n2 + 1], qf, kb[2], kb[3]);
+  }
+}
+
 // S (16 rows of this warp × 64 keys) = Q·Kᵀ from the query and key tiles.
 template <typename T>
 __device__ __forceinline__ void QueryKeyTile(const T* q_tile, const T* k_tile,
                                              float (&s)[8][4]) {
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int j = lane / 8;  // which of the four matrices this lane addresses
 #pragma unroll
   for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) {
-    // A: rows (j%2)·8 + 0..7 of the warp's 16, channels kk·16 + (j/2)·8.
     uint32_t qf[4];
-    LdMatrix(qf, SharedAddress(q_tile +
-                               (warp * 16 + (j % 2) * 8 + lane % 8) * kPitch +
-                               kk * 16 + (j / 2) * 8));
-#pragma unroll
-    for (int n2 = 0; n2 < 4; ++n2) {
-      // B: keys n2·16 + (j/2)·8 + 0..7, channels kk·16 + (j%2)·8.
-      const int key = n2 * 16 + (j / 2) * 8 + lane % 8;
-      const int d = kk * 16 + (j % 2) * 8;
-      uint32_t kb[4];
-      LdMatrix(kb, SharedAddress(k_tile + key * kPitch + d));
-      Elem<T>::Mma(s[2 * n2], qf, kb[0], kb[1]);
-      Elem<T>::Mma(s[2 * n2 + 1], qf, kb[2], kb[3]);
-    }
+    QueryFragment(q_tile, kk, qf);
+    AddKeyProducts(qf, k_tile, kk, s);
   }
 }
 
@@ -502,6 +521,23 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+// One reduce-scatter stage across the lanes that differ in `lane_mask`:
+// of the first kCount values, the lane with that bit clear keeps the lower
+// half and its partner the upper, each combined (max or sum) with the
+// partner's copy; the kept half moves to v[0, kCount/2).
+template <int kCount, bool kMax>
+__device__ __forceinline__ void HalveAcrossLanes(float (&v)[16],
+                                                 int lane_mask) {
+  const bool upper = (threadIdx.x & lane_mask) != 0;
+#pragma unroll
+  for (int i = 0; i < kCount / 2; ++i) {
+    const float send = upper ? v[i] : v[i + kCount / 2];
+    const float keep = upper ? v[i + kCount / 2] : v[i];
+    const float got = __shfl_xor_sync(0xffffffffu, send, lane_mask);
+    v[i] = kMax ? fmaxf(keep, got) : keep + got;
+  }
+}
+
 // ---- launch 3: per query block, Σ f·r per key
 // --------------------------------
 
@@ -529,24 +565,32 @@ __global__ void __launch_bounds__(kThreads, 2)
   LoadQueryTile<T>(a, b, r0, q_tile);
   LoadKeyTile<T>(a, b, 0, k_tiles, nullptr, vis);
   CommitCopies();
-  // Per fragment row: its LSE (log2 units) and its token's factor. With
-  // G ≥ 2 both rows are heads of one token and the group spans the lanes
-  // whose gid differs in its low log2(G/2) bits; the first of them (the
-  // leader) carries the group's r. With G = 1 each row is a token.
+  // Without an output accumulator this pass has the registers to keep its
+  // query fragments (32 a thread) for every tile: a fifth of the shared
+  // memory reads of a tile fewer.
+  WaitCopies<0>();
+  __syncthreads();
+  uint32_t qf[kD / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
+  // Per fragment row: its LSE (log2 units) and its token's factor (0 for a
+  // row past the end). With G ≥ 2 both rows are heads of one token, and the
+  // group spans the lanes whose gid differs in its low log2(G/2) bits.
   const float lse_a =
       my.token_a >= 0 ? a.out.lse[QueryRow(a, b, my.row_a)] * kLog2e : 0.0f;
   const float lse_b =
       my.token_b >= 0 ? a.out.lse[QueryRow(a, b, my.row_b)] * kLog2e : 0.0f;
-  constexpr int half_group = kGroup > 1 ? kGroup / 2 : 1;
-  const bool leader = (gid & (half_group - 1)) == 0;
-  const float f_a = leader && my.token_a >= 0
-                        ? a.w.factor[int64_t{b} * a.chunk + my.token_a]
-                        : 0.0f;
-  const float f_b = leader && my.token_b >= 0
-                        ? a.w.factor[int64_t{b} * a.chunk + my.token_b]
-                        : 0.0f;
+  const float f_a =
+      my.token_a >= 0 ? a.w.factor[int64_t{b} * a.chunk + my.token_a] : 0.0f;
+  const float f_b =
+      my.token_b >= 0 ? a.w.factor[int64_t{b} * a.chunk + my.token_b] : 0.0f;
+  // MAX over a group of 4 or 8 spans lanes: it is reduced before the
+  // exponential. MEAN (and G 1) sums p · f / G straight away.
   const bool mean = a.reduction == ScoreReduction::kMean;
-  constexpr float inv_group = 1.0f / float(kGroup);
+  constexpr bool kLaneMax = kGroup >= 4;
+  const float inv_group = mean ? 1.0f / float(kGroup) : 1.0f;
+  const float w_a = f_a * inv_group;
+  const float w_b = f_b * inv_group;
 
   for (int tile = 0; tile < my.tiles; ++tile) {
     const int stage = tile & 1;
@@ -561,44 +605,54 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     const int* tile_vis = vis + stage * kKeys;
     float s[8][4];
-    QueryKeyTile<T>(q_tile, k_tiles + stage * kTileHalves, s);
+#pragma unroll
+    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      AddKeyProducts(qf[kk], k_tiles + stage * kTileHalves, kk, s);
+    }
+    // v[2n + e]: this thread's value for key column n·8 + tig·2 + e, from
+    // its two fragment rows: x = log2 p (their max, G ≥ 2 under MAX) or
+    // p · w summed.
+    float v[16];
+    const bool lane_max = !mean && kGroup > 1;
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int first = tile_vis[n * 8 + tig * 2 + e];
-        // x = log2 p; the max of p over the group is 2^(max x).
         const float xa =
             my.token_a >= first ? s[n][e] * a.scale_log2 - lse_a : -INFINITY;
         const float xb = my.token_b >= first
                              ? s[n][e + 2] * a.scale_log2 - lse_b
                              : -INFINITY;
-        float v;
-        if (kGroup == 1) {
-          v = f_a * Exp2(xa) + f_b * Exp2(xb);
-        } else if (mean) {
-          float p = Exp2(xa) + Exp2(xb);
-#pragma unroll
-          for (int m = 1; m < half_group; m <<= 1) {
-            p += __shfl_xor_sync(0xffffffffu, p, 4 * m);
-          }
-          v = f_a * (p * inv_group);
-        } else {
-          float x = fmaxf(xa, xb);
-#pragma unroll
-          for (int m = 1; m < half_group; m <<= 1) {
-            x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4 * m));
-          }
-          v = f_a * Exp2(x);  // f_a is 0 off the leaders
-        }
-        // Σ over the warp's tokens: the lanes of the other groups.
-#pragma unroll
-        for (int m = half_group; m < 8; m <<= 1) {
-          v += __shfl_xor_sync(0xffffffffu, v, 4 * m);
-        }
-        if (gid == 0) stage_sums[warp * kKeys + n * 8 + tig * 2 + e] = v;
+        v[2 * n + e] = lane_max ? fmaxf(xa, xb)
+                                : w_a * Exp2(xa) + w_b * Exp2(xb);
       }
     }
+    // The rest of the group reduction and the sum over the warp's tokens
+    // are reduce-scatters over gid bits 0, 1, 2 in turn: each halves the
+    // values a lane holds with one shuffle per value kept (14 shuffles in
+    // all, and under MAX one exponential per value left after the group's
+    // max), where a full reduction of every column took 3 a column. The
+    // lane is left with columns n = 4·b0 + 2·b1 + b2 (b: its gid bits),
+    // e = 0, 1.
+    if (lane_max) {
+      if constexpr (kLaneMax) HalveAcrossLanes<16, true>(v, 4);
+      if constexpr (kGroup == 8) HalveAcrossLanes<8, true>(v, 8);
+      constexpr int kLeft = kGroup == 8 ? 4 : kGroup == 4 ? 8 : 16;
+#pragma unroll
+      for (int i = 0; i < kLeft; ++i) v[i] = f_a * Exp2(v[i]);
+      if constexpr (!kLaneMax) HalveAcrossLanes<16, false>(v, 4);
+      if constexpr (kGroup != 8) HalveAcrossLanes<8, false>(v, 8);
+    } else {
+      HalveAcrossLanes<16, false>(v, 4);
+      HalveAcrossLanes<8, false>(v, 8);
+    }
+    HalveAcrossLanes<4, false>(v, 16);
+    const int n = 4 * (gid & 1) + 2 * ((gid >> 1) & 1) + (gid >> 2);
+    *reinterpret_cast<float2*>(stage_sums + warp * kKeys + n * 8 + tig * 2) =
+        make_float2(v[0], v[1]);
     __syncthreads();
     if (threadIdx.x < kKeys) {
       const int64_t k = int64_t{tile} * kKeys + threadIdx.x;
