@@ -1,5 +1,5 @@
 // Device helpers for staging global memory into shared memory with
-// cp.async (16 bytes a call, L2 only), shared by the kernels of
+// cp.async, shared by the kernels of
 // kernels/cuda/. Included by .cu files only.
 #ifndef KVMEM_KERNELS_CUDA_ASYNC_COPY_CUH_
 #define KVMEM_KERNELS_CUDA_ASYNC_COPY_CUH_
@@ -18,6 +18,20 @@ __device__ __forceinline__ void CopyAsync16(void* shared, const void* global,
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(
                    SharedAddress(shared)),
                "l"(global), "r"(valid ? 16 : 0));
+}
+// 8 or 4 bytes global → shared (through L1: cp.async.cg takes 16 only);
+// zeros when !valid.
+__device__ __forceinline__ void CopyAsync8(void* shared, const void* global,
+                                           bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(
+                   SharedAddress(shared)),
+               "l"(global), "r"(valid ? 8 : 0));
+}
+__device__ __forceinline__ void CopyAsync4(void* shared, const void* global,
+                                           bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(
+                   SharedAddress(shared)),
+               "l"(global), "r"(valid ? 4 : 0));
 }
 // Closes this thread's copies issued since the last commit into a group.
 __device__ __forceinline__ void CommitCopies() {

@@ -1,7 +1,8 @@
 // The four launches of a prefill chunk (chunk_attention.h). Both attention
 // kernels use mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate) with eight
 // warps of 16 query rows each (128 rows a block) over 64-key tiles:
-// - tiles arrive in shared memory by cp.async one tile ahead of the math,
+// - tiles arrive in shared memory by cp.async one tile ahead of the math
+//   (the slots' indices, which locate a tile's rows, three tiles ahead),
 //   fragments come out of it by ldmatrix (V transposed on the fly); the
 //   forward pass reloads its query fragments from shared memory every
 //   tile, which keeps a thread within 128 registers (two blocks an SM),
@@ -237,17 +238,57 @@ __device__ __forceinline__ StreamSlots SlotsOf(const ChunkArgs& a, int b) {
   return {a.in.positions + at, a.in.slot_rows + at, a.state.scores + at};
 }
 
-// Starts the copy of keys [k0, k0 + 64) of stream b (rows into k_tile and,
-// when v_tile is not null, v_tile), and writes their vis.
+// A stream's slot indices for key tiles, staged in shared memory by
+// cp.async three tiles ahead of the tile's own copy (tile i in stage
+// i % kIndexStages), so that finding a tile's pool rows never waits on a
+// chain of global loads: [kIndexStages][64] each.
+constexpr int kIndexStages = 4;
+constexpr int kIndexAhead = 3;
+struct KeyIndexTiles {
+  int64_t* positions;
+  int32_t* rows;
+};
+constexpr size_t kIndexSharedBytes =
+    size_t(kIndexStages) * kKeys * (sizeof(int64_t) + sizeof(int32_t));
+
+// They lead both kernels' dynamic shared memory: at a fixed address, they
+// cost no registers to find (kept in registers, the forward pass spilled).
+__device__ __forceinline__ KeyIndexTiles SharedKeyIndices() {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  int64_t* positions = reinterpret_cast<int64_t*>(shared_bytes);
+  return {positions,
+          reinterpret_cast<int32_t*>(positions + kIndexStages * kKeys)};
+}
+
+// Starts the copy of the indices of key tile `tile` (slots only; chunk
+// keys need none) into its stage.
+__device__ __forceinline__ void LoadKeyIndices(const StreamSlots& mine,
+                                               int64_t slots, int tile) {
+  const KeyIndexTiles idx = SharedKeyIndices();
+  if (threadIdx.x < kKeys) {
+    const int at = (tile % kIndexStages) * kKeys + threadIdx.x;
+    const int64_t k = int64_t{tile} * kKeys + threadIdx.x;
+    const bool slot = k < slots;
+    CopyAsync8(idx.positions + at, mine.positions + (slot ? k : 0), slot);
+    CopyAsync4(idx.rows + at, mine.slot_rows + (slot ? k : 0), slot);
+  }
+}
+
+// Starts the copy of key tile `tile` (keys [64·tile, +64)) of stream b
+// (rows into k_tile and, when v_tile is not null, v_tile), and writes their
+// vis. The tile's indices must be in their stage and visible.
 template <typename T>
-__device__ void LoadKeyTile(const ChunkArgs& a, int b, int64_t k0, T* k_tile,
+__device__ void LoadKeyTile(const ChunkArgs& a, int b, int tile, T* k_tile,
                             T* v_tile, int* vis) {
+  const KeyIndexTiles idx = SharedKeyIndices();
   const T* key_rows = static_cast<const T*>(a.in.key_rows);
   const T* value_rows = static_cast<const T*>(a.in.value_rows);
   const T* keys = static_cast<const T*>(a.in.keys);
   const T* values = static_cast<const T*>(a.in.values);
   constexpr int kPieces = kD * int(sizeof(T)) / 16;  // 16-byte pieces a row
-  const StreamSlots mine = SlotsOf(a, b);
+  const int64_t k0 = int64_t{tile} * kKeys;
+  const int stage = (tile % kIndexStages) * kKeys;
+#pragma unroll 1
   for (int c = threadIdx.x; c < kKeys * kPieces; c += kThreads) {
     const int key = c / kPieces;
     const int piece = c % kPieces;
@@ -256,8 +297,8 @@ __device__ void LoadKeyTile(const ChunkArgs& a, int b, int64_t k0, T* k_tile,
     const T* vsrc = values;
     int first_token = kNever;
     if (k < a.slots) {
-      if (mine.positions[k] >= 0) {
-        const int64_t row = mine.slot_rows[k];
+      if (idx.positions[stage + key] >= 0) {
+        const int64_t row = idx.rows[stage + key];
         ksrc = key_rows + row * kD;
         vsrc = value_rows + row * kD;
         first_token = -1;
@@ -304,6 +345,38 @@ __device__ void LoadQueryTile(const ChunkArgs& a, int b, int r0, T* q_tile) {
   }
 }
 
+// The start of both attention passes: the query tile and the indices of
+// the first tiles arrive (and are waited for), then tile 0's copy starts.
+template <typename T>
+__device__ __forceinline__ void StartKeyTiles(const ChunkArgs& a, int b, int r0,
+                                              int tiles, T* q_tile, T* k_tile,
+                                              T* v_tile, int* vis) {
+  const StreamSlots mine = SlotsOf(a, b);
+  for (int t = 0; t < kIndexAhead && t < tiles; ++t) {
+    LoadKeyIndices(mine, a.slots, t);
+  }
+  LoadQueryTile<T>(a, b, r0, q_tile);
+  CommitCopies();
+  WaitCopies<0>();
+  __syncthreads();
+  LoadKeyTile<T>(a, b, 0, k_tile, v_tile, vis);
+  CommitCopies();
+}
+
+// Each iteration's copies, before its wait: tile + 1's rows and
+// tile + kIndexAhead's indices. The indices' stage was last read when
+// tile − 1 was copied, before the previous iteration's barrier.
+template <typename T>
+__device__ __forceinline__ void LoadNextKeyTile(const ChunkArgs& a, int b,
+                                                int tile, int tiles, T* k_tile,
+                                                T* v_tile, int* vis) {
+  if (tile + 1 < tiles) LoadKeyTile<T>(a, b, tile + 1, k_tile, v_tile, vis);
+  if (tile + kIndexAhead < tiles) {
+    LoadKeyIndices(SlotsOf(a, b), a.slots, tile + kIndexAhead);
+  }
+  CommitCopies();
+}
+
 // The A fragment of channels kk·16 … +15 of this warp's 16 query rows:
 // rows (j%2)·8 + 0..7, channels kk·16 + (j/2)·8, j = lane/8.
 template <typename T>
@@ -312,9 +385,9 @@ __device__ __forceinline__ void QueryFragment(const T* q_tile, int kk,
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int j = lane / 8;
-  LdMatrix(qf, SharedAddress(q_tile +
-                             (warp * 16 + (j % 2) * 8 + lane % 8) * kPitch +
-                             kk * 16 + (j / 2) * 8));
+  LdMatrix(
+      qf, SharedAddress(q_tile + (warp * 16 + (j % 2) * 8 + lane % 8) * kPitch +
+                        kk * 16 + (j / 2) * 8));
 }
 
 // s += the products of query fragment kk with the key tile's channels
@@ -379,7 +452,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     ChunkForwardKernel(const ChunkArgs a) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  T* q_tile = reinterpret_cast<T*>(shared_bytes);
+  T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
   T* k_tiles = q_tile + kQueryHalves;      // [2][64][kPitch]
   T* v_tiles = k_tiles + 2 * kTileHalves;  // [2][64][kPitch]
   int* vis = reinterpret_cast<int*>(v_tiles + 2 * kTileHalves);  // [2][64]
@@ -390,9 +463,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int lane = threadIdx.x % 32;
   const int tig = lane % 4;  // fragment column pair
 
-  LoadQueryTile<T>(a, b, r0, q_tile);
-  LoadKeyTile<T>(a, b, 0, k_tiles, v_tiles, vis);
-  CommitCopies();
+  StartKeyTiles<T>(a, b, r0, my.tiles, q_tile, k_tiles, v_tiles, vis);
 
   float o[16][4];
 #pragma unroll
@@ -402,13 +473,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   for (int tile = 0; tile < my.tiles; ++tile) {
     const int stage = tile & 1;
-    if (tile + 1 < my.tiles) {
-      const int next = stage ^ 1;
-      LoadKeyTile<T>(a, b, int64_t{tile + 1} * kKeys,
-                     k_tiles + next * kTileHalves, v_tiles + next * kTileHalves,
-                     vis + next * kKeys);
-    }
-    CommitCopies();
+    const int next = stage ^ 1;
+    LoadNextKeyTile<T>(a, b, tile, my.tiles, k_tiles + next * kTileHalves,
+                       v_tiles + next * kTileHalves, vis + next * kKeys);
     WaitCopies<1>();
     __syncthreads();
     const T* v_tile = v_tiles + stage * kTileHalves;
@@ -545,7 +612,7 @@ template <typename T, int kGroup>
 __global__ void __launch_bounds__(kThreads, 2)
     ChunkScoresKernel(const ChunkArgs a) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  T* q_tile = reinterpret_cast<T*>(shared_bytes);
+  T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
   T* k_tiles = q_tile + kQueryHalves;                            // [2][64][·]
   int* vis = reinterpret_cast<int*>(k_tiles + 2 * kTileHalves);  // [2][64]
   // [2][warps][64]: two stages, so that one barrier a tile suffices.
@@ -562,14 +629,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t keys_total = a.slots + a.chunk;
   float* partial = a.w.partials + (int64_t{qb} * a.streams + b) * keys_total;
 
-  LoadQueryTile<T>(a, b, r0, q_tile);
-  LoadKeyTile<T>(a, b, 0, k_tiles, nullptr, vis);
-  CommitCopies();
+  StartKeyTiles<T>(a, b, r0, my.tiles, q_tile, k_tiles, nullptr, vis);
   // Without an output accumulator this pass has the registers to keep its
   // query fragments (32 a thread) for every tile: a fifth of the shared
-  // memory reads of a tile fewer.
-  WaitCopies<0>();
-  __syncthreads();
+  // memory reads of a tile fewer. (StartKeyTiles waited for the queries.)
   uint32_t qf[kD / 16][4];
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
@@ -595,12 +658,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int tile = 0; tile < my.tiles; ++tile) {
     const int stage = tile & 1;
     float* stage_sums = sums + stage * kWarps * kKeys;
-    if (tile + 1 < my.tiles) {
-      LoadKeyTile<T>(a, b, int64_t{tile + 1} * kKeys,
-                     k_tiles + (stage ^ 1) * kTileHalves, nullptr,
-                     vis + (stage ^ 1) * kKeys);
-    }
-    CommitCopies();
+    LoadNextKeyTile<T>(a, b, tile, my.tiles,
+                       k_tiles + (stage ^ 1) * kTileHalves, nullptr,
+                       vis + (stage ^ 1) * kKeys);
     WaitCopies<1>();
     __syncthreads();
     const int* tile_vis = vis + stage * kKeys;
@@ -626,8 +686,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         const float xb = my.token_b >= first
                              ? s[n][e + 2] * a.scale_log2 - lse_b
                              : -INFINITY;
-        v[2 * n + e] = lane_max ? fmaxf(xa, xb)
-                                : w_a * Exp2(xa) + w_b * Exp2(xb);
+        v[2 * n + e] =
+            lane_max ? fmaxf(xa, xb) : w_a * Exp2(xa) + w_b * Exp2(xb);
       }
     }
     // The rest of the group reduction and the sum over the warp's tokens
@@ -702,10 +762,11 @@ __global__ void ChunkReduceKernel(const ChunkArgs a, int query_blocks) {
 }
 
 constexpr size_t kForwardSharedBytes =
-    size_t(kQueryHalves + 4 * kTileHalves) * 2 + 2 * kKeys * sizeof(int);
+    size_t(kQueryHalves + 4 * kTileHalves) * 2 + 2 * kKeys * sizeof(int) +
+    kIndexSharedBytes;
 constexpr size_t kScoresSharedBytes =
     size_t(kQueryHalves + 2 * kTileHalves) * 2 + 2 * kKeys * sizeof(int) +
-    2 * kWarps * kKeys * sizeof(float);
+    2 * kWarps * kKeys * sizeof(float) + kIndexSharedBytes;
 
 // The scores kernel for the batch's group size.
 template <typename T>
