@@ -338,7 +338,8 @@ int Stats(Client& client, bool json) {
        {"spill_queue_bytes", absl::StrCat(s.spill_queue_bytes())},
        {"device_pool_bytes", absl::StrCat(s.device_pool_bytes())},
        {"device_pool_used_bytes", absl::StrCat(s.device_pool_used_bytes())},
-       {"device_side_bytes", absl::StrCat(s.device_side_bytes())}});
+       {"device_side_bytes", absl::StrCat(s.device_side_bytes())},
+       {"device_attend_steps", absl::StrCat(s.device_attend_steps())}});
   return kExitOk;
 }
 

@@ -12,6 +12,7 @@
 #include "kernels/cuda/decode_attention.h"
 #include "kernels/cuda/grid_dependency.cuh"
 #include "kernels/cuda/launch.h"
+#include "kernels/cuda/rotary_lanes.cuh"
 #include "kernels/cuda/row_access.cuh"
 
 namespace kvmem::cuda {
@@ -60,6 +61,10 @@ struct SplitArgs {
   float* partial_out;  // [streams, splits, G, D]
   float* partial_lse;  // [streams, splits, G]
   float* logits;       // [rows_capacity, G] or null
+  // CACHE_RANK kernels (kRotary) only:
+  LaneRotary rotary;
+  const int32_t* row_positions;    // [rows_capacity]
+  const int32_t* query_positions;  // [streams]
 };
 
 __device__ __forceinline__ float WarpMax(float v) {
@@ -82,7 +87,9 @@ __device__ __forceinline__ float WarpSum(float v) {
 // zero queries and are never written.
 // At most 170 registers (3 blocks a multiprocessor): measured faster on an
 // H100 than 210 registers and 2 blocks, despite a few spilled bytes at G 4.
-template <DType kT, int kG>
+// kRotary (CACHE_RANK): queries and keys are rotated in registers, each key
+// as it is loaded, before the dot products (rotary_lanes.cuh).
+template <DType kT, int kG, bool kRotary>
 __global__ void __launch_bounds__(kThreads, 3)
     DecodeSplitKernel(const SplitArgs args) {
   WaitForPriorGrids();  // the rows come from the selection
@@ -107,6 +114,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   float* s_l = s_m + kG;                                // [kG]
   float* s_alpha = s_l + kG;                            // [kG]
   int* s_rows = reinterpret_cast<int*>(s_alpha + kG);   // [kTileRows]
+  int* s_positions = s_rows + kTileRows;  // [kTileRows], kRotary only
 
   const int n = args.row_count[stream];
   const int begin = args.row_begin[stream];
@@ -122,6 +130,10 @@ __global__ void __launch_bounds__(kThreads, 3)
       const char* qrow = static_cast<const char*>(args.queries) +
                          (size_t(stream) * group + g) * row_bytes;
       LoadLaneChannels<kT>(layout, qrow, lane, q[g]);
+      if constexpr (kRotary) {
+        RotateLaneChannels<kT>(layout, args.rotary, lane,
+                               args.query_positions[stream], q[g]);
+      }
     } else {
 #pragma unroll
       for (int j = 0; j < kLaneSlots; ++j) q[g][j] = 0.0f;
@@ -142,7 +154,12 @@ __global__ void __launch_bounds__(kThreads, 3)
   for (int tile = lo; tile < hi; tile += kTileRows) {
     const int rows_in = min(kTileRows, hi - tile);
     __syncthreads();  // the previous tile is done with s_rows and s_p
-    if (tid < rows_in) s_rows[tid] = args.rows[begin + tile + tid];
+    if (tid < rows_in) {
+      s_rows[tid] = args.rows[begin + tile + tid];
+      if constexpr (kRotary) {
+        s_positions[tid] = args.row_positions[begin + tile + tid];
+      }
+    }
     __syncthreads();
 
     // Phase 1: scaled logits of the tile's rows into s_p. The vector path
@@ -162,6 +179,10 @@ __global__ void __launch_bounds__(kThreads, 3)
           const int r = r0 + u * row_groups;
           float x[kLaneSlots];
           UnpackVector<kT>(piece[u], x);
+          if constexpr (kRotary) {
+            RotateLaneChannels<kT>(layout, args.rotary, lane,
+                                   r < rows_in ? s_positions[r] : 0, x);
+          }
 #pragma unroll
           for (int g = 0; g < kG; ++g) {
             float dot = 0.0f;
@@ -197,6 +218,10 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int r = r0 + u * row_groups;
+          if constexpr (kRotary) {
+            RotateLaneChannels<kT>(layout, args.rotary, lane,
+                                   r < rows_in ? s_positions[r] : 0, x[u]);
+          }
 #pragma unroll
           for (int g = 0; g < kG; ++g) {
             float dot = 0.0f;
@@ -733,18 +758,25 @@ void* FastSplitKernelFor(int slots) {
   }
 }
 
-template <DType kT>
+template <DType kT, bool kRotary>
 void* SplitKernelFor(int slots) {
   switch (slots) {
     case 1:
-      return reinterpret_cast<void*>(&DecodeSplitKernel<kT, 1>);
+      return reinterpret_cast<void*>(&DecodeSplitKernel<kT, 1, kRotary>);
     case 2:
-      return reinterpret_cast<void*>(&DecodeSplitKernel<kT, 2>);
+      return reinterpret_cast<void*>(&DecodeSplitKernel<kT, 2, kRotary>);
     case 4:
-      return reinterpret_cast<void*>(&DecodeSplitKernel<kT, 4>);
+      return reinterpret_cast<void*>(&DecodeSplitKernel<kT, 4, kRotary>);
     default:
-      return reinterpret_cast<void*>(&DecodeSplitKernel<kT, 8>);
+      return reinterpret_cast<void*>(&DecodeSplitKernel<kT, 8, kRotary>);
   }
+}
+
+template <bool kRotary>
+void* GeneralSplitKernelFor(DType dtype, int slots) {
+  return dtype == DType::kBf16   ? SplitKernelFor<DType::kBf16, kRotary>(slots)
+         : dtype == DType::kFp16 ? SplitKernelFor<DType::kFp16, kRotary>(slots)
+                                 : SplitKernelFor<DType::kFp32, kRotary>(slots);
 }
 
 absl::Status ValidateShape(const DecodeAttentionShape& shape) {
@@ -777,6 +809,13 @@ absl::Status ValidateShape(const DecodeAttentionShape& shape) {
 }
 
 }  // namespace
+
+bool DecodeAttentionRotarySupported(int head_dim, DType dtype,
+                                    int rotated_dims, RotaryPairing pairing) {
+  if (head_dim < 1 || head_dim > kMaxDecodeHeadDim) return false;
+  return LaneRotarySupported(ChooseRowLayout(head_dim, dtype, true), dtype,
+                             rotated_dims, pairing);
+}
 
 absl::StatusOr<DecodeAttentionPlan> PlanDecodeAttention(
     const DecodeAttentionShape& shape, int multiprocessors) {
@@ -870,6 +909,26 @@ absl::Status DecodeAttention(const DecodeAttentionShape& shape,
                        Aligned16(inputs.value_rows);
   SplitArgs args;
   args.layout = ChooseRowLayout(shape.head_dim, shape.dtype, aligned);
+  const bool rotary = inputs.row_positions != nullptr;
+  if (rotary) {
+    if (inputs.query_positions == nullptr || inputs.inv_freq == nullptr) {
+      return absl::InvalidArgumentError(
+          "inputs: query_positions and inv_freq must be set with "
+          "row_positions");
+    }
+    if (!LaneRotarySupported(args.layout, shape.dtype, inputs.rotated_dims,
+                             inputs.pairing)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "inputs.rotated_dims: ", inputs.rotated_dims, " with pairing ",
+          static_cast<int>(inputs.pairing), " at head_dim ", shape.head_dim,
+          aligned ? "" : " (unaligned)",
+          ", want even, 2..head_dim, with each pair's channels in one lane "
+          "or at one slot of two (DecodeAttentionRotarySupported)"));
+    }
+    args.rotary = {inputs.inv_freq, inputs.rotated_dims, inputs.pairing};
+  }
+  args.row_positions = inputs.row_positions;
+  args.query_positions = inputs.query_positions;
   args.group = shape.group;
   args.scale = inputs.softmax_scale;
   args.queries = inputs.queries;
@@ -889,16 +948,15 @@ absl::Status DecodeAttention(const DecodeAttentionShape& shape,
   size_t smem = sizeof(float) * (size_t(slots) * kTileRows +
                                  size_t(row_groups) * slots * shape.head_dim +
                                  3 * size_t(slots)) +
-                sizeof(int) * kTileRows;
+                sizeof(int) * 2 * kTileRows;
   const bool fast = args.layout.vector && shape.head_dim == kFastHeadDim &&
-                    shape.dtype != DType::kFp32;
+                    shape.dtype != DType::kFp32 && !rotary;
   void* kernel =
       fast                          ? (shape.dtype == DType::kBf16
                                            ? FastSplitKernelFor<DType::kBf16>(slots)
                                            : FastSplitKernelFor<DType::kFp16>(slots))
-      : shape.dtype == DType::kBf16 ? SplitKernelFor<DType::kBf16>(slots)
-      : shape.dtype == DType::kFp16 ? SplitKernelFor<DType::kFp16>(slots)
-                                    : SplitKernelFor<DType::kFp32>(slots);
+      : rotary ? GeneralSplitKernelFor<true>(shape.dtype, slots)
+               : GeneralSplitKernelFor<false>(shape.dtype, slots);
   if (fast) smem = kFastSmemBytes;  // the staged tiles
   if (absl::Status allowed = AllowDynamicSharedMemory(kernel, smem);
       !allowed.ok()) {

@@ -22,6 +22,7 @@
 #include "absl/status/statusor.h"
 #include "kernels/dtype.h"
 #include "kernels/policy_math.h"
+#include "kernels/rotary.h"
 
 namespace kvmem::cuda {
 
@@ -55,7 +56,26 @@ struct DecodeAttentionInputs {
   const int32_t* row_count = nullptr;  // [streams] rows attended, ≥ 0
   float softmax_scale = 0.0f;          // finite, > 0 (usually 1/√D)
   ScoreReduction reduction = ScoreReduction::kMax;  // for reduced_probs
+  // CACHE_RANK (row_positions null: no rotation): before their dot
+  // products the keys of row index t are rotated (RoPE, as
+  // cpu::RotateHeadWithFrequencies) to row_positions[t] and stream s's
+  // queries to query_positions[s], inside the kernel; values are not.
+  // Shapes must pass DecodeAttentionRotarySupported.
+  const int32_t* row_positions = nullptr;    // [rows_capacity], ≥ 0
+  const int32_t* query_positions = nullptr;  // [streams], ≥ 0
+  const double* inv_freq = nullptr;          // [rotated_dims / 2] rad/pos
+  int rotated_dims = 0;                      // R: even, 2..D
+  RotaryPairing pairing = RotaryPairing::kHalfSplit;
 };
+
+// Whether the rotary fields can rotate a head of `head_dim` in `dtype`
+// with R = rotated_dims and `pairing` (the kernel needs each pair's two
+// channels in one lane or at one slot of two lanes: every interleaved
+// pairing, and half-split pairs where R/2 is a multiple of 8 channels
+// (bf16/fp16) or 4 (fp32) at D·e a multiple of 16 bytes, of 32 otherwise).
+// Assumes 16-byte aligned queries and pools, as the engine's are.
+bool DecodeAttentionRotarySupported(int head_dim, DType dtype,
+                                    int rotated_dims, RotaryPairing pairing);
 
 // Outputs; at least one of out_fp32 / out. A stream with no rows gets
 // o = 0 and lse = −∞ (the merge identity).

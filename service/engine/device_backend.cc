@@ -224,7 +224,14 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
   const size_t dst_at = count_at + AlignUp(I * 4);
   const size_t keys_at = dst_at + AlignUp(S * 4);
   const size_t values_at = keys_at + AlignUp(S * row);
-  const size_t inputs_end = values_at + AlignUp(S * row);
+  // CACHE_RANK: the rows' and queries' positions, then the speeds.
+  const bool rotary = shape.inv_freq != nullptr;
+  const size_t freq_count = rotary ? shape.inv_freq->size() : 0;
+  const size_t positions_at = values_at + AlignUp(S * row);
+  const size_t query_positions_at =
+      positions_at + (rotary ? AlignUp(R * 4) : 0);
+  const size_t freq_at = query_positions_at + (rotary ? AlignUp(I * 4) : 0);
+  const size_t inputs_end = freq_at + AlignUp(freq_count * sizeof(double));
   const size_t out_at = inputs_end;
   const size_t lse_at = out_at + AlignUp(I * G * D * 4);
   const size_t probs_at = lse_at + AlignUp(I * G * 4);
@@ -237,9 +244,23 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
   int32_t* begin = reinterpret_cast<int32_t*>(h + begin_at);
   int32_t* count = reinterpret_cast<int32_t*>(h + count_at);
   int32_t* dst = reinterpret_cast<int32_t*>(h + dst_at);
+  int32_t* positions = reinterpret_cast<int32_t*>(h + positions_at);
+  int32_t* query_positions = reinterpret_cast<int32_t*>(h + query_positions_at);
+  if (rotary) {
+    memcpy(h + freq_at, shape.inv_freq->data(), freq_count * sizeof(double));
+  }
   std::atomic<bool> counts_match{true};  // host_rows as the items said
   each_item([&](size_t i) {
     const DeviceAttendItem& item = items[i];
+    if (rotary) {
+      if (item.row_positions.size() != item.rows.size()) {
+        counts_match = false;
+        return;
+      }
+      std::copy(item.row_positions.begin(), item.row_positions.end(),
+                positions + row_at[i]);
+      query_positions[i] = item.query_position;
+    }
     cpu::StoreFloats(absl::MakeConstSpan(item.queries, size_t(G) * D),
                      shape.dtype, h + q_at + i * G * D * elem);
     begin[i] = int32_t(row_at[i]);
@@ -264,7 +285,8 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
   });
   if (!counts_match) {
     return absl::InvalidArgumentError(
-        "device attention: an item has more host rows than host_rows says");
+        "device attention: an item has more host rows than host_rows says, "
+        "or (CACHE_RANK) not a position a row");
   }
   const cudaStream_t stream = impl_->stream.get();
   KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d, h, inputs_end, stream));
@@ -292,6 +314,14 @@ absl::Status DeviceBackend::Attend(const DeviceAttendShape& shape,
   in.row_count = reinterpret_cast<const int32_t*>(d + count_at);
   in.softmax_scale = shape.softmax_scale;
   in.reduction = shape.reduction;
+  if (rotary) {
+    in.row_positions = reinterpret_cast<const int32_t*>(d + positions_at);
+    in.query_positions =
+        reinterpret_cast<const int32_t*>(d + query_positions_at);
+    in.inv_freq = reinterpret_cast<const double*>(d + freq_at);
+    in.rotated_dims = int(2 * freq_count);
+    in.pairing = shape.pairing;
+  }
   cuda::DecodeAttentionOutputs out;
   out.out_fp32 = reinterpret_cast<float*>(d + out_at);
   out.lse = reinterpret_cast<float*>(d + lse_at);

@@ -34,6 +34,7 @@
 #include "kernels/cascade_policy.h"
 #include "kernels/dtype.h"
 #include "kernels/policy_math.h"
+#include "kernels/rotary.h"
 #include "service/engine/step_types.h"
 
 namespace kvmem {
@@ -171,6 +172,10 @@ struct DeviceAttendItem {
   float* out = nullptr;
   float* lse = nullptr;
   float* probs = nullptr;
+  // CACHE_RANK (shape.inv_freq set): each row's rotary position, [rows],
+  // and the queries'.
+  std::vector<int32_t> row_positions;
+  int32_t query_position = 0;
 };
 
 // What every item of one Attend call shares.
@@ -180,6 +185,12 @@ struct DeviceAttendShape {
   DType dtype = DType::kBf16;
   float softmax_scale = 1;
   ScoreReduction reduction = ScoreReduction::kMax;
+  // CACHE_RANK: the rotary speeds ([rotated dims / 2] rad/pos, borrowed
+  // for the call), rotating keys and queries to the items' positions in
+  // the kernel; null: no rotation. The shape must pass
+  // cuda::DecodeAttentionRotarySupported.
+  const std::vector<double>* inv_freq = nullptr;
+  RotaryPairing pairing = RotaryPairing::kHalfSplit;
 };
 
 struct DeviceSlotWrite {

@@ -86,6 +86,9 @@ struct EngineStats {
   // Steps whose whole policy ran on the device (device-owned layers:
   // DeviceBackend::DecodeOwned and PrefillOwned).
   int64_t device_policy_steps = 0;
+  // Decode steps whose attention ran on the device, the policy on the host
+  // (dense layers, CACHE_RANK; Engine::AttendOnDevice), per entry.
+  int64_t device_attend_steps = 0;
   int64_t step_phase_nanos[int(StepPhase::kCount)] = {};
 };
 
@@ -331,6 +334,7 @@ class Engine {
   std::atomic<int64_t> phase_nanos_[int(StepPhase::kCount)] = {};
   std::atomic<int64_t> device_fallbacks_{0};
   std::atomic<int64_t> device_policy_steps_{0};
+  std::atomic<int64_t> device_attend_steps_{0};
   std::atomic<int64_t> tokens_appended_{0};
   const int64_t memory_limit_bytes_;
   std::atomic<int64_t> memory_bytes_{0};  // Σ live sessions' memory_bytes

@@ -543,8 +543,9 @@ absl::Status Engine::AttendOnDevice(
   const auto rows_start = std::chrono::steady_clock::now();
   DeviceBackend& device = *options_.device;
   const size_t layer = size_t(request.layer);
-  // Items of one launch share a shape.
-  using ShapeKey = std::tuple<int, int, int, float, int>;
+  // Items of one launch share a shape (CACHE_RANK: and rotary speeds).
+  using ShapeKey = std::tuple<int, int, int, float, int,
+                              const std::vector<double>*, int>;
   struct Launch {
     DeviceAttendShape shape;
     std::vector<DeviceAttendItem> items;
@@ -564,16 +565,23 @@ absl::Status Engine::AttendOnDevice(
     LiveSession& s = *sessions[i];
     const StreamConfig& c = s.stream_config;
     // Decode steps the kernel fits; the rest stay on the CPU oracle.
-    if (skip[i] || e.num_tokens != 1 || e.q.empty() || c.cache_rank ||
+    if (skip[i] || e.num_tokens != 1 || e.q.empty() ||
         c.group > cuda::kMaxDecodeGroup ||
-        c.head_dim > cuda::kMaxDecodeHeadDim) {
+        c.head_dim > cuda::kMaxDecodeHeadDim ||
+        (c.cache_rank && !cuda::DecodeAttentionRotarySupported(
+                             c.head_dim, c.dtype, 2 * int(c.inv_freq.size()),
+                             c.pairing))) {
       continue;
     }
     std::vector<StreamState>& streams = s.streams[layer];
     if (!UploadLayer(s, layer, busy)) continue;
+    const std::vector<double>* inv_freq =
+        c.cache_rank ? &c.inv_freq : nullptr;
     Launch& launch = launches[ShapeKey(c.group, c.head_dim, int(c.dtype),
-                                       c.softmax_scale, int(c.reduction))];
-    launch.shape = {c.group, c.head_dim, c.dtype, c.softmax_scale, c.reduction};
+                                       c.softmax_scale, int(c.reduction),
+                                       inv_freq, int(c.pairing))];
+    launch.shape = {c.group,         c.head_dim,  c.dtype, c.softmax_scale,
+                    c.reduction,     inv_freq,    c.pairing};
     ++launch.entries;
     for (size_t h = 0; h < streams.size(); ++h) {
       items.push_back({&launch, launch.items.size(), i, h});
@@ -609,6 +617,15 @@ absl::Status Engine::AttendOnDevice(
     fresh.value = reinterpret_cast<const uint8_t*>(w.values.data());
     item.rows.push_back(fresh);
     ++item.host_rows;
+    if (c.cache_rank) {
+      // Ranks below the stream's token count, far below 2^31.
+      int64_t query_base = 0;
+      const std::vector<int64_t> ranks =
+          stream.RotaryPositions(w.external.rows, &query_base);
+      item.row_positions.assign(ranks.begin(), ranks.end());
+      item.row_positions.push_back(int32_t(query_base));  // the new token
+      item.query_position = int32_t(query_base);
+    }
     w.external.out.assign(size_t(c.group) * c.head_dim, 0.0f);
     w.external.lse.assign(size_t(c.group), 0.0f);
     w.external.probs.assign(item.rows.size(), 0.0f);
@@ -635,6 +652,7 @@ absl::Status Engine::AttendOnDevice(
       continue;  // the CPU oracle computes these heads
     }
     for (HeadWork* w : launch.heads) w->on_device = true;
+    device_attend_steps_.fetch_add(launch.entries, std::memory_order_relaxed);
   }
   return absl::OkStatus();
 }

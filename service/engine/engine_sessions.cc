@@ -219,6 +219,8 @@ EngineStats Engine::Stats() {
   stats.device_fallbacks = device_fallbacks_.load(std::memory_order_relaxed);
   stats.device_policy_steps =
       device_policy_steps_.load(std::memory_order_relaxed);
+  stats.device_attend_steps =
+      device_attend_steps_.load(std::memory_order_relaxed);
   if (options_.device != nullptr) {
     stats.device_pool_bytes = options_.device->pool_bytes();
     stats.device_pool_used_bytes = options_.device->used_bytes();

@@ -401,10 +401,10 @@ absl::Status StreamState::Apply(
   }
   const bool has_query = !in.queries.empty();
 
-  if (external != nullptr && (T != 1 || !has_query || config_->cache_rank)) {
+  if (external != nullptr && (T != 1 || !has_query)) {
     return absl::InvalidArgumentError(
         "stream step: external attention is for T = 1 decode steps with a "
-        "query, without CACHE_RANK");
+        "query");
   }
 
   // 1. What the step attends to, ascending by original position (as the
@@ -429,23 +429,10 @@ absl::Status StreamState::Apply(
 
   const int64_t n_cache = int64_t(attended.size());
   const int64_t total = n_cache + T;
-  std::vector<int64_t> rotary_at(size_t(n_cache), 0);
+  std::vector<int64_t> rotary_at;
   int64_t query_base = n_cache;
   if (config_->cache_rank && has_query) {
-    // Rank by original position among the sinks, every resident token and
-    // this step's recalled tokens (selection.md § Positions).
-    std::vector<int64_t> ranked;
-    for (int s : ResidentSlots()) ranked.push_back(cascade_.slot_position(s));
-    for (const AttendedRow& a : attended) {
-      if (a.slot < 0) ranked.push_back(a.position);
-    }
-    std::sort(ranked.begin(), ranked.end());
-    for (int64_t j = 0; j < n_cache; ++j) {
-      rotary_at[j] =
-          std::lower_bound(ranked.begin(), ranked.end(), attended[j].position) -
-          ranked.begin();
-    }
-    query_base = int64_t(ranked.size());
+    rotary_at = RotaryPositions(attended, &query_base);
   }
 
   // 2. Gather keys/values (before insertion moves slots), rotating in
@@ -464,6 +451,19 @@ absl::Status StreamState::Apply(
     }
     keys.append(reinterpret_cast<const char*>(in.keys.data()), T * row);
     values.append(reinterpret_cast<const char*>(in.values.data()), T * row);
+    if (config_->cache_rank) {
+      // Both the host's attention and a FETCH reply take the keys rotated.
+      rotated_keys.resize(size_t(total) * D);
+      cpu::LoadFloats(keys.data(), config_->dtype,
+                      absl::MakeSpan(rotated_keys));
+      for (int64_t j = 0; j < total; ++j) {
+        const int64_t at =
+            j < n_cache ? rotary_at[j] : query_base + (j - n_cache);
+        cpu::RotateHeadWithFrequencies(
+            config_->inv_freq, config_->pairing, at,
+            absl::MakeSpan(&rotated_keys[size_t(j) * D], size_t(D)));
+      }
+    }
   }
   if (external != nullptr) {
     for (int64_t j = 0; j < n_cache; ++j) {
@@ -482,16 +482,6 @@ absl::Status StreamState::Apply(
                                   keys.size()),
         config_->dtype};
     if (config_->cache_rank) {
-      rotated_keys.resize(size_t(total) * D);
-      cpu::LoadFloats(keys.data(), config_->dtype,
-                      absl::MakeSpan(rotated_keys));
-      for (int64_t j = 0; j < total; ++j) {
-        const int64_t at =
-            j < n_cache ? rotary_at[j] : query_base + (j - n_cache);
-        cpu::RotateHeadWithFrequencies(
-            config_->inv_freq, config_->pairing, at,
-            absl::MakeSpan(&rotated_keys[size_t(j) * D], size_t(D)));
-      }
       for (int t = 0; t < T; ++t) {
         for (int g = 0; g < G; ++g) {
           cpu::RotateHeadWithFrequencies(
@@ -560,6 +550,24 @@ absl::Status StreamState::Apply(
   Spill(inserted.evicted, output);
   output->changed_slots = std::move(inserted.changed_slots);
   return absl::OkStatus();
+}
+
+std::vector<int64_t> StreamState::RotaryPositions(
+    absl::Span<const AttendedRow> attended, int64_t* query_base) const {
+  std::vector<int64_t> ranked;
+  for (int s : ResidentSlots()) ranked.push_back(cascade_.slot_position(s));
+  for (const AttendedRow& a : attended) {
+    if (a.slot < 0) ranked.push_back(a.position);
+  }
+  std::sort(ranked.begin(), ranked.end());
+  std::vector<int64_t> rotary_at(attended.size());
+  for (size_t j = 0; j < attended.size(); ++j) {
+    rotary_at[j] =
+        std::lower_bound(ranked.begin(), ranked.end(), attended[j].position) -
+        ranked.begin();
+  }
+  *query_base = int64_t(ranked.size());
+  return rotary_at;
 }
 
 std::vector<AttendedRow> StreamState::AttendedRows(

@@ -82,7 +82,8 @@ struct AttendedRow {
 
 // A decode step's attention computed by another backend (the CUDA one)
 // over AttendedRows() then the new token, for Apply to use instead of its
-// own. T = 1 and no CACHE_RANK only.
+// own (in CACHE_RANK, with keys and queries rotated to RotaryPositions).
+// T = 1 with a query only.
 struct ExternalAttention {
   std::vector<AttendedRow> rows;  // AttendedRows() of this step
   std::vector<float> out;         // [G, D]
@@ -135,6 +136,14 @@ class StreamState {
       const {
     return AttendedData(row, recalled, /*value=*/true);
   }
+
+  // CACHE_RANK: the rotary position of each of `attended` (a step's
+  // AttendedRows), its rank by original position among the sinks, every
+  // resident token and the step's recalled tokens (selection.md §
+  // Positions), and that of the step's first new token (*query_base, the
+  // count of those tokens).
+  std::vector<int64_t> RotaryPositions(absl::Span<const AttendedRow> attended,
+                                       int64_t* query_base) const;
 
   // Applies the step: attends over `selection` plus the new tokens (or
   // takes `external`'s attention), updates scores, inserts, spills.

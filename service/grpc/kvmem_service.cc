@@ -220,6 +220,7 @@ grpc::ServerUnaryReactor* KvMemoryService::GetStats(
     response->set_device_side_bytes(stats.device_side_bytes);
     response->set_device_fallbacks(stats.device_fallbacks);
     response->set_device_policy_steps(stats.device_policy_steps);
+    response->set_device_attend_steps(stats.device_attend_steps);
     for (int p = 0; p < int(StepPhase::kCount); ++p) {
       (*response->mutable_step_phase_seconds())[kStepPhaseNames[p]] =
           double(stats.step_phase_nanos[p]) * 1e-9;

@@ -1,7 +1,10 @@
 // DecodeAttention against cpu::Attend on fresh random inputs: outputs
 // (fp32 and dtype), LSE and group-reduced probabilities, for every dtype,
 // D 64/128 (vector path) and 8/96 (other lane layouts), G 1/3/4, stream
-// lengths 0/1/7/65/4099 in one batch with rows scattered over a pool.
+// lengths 0/1/7/65/4099 in one batch with rows scattered over a pool; and
+// the CACHE_RANK rotation inside the kernel against cpu::RotateHead… on
+// random positions (half-split and interleaved pairs, whole and partial
+// rotary dims, both lane layouts).
 #include "kernels/cuda/decode_attention.h"
 
 #include <algorithm>
@@ -12,7 +15,9 @@
 
 #include "gtest/gtest.h"
 #include "kernels/attention.h"
+#include "kernels/cpu/dtype.h"
 #include "kernels/policy_math.h"
+#include "kernels/rotary.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace kvmem::cuda {
@@ -29,12 +34,15 @@ struct Case {
   DType dtype;
   int group;
   ScoreReduction reduction;
+  int rotated_dims = 0;  // > 0: CACHE_RANK rotation of keys and queries
+  RotaryPairing pairing = RotaryPairing::kHalfSplit;
 };
 
 void RunCase(const Case& c, std::mt19937& rng) {
   SCOPED_TRACE(::testing::Message()
                << "D=" << c.head_dim << " " << testing::DTypeName(c.dtype)
-               << " G=" << c.group);
+               << " G=" << c.group << " R=" << c.rotated_dims << " pairing "
+               << int(c.pairing));
   const std::vector<int> lengths = {1, 7, 0, 65, 4099};
   const int streams = static_cast<int>(lengths.size());
   const int d = c.head_dim;
@@ -61,6 +69,27 @@ void RunCase(const Case& c, std::mt19937& rng) {
     for (int t = 0; t < lengths[s]; ++t) rows.push_back(order[next++]);
   }
   rows.resize(rows.size() + 3, -1);
+  // CACHE_RANK: a random position a row (up to 10^5, angles of many turns)
+  // and a stream; Llama 3 frequencies.
+  const bool rotary = c.rotated_dims > 0;
+  std::vector<double> inv_freq;
+  std::vector<int32_t> row_positions(rows.size(), 0);
+  std::vector<int32_t> query_positions(streams, 0);
+  if (rotary) {
+    RotaryParams params;
+    params.base = 500000.0;
+    params.rotary_dims = c.rotated_dims;
+    params.pairing = c.pairing;
+    params.scaling = RotaryScaling::kLlama3;
+    params.factor = 8.0;
+    absl::StatusOr<std::vector<double>> freq =
+        RotaryInverseFrequencies(params, d);
+    ASSERT_TRUE(freq.ok()) << freq.status();
+    inv_freq = *freq;
+    std::uniform_int_distribution<int32_t> position(0, 100000);
+    for (int32_t& p : row_positions) p = position(rng);
+    for (int32_t& p : query_positions) p = position(rng);
+  }
 
   Stream stream = testing::MakeStream();
   DeviceBuffer d_keys = Upload(keys, stream.get());
@@ -69,6 +98,10 @@ void RunCase(const Case& c, std::mt19937& rng) {
   DeviceBuffer d_rows = Upload(rows, stream.get());
   DeviceBuffer d_begin = Upload(begin, stream.get());
   DeviceBuffer d_count = Upload(count, stream.get());
+  DeviceBuffer d_row_positions = Upload(row_positions, stream.get());
+  DeviceBuffer d_query_positions = Upload(query_positions, stream.get());
+  DeviceBuffer d_freq =
+      Upload(rotary ? inv_freq : std::vector<double>{0.0}, stream.get());
   const size_t out_elems = size_t(streams) * c.group * d;
   DeviceBuffer d_out32 = Poisoned<float>(out_elems, stream.get());
   DeviceBuffer d_out = Poisoned<uint8_t>(out_elems * e, stream.get());
@@ -97,6 +130,13 @@ void RunCase(const Case& c, std::mt19937& rng) {
   in.row_count = d_count.as<int32_t>();
   in.softmax_scale = 1.0f / std::sqrt(static_cast<float>(d));
   in.reduction = c.reduction;
+  if (rotary) {
+    in.row_positions = d_row_positions.as<int32_t>();
+    in.query_positions = d_query_positions.as<int32_t>();
+    in.inv_freq = d_freq.as<double>();
+    in.rotated_dims = c.rotated_dims;
+    in.pairing = c.pairing;
+  }
   DecodeAttentionOutputs out;
   out.out_fp32 = d_out32.as<float>();
   out.out = d_out.get();
@@ -129,12 +169,33 @@ void RunCase(const Case& c, std::mt19937& rng) {
     std::vector<float> ref_out(size_t(c.group) * d);
     std::vector<float> ref_lse(c.group);
     std::vector<float> ref_probs(size_t(c.group) * n);
-    const HeadRowsView q_view{
+    HeadRowsView q_view{
         absl::MakeConstSpan(queries.data() + size_t(s) * c.group * row_bytes,
                             c.group * row_bytes),
         c.dtype};
-    ASSERT_TRUE(cpu::Attend(q_view, {absl::MakeConstSpan(k), c.dtype},
-                            {absl::MakeConstSpan(v), c.dtype}, d,
+    HeadRowsView k_view{absl::MakeConstSpan(k), c.dtype};
+    // CACHE_RANK: the oracle rotates fp32 copies (kernels/rotary.h).
+    std::vector<float> q_rotated, k_rotated;
+    if (rotary) {
+      q_rotated.resize(size_t(c.group) * d);
+      cpu::LoadFloats(q_view.bytes.data(), c.dtype, absl::MakeSpan(q_rotated));
+      for (int g = 0; g < c.group; ++g) {
+        cpu::RotateHeadWithFrequencies(
+            inv_freq, c.pairing, query_positions[s],
+            absl::MakeSpan(&q_rotated[size_t(g) * d], size_t(d)));
+      }
+      k_rotated.resize(size_t(n) * d);
+      cpu::LoadFloats(k.data(), c.dtype, absl::MakeSpan(k_rotated));
+      for (int t = 0; t < n; ++t) {
+        cpu::RotateHeadWithFrequencies(
+            inv_freq, c.pairing, row_positions[begin[s] + t],
+            absl::MakeSpan(&k_rotated[size_t(t) * d], size_t(d)));
+      }
+      q_view = HeadRowsView::Fp32(q_rotated);
+      k_view = HeadRowsView::Fp32(k_rotated);
+    }
+    ASSERT_TRUE(cpu::Attend(q_view, k_view, {absl::MakeConstSpan(v), c.dtype},
+                            d,
                             in.softmax_scale, absl::MakeSpan(ref_out),
                             absl::MakeSpan(ref_lse), absl::MakeSpan(ref_probs))
                     .ok());
@@ -210,6 +271,41 @@ TEST(DecodeAttentionTest, WarpKernelGroups) {
   RunCase({128, DType::kBf16, 8, ScoreReduction::kMean}, rng);
   RunCase({128, DType::kFp16, 8, ScoreReduction::kMax}, rng);
   RunCase({128, DType::kBf16, 5, ScoreReduction::kMax}, rng);
+}
+
+// CACHE_RANK: keys and queries rotated inside the kernel, each to its own
+// position, agree with the oracle's fp32 rotation then attention.
+TEST(DecodeAttentionTest, RotatesKeysAndQueriesLikeTheCpu) {
+  KVMEM_REQUIRE_DEVICE();
+  std::mt19937 rng(testing::FreshSeed());
+  using P = RotaryPairing;
+  const ScoreReduction kMax = ScoreReduction::kMax;
+  // Vector layouts: a pair across two lanes (half-split), in one lane
+  // (interleaved), partial dims.
+  RunCase({128, DType::kBf16, 4, kMax, 128, P::kHalfSplit}, rng);
+  RunCase({128, DType::kFp16, 8, ScoreReduction::kMean, 128, P::kHalfSplit},
+          rng);
+  RunCase({64, DType::kFp32, 1, kMax, 64, P::kInterleaved}, rng);
+  RunCase({128, DType::kBf16, 2, kMax, 32, P::kHalfSplit}, rng);
+  RunCase({64, DType::kFp32, 4, kMax, 24, P::kHalfSplit}, rng);
+  // Strided layout (D 96 in 16-bit): half-split across slots of one lane,
+  // interleaved across neighbouring lanes.
+  RunCase({96, DType::kBf16, 4, kMax, 64, P::kHalfSplit}, rng);
+  RunCase({96, DType::kFp16, 3, kMax, 96, P::kInterleaved}, rng);
+}
+
+TEST(DecodeAttentionTest, RejectsRotaryPairsTheLanesCannotReach) {
+  // Half-split pairs 5 channels apart cut through a lane's 8 channels.
+  EXPECT_FALSE(DecodeAttentionRotarySupported(128, DType::kBf16, 10,
+                                              RotaryPairing::kHalfSplit));
+  EXPECT_FALSE(DecodeAttentionRotarySupported(128, DType::kBf16, 130,
+                                              RotaryPairing::kHalfSplit));
+  EXPECT_FALSE(DecodeAttentionRotarySupported(96, DType::kBf16, 32,
+                                              RotaryPairing::kHalfSplit));
+  EXPECT_TRUE(DecodeAttentionRotarySupported(96, DType::kBf16, 32,
+                                             RotaryPairing::kInterleaved));
+  EXPECT_TRUE(DecodeAttentionRotarySupported(128, DType::kBf16, 128,
+                                             RotaryPairing::kHalfSplit));
 }
 
 TEST(DecodeAttentionTest, RejectsBadArguments) {

@@ -321,6 +321,50 @@ TEST(EngineCuda, DenseLayersPrefillOnTheDeviceAndDecodeOnTheHost) {
   EXPECT_GT(stats.spilled_bytes, 0);  // 216 tokens past 68 slots: recalled
 }
 
+// CACHE_RANK sessions (keys stored before rotary, rotated at their cache
+// rank on every step) keep the policy on the host and attend on the device,
+// keys and queries rotated inside the kernel: ATTEND outputs, and FETCH's
+// rotated keys and positions, agree with the CPU engine through spill and
+// recall, for half-split pairs over all channels and interleaved pairs
+// over half of them.
+TEST(EngineCuda, CacheRankSessionsAttendOnTheDeviceWithRotaryInTheKernel) {
+  KVMEM_REQUIRE_DEVICE();
+  const uint32_t seed = FreshSeed();
+  TestEngine cpu(nullptr);
+  TestEngine cuda(MakeDevice(size_t{256} << 20, size_t{1} << 20));
+  ASSERT_NE(cuda.engine, nullptr);
+  std::vector<SessionConfig> cs = {Config("r", DType::kBf16),
+                                   Config("s", DType::kBf16)};
+  for (SessionConfig& c : cs) {
+    c.policy.positions_mode = PositionsMode::kCacheRank;
+    c.shape.rotary.base_theta = 500000.0;
+  }
+  cs[1].shape.rotary.interleaved = true;
+  cs[1].shape.rotary.rotary_dims = 64;
+  for (Engine* e : {cpu.engine.get(), cuda.engine.get()}) {
+    for (const SessionConfig& c : cs) ASSERT_TRUE(e->CreateSession(c).ok());
+  }
+  Driver driver(seed);
+  std::vector<int64_t> at0(cs.size(), 0), at1(cs.size(), 0);
+  driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 0, StepMode::kAttend, 20,
+              &at0);
+  driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 1, StepMode::kAttend, 20,
+              &at1);
+  constexpr int kSteps = 100;
+  for (int t = 0; t < kSteps; ++t) {
+    driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 0, StepMode::kAttend,
+                1, &at0);
+    driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 1,
+                t % 2 == 0 ? StepMode::kFetch : StepMode::kAttend, 1, &at1);
+  }
+  const EngineStats stats = cuda.engine->Stats();
+  EXPECT_EQ(stats.device_fallbacks, 0);
+  EXPECT_EQ(stats.device_attend_steps, int64_t{kSteps} * 2 * 2);
+  EXPECT_EQ(stats.device_policy_steps, 0);  // the policy stayed on the host
+  EXPECT_GT(stats.spilled_bytes, 0);        // 120 tokens past 68 slots
+  EXPECT_EQ(cpu.engine->Stats().device_attend_steps, 0);
+}
+
 TEST(EngineCuda, AFullPoolEvictsIdleSessionsRowsAndStillAnswersAlike) {
   KVMEM_REQUIRE_DEVICE();
   const uint32_t seed = FreshSeed();

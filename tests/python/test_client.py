@@ -300,6 +300,7 @@ def test_stats(client: kvmem.Client) -> None:
     assert after.device_fallbacks == 0
     assert after.device_policy_steps == 0  # the CPU backend
     assert after.device_side_bytes == 0
+    assert after.device_attend_steps == 0
     assert set(after.step_phase_seconds) == {
         "lock", "plan", "recall", "device_rows", "device", "apply",
         "device_write", "write", "device_wait", "device_spill"}

@@ -46,6 +46,7 @@ class ServerStats:
     device_fallbacks: int  # decode steps the CPU took for a full pool
     device_policy_steps: int  # steps whose policy ran on the device
     device_side_bytes: int  # device memory beside the pool (state, staging)
+    device_attend_steps: int  # decode steps attended there, policy on host
     # Seconds Step requests spent per phase since start ("lock", "plan",
     # "recall", "device_rows", "device", "apply", "device_write", "write",
     # "device_wait", "device_spill").
