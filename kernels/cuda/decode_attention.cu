@@ -810,8 +810,8 @@ absl::Status ValidateShape(const DecodeAttentionShape& shape) {
 
 }  // namespace
 
-bool DecodeAttentionRotarySupported(int head_dim, DType dtype,
-                                    int rotated_dims, RotaryPairing pairing) {
+bool DecodeAttentionRotarySupported(int head_dim, DType dtype, int rotated_dims,
+                                    RotaryPairing pairing) {
   if (head_dim < 1 || head_dim > kMaxDecodeHeadDim) return false;
   return LaneRotarySupported(ChooseRowLayout(head_dim, dtype, true), dtype,
                              rotated_dims, pairing);
@@ -951,12 +951,11 @@ absl::Status DecodeAttention(const DecodeAttentionShape& shape,
                 sizeof(int) * 2 * kTileRows;
   const bool fast = args.layout.vector && shape.head_dim == kFastHeadDim &&
                     shape.dtype != DType::kFp32 && !rotary;
-  void* kernel =
-      fast                          ? (shape.dtype == DType::kBf16
-                                           ? FastSplitKernelFor<DType::kBf16>(slots)
-                                           : FastSplitKernelFor<DType::kFp16>(slots))
-      : rotary ? GeneralSplitKernelFor<true>(shape.dtype, slots)
-               : GeneralSplitKernelFor<false>(shape.dtype, slots);
+  void* kernel = fast     ? (shape.dtype == DType::kBf16
+                                 ? FastSplitKernelFor<DType::kBf16>(slots)
+                                 : FastSplitKernelFor<DType::kFp16>(slots))
+                 : rotary ? GeneralSplitKernelFor<true>(shape.dtype, slots)
+                          : GeneralSplitKernelFor<false>(shape.dtype, slots);
   if (fast) smem = kFastSmemBytes;  // the staged tiles
   if (absl::Status allowed = AllowDynamicSharedMemory(kernel, smem);
       !allowed.ok()) {

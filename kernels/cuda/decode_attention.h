@@ -74,8 +74,8 @@ struct DecodeAttentionInputs {
 // pairing, and half-split pairs where R/2 is a multiple of 8 channels
 // (bf16/fp16) or 4 (fp32) at D·e a multiple of 16 bytes, of 32 otherwise).
 // Assumes 16-byte aligned queries and pools, as the engine's are.
-bool DecodeAttentionRotarySupported(int head_dim, DType dtype,
-                                    int rotated_dims, RotaryPairing pairing);
+bool DecodeAttentionRotarySupported(int head_dim, DType dtype, int rotated_dims,
+                                    RotaryPairing pairing);
 
 // Outputs; at least one of out_fp32 / out. A stream with no rows gets
 // o = 0 and lse = −∞ (the merge identity).

@@ -71,8 +71,9 @@ __device__ __forceinline__ void RotateLaneChannels(const RowLayout& layout,
     // Lane l's partner is lane l ± R/(2V), at the same slots.
     const int apart = half / kPerVector;
     const int first = lane * kPerVector;
-    const int from = first < half ? lane + apart : first < dims ? lane - apart
-                                                                : lane;
+    const int from = first < half   ? lane + apart
+                     : first < dims ? lane - apart
+                                    : lane;
     const int warp_lane = int(threadIdx.x % 32);
 #pragma unroll
     for (int j = 0; j < kLaneSlots; ++j) {

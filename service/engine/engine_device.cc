@@ -544,8 +544,8 @@ absl::Status Engine::AttendOnDevice(
   DeviceBackend& device = *options_.device;
   const size_t layer = size_t(request.layer);
   // Items of one launch share a shape (CACHE_RANK: and rotary speeds).
-  using ShapeKey = std::tuple<int, int, int, float, int,
-                              const std::vector<double>*, int>;
+  using ShapeKey =
+      std::tuple<int, int, int, float, int, const std::vector<double>*, int>;
   struct Launch {
     DeviceAttendShape shape;
     std::vector<DeviceAttendItem> items;
@@ -568,20 +568,19 @@ absl::Status Engine::AttendOnDevice(
     if (skip[i] || e.num_tokens != 1 || e.q.empty() ||
         c.group > cuda::kMaxDecodeGroup ||
         c.head_dim > cuda::kMaxDecodeHeadDim ||
-        (c.cache_rank && !cuda::DecodeAttentionRotarySupported(
-                             c.head_dim, c.dtype, 2 * int(c.inv_freq.size()),
-                             c.pairing))) {
+        (c.cache_rank &&
+         !cuda::DecodeAttentionRotarySupported(
+             c.head_dim, c.dtype, 2 * int(c.inv_freq.size()), c.pairing))) {
       continue;
     }
     std::vector<StreamState>& streams = s.streams[layer];
     if (!UploadLayer(s, layer, busy)) continue;
-    const std::vector<double>* inv_freq =
-        c.cache_rank ? &c.inv_freq : nullptr;
-    Launch& launch = launches[ShapeKey(c.group, c.head_dim, int(c.dtype),
-                                       c.softmax_scale, int(c.reduction),
-                                       inv_freq, int(c.pairing))];
-    launch.shape = {c.group,         c.head_dim,  c.dtype, c.softmax_scale,
-                    c.reduction,     inv_freq,    c.pairing};
+    const std::vector<double>* inv_freq = c.cache_rank ? &c.inv_freq : nullptr;
+    Launch& launch =
+        launches[ShapeKey(c.group, c.head_dim, int(c.dtype), c.softmax_scale,
+                          int(c.reduction), inv_freq, int(c.pairing))];
+    launch.shape = {c.group,     c.head_dim, c.dtype,  c.softmax_scale,
+                    c.reduction, inv_freq,   c.pairing};
     ++launch.entries;
     for (size_t h = 0; h < streams.size(); ++h) {
       items.push_back({&launch, launch.items.size(), i, h});

@@ -195,8 +195,7 @@ void RunCase(const Case& c, std::mt19937& rng) {
       k_view = HeadRowsView::Fp32(k_rotated);
     }
     ASSERT_TRUE(cpu::Attend(q_view, k_view, {absl::MakeConstSpan(v), c.dtype},
-                            d,
-                            in.softmax_scale, absl::MakeSpan(ref_out),
+                            d, in.softmax_scale, absl::MakeSpan(ref_out),
                             absl::MakeSpan(ref_lse), absl::MakeSpan(ref_probs))
                     .ok());
     int bad = 0;
