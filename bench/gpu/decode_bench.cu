@@ -6,7 +6,8 @@
 // are rotated over copies so that every step reads more than the L2 holds.
 // Prints `workload | measured | floor | x floor`, floor = the bytes the
 // step must read (§6) over the device-to-device copy bandwidth measured in
-// the same run.
+// the same run. "attention, CACHE_RANK" cells time the attention with keys
+// and queries rotated inside the kernel, against the same floor.
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 
@@ -136,7 +137,16 @@ DeviceBuffer UploadVector(const std::vector<T>& v) {
 }
 
 // What part of the step a cell times.
-enum Part { kStep = 0, kScoresOnly = 1, kSelectOnly = 2, kAttentionOnly = 3 };
+// kRotaryAttentionOnly: the attention of a CACHE_RANK step, keys and queries
+// rotated inside the kernel (Llama 3 frequencies, half-split pairs over all
+// 128 channels; a row's position is its index, the query's the budget).
+enum Part {
+  kStep = 0,
+  kScoresOnly = 1,
+  kSelectOnly = 2,
+  kAttentionOnly = 3,
+  kRotaryAttentionOnly = 4,
+};
 
 void BM_DecodeStep(benchmark::State& state) {
   const int batch = int(state.range(0));
@@ -228,6 +238,20 @@ void BM_DecodeStep(benchmark::State& state) {
           : Check(PlanDecodeAttention(attn_shape, device->multiprocessors));
   DeviceBuffer workspace = Check(DeviceBuffer::Allocate(plan.workspace_bytes));
   cudaStream_t stream = device->stream.get();
+  const bool rotary = part == kRotaryAttentionOnly;
+  std::vector<int32_t> row_positions(size_t(streams) * kBudget);
+  for (size_t i = 0; i < row_positions.size(); ++i) {
+    row_positions[i] = int32_t(i % kBudget);
+  }
+  RotaryParams rotary_params;
+  rotary_params.base = 500000.0;
+  rotary_params.scaling = RotaryScaling::kLlama3;
+  rotary_params.factor = 8.0;
+  DeviceBuffer d_row_positions = UploadVector(row_positions);
+  DeviceBuffer d_query_positions =
+      UploadVector(std::vector<int32_t>(streams, kBudget));
+  DeviceBuffer d_inv_freq =
+      UploadVector(Check(RotaryInverseFrequencies(rotary_params, kHeadDim)));
 
   auto run = [&](int c, bool scores, bool select, bool attend) {
     if (scores) {
@@ -258,6 +282,12 @@ void BM_DecodeStep(benchmark::State& state) {
       in.row_begin = d_rows_begin.as<int32_t>();
       in.row_count = d_rows_count.as<int32_t>();
       in.softmax_scale = 0.08838834764831845f;  // 1/√128
+      if (rotary) {
+        in.row_positions = d_row_positions.as<int32_t>();
+        in.query_positions = d_query_positions.as<int32_t>();
+        in.inv_freq = d_inv_freq.as<double>();
+        in.rotated_dims = kHeadDim;
+      }
       DecodeAttentionOutputs out;
       out.out = d_out.get();
       out.lse = d_lse.as<float>();
@@ -276,13 +306,14 @@ void BM_DecodeStep(benchmark::State& state) {
   int c = 0;
   for (auto _ : state) {
     c = (c + 1) % copies;
-    if (part == kAttentionOnly || part == kSelectOnly) {
+    const bool attention_only =
+        part == kAttentionOnly || part == kRotaryAttentionOnly;
+    if (attention_only || part == kSelectOnly) {
       run(c, part == kSelectOnly, true, false);  // rows for this copy
     }
     BENCH_CHECK(start.Record(stream));
     run(c, part == kStep || part == kScoresOnly,
-        part == kStep || part == kSelectOnly,
-        part == kStep || part == kAttentionOnly);
+        part == kStep || part == kSelectOnly, part == kStep || attention_only);
     BENCH_CHECK(stop.Record(stream));
     BENCH_CHECK(stop.Synchronize());
     const float ms = Check(stop.ElapsedMsSince(start));
@@ -294,15 +325,17 @@ void BM_DecodeStep(benchmark::State& state) {
   const double digest_bytes =
       double(batch) * candidates * kHeads * kDigestBytes;
   const double kv_bytes = double(batch) * kBudget * kHeads * 2 * kRowBytes;
-  const double bytes = part == kScoresOnly      ? digest_bytes
-                       : part == kSelectOnly    ? 0.0
-                       : part == kAttentionOnly ? kv_bytes
-                                                : digest_bytes + kv_bytes;
+  const double bytes = part == kScoresOnly   ? digest_bytes
+                       : part == kSelectOnly ? 0.0
+                       : part == kAttentionOnly || part == kRotaryAttentionOnly
+                           ? kv_bytes
+                           : digest_bytes + kv_bytes;
   const double median_us = Median(times_ms) * 1e3;
   state.counters["median_us"] = median_us;
   state.counters["bytes"] = bytes;
   static const char* kPartNames[] = {"step", "  scores only", "  select only",
-                                     "  attention only"};
+                                     "  attention only",
+                                     "  attention, CACHE_RANK"};
   char name[128];
   char split_note[32] = "";
   if (splits > 0)
@@ -331,6 +364,13 @@ void Register() {
           ->Iterations(kTimed)
           ->Unit(benchmark::kMicrosecond);
     }
+  }
+  for (int batch : {1, 8, 32}) {
+    benchmark::RegisterBenchmark("BM_DecodeStep", BM_DecodeStep)
+        ->Args({batch, 4096, kRotaryAttentionOnly, 0})
+        ->UseManualTime()
+        ->Iterations(kTimed)
+        ->Unit(benchmark::kMicrosecond);
   }
   // The planner's split count against others, where the grid's last wave
   // is fuller or emptier (--benchmark_filter=BM_DecodeStep/32/4096/3/).
