@@ -1,0 +1,374 @@
+// The tiles both attention passes of a prefill chunk share
+// (chunk_attention.cu, its only includer): the block's shape, the
+// workspace, and the device helpers that stage query and key tiles in
+// shared memory and multiply them on tensor cores (mma.sync m16n8k16,
+// bf16/fp16 in, fp32 accumulate). See chunk_attention.cu for the layout.
+#ifndef KVMEM_KERNELS_CUDA_CHUNK_TILES_CUH_
+#define KVMEM_KERNELS_CUDA_CHUNK_TILES_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/cuda/async_copy.cuh"
+#include "kernels/cuda/chunk_attention.h"
+
+namespace kvmem::cuda::chunk_tiles {
+
+constexpr int kD = kChunkHeadDim;
+constexpr int kRows = 128;  // query rows per block
+constexpr int kKeys = 64;   // keys per tile
+constexpr int kWarps = 8;   // 16 rows each
+constexpr int kThreads = kWarps * 32;
+constexpr int kPitch = kD + 8;  // halves per shared row: 272 B, so the 8
+                                // rows of an ldmatrix phase hit 32 banks
+constexpr int kTileHalves = kKeys * kPitch;
+constexpr int kQueryHalves = kRows * kPitch;
+constexpr int kNever = INT_MAX;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr size_t kAlign = 256;
+
+inline size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+inline int QueryBlocks(const ChunkShape& shape) {
+  return (shape.chunk * shape.group + kRows - 1) / kRows;
+}
+
+// The workspace: per stream and query the factor f(n+1+q) times every
+// renormalisation scale after q, and the scale of a renormalisation just
+// before q (0 = none); per stream the scale of the old u (0 = none); per
+// query block, stream and key the block's sum of f·r.
+struct Workspace {
+  float* factor;     // [B, T]
+  double* prescale;  // [B, T]
+  double* scale;     // [B]
+  float* partials;   // [query blocks, B, slots + T]
+};
+
+inline size_t PartialsCount(const ChunkShape& shape) {
+  return size_t(QueryBlocks(shape)) * size_t(shape.streams) *
+         size_t(shape.slots() + shape.chunk);
+}
+
+inline Workspace CarveWorkspace(const ChunkShape& shape, void* base) {
+  const size_t bt = size_t(shape.streams) * size_t(shape.chunk);
+  char* p = static_cast<char*>(base);
+  Workspace w;
+  w.factor = reinterpret_cast<float*>(p);
+  p += AlignUp(bt * sizeof(float));
+  w.prescale = reinterpret_cast<double*>(p);
+  p += AlignUp(bt * sizeof(double));
+  w.scale = reinterpret_cast<double*>(p);
+  p += AlignUp(size_t(shape.streams) * sizeof(double));
+  w.partials = reinterpret_cast<float*>(p);
+  return w;
+}
+
+// ---- device helpers -------------------------------------------------------
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<__nv_bfloat16> {
+  __device__ static uint32_t Pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ static void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct Elem<__half> {
+  __device__ static uint32_t Pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ static void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// 2^x by the SFU alone (ex2.approx.ftz: about 2 ulp, subnormals flushed to
+// 0, 2^−∞ = 0); exp2f adds a denormal fix-up around it, on every
+// probability of both passes.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Four 8×8 b16 matrices; lane i gives the address of row i%8 of matrix i/8.
+__device__ __forceinline__ void LdMatrix(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+__device__ __forceinline__ void LdMatrixTransposed(uint32_t (&r)[4],
+                                                   uint32_t address) {
+  asm volatile(
+      "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+      : "r"(address));
+}
+
+struct ChunkArgs {
+  int streams;
+  int group;
+  int chunk;
+  int sinks;
+  int64_t slots;
+  float scale_log2;  // softmax_scale · log2(e)
+  ScoreReduction reduction;
+  ChunkInputs in;
+  ChunkScoreState state;
+  ChunkOutputs out;
+  Workspace w;
+};
+
+// Global index of stream b's query row r = t·G + g.
+__device__ __forceinline__ int64_t QueryRow(const ChunkArgs& a, int b, int r) {
+  const int t = r / a.group;
+  return (int64_t{t} * a.streams + b) * a.group + r % a.group;
+}
+
+// Stream b's slot arrays, from the flat arrays or its own pointers.
+struct StreamSlots {
+  const int64_t* positions;  // [slots]
+  const int32_t* slot_rows;  // [slots]
+  float* scores;             // [slots]
+};
+__device__ __forceinline__ StreamSlots SlotsOf(const ChunkArgs& a, int b) {
+  if (a.state.streams != nullptr) {
+    const CascadeStreamPointers& p = a.state.streams[b];
+    return {p.positions, p.slot_rows, p.scores};
+  }
+  const int64_t at = int64_t{b} * a.slots;
+  return {a.in.positions + at, a.in.slot_rows + at, a.state.scores + at};
+}
+
+// A stream's slot indices for key tiles, staged in shared memory by
+// cp.async three tiles ahead of the tile's own copy (tile i in stage
+// i % kIndexStages), so that finding a tile's pool rows never waits on a
+// chain of global loads: [kIndexStages][64] each.
+constexpr int kIndexStages = 4;
+constexpr int kIndexAhead = 3;
+struct KeyIndexTiles {
+  int64_t* positions;
+  int32_t* rows;
+};
+constexpr size_t kIndexSharedBytes =
+    size_t(kIndexStages) * kKeys * (sizeof(int64_t) + sizeof(int32_t));
+
+// They lead both kernels' dynamic shared memory: at a fixed address, they
+// cost no registers to find (kept in registers, the forward pass spilled).
+__device__ __forceinline__ KeyIndexTiles SharedKeyIndices() {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  int64_t* positions = reinterpret_cast<int64_t*>(shared_bytes);
+  return {positions,
+          reinterpret_cast<int32_t*>(positions + kIndexStages * kKeys)};
+}
+
+// Starts the copy of the indices of key tile `tile` (slots only; chunk
+// keys need none) into its stage.
+__device__ __forceinline__ void LoadKeyIndices(const StreamSlots& mine,
+                                               int64_t slots, int tile) {
+  const KeyIndexTiles idx = SharedKeyIndices();
+  if (threadIdx.x < kKeys) {
+    const int at = (tile % kIndexStages) * kKeys + threadIdx.x;
+    const int64_t k = int64_t{tile} * kKeys + threadIdx.x;
+    const bool slot = k < slots;
+    CopyAsync8(idx.positions + at, mine.positions + (slot ? k : 0), slot);
+    CopyAsync4(idx.rows + at, mine.slot_rows + (slot ? k : 0), slot);
+  }
+}
+
+// Starts the copy of key tile `tile` (keys [64·tile, +64)) of stream b
+// (rows into k_tile and, when v_tile is not null, v_tile), and writes their
+// vis. The tile's indices must be in their stage and visible.
+template <typename T>
+__device__ void LoadKeyTile(const ChunkArgs& a, int b, int tile, T* k_tile,
+                            T* v_tile, int* vis) {
+  const KeyIndexTiles idx = SharedKeyIndices();
+  const T* key_rows = static_cast<const T*>(a.in.key_rows);
+  const T* value_rows = static_cast<const T*>(a.in.value_rows);
+  const T* keys = static_cast<const T*>(a.in.keys);
+  const T* values = static_cast<const T*>(a.in.values);
+  constexpr int kPieces = kD * int(sizeof(T)) / 16;  // 16-byte pieces a row
+  const int64_t k0 = int64_t{tile} * kKeys;
+  const int stage = (tile % kIndexStages) * kKeys;
+#pragma unroll 1
+  for (int c = threadIdx.x; c < kKeys * kPieces; c += kThreads) {
+    const int key = c / kPieces;
+    const int piece = c % kPieces;
+    const int64_t k = k0 + key;
+    const T* ksrc = keys;
+    const T* vsrc = values;
+    int first_token = kNever;
+    if (k < a.slots) {
+      if (idx.positions[stage + key] >= 0) {
+        const int64_t row = idx.rows[stage + key];
+        ksrc = key_rows + row * kD;
+        vsrc = value_rows + row * kD;
+        first_token = -1;
+      }
+    } else if (k < a.slots + a.chunk) {
+      const int64_t j = k - a.slots;
+      ksrc = keys + (j * a.streams + b) * kD;
+      vsrc = values + (j * a.streams + b) * kD;
+      first_token = int(j);
+    }
+    const bool valid = first_token != kNever;
+    const int offset = piece * (16 / int(sizeof(T)));
+    CopyAsync16(k_tile + key * kPitch + offset, ksrc + offset, valid);
+    if (v_tile != nullptr) {
+      CopyAsync16(v_tile + key * kPitch + offset, vsrc + offset, valid);
+    }
+    if (piece == 0) vis[key] = first_token;
+  }
+}
+
+// The stream row (from the block's first) that MMA row ρ of a 16-row warp
+// tile holds: 2·(ρ mod 8) + ρ/8, so that a thread's two fragment rows (gid
+// and gid + 8) are consecutive stream rows, two heads of one token when
+// G ≥ 2: the group reduction then starts inside the thread.
+__device__ __forceinline__ int TileRow(int row) {
+  return (row / 16) * 16 + 2 * (row % 8) + (row % 16) / 8;
+}
+
+// Starts the copy of stream b's query rows [r0, r0 + 128) into q_tile, in
+// TileRow order.
+template <typename T>
+__device__ void LoadQueryTile(const ChunkArgs& a, int b, int r0, T* q_tile) {
+  const T* queries = static_cast<const T*>(a.in.queries);
+  const int rows = a.chunk * a.group;
+  constexpr int kPieces = kD * int(sizeof(T)) / 16;
+  for (int c = threadIdx.x; c < kRows * kPieces; c += kThreads) {
+    const int row = c / kPieces;
+    const int piece = c % kPieces;
+    const int r = r0 + TileRow(row);
+    const bool valid = r < rows;
+    const T* src = queries + (valid ? QueryRow(a, b, r) * kD : 0);
+    const int offset = piece * (16 / int(sizeof(T)));
+    CopyAsync16(q_tile + row * kPitch + offset, src + offset, valid);
+  }
+}
+
+// The start of both attention passes: the query tile and the indices of
+// the first tiles arrive (and are waited for), then tile 0's copy starts.
+template <typename T>
+__device__ __forceinline__ void StartKeyTiles(const ChunkArgs& a, int b, int r0,
+                                              int tiles, T* q_tile, T* k_tile,
+                                              T* v_tile, int* vis) {
+  const StreamSlots mine = SlotsOf(a, b);
+  for (int t = 0; t < kIndexAhead && t < tiles; ++t) {
+    LoadKeyIndices(mine, a.slots, t);
+  }
+  LoadQueryTile<T>(a, b, r0, q_tile);
+  CommitCopies();
+  WaitCopies<0>();
+  __syncthreads();
+  LoadKeyTile<T>(a, b, 0, k_tile, v_tile, vis);
+  CommitCopies();
+}
+
+// Each iteration's copies, before its wait: tile + 1's rows and
+// tile + kIndexAhead's indices. The indices' stage was last read when
+// tile − 1 was copied, before the previous iteration's barrier.
+template <typename T>
+__device__ __forceinline__ void LoadNextKeyTile(const ChunkArgs& a, int b,
+                                                int tile, int tiles, T* k_tile,
+                                                T* v_tile, int* vis) {
+  if (tile + 1 < tiles) LoadKeyTile<T>(a, b, tile + 1, k_tile, v_tile, vis);
+  if (tile + kIndexAhead < tiles) {
+    LoadKeyIndices(SlotsOf(a, b), a.slots, tile + kIndexAhead);
+  }
+  CommitCopies();
+}
+
+// The A fragment of channels kk·16 … +15 of this warp's 16 query rows:
+// rows (j%2)·8 + 0..7, channels kk·16 + (j/2)·8, j = lane/8.
+template <typename T>
+__device__ __forceinline__ void QueryFragment(const T* q_tile, int kk,
+                                              uint32_t (&qf)[4]) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int j = lane / 8;
+  LdMatrix(
+      qf, SharedAddress(q_tile + (warp * 16 + (j % 2) * 8 + lane % 8) * kPitch +
+                        kk * 16 + (j / 2) * 8));
+}
+
+// s += the products of query fragment kk with the key tile's channels
+// kk·16 … +15 (16 rows × 64 keys).
+template <typename T>
+__device__ __forceinline__ void AddKeyProducts(const uint32_t (&qf)[4],
+                                               const T* k_tile, int kk,
+                                               float (&s)[8][4]) {
+  const int lane = threadIdx.x % 32;
+  const int j = lane / 8;
+#pragma unroll
+  for (int n2 = 0; n2 < 4; ++n2) {
+    // B: keys n2·16 + (j/2)·8 + 0..7, channels kk·16 + (j%2)·8.
+    const int key = n2 * 16 + (j / 2) * 8 + lane % 8;
+    const int d = kk * 16 + (j % 2) * 8;
+    uint32_t kb[4];
+    LdMatrix(kb, SharedAddress(k_tile + key * kPitch + d));
+    Elem<T>::Mma(s[2 * n2], qf, kb[0], kb[1]);
+    Elem<T>::Mma(s[2 * n2 + 1], qf, kb[2], kb[3]);
+  }
+}
+
+// S (16 rows of this warp × 64 keys) = Q·Kᵀ from the query and key tiles.
+template <typename T>
+__device__ __forceinline__ void QueryKeyTile(const T* q_tile, const T* k_tile,
+                                             float (&s)[8][4]) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    uint32_t qf[4];
+    QueryFragment(q_tile, kk, qf);
+    AddKeyProducts(qf, k_tile, kk, s);
+  }
+}
+
+// The rows of this thread's two fragment rows (gid, gid + 8 of its warp)
+// and the keys a block must visit: every slot, and the chunk up to its
+// last token.
+struct BlockRows {
+  int rows;              // T·G
+  int row_a, row_b;      // stream rows
+  int token_a, token_b;  // their tokens, −2 past the end (they see nothing)
+  int tiles;             // 64-key tiles to visit
+};
+__device__ __forceinline__ BlockRows RowsOf(const ChunkArgs& a, int r0) {
+  BlockRows r;
+  r.rows = a.chunk * a.group;
+  const int lane = threadIdx.x % 32;
+  r.row_a = r0 + TileRow((threadIdx.x / 32) * 16 + lane / 4);
+  r.row_b = r0 + TileRow((threadIdx.x / 32) * 16 + lane / 4 + 8);
+  r.token_a = r.row_a < r.rows ? r.row_a / a.group : -2;
+  r.token_b = r.row_b < r.rows ? r.row_b / a.group : -2;
+  const int last_token = (min(r0 + kRows, r.rows) - 1) / a.group;
+  r.tiles = int((a.slots + last_token + 1 + kKeys - 1) / kKeys);
+  return r;
+}
+
+}  // namespace kvmem::cuda::chunk_tiles
+
+#endif  // KVMEM_KERNELS_CUDA_CHUNK_TILES_CUH_
