@@ -239,6 +239,26 @@ TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
   EXPECT_GT(stats.spilled_bytes, 0);  // the workload spilled (and recalled)
 }
 
+// Creates `cs` on both engines, runs a 20-token ATTEND chunk into each of
+// two layers, then `steps` decode steps of both: layer 0 ATTEND, layer 1
+// FETCH and ATTEND in turn (the driver compares every answer).
+void PrefillThenDecode(Engine* cpu, Engine* cuda,
+                       const std::vector<SessionConfig>& cs, uint32_t seed,
+                       int steps) {
+  for (Engine* e : {cpu, cuda}) {
+    for (const SessionConfig& c : cs) EXPECT_TRUE(e->CreateSession(c).ok());
+  }
+  Driver driver(seed);
+  std::vector<int64_t> at0(cs.size(), 0), at1(cs.size(), 0);
+  driver.Step(cpu, cuda, cs, 0, StepMode::kAttend, 20, &at0);
+  driver.Step(cpu, cuda, cs, 1, StepMode::kAttend, 20, &at1);
+  for (int t = 0; t < steps; ++t) {
+    driver.Step(cpu, cuda, cs, 0, StepMode::kAttend, 1, &at0);
+    driver.Step(cpu, cuda, cs, 1,
+                t % 2 == 0 ? StepMode::kFetch : StepMode::kAttend, 1, &at1);
+  }
+}
+
 // Steps without spilled candidates (60 tokens in 68 slots) on a device
 // with or without decode graphs; returns how many steps replayed a graph.
 int64_t RunStepsWithoutSpills(bool decode_graphs) {
@@ -249,23 +269,9 @@ int64_t RunStepsWithoutSpills(bool decode_graphs) {
   TestEngine cuda(device);
   EXPECT_NE(cuda.engine, nullptr);
   if (cuda.engine == nullptr) return -1;
-  std::vector<SessionConfig> cs = {Config("a", DType::kBf16),
-                                   Config("b", DType::kBf16)};
-  for (Engine* e : {cpu.engine.get(), cuda.engine.get()}) {
-    for (const SessionConfig& c : cs) EXPECT_TRUE(e->CreateSession(c).ok());
-  }
-  Driver driver(seed);
-  std::vector<int64_t> at0(cs.size(), 0), at1(cs.size(), 0);
-  driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 0, StepMode::kAttend, 20,
-              &at0);
-  driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 1, StepMode::kAttend, 20,
-              &at1);
-  for (int t = 0; t < 40; ++t) {
-    driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 0, StepMode::kAttend,
-                1, &at0);
-    driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 1,
-                t % 2 == 0 ? StepMode::kFetch : StepMode::kAttend, 1, &at1);
-  }
+  PrefillThenDecode(cpu.engine.get(), cuda.engine.get(),
+                    {Config("a", DType::kBf16), Config("b", DType::kBf16)},
+                    seed, 40);
   const EngineStats stats = cuda.engine->Stats();
   EXPECT_EQ(stats.device_fallbacks, 0);
   EXPECT_EQ(stats.spilled_bytes, 0);             // nothing left the cascades
@@ -318,6 +324,9 @@ TEST(EngineCuda, DenseLayersPrefillOnTheDeviceAndDecodeOnTheHost) {
   }
   const EngineStats stats = cuda.engine->Stats();
   EXPECT_GE(stats.device_policy_steps, 3 * 3 * 2);  // every chunk
+  // Every decode step attended on the device, its policy on the host.
+  EXPECT_EQ(stats.device_attend_steps, 3 * 20 * 2);
+  EXPECT_EQ(stats.device_fallbacks, 0);
   EXPECT_GT(stats.spilled_bytes, 0);  // 216 tokens past 68 slots: recalled
 }
 
@@ -341,22 +350,8 @@ TEST(EngineCuda, CacheRankSessionsAttendOnTheDeviceWithRotaryInTheKernel) {
   }
   cs[1].shape.rotary.interleaved = true;
   cs[1].shape.rotary.rotary_dims = 64;
-  for (Engine* e : {cpu.engine.get(), cuda.engine.get()}) {
-    for (const SessionConfig& c : cs) ASSERT_TRUE(e->CreateSession(c).ok());
-  }
-  Driver driver(seed);
-  std::vector<int64_t> at0(cs.size(), 0), at1(cs.size(), 0);
-  driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 0, StepMode::kAttend, 20,
-              &at0);
-  driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 1, StepMode::kAttend, 20,
-              &at1);
   constexpr int kSteps = 100;
-  for (int t = 0; t < kSteps; ++t) {
-    driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 0, StepMode::kAttend,
-                1, &at0);
-    driver.Step(cpu.engine.get(), cuda.engine.get(), cs, 1,
-                t % 2 == 0 ? StepMode::kFetch : StepMode::kAttend, 1, &at1);
-  }
+  PrefillThenDecode(cpu.engine.get(), cuda.engine.get(), cs, seed, kSteps);
   const EngineStats stats = cuda.engine->Stats();
   EXPECT_EQ(stats.device_fallbacks, 0);
   EXPECT_EQ(stats.device_attend_steps, int64_t{kSteps} * 2 * 2);
