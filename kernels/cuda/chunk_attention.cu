@@ -103,7 +103,6 @@ __global__ void ChunkFactorsKernel(double beta, int chunk,
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     ChunkForwardKernel(const ChunkArgs a) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
   T* k_tiles = q_tile + kQueryHalves;      // [2][64][kPitch]
   T* v_tiles = k_tiles + 2 * kTileHalves;  // [2][64][kPitch]
@@ -136,17 +135,15 @@ __global__ void __launch_bounds__(kThreads, 2)
     float s[8][4];
     QueryKeyTile<T>(q_tile, k_tiles + stage * kTileHalves, s);
 
-    // The logits stay unscaled until their exponential, which takes the
-    // scale in one fma: the max of the scaled logits is the scaled max
-    // (rounding is monotonic), so m is what scaling each logit first gave.
     float tile_max_a = -INFINITY, tile_max_b = -INFINITY;
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int first = tile_vis[n * 8 + tig * 2 + e];
-        s[n][e] = my.token_a >= first ? s[n][e] : -INFINITY;
-        s[n][e + 2] = my.token_b >= first ? s[n][e + 2] : -INFINITY;
+        s[n][e] = my.token_a >= first ? s[n][e] * a.scale_log2 : -INFINITY;
+        s[n][e + 2] =
+            my.token_b >= first ? s[n][e + 2] * a.scale_log2 : -INFINITY;
         tile_max_a = fmaxf(tile_max_a, s[n][e]);
         tile_max_b = fmaxf(tile_max_b, s[n][e + 2]);
       }
@@ -158,8 +155,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       tile_max_b =
           fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, mask));
     }
-    const float new_m_a = fmaxf(m_a, tile_max_a * a.scale_log2);
-    const float new_m_b = fmaxf(m_b, tile_max_b * a.scale_log2);
+    const float new_m_a = fmaxf(m_a, tile_max_a);
+    const float new_m_b = fmaxf(m_b, tile_max_b);
     // A row that has seen no key yet keeps p = 0 (never exp(−∞ + ∞)).
     const float base_a = new_m_a == -INFINITY ? 0.0f : new_m_a;
     const float base_b = new_m_b == -INFINITY ? 0.0f : new_m_b;
@@ -169,24 +166,19 @@ __global__ void __launch_bounds__(kThreads, 2)
     m_b = new_m_b;
     l_a *= alpha_a;
     l_b *= alpha_b;
-    // Once the running max settles, α is exactly 1 (2^0) for most tiles:
-    // the rescale of the 64 accumulators is skipped when it is for the
-    // whole warp, which changes no bit.
-    if (__any_sync(0xffffffffu, alpha_a != 1.0f || alpha_b != 1.0f)) {
 #pragma unroll
-      for (int n = 0; n < 16; ++n) {
-        o[n][0] *= alpha_a;
-        o[n][1] *= alpha_a;
-        o[n][2] *= alpha_b;
-        o[n][3] *= alpha_b;
-      }
+    for (int n = 0; n < 16; ++n) {
+      o[n][0] *= alpha_a;
+      o[n][1] *= alpha_a;
+      o[n][2] *= alpha_b;
+      o[n][3] *= alpha_b;
     }
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
-      s[n][0] = Exp2(fmaf(s[n][0], a.scale_log2, -base_a));
-      s[n][1] = Exp2(fmaf(s[n][1], a.scale_log2, -base_a));
-      s[n][2] = Exp2(fmaf(s[n][2], a.scale_log2, -base_b));
-      s[n][3] = Exp2(fmaf(s[n][3], a.scale_log2, -base_b));
+      s[n][0] = Exp2(s[n][0] - base_a);
+      s[n][1] = Exp2(s[n][1] - base_a);
+      s[n][2] = Exp2(s[n][2] - base_b);
+      s[n][3] = Exp2(s[n][3] - base_b);
       l_a += s[n][0] + s[n][1];
       l_b += s[n][2] + s[n][3];
     }
@@ -270,7 +262,6 @@ __device__ __forceinline__ void HalveAcrossLanes(float (&v)[16],
 template <typename T, int kGroup>
 __global__ void __launch_bounds__(kThreads, 2)
     ChunkScoresKernel(const ChunkArgs a) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
   T* k_tiles = q_tile + kQueryHalves;                            // [2][64][·]
   int* vis = reinterpret_cast<int*>(k_tiles + 2 * kTileHalves);  // [2][64]
@@ -340,11 +331,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int first = tile_vis[n * 8 + tig * 2 + e];
-        const float xa = my.token_a >= first
-                             ? fmaf(s[n][e], a.scale_log2, -lse_a)
-                             : -INFINITY;
+        const float xa =
+            my.token_a >= first ? s[n][e] * a.scale_log2 - lse_a : -INFINITY;
         const float xb = my.token_b >= first
-                             ? fmaf(s[n][e + 2], a.scale_log2, -lse_b)
+                             ? s[n][e + 2] * a.scale_log2 - lse_b
                              : -INFINITY;
         v[2 * n + e] =
             lane_max ? fmaxf(xa, xb) : w_a * Exp2(xa) + w_b * Exp2(xb);

@@ -70,6 +70,10 @@ inline Workspace CarveWorkspace(const ChunkShape& shape, void* base) {
 
 // ---- device helpers -------------------------------------------------------
 
+// The kernels' dynamic shared memory, one symbol for the kernels and the
+// helpers below alike.
+extern __shared__ __align__(16) unsigned char shared_bytes[];
+
 template <typename T>
 struct Elem;
 template <>
@@ -177,7 +181,6 @@ constexpr size_t kIndexSharedBytes =
 // They lead both kernels' dynamic shared memory: at a fixed address, they
 // cost no registers to find (kept in registers, the forward pass spilled).
 __device__ __forceinline__ KeyIndexTiles SharedKeyIndices() {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
   int64_t* positions = reinterpret_cast<int64_t*>(shared_bytes);
   return {positions,
           reinterpret_cast<int32_t*>(positions + kIndexStages * kKeys)};

@@ -324,9 +324,6 @@ TEST(EngineCuda, DenseLayersPrefillOnTheDeviceAndDecodeOnTheHost) {
   }
   const EngineStats stats = cuda.engine->Stats();
   EXPECT_GE(stats.device_policy_steps, 3 * 3 * 2);  // every chunk
-  // Every decode step attended on the device, its policy on the host.
-  EXPECT_EQ(stats.device_attend_steps, 3 * 20 * 2);
-  EXPECT_EQ(stats.device_fallbacks, 0);
   EXPECT_GT(stats.spilled_bytes, 0);  // 216 tokens past 68 slots: recalled
 }
 
