@@ -3,7 +3,10 @@
 // the device (AdoptCascade) rebuilds the same digests and steps on exactly
 // as the stream it came from, a bad snapshot changes nothing, and tokens
 // the device evicted (SpillEvicted) fill and seal pages as the host's own
-// evictions do. Fresh random inputs, seed printed.
+// evictions do; and a CACHE_RANK step given its attention from outside
+// (as the CUDA backend computes it, keys and queries rotated to
+// RotaryPositions) answers and moves on as the stream's own. Fresh random
+// inputs, seed printed.
 #include "service/engine/stream_state.h"
 
 #include <algorithm>
@@ -14,8 +17,12 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/attention.h"
+#include "kernels/cpu/dtype.h"
 #include "kernels/dtype.h"
 #include "kernels/page_digest.h"
+#include "kernels/policy_math.h"
+#include "kernels/rotary.h"
 
 namespace kvmem {
 namespace {
@@ -224,6 +231,121 @@ TEST_F(StreamStateTest, TokensTheDeviceEvictedFillAndSealPages) {
     }
   }
   EXPECT_EQ(stream->next_page_seq(), 2u);
+}
+
+// What the CUDA backend hands Apply for a CACHE_RANK decode step (T = 1):
+// the attention over `rows` then the new token (k, v), keys and queries
+// rotated to RotaryPositions, here by the oracle's own functions.
+ExternalAttention RotatedAttention(const StreamConfig& c,
+                                   const StreamState& stream,
+                                   std::vector<AttendedRow> rows,
+                                   const std::vector<float>& q,
+                                   const std::string& k, const std::string& v) {
+  const int D = c.head_dim, G = c.group;
+  const size_t row = size_t(c.row_bytes());
+  int64_t query_base = 0;
+  const std::vector<int64_t> ranks = stream.RotaryPositions(rows, &query_base);
+  const size_t n = rows.size() + 1;
+  std::vector<float> keys(n * D);
+  std::string values;
+  for (size_t j = 0; j < n; ++j) {
+    const bool fresh = j + 1 == n;
+    const uint8_t* key = fresh ? reinterpret_cast<const uint8_t*>(k.data())
+                               : stream.AttendedKey(rows[j], {});
+    const uint8_t* value = fresh ? reinterpret_cast<const uint8_t*>(v.data())
+                                 : stream.AttendedValue(rows[j], {});
+    cpu::LoadFloats(key, c.dtype, absl::MakeSpan(&keys[j * D], size_t(D)));
+    cpu::RotateHeadWithFrequencies(c.inv_freq, c.pairing,
+                                   fresh ? query_base : ranks[j],
+                                   absl::MakeSpan(&keys[j * D], size_t(D)));
+    values.append(reinterpret_cast<const char*>(value), row);
+  }
+  std::vector<float> queries = q;
+  for (int g = 0; g < G; ++g) {
+    cpu::RotateHeadWithFrequencies(
+        c.inv_freq, c.pairing, query_base,
+        absl::MakeSpan(&queries[size_t(g) * D], size_t(D)));
+  }
+  ExternalAttention ext;
+  ext.out.resize(size_t(G) * D);
+  ext.lse.resize(G);
+  std::vector<float> probs(size_t(G) * n);
+  const absl::Status attended = cpu::Attend(
+      HeadRowsView::Fp32(queries), HeadRowsView::Fp32(keys),
+      {absl::Span<const uint8_t>(
+           reinterpret_cast<const uint8_t*>(values.data()), values.size()),
+       c.dtype},
+      D, c.softmax_scale, absl::MakeSpan(ext.out), absl::MakeSpan(ext.lse),
+      absl::MakeSpan(probs));
+  EXPECT_TRUE(attended.ok()) << attended;
+  for (size_t j = 0; j < n; ++j) {
+    ext.probs.push_back(
+        ReduceGroupProbability(&probs[j], G, int(n), c.reduction));
+  }
+  ext.rows = std::move(rows);
+  return ext;
+}
+
+// The CUDA backend's CACHE_RANK path on the host side: a stream given each
+// decode step's attention from outside (keys and queries rotated to
+// RotaryPositions) answers ATTEND within fp32 rounding of a stream that
+// attends itself, FETCH with the same rotated keys, positions and query
+// positions, and keeps the same cascade, through evictions.
+TEST_F(StreamStateTest, CacheRankStepsWithExternalAttentionMatchTheirOwn) {
+  SessionConfig session = Config(/*recall=*/false);
+  session.policy.positions_mode = PositionsMode::kCacheRank;
+  session.shape.rotary.base_theta = 10000.0;
+  session.shape.rotary.interleaved = true;
+  absl::StatusOr<StreamConfig> c = StreamConfig::FromSession(session);
+  ASSERT_TRUE(c.ok()) << c.status();
+  const int D = c->head_dim, G = c->group;
+  absl::StatusOr<StreamState> own = StreamState::Create(&*c);
+  absl::StatusOr<StreamState> given = StreamState::Create(&*c);
+  ASSERT_TRUE(own.ok() && given.ok());
+  std::string q_bytes, k, v;
+  for (int t = 0; t < 120; ++t) {  // past the 68 slots: evictions
+    const std::vector<float> q = Random(size_t(G) * D, &q_bytes);
+    Random(size_t(D), &k);
+    Random(size_t(D), &v);
+    StreamStepInput in;
+    in.position = t;
+    in.queries = q;
+    in.keys = absl::Span<const uint8_t>(
+        reinterpret_cast<const uint8_t*>(k.data()), k.size());
+    in.values = absl::Span<const uint8_t>(
+        reinterpret_cast<const uint8_t*>(v.data()), v.size());
+    const StepMode mode = t % 2 == 0 ? StepMode::kAttend : StepMode::kFetch;
+    absl::StatusOr<StreamSelection> sel = own->Select(false, in);
+    ASSERT_TRUE(sel.ok()) << sel.status();
+    const ExternalAttention ext =
+        RotatedAttention(*c, *given, given->AttendedRows(*sel, {}), q, k, v);
+    StreamStepOutput want, got;
+    ASSERT_TRUE(own->Apply(mode, in, *sel, {}, &want).ok());
+    ASSERT_TRUE(given->Apply(mode, in, *sel, {}, &got, &ext).ok())
+        << "step " << t;
+    if (mode == StepMode::kAttend) {
+      ASSERT_EQ(got.out.size(), want.out.size());
+      for (size_t i = 0; i < want.out.size(); ++i) {
+        ASSERT_NEAR(got.out[i], want.out[i],
+                    1e-5 + 1e-5 * std::fabs(want.out[i]))
+            << "step " << t << " element " << i;
+      }
+      for (int g = 0; g < G; ++g) {
+        ASSERT_NEAR(got.lse[g], want.lse[g], 1e-5) << "step " << t;
+      }
+    } else {
+      EXPECT_EQ(got.fetched.positions, want.fetched.positions) << "step " << t;
+      EXPECT_EQ(got.fetched.k, want.fetched.k) << "step " << t;
+      EXPECT_EQ(got.fetched.v, want.fetched.v) << "step " << t;
+      EXPECT_EQ(got.fetched.query_rotary_positions,
+                want.fetched.query_rotary_positions);
+      ASSERT_EQ(want.fetched.query_rotary_positions.size(), 1u);
+      // The query's rank: every resident token before the step's.
+      EXPECT_LE(want.fetched.query_rotary_positions[0], int64_t{68});
+    }
+  }
+  EXPECT_EQ(given->cascade().Export().positions,
+            own->cascade().Export().positions);
 }
 
 }  // namespace
