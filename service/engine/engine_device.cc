@@ -543,9 +543,10 @@ absl::Status Engine::AttendOnDevice(
   const auto rows_start = std::chrono::steady_clock::now();
   DeviceBackend& device = *options_.device;
   const size_t layer = size_t(request.layer);
-  // Items of one launch share a shape (CACHE_RANK: and rotary speeds).
+  // Items of one launch share a shape (CACHE_RANK: and rotary speeds, by
+  // value, so that sessions of one model share a launch).
   using ShapeKey =
-      std::tuple<int, int, int, float, int, const std::vector<double>*, int>;
+      std::tuple<int, int, int, float, int, std::vector<double>, int>;
   struct Launch {
     DeviceAttendShape shape;
     std::vector<DeviceAttendItem> items;
@@ -576,9 +577,10 @@ absl::Status Engine::AttendOnDevice(
     std::vector<StreamState>& streams = s.streams[layer];
     if (!UploadLayer(s, layer, busy)) continue;
     const std::vector<double>* inv_freq = c.cache_rank ? &c.inv_freq : nullptr;
-    Launch& launch =
-        launches[ShapeKey(c.group, c.head_dim, int(c.dtype), c.softmax_scale,
-                          int(c.reduction), inv_freq, int(c.pairing))];
+    Launch& launch = launches[ShapeKey(
+        c.group, c.head_dim, int(c.dtype), c.softmax_scale, int(c.reduction),
+        c.cache_rank ? c.inv_freq : std::vector<double>(),
+        c.cache_rank ? int(c.pairing) : 0)];
     launch.shape = {c.group,     c.head_dim, c.dtype,  c.softmax_scale,
                     c.reduction, inv_freq,   c.pairing};
     ++launch.entries;

@@ -429,9 +429,12 @@ absl::Status StreamState::Apply(
 
   const int64_t n_cache = int64_t(attended.size());
   const int64_t total = n_cache + T;
+  // CACHE_RANK: where the keys (for the host's own attention and a FETCH
+  // reply) and the query are rotated; external attention came rotated.
   std::vector<int64_t> rotary_at;
   int64_t query_base = n_cache;
-  if (config_->cache_rank && has_query) {
+  if (config_->cache_rank && has_query &&
+      (external == nullptr || mode == StepMode::kFetch)) {
     rotary_at = RotaryPositions(attended, &query_base);
   }
 
