@@ -174,6 +174,10 @@ int main(int argc, char** argv) {
   const int chunk = int(ParseList("chunk", argc, argv, "1024")[0]);
   const int repeats = int(ParseList("repeats", argc, argv, "3")[0]);
   const int page_tokens = int(ParseList("page_tokens", argc, argv, "0")[0]);
+  // The attention passes' kernels (ChunkKernels): 0 auto, 1 mma.sync,
+  // 2 wgmma; several run one after the other, for a comparison in one run.
+  const std::vector<int64_t> kernel_families =
+      ParseList("kernels", argc, argv, "0");
 
   Stream stream = Check(Stream::Create());
   cudaStream_t s = stream.get();
@@ -204,164 +208,175 @@ int main(int argc, char** argv) {
   buf.lse = Check(DeviceBuffer::Allocate(q_rows * 4));
   buf.initial_scores = Check(DeviceBuffer::Allocate(kv_rows * 4));
 
-  for (int64_t budget : budgets) {
-    for (int64_t cascades : cascade_counts) {
-      Layer layer(int(budget), int(cascades), page_tokens, s);
-      ChunkShape shape;
-      shape.streams = kKvHeads;
-      shape.group = kGroup;
-      shape.chunk = chunk;
-      shape.params = layer.params;
-      shape.dtype = DType::kBf16;
-      shape.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
-      buf.workspace = Check(DeviceBuffer::Allocate(ChunkWorkspaceBytes(shape)));
-      ChunkInsertShape insert_shape;
-      insert_shape.batch.streams = kKvHeads;
-      insert_shape.batch.params = layer.params;
-      insert_shape.batch.head_dim = kHeadDim;
-      insert_shape.batch.dtype = DType::kBf16;
-      insert_shape.chunk_tokens = chunk;
-      buf.insert_scratch =
-          Check(DeviceBuffer::Allocate(ChunkInsertScratchBytes(insert_shape)));
-      const size_t max_changed = size_t(chunk) * cascades;
-      buf.evicted_positions = Check(DeviceBuffer::Allocate(kv_rows * 8));
-      buf.evicted_counts = Check(DeviceBuffer::Allocate(kKvHeads * 4));
-      buf.evicted_keys = Check(DeviceBuffer::Allocate(kv_rows * row));
-      buf.evicted_values = Check(DeviceBuffer::Allocate(kv_rows * row));
-      buf.changed_slots =
-          Check(DeviceBuffer::Allocate(size_t(kKvHeads) * max_changed * 4));
-      buf.changed_counts = Check(DeviceBuffer::Allocate(kKvHeads * 4));
+  for (const int64_t family : kernel_families) {
+    const ChunkKernels kernels = static_cast<ChunkKernels>(family);
+    const char* kernels_name = kernels == ChunkKernels::kMmaSync ? "mma.sync"
+                               : kernels == ChunkKernels::kWarpGroup ? "wgmma"
+                                                                     : "auto";
+    std::printf("# attention kernels: %s\n", kernels_name);
+    for (int64_t budget : budgets) {
+      for (int64_t cascades : cascade_counts) {
+        Layer layer(int(budget), int(cascades), page_tokens, s);
+        ChunkShape shape;
+        shape.streams = kKvHeads;
+        shape.group = kGroup;
+        shape.chunk = chunk;
+        shape.params = layer.params;
+        shape.dtype = DType::kBf16;
+        shape.softmax_scale = 1.0f / std::sqrt(float(kHeadDim));
+        shape.kernels = kernels;
+        buf.workspace =
+            Check(DeviceBuffer::Allocate(ChunkWorkspaceBytes(shape)));
+        ChunkInsertShape insert_shape;
+        insert_shape.batch.streams = kKvHeads;
+        insert_shape.batch.params = layer.params;
+        insert_shape.batch.head_dim = kHeadDim;
+        insert_shape.batch.dtype = DType::kBf16;
+        insert_shape.chunk_tokens = chunk;
+        buf.insert_scratch = Check(
+            DeviceBuffer::Allocate(ChunkInsertScratchBytes(insert_shape)));
+        const size_t max_changed = size_t(chunk) * cascades;
+        buf.evicted_positions = Check(DeviceBuffer::Allocate(kv_rows * 8));
+        buf.evicted_counts = Check(DeviceBuffer::Allocate(kKvHeads * 4));
+        buf.evicted_keys = Check(DeviceBuffer::Allocate(kv_rows * row));
+        buf.evicted_values = Check(DeviceBuffer::Allocate(kv_rows * row));
+        buf.changed_slots =
+            Check(DeviceBuffer::Allocate(size_t(kKvHeads) * max_changed * 4));
+        buf.changed_counts = Check(DeviceBuffer::Allocate(kKvHeads * 4));
 
-      // Chunk c of the prompt; `mid` (if any) is recorded between the
-      // attention and the insertion.
-      auto step = [&](int64_t c, const Event* mid,
-                      const ChunkPhaseEvents& phases = {},
-                      const Event* inserted = nullptr) {
-        {
-          const int r = int(c % kRotate);
-          ChunkInputs in;
-          in.queries = buf.queries.as<uint8_t>() + r * q_rows * row;
-          in.keys = buf.keys.as<uint8_t>() + r * kv_rows * row;
-          in.values = buf.values.as<uint8_t>() + r * kv_rows * row;
-          in.key_rows = layer.key_rows.get();
-          in.value_rows = layer.value_rows.get();
-          in.slot_rows = layer.slot_rows.as<int32_t>();
-          in.positions = layer.positions.as<int64_t>();
-          ChunkScoreState state{layer.scores.as<float>(),
-                                layer.exponent.as<int64_t>()};
-          ChunkOutputs out{buf.out.as<float>(), buf.lse.as<float>(),
-                           buf.initial_scores.as<float>()};
-          BENCH_CHECK(AttendChunk(shape, in, state, out, buf.workspace.get(),
-                                  buf.workspace.bytes(), s, phases));
-          if (mid != nullptr) BENCH_CHECK(mid->Record(s));
-          CascadeDeviceState cascade;
-          cascade.positions = layer.positions.as<int64_t>();
-          cascade.scores = layer.scores.as<float>();
-          cascade.stored = layer.stored.as<int32_t>();
-          cascade.head = layer.head.as<int32_t>();
-          cascade.score_exponent = layer.exponent.as<int64_t>();
-          cascade.tokens_seen = layer.tokens_seen.as<int64_t>();
-          cascade.key_rows = layer.key_rows.get();
-          cascade.value_rows = layer.value_rows.get();
-          cascade.slot_rows = layer.slot_rows.as<int32_t>();
-          ChunkInsertInputs insert_in;
-          insert_in.initial_scores = buf.initial_scores.as<float>();
-          insert_in.keys = in.keys;
-          insert_in.values = in.values;
-          insert_in.stream_stride = kHeadDim;
-          insert_in.token_stride = int64_t{kKvHeads} * kHeadDim;
-          ChunkInsertOutputs insert_out;
-          insert_out.evicted_positions = buf.evicted_positions.as<int64_t>();
-          insert_out.evicted_counts = buf.evicted_counts.as<int32_t>();
-          insert_out.evicted_keys = buf.evicted_keys.get();
-          insert_out.evicted_values = buf.evicted_values.get();
-          insert_out.changed_slots = buf.changed_slots.as<int32_t>();
-          insert_out.changed_counts = buf.changed_counts.as<int32_t>();
-          BENCH_CHECK(InsertChunks(insert_shape, cascade, insert_in, insert_out,
-                                   buf.insert_scratch.get(),
-                                   buf.insert_scratch.bytes(), s));
-          if (inserted != nullptr) BENCH_CHECK(inserted->Record(s));
-          if (layer.page_tokens > 0) {
-            RefreshDigestsArgs refresh;
-            refresh.streams = layer.policy.as<PolicyStreamPointers>();
-            refresh.key_rows = layer.key_rows.get();
-            refresh.changed_slots = insert_out.changed_slots;
-            refresh.changed_counts = insert_out.changed_counts;
-            refresh.changed_capacity = int(max_changed);
-            BENCH_CHECK(RefreshChangedDigests(layer.PolicyShape(), refresh, s));
+        // Chunk c of the prompt; `mid` (if any) is recorded between the
+        // attention and the insertion.
+        auto step = [&](int64_t c, const Event* mid,
+                        const ChunkPhaseEvents& phases = {},
+                        const Event* inserted = nullptr) {
+          {
+            const int r = int(c % kRotate);
+            ChunkInputs in;
+            in.queries = buf.queries.as<uint8_t>() + r * q_rows * row;
+            in.keys = buf.keys.as<uint8_t>() + r * kv_rows * row;
+            in.values = buf.values.as<uint8_t>() + r * kv_rows * row;
+            in.key_rows = layer.key_rows.get();
+            in.value_rows = layer.value_rows.get();
+            in.slot_rows = layer.slot_rows.as<int32_t>();
+            in.positions = layer.positions.as<int64_t>();
+            ChunkScoreState state{layer.scores.as<float>(),
+                                  layer.exponent.as<int64_t>()};
+            ChunkOutputs out{buf.out.as<float>(), buf.lse.as<float>(),
+                             buf.initial_scores.as<float>()};
+            BENCH_CHECK(AttendChunk(shape, in, state, out, buf.workspace.get(),
+                                    buf.workspace.bytes(), s, phases));
+            if (mid != nullptr) BENCH_CHECK(mid->Record(s));
+            CascadeDeviceState cascade;
+            cascade.positions = layer.positions.as<int64_t>();
+            cascade.scores = layer.scores.as<float>();
+            cascade.stored = layer.stored.as<int32_t>();
+            cascade.head = layer.head.as<int32_t>();
+            cascade.score_exponent = layer.exponent.as<int64_t>();
+            cascade.tokens_seen = layer.tokens_seen.as<int64_t>();
+            cascade.key_rows = layer.key_rows.get();
+            cascade.value_rows = layer.value_rows.get();
+            cascade.slot_rows = layer.slot_rows.as<int32_t>();
+            ChunkInsertInputs insert_in;
+            insert_in.initial_scores = buf.initial_scores.as<float>();
+            insert_in.keys = in.keys;
+            insert_in.values = in.values;
+            insert_in.stream_stride = kHeadDim;
+            insert_in.token_stride = int64_t{kKvHeads} * kHeadDim;
+            ChunkInsertOutputs insert_out;
+            insert_out.evicted_positions = buf.evicted_positions.as<int64_t>();
+            insert_out.evicted_counts = buf.evicted_counts.as<int32_t>();
+            insert_out.evicted_keys = buf.evicted_keys.get();
+            insert_out.evicted_values = buf.evicted_values.get();
+            insert_out.changed_slots = buf.changed_slots.as<int32_t>();
+            insert_out.changed_counts = buf.changed_counts.as<int32_t>();
+            BENCH_CHECK(InsertChunks(insert_shape, cascade, insert_in,
+                                     insert_out, buf.insert_scratch.get(),
+                                     buf.insert_scratch.bytes(), s));
+            if (inserted != nullptr) BENCH_CHECK(inserted->Record(s));
+            if (layer.page_tokens > 0) {
+              RefreshDigestsArgs refresh;
+              refresh.streams = layer.policy.as<PolicyStreamPointers>();
+              refresh.key_rows = layer.key_rows.get();
+              refresh.changed_slots = insert_out.changed_slots;
+              refresh.changed_counts = insert_out.changed_counts;
+              refresh.changed_capacity = int(max_changed);
+              BENCH_CHECK(
+                  RefreshChangedDigests(layer.PolicyShape(), refresh, s));
+            }
           }
-        }
-      };
-      auto run = [&](int64_t tokens) {
-        layer.Reset(s);
-        for (int64_t c = 0; c < tokens / chunk; ++c) step(c, nullptr);
-      };
+        };
+        auto run = [&](int64_t tokens) {
+          layer.Reset(s);
+          for (int64_t c = 0; c < tokens / chunk; ++c) step(c, nullptr);
+        };
 
-      Event start = Check(Event::Create(true));
-      Event stop = Check(Event::Create(true));
-      run(int64_t{chunk} * 8);  // warm-up
-      for (int64_t tokens : token_counts) {
-        std::vector<float> ms;
-        for (int i = 0; i < repeats; ++i) {
-          BENCH_CHECK(start.Record(s));
-          run(tokens);
-          BENCH_CHECK(stop.Record(s));
-          BENCH_CHECK(stop.Synchronize());
-          ms.push_back(Check(stop.ElapsedMsSince(start)));
+        Event start = Check(Event::Create(true));
+        Event stop = Check(Event::Create(true));
+        run(int64_t{chunk} * 8);  // warm-up
+        for (int64_t tokens : token_counts) {
+          std::vector<float> ms;
+          for (int i = 0; i < repeats; ++i) {
+            BENCH_CHECK(start.Record(s));
+            run(tokens);
+            BENCH_CHECK(stop.Record(s));
+            BENCH_CHECK(stop.Synchronize());
+            ms.push_back(Check(stop.ElapsedMsSince(start)));
+          }
+          const double seconds = Median(ms) * 1e-3;
+          const int64_t chunks = tokens / chunk;
+          const double flops = 6.0 * chunk * kKvHeads * kGroup * kHeadDim *
+                               (double(layer.slots) + chunk / 2.0) * chunks;
+          const double floor = flops / kPeakFlops;
+          std::printf(
+              "%8lld | %7lld | %2lld | %6d | %10.3f | %8.3f | %9.1f | %10.3f | "
+              "%8.2f\n",
+              static_cast<long long>(tokens), static_cast<long long>(budget),
+              static_cast<long long>(cascades), layer.params.window, seconds,
+              seconds * 1e3 / chunks, flops / seconds * 1e-12, floor,
+              seconds / floor);
+          std::printf(
+              "RESULT tokens=%lld budget=%lld cascades=%lld seconds=%.6f "
+              "kernels=%s\n",
+              static_cast<long long>(tokens), static_cast<long long>(budget),
+              static_cast<long long>(cascades), seconds, kernels_name);
+          std::fflush(stdout);
         }
-        const double seconds = Median(ms) * 1e-3;
-        const int64_t chunks = tokens / chunk;
-        const double flops = 6.0 * chunk * kKvHeads * kGroup * kHeadDim *
-                             (double(layer.slots) + chunk / 2.0) * chunks;
-        const double floor = flops / kPeakFlops;
-        std::printf(
-            "%8lld | %7lld | %2lld | %6d | %10.3f | %8.3f | %9.1f | %10.3f | "
-            "%8.2f\n",
-            static_cast<long long>(tokens), static_cast<long long>(budget),
-            static_cast<long long>(cascades), layer.params.window, seconds,
-            seconds * 1e3 / chunks, flops / seconds * 1e-12, floor,
-            seconds / floor);
-        std::printf(
-            "RESULT tokens=%lld budget=%lld cascades=%lld seconds=%.6f\n",
-            static_cast<long long>(tokens), static_cast<long long>(budget),
-            static_cast<long long>(cascades), seconds);
-        std::fflush(stdout);
-      }
-      // Where a chunk's time goes once the cache is full: the attention
-      // (three launches) and the insertion (two), medians over 32 chunks.
-      {
-        const int64_t full = (layer.slots + chunk - 1) / chunk + 1;
-        run(full * chunk);
-        Event mid = Check(Event::Create(true));
-        Event factors = Check(Event::Create(true));
-        Event forward = Check(Event::Create(true));
-        Event inserted = Check(Event::Create(true));
-        std::vector<float> factor_ms, forward_ms, score_ms, insert_ms,
-            digest_ms;
-        for (int64_t c = full; c < full + 32; ++c) {
-          BENCH_CHECK(start.Record(s));
-          step(c, &mid, {factors.get(), forward.get()}, &inserted);
-          BENCH_CHECK(stop.Record(s));
-          BENCH_CHECK(stop.Synchronize());
-          factor_ms.push_back(Check(factors.ElapsedMsSince(start)));
-          forward_ms.push_back(Check(forward.ElapsedMsSince(factors)));
-          score_ms.push_back(Check(mid.ElapsedMsSince(forward)));
-          insert_ms.push_back(Check(inserted.ElapsedMsSince(mid)));
-          digest_ms.push_back(Check(stop.ElapsedMsSince(inserted)));
+        // Where a chunk's time goes once the cache is full: the attention
+        // (three launches) and the insertion (two), medians over 32 chunks.
+        {
+          const int64_t full = (layer.slots + chunk - 1) / chunk + 1;
+          run(full * chunk);
+          Event mid = Check(Event::Create(true));
+          Event factors = Check(Event::Create(true));
+          Event forward = Check(Event::Create(true));
+          Event inserted = Check(Event::Create(true));
+          std::vector<float> factor_ms, forward_ms, score_ms, insert_ms,
+              digest_ms;
+          for (int64_t c = full; c < full + 32; ++c) {
+            BENCH_CHECK(start.Record(s));
+            step(c, &mid, {factors.get(), forward.get()}, &inserted);
+            BENCH_CHECK(stop.Record(s));
+            BENCH_CHECK(stop.Synchronize());
+            factor_ms.push_back(Check(factors.ElapsedMsSince(start)));
+            forward_ms.push_back(Check(forward.ElapsedMsSince(factors)));
+            score_ms.push_back(Check(mid.ElapsedMsSince(forward)));
+            insert_ms.push_back(Check(inserted.ElapsedMsSince(mid)));
+            digest_ms.push_back(Check(stop.ElapsedMsSince(inserted)));
+          }
+          const double forward_flops = 4.0 * chunk * kKvHeads * kGroup *
+                                       kHeadDim *
+                                       (double(layer.slots) + chunk / 2.0);
+          std::printf(
+              "#   budget %lld C %lld, full cache, ms a chunk: factors %.3f, "
+              "forward %.3f (%.0f TFLOP/s), scores %.3f (%.0f TFLOP/s), "
+              "insertion %.3f, digests %.3f\n",
+              static_cast<long long>(budget), static_cast<long long>(cascades),
+              Median(factor_ms), Median(forward_ms),
+              forward_flops / (Median(forward_ms) * 1e-3) * 1e-12,
+              Median(score_ms),
+              forward_flops / 2 / (Median(score_ms) * 1e-3) * 1e-12,
+              Median(insert_ms), Median(digest_ms));
         }
-        const double forward_flops = 4.0 * chunk * kKvHeads * kGroup *
-                                     kHeadDim *
-                                     (double(layer.slots) + chunk / 2.0);
-        std::printf(
-            "#   budget %lld C %lld, full cache, ms a chunk: factors %.3f, "
-            "forward %.3f (%.0f TFLOP/s), scores %.3f (%.0f TFLOP/s), "
-            "insertion %.3f, digests %.3f\n",
-            static_cast<long long>(budget), static_cast<long long>(cascades),
-            Median(factor_ms), Median(forward_ms),
-            forward_flops / (Median(forward_ms) * 1e-3) * 1e-12,
-            Median(score_ms),
-            forward_flops / 2 / (Median(score_ms) * 1e-3) * 1e-12,
-            Median(insert_ms), Median(digest_ms));
       }
     }
   }

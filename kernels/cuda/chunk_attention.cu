@@ -22,7 +22,9 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <utility>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/chunk_attention.h"
@@ -112,15 +114,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int r0 = blockIdx.x * kRows;
   const BlockRows my = RowsOf(a, r0);
   const int lane = threadIdx.x % 32;
-  const int tig = lane % 4;  // fragment column pair
 
   StartKeyTiles<T>(a, b, r0, my.tiles, q_tile, k_tiles, v_tiles, vis);
 
   float o[16][4];
 #pragma unroll
   for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m_a = -INFINITY, m_b = -INFINITY;  // running max, log2 units
-  float l_a = 0.0f, l_b = 0.0f;            // this lane's share of Σp
+  RunningSoftmax r;
 
   for (int tile = 0; tile < my.tiles; ++tile) {
     const int stage = tile & 1;
@@ -130,68 +130,17 @@ __global__ void __launch_bounds__(kThreads, 2)
     WaitCopies<1>();
     __syncthreads();
     const T* v_tile = v_tiles + stage * kTileHalves;
-    const int* tile_vis = vis + stage * kKeys;
 
     float s[8][4];
     QueryKeyTile<T>(q_tile, k_tiles + stage * kTileHalves, s);
-
-    float tile_max_a = -INFINITY, tile_max_b = -INFINITY;
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int first = tile_vis[n * 8 + tig * 2 + e];
-        s[n][e] = my.token_a >= first ? s[n][e] * a.scale_log2 : -INFINITY;
-        s[n][e + 2] =
-            my.token_b >= first ? s[n][e + 2] * a.scale_log2 : -INFINITY;
-        tile_max_a = fmaxf(tile_max_a, s[n][e]);
-        tile_max_b = fmaxf(tile_max_b, s[n][e + 2]);
-      }
-    }
-#pragma unroll
-    for (int mask = 1; mask <= 2; mask <<= 1) {
-      tile_max_a =
-          fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, mask));
-      tile_max_b =
-          fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, mask));
-    }
-    const float new_m_a = fmaxf(m_a, tile_max_a);
-    const float new_m_b = fmaxf(m_b, tile_max_b);
-    // A row that has seen no key yet keeps p = 0 (never exp(−∞ + ∞)).
-    const float base_a = new_m_a == -INFINITY ? 0.0f : new_m_a;
-    const float base_b = new_m_b == -INFINITY ? 0.0f : new_m_b;
-    const float alpha_a = Exp2(m_a - base_a);
-    const float alpha_b = Exp2(m_b - base_b);
-    m_a = new_m_a;
-    m_b = new_m_b;
-    l_a *= alpha_a;
-    l_b *= alpha_b;
-#pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      o[n][0] *= alpha_a;
-      o[n][1] *= alpha_a;
-      o[n][2] *= alpha_b;
-      o[n][3] *= alpha_b;
-    }
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      s[n][0] = Exp2(s[n][0] - base_a);
-      s[n][1] = Exp2(s[n][1] - base_a);
-      s[n][2] = Exp2(s[n][2] - base_b);
-      s[n][3] = Exp2(s[n][3] - base_b);
-      l_a += s[n][0] + s[n][1];
-      l_b += s[n][2] + s[n][3];
-    }
+    SoftmaxTile(a, my, vis + stage * kKeys, s, o, r);
     // O += P·V: the S accumulators of key tiles 2kk, 2kk+1 are the A
     // fragment of keys kk·16 … +15.
     const int j = lane / 8;
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
-      const uint32_t pa[4] = {
-          Elem<T>::Pack(s[2 * kk][0], s[2 * kk][1]),
-          Elem<T>::Pack(s[2 * kk][2], s[2 * kk][3]),
-          Elem<T>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-          Elem<T>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t pa[4];
+      ProbabilityFragment<T>(s, kk, pa);
 #pragma unroll
       for (int nd2 = 0; nd2 < kD / 16; ++nd2) {
         // B: keys kk·16 + (j%2)·8 + 0..7, channels (2·nd2 + j/2)·8.
@@ -205,55 +154,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     __syncthreads();  // the stage is refilled next iteration
   }
-
-#pragma unroll
-  for (int mask = 1; mask <= 2; mask <<= 1) {
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, mask);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, mask);
-  }
-  const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f;
-  const float inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
-  if (my.row_a < my.rows) {
-    const int64_t g = QueryRow(a, b, my.row_a);
-    float* out = a.out.out + g * kD;
-#pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      *reinterpret_cast<float2*>(out + n * 8 + tig * 2) =
-          make_float2(o[n][0] * inv_a, o[n][1] * inv_a);
-    }
-    if (tig == 0) {
-      a.out.lse[g] = l_a > 0.0f ? (m_a + log2f(l_a)) * kLn2 : -INFINITY;
-    }
-  }
-  if (my.row_b < my.rows) {
-    const int64_t g = QueryRow(a, b, my.row_b);
-    float* out = a.out.out + g * kD;
-#pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      *reinterpret_cast<float2*>(out + n * 8 + tig * 2) =
-          make_float2(o[n][2] * inv_b, o[n][3] * inv_b);
-    }
-    if (tig == 0) {
-      a.out.lse[g] = l_b > 0.0f ? (m_b + log2f(l_b)) * kLn2 : -INFINITY;
-    }
-  }
-}
-
-// One reduce-scatter stage across the lanes that differ in `lane_mask`:
-// of the first kCount values, the lane with that bit clear keeps the lower
-// half and its partner the upper, each combined (max or sum) with the
-// partner's copy; the kept half moves to v[0, kCount/2).
-template <int kCount, bool kMax>
-__device__ __forceinline__ void HalveAcrossLanes(float (&v)[16],
-                                                 int lane_mask) {
-  const bool upper = (threadIdx.x & lane_mask) != 0;
-#pragma unroll
-  for (int i = 0; i < kCount / 2; ++i) {
-    const float send = upper ? v[i] : v[i + kCount / 2];
-    const float keep = upper ? v[i + kCount / 2] : v[i];
-    const float got = __shfl_xor_sync(0xffffffffu, send, lane_mask);
-    v[i] = kMax ? fmaxf(keep, got) : keep + got;
-  }
+  StoreForwardRows(a, b, my, o, r);
 }
 
 // ---- launch 3: per query block, Σ f·r per key
@@ -272,10 +173,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int qb = blockIdx.x;
   const int r0 = qb * kRows;
   const BlockRows my = RowsOf(a, r0);
-  const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-  const int gid = lane / 4;
-  const int tig = lane % 4;
   const int64_t keys_total = a.slots + a.chunk;
   float* partial = a.w.partials + (int64_t{qb} * a.streams + b) * keys_total;
 
@@ -286,24 +184,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   uint32_t qf[kD / 16][4];
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
-  // Per fragment row: its LSE (log2 units) and its token's factor (0 for a
-  // row past the end). With G ≥ 2 both rows are heads of one token, and the
-  // group spans the lanes whose gid differs in its low log2(G/2) bits.
-  const float lse_a =
-      my.token_a >= 0 ? a.out.lse[QueryRow(a, b, my.row_a)] * kLog2e : 0.0f;
-  const float lse_b =
-      my.token_b >= 0 ? a.out.lse[QueryRow(a, b, my.row_b)] * kLog2e : 0.0f;
-  const float f_a =
-      my.token_a >= 0 ? a.w.factor[int64_t{b} * a.chunk + my.token_a] : 0.0f;
-  const float f_b =
-      my.token_b >= 0 ? a.w.factor[int64_t{b} * a.chunk + my.token_b] : 0.0f;
-  // MAX over a group of 4 or 8 spans lanes: it is reduced before the
-  // exponential. MEAN (and G 1) sums p · f / G straight away.
-  const bool mean = a.reduction == ScoreReduction::kMean;
-  constexpr bool kLaneMax = kGroup >= 4;
-  const float inv_group = mean ? 1.0f / float(kGroup) : 1.0f;
-  const float w_a = f_a * inv_group;
-  const float w_b = f_b * inv_group;
+  const ScoreRows w = ScoreRowsOf<kGroup>(a, b, my);
 
   for (int tile = 0; tile < my.tiles; ++tile) {
     const int stage = tile & 1;
@@ -313,7 +194,6 @@ __global__ void __launch_bounds__(kThreads, 2)
                        vis + (stage ^ 1) * kKeys);
     WaitCopies<1>();
     __syncthreads();
-    const int* tile_vis = vis + stage * kKeys;
     float s[8][4];
 #pragma unroll
     for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
@@ -321,59 +201,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int kk = 0; kk < kD / 16; ++kk) {
       AddKeyProducts(qf[kk], k_tiles + stage * kTileHalves, kk, s);
     }
-    // v[2n + e]: this thread's value for key column n·8 + tig·2 + e, from
-    // its two fragment rows: x = log2 p (their max, G ≥ 2 under MAX) or
-    // p · w summed.
-    float v[16];
-    const bool lane_max = !mean && kGroup > 1;
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int first = tile_vis[n * 8 + tig * 2 + e];
-        const float xa =
-            my.token_a >= first ? s[n][e] * a.scale_log2 - lse_a : -INFINITY;
-        const float xb = my.token_b >= first
-                             ? s[n][e + 2] * a.scale_log2 - lse_b
-                             : -INFINITY;
-        v[2 * n + e] =
-            lane_max ? fmaxf(xa, xb) : w_a * Exp2(xa) + w_b * Exp2(xb);
-      }
-    }
-    // The rest of the group reduction and the sum over the warp's tokens
-    // are reduce-scatters over gid bits 0, 1, 2 in turn: each halves the
-    // values a lane holds with one shuffle per value kept (14 shuffles in
-    // all, and under MAX one exponential per value left after the group's
-    // max), where a full reduction of every column took 3 a column. The
-    // lane is left with columns n = 4·b0 + 2·b1 + b2 (b: its gid bits),
-    // e = 0, 1.
-    if (lane_max) {
-      if constexpr (kLaneMax) HalveAcrossLanes<16, true>(v, 4);
-      if constexpr (kGroup == 8) HalveAcrossLanes<8, true>(v, 8);
-      constexpr int kLeft = kGroup == 8 ? 4 : kGroup == 4 ? 8 : 16;
-#pragma unroll
-      for (int i = 0; i < kLeft; ++i) v[i] = f_a * Exp2(v[i]);
-      if constexpr (!kLaneMax) HalveAcrossLanes<16, false>(v, 4);
-      if constexpr (kGroup != 8) HalveAcrossLanes<8, false>(v, 8);
-    } else {
-      HalveAcrossLanes<16, false>(v, 4);
-      HalveAcrossLanes<8, false>(v, 8);
-    }
-    HalveAcrossLanes<4, false>(v, 16);
-    const int n = 4 * (gid & 1) + 2 * ((gid >> 1) & 1) + (gid >> 2);
-    *reinterpret_cast<float2*>(stage_sums + warp * kKeys + n * 8 + tig * 2) =
-        make_float2(v[0], v[1]);
+    ReduceScoreTile<kGroup>(a, my, w, vis + stage * kKeys, s,
+                            stage_sums + warp * kKeys);
     __syncthreads();
-    if (threadIdx.x < kKeys) {
-      const int64_t k = int64_t{tile} * kKeys + threadIdx.x;
-      if (k < keys_total) {
-        float total = 0.0f;
-        for (int w = 0; w < kWarps; ++w) {
-          total += stage_sums[w * kKeys + threadIdx.x];
-        }
-        partial[k] = total;
-      }
-    }
+    StoreTilePartials(stage_sums, partial, tile, keys_total);
     // No barrier here: this stage's tiles and sums are rewritten only after
     // the next iteration's barrier, which every thread reaches after it is
     // done with them.
@@ -427,34 +258,61 @@ auto ScoresKernelFor(int group) {
                       : ChunkScoresKernel<T, 8>;
 }
 
-template <typename T>
-absl::Status LaunchAttention(const ChunkArgs& a, int query_blocks,
-                             const ChunkPhaseEvents& events,
-                             cudaStream_t stream) {
-  if (absl::Status allowed = AllowDynamicSharedMemory(
-          reinterpret_cast<const void*>(&ChunkForwardKernel<T>),
-          kForwardSharedBytes);
-      !allowed.ok()) {
-    return allowed;
+// The mma.sync family.
+PassKernels MmaSyncKernelsFor(bool bf16, int group) {
+  PassKernels k;
+  k.forward =
+      bf16 ? reinterpret_cast<const void*>(&ChunkForwardKernel<__nv_bfloat16>)
+           : reinterpret_cast<const void*>(&ChunkForwardKernel<__half>);
+  k.scores =
+      bf16
+          ? reinterpret_cast<const void*>(ScoresKernelFor<__nv_bfloat16>(group))
+          : reinterpret_cast<const void*>(ScoresKernelFor<__half>(group));
+  k.forward_bytes = kForwardSharedBytes;
+  k.scores_bytes = kScoresSharedBytes;
+  return k;
+}
+
+// The forward pass, then the score pass.
+absl::Status LaunchPasses(const PassKernels& k, const ChunkArgs& a,
+                          int query_blocks, const ChunkPhaseEvents& events,
+                          cudaStream_t stream) {
+  for (auto [kernel, bytes] : {std::pair(k.forward, k.forward_bytes),
+                               std::pair(k.scores, k.scores_bytes)}) {
+    if (absl::Status allowed = AllowDynamicSharedMemory(kernel, bytes);
+        !allowed.ok()) {
+      return allowed;
+    }
   }
-  const auto scores_kernel = ScoresKernelFor<T>(a.group);
-  if (absl::Status allowed = AllowDynamicSharedMemory(
-          reinterpret_cast<const void*>(scores_kernel), kScoresSharedBytes);
-      !allowed.ok()) {
-    return allowed;
-  }
+  ChunkArgs args = a;
+  void* arguments[] = {&args};
   const dim3 grid(query_blocks, a.streams);
-  ChunkForwardKernel<T><<<grid, kThreads, kForwardSharedBytes, stream>>>(a);
-  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ChunkForwardKernel");
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernel(
+      k.forward, grid, kThreads, arguments, k.forward_bytes, stream));
   if (events.after_forward != nullptr) {
     KVMEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(events.after_forward, stream));
   }
-  scores_kernel<<<grid, kThreads, kScoresSharedBytes, stream>>>(a);
-  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ChunkScoresKernel");
-  const dim3 reduce_grid(unsigned((a.slots + a.chunk + 255) / 256), a.streams);
-  ChunkReduceKernel<<<reduce_grid, 256, 0, stream>>>(a, query_blocks);
-  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ChunkReduceKernel");
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaLaunchKernel(
+      k.scores, grid, kThreads, arguments, k.scores_bytes, stream));
   return absl::OkStatus();
+}
+
+// Whether the warpgroup kernels run: asked for, or kAuto on the current
+// device when it is compute capability 9.0 (their sm_90a code runs on
+// nothing else).
+absl::StatusOr<bool> UseWarpGroup(ChunkKernels kernels) {
+  if (kernels != ChunkKernels::kAuto) {
+    return kernels == ChunkKernels::kWarpGroup;
+  }
+  int device = 0;
+  int major = 0;
+  int minor = 0;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(
+      &major, cudaDevAttrComputeCapabilityMajor, device));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(
+      &minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;
 }
 
 // `attend`: the attention fields too (a step with queries).
@@ -492,6 +350,12 @@ absl::Status CheckShape(const ChunkShape& shape, bool attend) {
   if (shape.reduction != ScoreReduction::kMax &&
       shape.reduction != ScoreReduction::kMean) {
     return absl::InvalidArgumentError("reduction: want MAX or MEAN");
+  }
+  if (shape.kernels != ChunkKernels::kAuto &&
+      shape.kernels != ChunkKernels::kMmaSync &&
+      shape.kernels != ChunkKernels::kWarpGroup) {
+    return absl::InvalidArgumentError(
+        "kernels: want kAuto, kMmaSync or kWarpGroup");
   }
   return absl::OkStatus();
 }
@@ -582,10 +446,21 @@ absl::Status AttendChunk(const ChunkShape& shape, const ChunkInputs& inputs,
     KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ChunkReduceKernel");
     return absl::OkStatus();
   }
-  return shape.dtype == DType::kBf16
-             ? LaunchAttention<__nv_bfloat16>(a, QueryBlocks(shape), events,
-                                              stream)
-             : LaunchAttention<__half>(a, QueryBlocks(shape), events, stream);
+  absl::StatusOr<bool> warp_group = UseWarpGroup(shape.kernels);
+  if (!warp_group.ok()) return warp_group.status();
+  const bool bf16 = shape.dtype == DType::kBf16;
+  const int query_blocks = QueryBlocks(shape);
+  if (absl::Status passes =
+          LaunchPasses(*warp_group ? WarpGroupKernelsFor(bf16, a.group)
+                                   : MmaSyncKernelsFor(bf16, a.group),
+                       a, query_blocks, events, stream);
+      !passes.ok()) {
+    return passes;
+  }
+  const dim3 reduce_grid(unsigned((a.slots + a.chunk + 255) / 256), a.streams);
+  ChunkReduceKernel<<<reduce_grid, 256, 0, stream>>>(a, query_blocks);
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("ChunkReduceKernel");
+  return absl::OkStatus();
 }
 
 }  // namespace kvmem::cuda

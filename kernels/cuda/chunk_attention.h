@@ -13,9 +13,9 @@
 //    n as UpdateScores does; a renormalisation inside or after the chunk
 //    folds into the factors of the queries before it and into one scale
 //    of the old u. score_exponent advances here;
-// 2. forward: flash attention on tensor cores (mma.sync m16n8k16, fp32
-//    accumulation, online softmax), one block per 128 query rows of a
-//    stream, giving out and the natural-log LSE;
+// 2. forward: flash attention on tensor cores (fp32 accumulation, online
+//    softmax), one block per 128 query rows of a stream, giving out and
+//    the natural-log LSE;
 // 3. scores: the same blocks recompute QKᵀ, take p = exp(s − lse) with the
 //    final LSE, reduce p over the group (max or mean) and sum f·r over
 //    their queries into one partial sum per key (no atomics); exact
@@ -47,6 +47,17 @@ namespace kvmem::cuda {
 inline constexpr int kChunkHeadDim = 128;  // the only D of the tensor-core path
 inline constexpr int kMaxChunkGroup = 8;   // G: 1, 2, 4 or 8
 
+// The tensor-core instructions of the two attention passes:
+// - kWarpGroup: Hopper's wgmma (sm_90a), a warpgroup of 64 query rows
+//   reading each key and value tile straight from shared memory, where one
+//   tile feeds four warps (chunk_attention_sm90a.cu);
+// - kMmaSync: mma.sync m16n8k16, every warp reading its own fragments of
+//   the tile out of shared memory (any sm_90 device);
+// - kAuto: kWarpGroup on a device of compute capability 9.0, else kMmaSync.
+// Both give the same results within fp32 rounding; the choice is for
+// benchmarks and tests.
+enum class ChunkKernels : int { kAuto = 0, kMmaSync = 1, kWarpGroup = 2 };
+
 // Known on the host before launch.
 struct ChunkShape {
   int streams = 0;             // B ≥ 1: one per KV head (of one session)
@@ -56,6 +67,7 @@ struct ChunkShape {
   DType dtype = DType::kBf16;  // bf16 or fp16: queries, rows
   ScoreReduction reduction = ScoreReduction::kMax;
   float softmax_scale = 0.0f;  // finite, > 0 (usually 1/√D)
+  ChunkKernels kernels = ChunkKernels::kAuto;
   // Slots per stream, S + C·W (from params).
   int64_t slots() const {
     return int64_t{params.sinks} + int64_t{params.cascades} * params.window;

@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 
 #include <climits>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -200,12 +201,33 @@ __device__ __forceinline__ void LoadKeyIndices(const StreamSlots& mine,
   }
 }
 
+// Where a tile's 16-byte piece `piece` of key `key`'s row goes, in bytes
+// from the tile's start:
+// - padded (the mma.sync kernels, read by ldmatrix): rows of kPitch halves;
+// - swizzled (the wgmma kernels, read by the tensor cores through matrix
+//   descriptors): the canonical 128-byte swizzle, two halves of 64
+//   channels, each [64 keys][128 B] with piece c of key r at
+//   (c ^ r mod 8)·16, so the 8 rows of a core matrix hit all 32 banks.
+constexpr int kSwizzledHalfBytes = kKeys * 128;
+constexpr int kSwizzledTileBytes = 2 * kSwizzledHalfBytes;
+template <bool kSwizzled>
+__device__ __forceinline__ int PieceOffset(int key, int piece) {
+  if constexpr (kSwizzled) {
+    return (piece / 8) * kSwizzledHalfBytes + key * 128 +
+           ((piece % 8) ^ (key % 8)) * 16;
+  } else {
+    return key * kPitch * 2 + piece * 16;
+  }
+}
+
 // Starts the copy of key tile `tile` (keys [64·tile, +64)) of stream b
-// (rows into k_tile and, when v_tile is not null, v_tile), and writes their
-// vis. The tile's indices must be in their stage and visible.
-template <typename T>
-__device__ void LoadKeyTile(const ChunkArgs& a, int b, int tile, T* k_tile,
-                            T* v_tile, int* vis) {
+// (rows into k_tile and, when v_tile is not null, v_tile, laid out as
+// PieceOffset<kSwizzled> says), and writes their vis. The tile's indices
+// must be in their stage and visible.
+template <typename T, bool kSwizzled>
+__device__ void LoadKeyTile(const ChunkArgs& a, int b, int tile,
+                            unsigned char* k_tile, unsigned char* v_tile,
+                            int* vis) {
   const KeyIndexTiles idx = SharedKeyIndices();
   const T* key_rows = static_cast<const T*>(a.in.key_rows);
   const T* value_rows = static_cast<const T*>(a.in.value_rows);
@@ -237,12 +259,16 @@ __device__ void LoadKeyTile(const ChunkArgs& a, int b, int tile, T* k_tile,
     }
     const bool valid = first_token != kNever;
     const int offset = piece * (16 / int(sizeof(T)));
-    CopyAsync16(k_tile + key * kPitch + offset, ksrc + offset, valid);
-    if (v_tile != nullptr) {
-      CopyAsync16(v_tile + key * kPitch + offset, vsrc + offset, valid);
-    }
+    const int at = PieceOffset<kSwizzled>(key, piece);
+    CopyAsync16(k_tile + at, ksrc + offset, valid);
+    if (v_tile != nullptr) CopyAsync16(v_tile + at, vsrc + offset, valid);
     if (piece == 0) vis[key] = first_token;
   }
+}
+
+template <typename T>
+__device__ __forceinline__ unsigned char* Bytes(T* p) {
+  return reinterpret_cast<unsigned char*>(p);
 }
 
 // The stream row (from the block's first) that MMA row ρ of a 16-row warp
@@ -285,7 +311,7 @@ __device__ __forceinline__ void StartKeyTiles(const ChunkArgs& a, int b, int r0,
   CommitCopies();
   WaitCopies<0>();
   __syncthreads();
-  LoadKeyTile<T>(a, b, 0, k_tile, v_tile, vis);
+  LoadKeyTile<T, false>(a, b, 0, Bytes(k_tile), Bytes(v_tile), vis);
   CommitCopies();
 }
 
@@ -296,7 +322,9 @@ template <typename T>
 __device__ __forceinline__ void LoadNextKeyTile(const ChunkArgs& a, int b,
                                                 int tile, int tiles, T* k_tile,
                                                 T* v_tile, int* vis) {
-  if (tile + 1 < tiles) LoadKeyTile<T>(a, b, tile + 1, k_tile, v_tile, vis);
+  if (tile + 1 < tiles) {
+    LoadKeyTile<T, false>(a, b, tile + 1, Bytes(k_tile), Bytes(v_tile), vis);
+  }
   if (tile + kIndexAhead < tiles) {
     LoadKeyIndices(SlotsOf(a, b), a.slots, tile + kIndexAhead);
   }
@@ -371,6 +399,259 @@ __device__ __forceinline__ BlockRows RowsOf(const ChunkArgs& a, int r0) {
   r.tiles = int((a.slots + last_token + 1 + kKeys - 1) / kKeys);
   return r;
 }
+
+// ---- the math of a tile, whichever instructions made its logits ----------
+// s[n][e] (e 0, 1: fragment row gid; e 2, 3: gid + 8) is key column
+// n·8 + tig·2 + e%2 of the tile: the accumulator layout of mma.sync
+// m16n8k16 and, per warp, of wgmma m64nNk16 alike.
+
+// The forward pass's running softmax of a thread's two fragment rows:
+// max in log2 units and this lane's share of Σp.
+struct RunningSoftmax {
+  float m_a = -INFINITY, m_b = -INFINITY;
+  float l_a = 0.0f, l_b = 0.0f;
+};
+
+// One tile of the forward pass: masks the logits by the keys' vis, scales
+// them to log2 units, moves the running max, rescales the output
+// accumulators and the sums, and leaves p = 2^(x − max) in s.
+__device__ __forceinline__ void SoftmaxTile(const ChunkArgs& a,
+                                            const BlockRows& my,
+                                            const int* tile_vis,
+                                            float (&s)[8][4], float (&o)[16][4],
+                                            RunningSoftmax& r) {
+  const int tig = threadIdx.x % 4;
+  float tile_max_a = -INFINITY, tile_max_b = -INFINITY;
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int first = tile_vis[n * 8 + tig * 2 + e];
+      s[n][e] = my.token_a >= first ? s[n][e] * a.scale_log2 : -INFINITY;
+      s[n][e + 2] =
+          my.token_b >= first ? s[n][e + 2] * a.scale_log2 : -INFINITY;
+      tile_max_a = fmaxf(tile_max_a, s[n][e]);
+      tile_max_b = fmaxf(tile_max_b, s[n][e + 2]);
+    }
+  }
+#pragma unroll
+  for (int mask = 1; mask <= 2; mask <<= 1) {
+    tile_max_a =
+        fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, mask));
+    tile_max_b =
+        fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, mask));
+  }
+  const float new_m_a = fmaxf(r.m_a, tile_max_a);
+  const float new_m_b = fmaxf(r.m_b, tile_max_b);
+  // A row that has seen no key yet keeps p = 0 (never exp(−∞ + ∞)).
+  const float base_a = new_m_a == -INFINITY ? 0.0f : new_m_a;
+  const float base_b = new_m_b == -INFINITY ? 0.0f : new_m_b;
+  const float alpha_a = Exp2(r.m_a - base_a);
+  const float alpha_b = Exp2(r.m_b - base_b);
+  r.m_a = new_m_a;
+  r.m_b = new_m_b;
+  r.l_a *= alpha_a;
+  r.l_b *= alpha_b;
+#pragma unroll
+  for (int n = 0; n < 16; ++n) {
+    o[n][0] *= alpha_a;
+    o[n][1] *= alpha_a;
+    o[n][2] *= alpha_b;
+    o[n][3] *= alpha_b;
+  }
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+    s[n][0] = Exp2(s[n][0] - base_a);
+    s[n][1] = Exp2(s[n][1] - base_a);
+    s[n][2] = Exp2(s[n][2] - base_b);
+    s[n][3] = Exp2(s[n][3] - base_b);
+    r.l_a += s[n][0] + s[n][1];
+    r.l_b += s[n][2] + s[n][3];
+  }
+}
+
+// The A fragment of P for keys kk·16 … +15: the S accumulators of key
+// columns 2kk and 2kk + 1, rounded to T.
+template <typename T>
+__device__ __forceinline__ void ProbabilityFragment(const float (&s)[8][4],
+                                                    int kk, uint32_t (&pa)[4]) {
+  pa[0] = Elem<T>::Pack(s[2 * kk][0], s[2 * kk][1]);
+  pa[1] = Elem<T>::Pack(s[2 * kk][2], s[2 * kk][3]);
+  pa[2] = Elem<T>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  pa[3] = Elem<T>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// The forward pass's end: out = o / Σp and the natural-log LSE of this
+// thread's two rows.
+__device__ __forceinline__ void StoreForwardRows(const ChunkArgs& a, int b,
+                                                 const BlockRows& my,
+                                                 const float (&o)[16][4],
+                                                 RunningSoftmax r) {
+  const int tig = threadIdx.x % 4;
+#pragma unroll
+  for (int mask = 1; mask <= 2; mask <<= 1) {
+    r.l_a += __shfl_xor_sync(0xffffffffu, r.l_a, mask);
+    r.l_b += __shfl_xor_sync(0xffffffffu, r.l_b, mask);
+  }
+  const float inv_a = r.l_a > 0.0f ? 1.0f / r.l_a : 0.0f;
+  const float inv_b = r.l_b > 0.0f ? 1.0f / r.l_b : 0.0f;
+  if (my.row_a < my.rows) {
+    const int64_t g = QueryRow(a, b, my.row_a);
+    float* out = a.out.out + g * kD;
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      *reinterpret_cast<float2*>(out + n * 8 + tig * 2) =
+          make_float2(o[n][0] * inv_a, o[n][1] * inv_a);
+    }
+    if (tig == 0) {
+      a.out.lse[g] = r.l_a > 0.0f ? (r.m_a + log2f(r.l_a)) * kLn2 : -INFINITY;
+    }
+  }
+  if (my.row_b < my.rows) {
+    const int64_t g = QueryRow(a, b, my.row_b);
+    float* out = a.out.out + g * kD;
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      *reinterpret_cast<float2*>(out + n * 8 + tig * 2) =
+          make_float2(o[n][2] * inv_b, o[n][3] * inv_b);
+    }
+    if (tig == 0) {
+      a.out.lse[g] = r.l_b > 0.0f ? (r.m_b + log2f(r.l_b)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+// One reduce-scatter stage across the lanes that differ in `lane_mask`:
+// of the first kCount values, the lane with that bit clear keeps the lower
+// half and its partner the upper, each combined (max or sum) with the
+// partner's copy; the kept half moves to v[0, kCount/2).
+template <int kCount, bool kMax>
+__device__ __forceinline__ void HalveAcrossLanes(float (&v)[16],
+                                                 int lane_mask) {
+  const bool upper = (threadIdx.x & lane_mask) != 0;
+#pragma unroll
+  for (int i = 0; i < kCount / 2; ++i) {
+    const float send = upper ? v[i] : v[i + kCount / 2];
+    const float keep = upper ? v[i + kCount / 2] : v[i];
+    const float got = __shfl_xor_sync(0xffffffffu, send, lane_mask);
+    v[i] = kMax ? fmaxf(keep, got) : keep + got;
+  }
+}
+
+// What the score pass knows of a thread's two fragment rows: the LSE (log2
+// units) and the token's factor (0 for a row past the end). With G ≥ 2
+// both rows are heads of one token, and the group spans the lanes whose
+// gid differs in its low log2(G/2) bits.
+struct ScoreRows {
+  float lse_a, lse_b;
+  float f_a;       // the factor of both rows' token when G ≥ 2
+  float w_a, w_b;  // f / G under MEAN, f under MAX
+  bool mean;
+};
+template <int kGroup>
+__device__ __forceinline__ ScoreRows ScoreRowsOf(const ChunkArgs& a, int b,
+                                                 const BlockRows& my) {
+  ScoreRows r;
+  r.lse_a =
+      my.token_a >= 0 ? a.out.lse[QueryRow(a, b, my.row_a)] * kLog2e : 0.0f;
+  r.lse_b =
+      my.token_b >= 0 ? a.out.lse[QueryRow(a, b, my.row_b)] * kLog2e : 0.0f;
+  r.f_a =
+      my.token_a >= 0 ? a.w.factor[int64_t{b} * a.chunk + my.token_a] : 0.0f;
+  const float f_b =
+      my.token_b >= 0 ? a.w.factor[int64_t{b} * a.chunk + my.token_b] : 0.0f;
+  // MAX over a group of 4 or 8 spans lanes: it is reduced before the
+  // exponential. MEAN (and G 1) sums p · f / G straight away.
+  r.mean = a.reduction == ScoreReduction::kMean;
+  const float inv_group = r.mean ? 1.0f / float(kGroup) : 1.0f;
+  r.w_a = r.f_a * inv_group;
+  r.w_b = f_b * inv_group;
+  return r;
+}
+
+// One tile of the score pass: from the logits s of this warp's 16 rows,
+// the warp's Σ f·r per key column, into warp_sums[64].
+template <int kGroup>
+__device__ __forceinline__ void ReduceScoreTile(
+    const ChunkArgs& a, const BlockRows& my, const ScoreRows& w,
+    const int* tile_vis, const float (&s)[8][4], float* warp_sums) {
+  const int lane = threadIdx.x % 32;
+  const int gid = lane / 4;
+  const int tig = lane % 4;
+  constexpr bool kLaneMax = kGroup >= 4;
+  // v[2n + e]: this thread's value for key column n·8 + tig·2 + e, from
+  // its two fragment rows: x = log2 p (their max, G ≥ 2 under MAX) or
+  // p · w summed.
+  float v[16];
+  const bool lane_max = !w.mean && kGroup > 1;
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int first = tile_vis[n * 8 + tig * 2 + e];
+      const float xa =
+          my.token_a >= first ? s[n][e] * a.scale_log2 - w.lse_a : -INFINITY;
+      const float xb = my.token_b >= first
+                           ? s[n][e + 2] * a.scale_log2 - w.lse_b
+                           : -INFINITY;
+      v[2 * n + e] =
+          lane_max ? fmaxf(xa, xb) : w.w_a * Exp2(xa) + w.w_b * Exp2(xb);
+    }
+  }
+  // The rest of the group reduction and the sum over the warp's tokens
+  // are reduce-scatters over gid bits 0, 1, 2 in turn: each halves the
+  // values a lane holds with one shuffle per value kept (14 shuffles in
+  // all, and under MAX one exponential per value left after the group's
+  // max), where a full reduction of every column took 3 a column. The
+  // lane is left with columns n = 4·b0 + 2·b1 + b2 (b: its gid bits),
+  // e = 0, 1.
+  if (lane_max) {
+    if constexpr (kLaneMax) HalveAcrossLanes<16, true>(v, 4);
+    if constexpr (kGroup == 8) HalveAcrossLanes<8, true>(v, 8);
+    constexpr int kLeft = kGroup == 8 ? 4 : kGroup == 4 ? 8 : 16;
+#pragma unroll
+    for (int i = 0; i < kLeft; ++i) v[i] = w.f_a * Exp2(v[i]);
+    if constexpr (!kLaneMax) HalveAcrossLanes<16, false>(v, 4);
+    if constexpr (kGroup != 8) HalveAcrossLanes<8, false>(v, 8);
+  } else {
+    HalveAcrossLanes<16, false>(v, 4);
+    HalveAcrossLanes<8, false>(v, 8);
+  }
+  HalveAcrossLanes<4, false>(v, 16);
+  const int n = 4 * (gid & 1) + 2 * ((gid >> 1) & 1) + (gid >> 2);
+  *reinterpret_cast<float2*>(warp_sums + n * 8 + tig * 2) =
+      make_float2(v[0], v[1]);
+}
+
+// After a barrier: the block's sum over its warps of each key of the tile,
+// in a fixed order, into the block's partials.
+__device__ __forceinline__ void StoreTilePartials(const float* stage_sums,
+                                                  float* partial, int tile,
+                                                  int64_t keys_total) {
+  if (threadIdx.x < kKeys) {
+    const int64_t k = int64_t{tile} * kKeys + threadIdx.x;
+    if (k < keys_total) {
+      float total = 0.0f;
+      for (int w = 0; w < kWarps; ++w) {
+        total += stage_sums[w * kKeys + threadIdx.x];
+      }
+      partial[k] = total;
+    }
+  }
+}
+
+// The two attention passes' kernels of one family, each launched with one
+// `const ChunkArgs` argument, a (query blocks, B) grid of kThreads threads
+// and its dynamic shared memory.
+struct PassKernels {
+  const void* forward;
+  size_t forward_bytes;
+  const void* scores;
+  size_t scores_bytes;
+};
+// The warpgroup-MMA family (chunk_attention_sm90a.cu, built for sm_90a
+// alone: they run on a device of compute capability 9.0 only).
+PassKernels WarpGroupKernelsFor(bool bf16, int group);
 
 }  // namespace kvmem::cuda::chunk_tiles
 

@@ -45,6 +45,7 @@ struct ChunkConfig {
   std::vector<int> histories;    // tokens each stream has seen; B = size
   bool stream_pointers = false;  // ChunkScoreState::streams, not flat arrays
   bool attend = true;            // false: no queries (APPEND)
+  ChunkKernels kernels = ChunkKernels::kAuto;
 };
 
 // A stream's history through the CPU oracle: decode steps with random
@@ -71,7 +72,7 @@ CascadeStream MakeHistory(const ChunkConfig& c, int tokens, std::mt19937& rng) {
   return stream;
 }
 
-void RunConfig(const ChunkConfig& c) {
+void RunKernels(const ChunkConfig& c) {
   SCOPED_TRACE(c.name);
   const uint32_t seed = testing::FreshSeed();
   std::mt19937 rng(seed);
@@ -146,6 +147,7 @@ void RunConfig(const ChunkConfig& c) {
   shape.dtype = c.dtype;
   shape.reduction = c.reduction;
   shape.softmax_scale = scale;
+  shape.kernels = c.kernels;
   absl::StatusOr<DeviceBuffer> workspace =
       DeviceBuffer::Allocate(ChunkWorkspaceBytes(shape));
   ASSERT_TRUE(workspace.ok()) << workspace.status();
@@ -305,6 +307,17 @@ void RunConfig(const ChunkConfig& c) {
   EXPECT_EQ(failures, 0) << "seed " << seed;
 }
 
+// Each configuration on both kernel families (chunk_attention.h), from
+// fresh seeds.
+void RunConfig(ChunkConfig c) {
+  for (ChunkKernels kernels :
+       {ChunkKernels::kMmaSync, ChunkKernels::kWarpGroup}) {
+    SCOPED_TRACE(kernels == ChunkKernels::kMmaSync ? "mma.sync" : "wgmma");
+    c.kernels = kernels;
+    RunKernels(c);
+  }
+}
+
 CascadeParams Params(int sinks, int cascades, int window, double beta) {
   CascadeParams p;
   p.sinks = sinks;
@@ -369,6 +382,19 @@ TEST(ChunkAttention, MatchesTheCpuOracleOverManyTiles) {
   RunConfig(c);
 }
 
+TEST(ChunkAttention, MatchesTheCpuOracleOverManyTilesInFp16WithGroupsOf2) {
+  KVMEM_REQUIRE_DEVICE();
+  ChunkConfig c;
+  c.name = "fp16 G2 S3 C3 W300 T200 mean";
+  c.dtype = DType::kFp16;
+  c.group = 2;
+  c.params = Params(3, 3, 300, 0.9999999);
+  c.chunk = 200;
+  c.reduction = ScoreReduction::kMean;
+  c.histories = {1500, 40, 700};
+  RunConfig(c);
+}
+
 TEST(ChunkAttention, WithoutQueriesOnlyRescalesLikeTheCpuOracle) {
   KVMEM_REQUIRE_DEVICE();
   ChunkConfig c;
@@ -422,6 +448,9 @@ TEST(ChunkAttention, RefusesBadShapesNamingTheField) {
   bad = shape;
   bad.params.window = 0;
   refused(bad, "window");
+  bad = shape;
+  bad.kernels = static_cast<ChunkKernels>(7);
+  refused(bad, "kernels");
   refused(shape, "keys");  // the first pointer a step with queries needs
   in.queries = nullptr;    // without queries: the state comes first
   refused(shape, "slot_rows");

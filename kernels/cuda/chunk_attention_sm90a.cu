@@ -1,0 +1,382 @@
+// The two attention passes of a prefill chunk on Hopper's warpgroup MMA
+// (wgmma), built for sm_90a alone (kernels/CMakeLists.txt): the same
+// blocks, rows, 64-key tiles, staging and math as the mma.sync kernels of
+// chunk_attention.cu (chunk_tiles.cuh holds what they share). What differs
+// is where the tensor cores read their operands:
+// - a block's 8 warps are two warpgroups of 64 query rows; one wgmma reads
+//   a key or value tile from shared memory once for its 4 warps, where
+//   mma.sync has every warp read its own fragments by ldmatrix (4× the
+//   shared-memory reads, which bound those kernels);
+// - K and V tiles sit in the 128-byte swizzled layout that the matrix
+//   descriptors name (PieceOffset<true>), three stages deep, so that a
+//   tile's gathered rows have two tiles' time to arrive;
+// - the queries stay in registers as the A operand (ldmatrix'd once), and
+//   P goes from the S accumulators to the A operand of P·V in registers.
+// The copies are cp.async, written through the generic proxy: each thread
+// fences them to the async proxy (fence.proxy.async) before the barrier
+// after which wgmma reads them.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "kernels/cuda/async_copy.cuh"
+#include "kernels/cuda/chunk_attention.h"
+#include "kernels/cuda/chunk_tiles.cuh"
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "chunk_attention_sm90a.cu uses wgmma: build it for sm_90a only"
+#endif
+
+namespace kvmem::cuda::chunk_tiles {
+namespace {
+
+constexpr int kStages = 3;  // K/V tiles in flight: copied two ahead
+// The indices of tile i + 2·(kStages − 1) are written while those of
+// i + kStages − 1 are read, and the prologue reads two stages at once.
+static_assert(kIndexStages >= kStages + 1, "index stages too few");
+
+// ---- wgmma -----------------------------------------------------------------
+
+__device__ __forceinline__ void WgmmaFence() {
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void WgmmaCommit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+__device__ __forceinline__ void FenceProxyAsync() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+// Keeps the compiler from moving reads or writes of accumulators across
+// the asynchronous MMA that owns them until its wait.
+template <int kN>
+__device__ __forceinline__ void PinAccumulators(float (&v)[kN][4]) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(v[n][e])::"memory");
+  }
+}
+
+// A matrix descriptor (PTX ISA, "Matrix Descriptor Format") for the
+// 128-byte swizzle, the tile 1024-byte aligned (base offset 0).
+__device__ __forceinline__ uint64_t Descriptor(uint32_t address,
+                                               uint32_t leading_bytes,
+                                               uint32_t stride_bytes) {
+  return uint64_t((address & 0x3FFFF) >> 4) |
+         uint64_t(leading_bytes >> 4) << 16 |
+         uint64_t(stride_bytes >> 4) << 32 | uint64_t{1} << 62;
+}
+// Channels kk·16 … +15 of a key tile as B of S = Q·Kᵀ, K-major: 32 bytes
+// into a 128-byte row of half kk/4; 8-key groups 1024 bytes apart (the
+// leading offset is unused by swizzled K-major layouts).
+__device__ __forceinline__ uint64_t KeyDescriptor(uint32_t tile, int kk) {
+  return Descriptor(tile + (kk / 4) * kSwizzledHalfBytes + (kk % 4) * 32, 16,
+                    1024);
+}
+// Keys kk·16 … +15 of a value tile as B of O += P·V, N-major (channels
+// contiguous): 8-key groups 1024 bytes apart, the second 64 channels a
+// half further.
+__device__ __forceinline__ uint64_t ValueDescriptor(uint32_t tile, int kk) {
+  return Descriptor(tile + kk * 16 * 128, kSwizzledHalfBytes, 1024);
+}
+
+#define KVMEM_S_ACCUMULATORS                                                 \
+  "+f"(s[0][0]), "+f"(s[0][1]), "+f"(s[0][2]), "+f"(s[0][3]), "+f"(s[1][0]), \
+      "+f"(s[1][1]), "+f"(s[1][2]), "+f"(s[1][3]), "+f"(s[2][0]),            \
+      "+f"(s[2][1]), "+f"(s[2][2]), "+f"(s[2][3]), "+f"(s[3][0]),            \
+      "+f"(s[3][1]), "+f"(s[3][2]), "+f"(s[3][3]), "+f"(s[4][0]),            \
+      "+f"(s[4][1]), "+f"(s[4][2]), "+f"(s[4][3]), "+f"(s[5][0]),            \
+      "+f"(s[5][1]), "+f"(s[5][2]), "+f"(s[5][3]), "+f"(s[6][0]),            \
+      "+f"(s[6][1]), "+f"(s[6][2]), "+f"(s[6][3]), "+f"(s[7][0]),            \
+      "+f"(s[7][1]), "+f"(s[7][2]), "+f"(s[7][3])
+
+#define KVMEM_O_ACCUMULATORS                                                 \
+  "+f"(o[0][0]), "+f"(o[0][1]), "+f"(o[0][2]), "+f"(o[0][3]), "+f"(o[1][0]), \
+      "+f"(o[1][1]), "+f"(o[1][2]), "+f"(o[1][3]), "+f"(o[2][0]),            \
+      "+f"(o[2][1]), "+f"(o[2][2]), "+f"(o[2][3]), "+f"(o[3][0]),            \
+      "+f"(o[3][1]), "+f"(o[3][2]), "+f"(o[3][3]), "+f"(o[4][0]),            \
+      "+f"(o[4][1]), "+f"(o[4][2]), "+f"(o[4][3]), "+f"(o[5][0]),            \
+      "+f"(o[5][1]), "+f"(o[5][2]), "+f"(o[5][3]), "+f"(o[6][0]),            \
+      "+f"(o[6][1]), "+f"(o[6][2]), "+f"(o[6][3]), "+f"(o[7][0]),            \
+      "+f"(o[7][1]), "+f"(o[7][2]), "+f"(o[7][3]), "+f"(o[8][0]),            \
+      "+f"(o[8][1]), "+f"(o[8][2]), "+f"(o[8][3]), "+f"(o[9][0]),            \
+      "+f"(o[9][1]), "+f"(o[9][2]), "+f"(o[9][3]), "+f"(o[10][0]),           \
+      "+f"(o[10][1]), "+f"(o[10][2]), "+f"(o[10][3]), "+f"(o[11][0]),        \
+      "+f"(o[11][1]), "+f"(o[11][2]), "+f"(o[11][3]), "+f"(o[12][0]),        \
+      "+f"(o[12][1]), "+f"(o[12][2]), "+f"(o[12][3]), "+f"(o[13][0]),        \
+      "+f"(o[13][1]), "+f"(o[13][2]), "+f"(o[13][3]), "+f"(o[14][0]),        \
+      "+f"(o[14][1]), "+f"(o[14][2]), "+f"(o[14][3]), "+f"(o[15][0]),        \
+      "+f"(o[15][1]), "+f"(o[15][2]), "+f"(o[15][3])
+
+template <typename T>
+struct WarpGroupMma;
+
+// S (the warpgroup's 64 rows × 64 keys) = A·B, plus S when accumulate: A
+// the warp's query fragment of 16 channels in registers, B a key tile's 16
+// channels. O (64 rows × 128 channels) += A·B: A the warp's P fragment of
+// 16 keys, B a value tile's 16 keys (transposed: N-major).
+#define KVMEM_WARP_GROUP_MMA(CPP_TYPE, PTX_TYPE)                               \
+  template <>                                                                  \
+  struct WarpGroupMma<CPP_TYPE> {                                              \
+    __device__ static void Keys(float (&s)[8][4], const uint32_t (&a)[4],      \
+                                uint64_t b, int accumulate) {                  \
+      asm volatile(                                                            \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                         \
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE  \
+          " "                                                                  \
+          "{"                                                                  \
+          "%0, %1, %2, %3, %4, %5, %6, %7"                                     \
+          ", "                                                                 \
+          "%8, %9, %10, %11, %12, %13, %14, %15"                               \
+          ", "                                                                 \
+          "%16, %17, %18, %19, %20, %21, %22, %23"                             \
+          ", "                                                                 \
+          "%24, %25, %26, %27, %28, %29, %30, %31"                             \
+          "}"                                                                  \
+          ", "                                                                 \
+          "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                        \
+          : KVMEM_S_ACCUMULATORS                                               \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),                \
+            "r"(accumulate));                                                  \
+    }                                                                          \
+    __device__ static void Values(float (&o)[16][4], const uint32_t (&a)[4],   \
+                                  uint64_t b) {                                \
+      asm volatile(                                                            \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                         \
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE \
+          " "                                                                  \
+          "{"                                                                  \
+          "%0, %1, %2, %3, %4, %5, %6, %7"                                     \
+          ", "                                                                 \
+          "%8, %9, %10, %11, %12, %13, %14, %15"                               \
+          ", "                                                                 \
+          "%16, %17, %18, %19, %20, %21, %22, %23"                             \
+          ", "                                                                 \
+          "%24, %25, %26, %27, %28, %29, %30, %31"                             \
+          ", "                                                                 \
+          "%32, %33, %34, %35, %36, %37, %38, %39"                             \
+          ", "                                                                 \
+          "%40, %41, %42, %43, %44, %45, %46, %47"                             \
+          ", "                                                                 \
+          "%48, %49, %50, %51, %52, %53, %54, %55"                             \
+          ", "                                                                 \
+          "%56, %57, %58, %59, %60, %61, %62, %63"                             \
+          "}"                                                                  \
+          ", "                                                                 \
+          "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                        \
+          : KVMEM_O_ACCUMULATORS                                               \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));       \
+    }                                                                          \
+  };
+KVMEM_WARP_GROUP_MMA(__nv_bfloat16, "bf16")
+KVMEM_WARP_GROUP_MMA(__half, "f16")
+#undef KVMEM_WARP_GROUP_MMA
+#undef KVMEM_S_ACCUMULATORS
+#undef KVMEM_O_ACCUMULATORS
+
+// S = the warpgroup's queries (qf: this warp's 16 rows) · the key tile.
+template <typename T>
+__device__ __forceinline__ void KeyProducts(const uint32_t (&qf)[kD / 16][4],
+                                            uint32_t k_tile, float (&s)[8][4]) {
+  WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    WarpGroupMma<T>::Keys(s, qf[kk], KeyDescriptor(k_tile, kk), kk > 0);
+  }
+  WgmmaCommit();
+  WgmmaWait();
+  PinAccumulators(s);
+}
+
+// ---- staging
+// -----------------------------------------------------------------
+
+// The first 1024-byte boundary of shared memory at or after `after`.
+__device__ __forceinline__ unsigned char* AlignedTiles(void* after) {
+  const uint32_t address = SharedAddress(after);
+  const uint32_t aligned = (address + 1023u) & ~1023u;
+  return static_cast<unsigned char*>(after) + (aligned - address);
+}
+
+// The start of both passes: the queries and the first tiles' indices
+// arrive (and are waited for); tiles 0 … kStages − 2 start, each in a
+// group with the indices of the tile kStages − 1 after it.
+template <typename T>
+__device__ void StartTiles(const ChunkArgs& a, int b, int r0, int tiles,
+                           T* q_tile, unsigned char* k_tiles,
+                           unsigned char* v_tiles, int* vis) {
+  const StreamSlots mine = SlotsOf(a, b);
+  for (int t = 0; t < kStages - 1 && t < tiles; ++t) {
+    LoadKeyIndices(mine, a.slots, t);
+  }
+  LoadQueryTile<T>(a, b, r0, q_tile);
+  CommitCopies();
+  WaitCopies<0>();
+  __syncthreads();
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < tiles) {
+      LoadKeyTile<T, true>(
+          a, b, t, k_tiles + t * kSwizzledTileBytes,
+          v_tiles != nullptr ? v_tiles + t * kSwizzledTileBytes : nullptr,
+          vis + t * kKeys);
+    }
+    if (t + kStages - 1 < tiles) LoadKeyIndices(mine, a.slots, t + kStages - 1);
+    CommitCopies();
+  }
+}
+
+// Each iteration's start: tile `tile` has arrived and is visible to every
+// thread and to the tensor cores; every thread is done with tile − 1, whose
+// stage then takes tile + kStages − 1 (with the indices kStages − 1 tiles
+// after that).
+template <typename T>
+__device__ __forceinline__ void NextTile(const ChunkArgs& a, int b, int tile,
+                                         int tiles, unsigned char* k_tiles,
+                                         unsigned char* v_tiles, int* vis) {
+  WaitCopies<kStages - 2>();
+  FenceProxyAsync();
+  __syncthreads();
+  const int next = tile + kStages - 1;
+  if (next < tiles) {
+    const int stage = next % kStages;
+    LoadKeyTile<T, true>(
+        a, b, next, k_tiles + stage * kSwizzledTileBytes,
+        v_tiles != nullptr ? v_tiles + stage * kSwizzledTileBytes : nullptr,
+        vis + stage * kKeys);
+  }
+  if (next + kStages - 1 < tiles) {
+    LoadKeyIndices(SlotsOf(a, b), a.slots, next + kStages - 1);
+  }
+  CommitCopies();
+}
+
+// Dynamic shared memory: the key indices, the query tile, vis, (the score
+// pass's sums), then the 1024-byte aligned K (and V) stages.
+constexpr size_t kHeadBytes = kIndexSharedBytes + size_t(kQueryHalves) * 2 +
+                              kStages * kKeys * sizeof(int);
+constexpr size_t kSumsBytes = 2 * kWarps * kKeys * sizeof(float);
+constexpr size_t kForwardBytes =
+    kHeadBytes + 1024 + 2 * kStages * size_t(kSwizzledTileBytes);
+constexpr size_t kScoresBytes =
+    kHeadBytes + kSumsBytes + 1024 + kStages * size_t(kSwizzledTileBytes);
+
+// ---- launch 2: forward -----------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    ChunkForwardWarpGroupKernel(const ChunkArgs a) {
+  T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
+  int* vis = reinterpret_cast<int*>(q_tile + kQueryHalves);  // [kStages][64]
+  unsigned char* k_tiles = AlignedTiles(vis + kStages * kKeys);
+  unsigned char* v_tiles = k_tiles + kStages * kSwizzledTileBytes;
+  const uint32_t k_base = SharedAddress(k_tiles);
+  const uint32_t v_base = SharedAddress(v_tiles);
+
+  const int b = blockIdx.y;
+  const int r0 = blockIdx.x * kRows;
+  const BlockRows my = RowsOf(a, r0);
+  StartTiles<T>(a, b, r0, my.tiles, q_tile, k_tiles, v_tiles, vis);
+  uint32_t qf[kD / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
+
+  float o[16][4];
+#pragma unroll
+  for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float s[8][4] = {};
+  RunningSoftmax r;
+
+  for (int tile = 0; tile < my.tiles; ++tile) {
+    const int stage = tile % kStages;
+    NextTile<T>(a, b, tile, my.tiles, k_tiles, v_tiles, vis);
+    KeyProducts<T>(qf, k_base + stage * kSwizzledTileBytes, s);
+    SoftmaxTile(a, my, vis + stage * kKeys, s, o, r);
+    uint32_t pa[kKeys / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk)
+      ProbabilityFragment<T>(s, kk, pa[kk]);
+    PinAccumulators(o);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      WarpGroupMma<T>::Values(
+          o, pa[kk], ValueDescriptor(v_base + stage * kSwizzledTileBytes, kk));
+    }
+    WgmmaCommit();
+    WgmmaWait();
+    PinAccumulators(o);
+  }
+  StoreForwardRows(a, b, my, o, r);
+}
+
+// ---- launch 3: per query block, Σ f·r per key ------------------------------
+
+template <typename T, int kGroup>
+__global__ void __launch_bounds__(kThreads, 2)
+    ChunkScoresWarpGroupKernel(const ChunkArgs a) {
+  T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
+  int* vis = reinterpret_cast<int*>(q_tile + kQueryHalves);  // [kStages][64]
+  // [2][warps][64]: two stages, so that one barrier a tile suffices.
+  float* sums = reinterpret_cast<float*>(vis + kStages * kKeys);
+  unsigned char* k_tiles = AlignedTiles(sums + 2 * kWarps * kKeys);
+  const uint32_t k_base = SharedAddress(k_tiles);
+
+  const int b = blockIdx.y;
+  const int qb = blockIdx.x;
+  const int r0 = qb * kRows;
+  const BlockRows my = RowsOf(a, r0);
+  const int warp = threadIdx.x / 32;
+  const int64_t keys_total = a.slots + a.chunk;
+  float* partial = a.w.partials + (int64_t{qb} * a.streams + b) * keys_total;
+
+  StartTiles<T>(a, b, r0, my.tiles, q_tile, k_tiles, nullptr, vis);
+  uint32_t qf[kD / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
+  const ScoreRows w = ScoreRowsOf<kGroup>(a, b, my);
+  float s[8][4] = {};
+
+  for (int tile = 0; tile < my.tiles; ++tile) {
+    const int stage = tile % kStages;
+    float* stage_sums = sums + (tile & 1) * kWarps * kKeys;
+    NextTile<T>(a, b, tile, my.tiles, k_tiles, nullptr, vis);
+    KeyProducts<T>(qf, k_base + stage * kSwizzledTileBytes, s);
+    ReduceScoreTile<kGroup>(a, my, w, vis + stage * kKeys, s,
+                            stage_sums + warp * kKeys);
+    __syncthreads();
+    StoreTilePartials(stage_sums, partial, tile, keys_total);
+    // No barrier here: the sums of this stage are rewritten only after the
+    // next iteration's barrier, which every thread reaches after it is done
+    // with them.
+  }
+}
+
+template <typename T>
+auto ScoresKernelFor(int group) {
+  return group == 1   ? ChunkScoresWarpGroupKernel<T, 1>
+         : group == 2 ? ChunkScoresWarpGroupKernel<T, 2>
+         : group == 4 ? ChunkScoresWarpGroupKernel<T, 4>
+                      : ChunkScoresWarpGroupKernel<T, 8>;
+}
+
+}  // namespace
+
+PassKernels WarpGroupKernelsFor(bool bf16, int group) {
+  PassKernels k;
+  k.forward =
+      bf16
+          ? reinterpret_cast<const void*>(
+                &ChunkForwardWarpGroupKernel<__nv_bfloat16>)
+          : reinterpret_cast<const void*>(&ChunkForwardWarpGroupKernel<__half>);
+  k.scores =
+      bf16
+          ? reinterpret_cast<const void*>(ScoresKernelFor<__nv_bfloat16>(group))
+          : reinterpret_cast<const void*>(ScoresKernelFor<__half>(group));
+  k.forward_bytes = kForwardBytes;
+  k.scores_bytes = kScoresBytes;
+  return k;
+}
+
+}  // namespace kvmem::cuda::chunk_tiles
