@@ -302,7 +302,7 @@ absl::Status LaunchPasses(const PassKernels& k, const ChunkArgs& a,
 // nothing else).
 absl::StatusOr<bool> UseWarpGroup(ChunkKernels kernels) {
   if (kernels != ChunkKernels::kAuto) {
-    return kernels == ChunkKernels::kWarpGroup;
+    return kernels != ChunkKernels::kMmaSync;
   }
   int device = 0;
   int major = 0;
@@ -353,9 +353,10 @@ absl::Status CheckShape(const ChunkShape& shape, bool attend) {
   }
   if (shape.kernels != ChunkKernels::kAuto &&
       shape.kernels != ChunkKernels::kMmaSync &&
-      shape.kernels != ChunkKernels::kWarpGroup) {
+      shape.kernels != ChunkKernels::kWarpGroup &&
+      shape.kernels != ChunkKernels::kWarpGroupPipelined) {
     return absl::InvalidArgumentError(
-        "kernels: want kAuto, kMmaSync or kWarpGroup");
+        "kernels: want kAuto, kMmaSync, kWarpGroup or kWarpGroupPipelined");
   }
   return absl::OkStatus();
 }

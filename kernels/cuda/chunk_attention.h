@@ -56,7 +56,15 @@ inline constexpr int kMaxChunkGroup = 8;   // G: 1, 2, 4 or 8
 // - kAuto: kWarpGroup on a device of compute capability 9.0, else kMmaSync.
 // Both give the same results within fp32 rounding; the choice is for
 // benchmarks and tests.
-enum class ChunkKernels : int { kAuto = 0, kMmaSync = 1, kWarpGroup = 2 };
+// - kWarpGroupPipelined: kWarpGroup that starts tile i + 1's QKᵀ before
+//   tile i's softmax (or score reduction), so the tensor cores work while
+//   the other units do.
+enum class ChunkKernels : int {
+  kAuto = 0,
+  kMmaSync = 1,
+  kWarpGroup = 2,
+  kWarpGroupPipelined = 3
+};
 
 // Known on the host before launch.
 struct ChunkShape {

@@ -18,6 +18,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/chunk_attention.h"
 #include "kernels/cuda/chunk_tiles.cuh"
@@ -29,10 +31,13 @@
 namespace kvmem::cuda::chunk_tiles {
 namespace {
 
-constexpr int kStages = 3;  // K/V tiles in flight: copied two ahead
-// The indices of tile i + 2·(kStages − 1) are written while those of
-// i + kStages − 1 are read, and the prologue reads two stages at once.
-static_assert(kIndexStages >= kStages + 1, "index stages too few");
+// K/V stages: tile i + kStages − 1 is copied while tile i is used, and the
+// pipelined kernels need tile i + 1 ready at once too. The indices of tile
+// i + 2·(kStages − 1) are written while those of i + kStages − 1 are read,
+// and the prologue reads kStages − 1 stages at once.
+constexpr int kStages = 3;
+constexpr int kPipelinedStages = 4;
+static_assert(kIndexStages >= kPipelinedStages + 1, "index stages too few");
 
 // ---- wgmma -----------------------------------------------------------------
 
@@ -203,7 +208,7 @@ __device__ __forceinline__ unsigned char* AlignedTiles(void* after) {
 // The start of both passes: the queries and the first tiles' indices
 // arrive (and are waited for); tiles 0 … kStages − 2 start, each in a
 // group with the indices of the tile kStages − 1 after it.
-template <typename T>
+template <typename T, int kStages>
 __device__ void StartTiles(const ChunkArgs& a, int b, int r0, int tiles,
                            T* q_tile, unsigned char* k_tiles,
                            unsigned char* v_tiles, int* vis) {
@@ -227,15 +232,15 @@ __device__ void StartTiles(const ChunkArgs& a, int b, int r0, int tiles,
   }
 }
 
-// Each iteration's start: tile `tile` has arrived and is visible to every
-// thread and to the tensor cores; every thread is done with tile − 1, whose
-// stage then takes tile + kStages − 1 (with the indices kStages − 1 tiles
-// after that).
-template <typename T>
+// Each iteration's start: tile `tile` (and tile + 1 when kNextToo) has
+// arrived and is visible to every thread and to the tensor cores; every
+// thread is done with tile − 1, whose stage then takes tile + kStages − 1
+// (with the indices kStages − 1 tiles after that).
+template <typename T, int kStages, bool kNextToo>
 __device__ __forceinline__ void NextTile(const ChunkArgs& a, int b, int tile,
                                          int tiles, unsigned char* k_tiles,
                                          unsigned char* v_tiles, int* vis) {
-  WaitCopies<kStages - 2>();
+  WaitCopies<kStages - 2 - (kNextToo ? 1 : 0)>();
   FenceProxyAsync();
   __syncthreads();
   const int next = tile + kStages - 1;
@@ -254,13 +259,18 @@ __device__ __forceinline__ void NextTile(const ChunkArgs& a, int b, int tile,
 
 // Dynamic shared memory: the key indices, the query tile, vis, (the score
 // pass's sums), then the 1024-byte aligned K (and V) stages.
-constexpr size_t kHeadBytes = kIndexSharedBytes + size_t(kQueryHalves) * 2 +
-                              kStages * kKeys * sizeof(int);
+constexpr size_t HeadBytes(int stages) {
+  return kIndexSharedBytes + size_t(kQueryHalves) * 2 +
+         stages * kKeys * sizeof(int);
+}
 constexpr size_t kSumsBytes = 2 * kWarps * kKeys * sizeof(float);
-constexpr size_t kForwardBytes =
-    kHeadBytes + 1024 + 2 * kStages * size_t(kSwizzledTileBytes);
-constexpr size_t kScoresBytes =
-    kHeadBytes + kSumsBytes + 1024 + kStages * size_t(kSwizzledTileBytes);
+constexpr size_t ForwardBytes(int stages) {
+  return HeadBytes(stages) + 1024 + 2 * stages * size_t(kSwizzledTileBytes);
+}
+constexpr size_t ScoresBytes(int stages) {
+  return HeadBytes(stages) + kSumsBytes + 1024 +
+         stages * size_t(kSwizzledTileBytes);
+}
 
 // ---- launch 2: forward -----------------------------------------------------
 
@@ -277,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int b = blockIdx.y;
   const int r0 = blockIdx.x * kRows;
   const BlockRows my = RowsOf(a, r0);
-  StartTiles<T>(a, b, r0, my.tiles, q_tile, k_tiles, v_tiles, vis);
+  StartTiles<T, kStages>(a, b, r0, my.tiles, q_tile, k_tiles, v_tiles, vis);
   uint32_t qf[kD / 16][4];
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
@@ -290,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int tile = 0; tile < my.tiles; ++tile) {
     const int stage = tile % kStages;
-    NextTile<T>(a, b, tile, my.tiles, k_tiles, v_tiles, vis);
+    NextTile<T, kStages, false>(a, b, tile, my.tiles, k_tiles, v_tiles, vis);
     KeyProducts<T>(qf, k_base + stage * kSwizzledTileBytes, s);
     SoftmaxTile(a, my, vis + stage * kKeys, s, o, r);
     uint32_t pa[kKeys / 16][4];
@@ -331,7 +341,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t keys_total = a.slots + a.chunk;
   float* partial = a.w.partials + (int64_t{qb} * a.streams + b) * keys_total;
 
-  StartTiles<T>(a, b, r0, my.tiles, q_tile, k_tiles, nullptr, vis);
+  StartTiles<T, kStages>(a, b, r0, my.tiles, q_tile, k_tiles, nullptr, vis);
   uint32_t qf[kD / 16][4];
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
@@ -341,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int tile = 0; tile < my.tiles; ++tile) {
     const int stage = tile % kStages;
     float* stage_sums = sums + (tile & 1) * kWarps * kKeys;
-    NextTile<T>(a, b, tile, my.tiles, k_tiles, nullptr, vis);
+    NextTile<T, kStages, false>(a, b, tile, my.tiles, k_tiles, nullptr, vis);
     KeyProducts<T>(qf, k_base + stage * kSwizzledTileBytes, s);
     ReduceScoreTile<kGroup>(a, my, w, vis + stage * kKeys, s,
                             stage_sums + warp * kKeys);
@@ -353,30 +363,185 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+// ---- the pipelined variants ------------------------------------------------
+// Tile t + 1's QKᵀ goes to the tensor cores before tile t's softmax (or
+// score reduction) and is waited for after it: two S accumulator sets, and
+// tile t + 1 ready at iteration t (kPipelinedStages deep).
+
+// Starts S = Q · the key tile, without waiting.
 template <typename T>
-auto ScoresKernelFor(int group) {
-  return group == 1   ? ChunkScoresWarpGroupKernel<T, 1>
-         : group == 2 ? ChunkScoresWarpGroupKernel<T, 2>
-         : group == 4 ? ChunkScoresWarpGroupKernel<T, 4>
-                      : ChunkScoresWarpGroupKernel<T, 8>;
+__device__ __forceinline__ void StartKeyProducts(
+    const uint32_t (&qf)[kD / 16][4], uint32_t k_tile, float (&s)[8][4]) {
+  WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    WarpGroupMma<T>::Keys(s, qf[kk], KeyDescriptor(k_tile, kk), kk > 0);
+  }
+  WgmmaCommit();
+}
+
+// The prologue's last step: tile 0 visible, its S computed.
+template <typename T>
+__device__ __forceinline__ void FirstKeyProducts(
+    const uint32_t (&qf)[kD / 16][4], uint32_t k_base, float (&s)[8][4]) {
+  WaitCopies<kPipelinedStages - 2>();
+  FenceProxyAsync();
+  __syncthreads();
+  KeyProducts<T>(qf, k_base, s);
+}
+
+template <int kN>
+__device__ __forceinline__ void CopyAccumulators(float (&to)[kN][4],
+                                                 const float (&from)[kN][4]) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) to[n][e] = from[n][e];
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    ChunkForwardPipelinedKernel(const ChunkArgs a) {
+  constexpr int kS = kPipelinedStages;
+  T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
+  int* vis = reinterpret_cast<int*>(q_tile + kQueryHalves);  // [kS][64]
+  unsigned char* k_tiles = AlignedTiles(vis + kS * kKeys);
+  unsigned char* v_tiles = k_tiles + kS * kSwizzledTileBytes;
+  const uint32_t k_base = SharedAddress(k_tiles);
+  const uint32_t v_base = SharedAddress(v_tiles);
+
+  const int b = blockIdx.y;
+  const int r0 = blockIdx.x * kRows;
+  const BlockRows my = RowsOf(a, r0);
+  StartTiles<T, kS>(a, b, r0, my.tiles, q_tile, k_tiles, v_tiles, vis);
+  uint32_t qf[kD / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
+
+  float o[16][4];
+#pragma unroll
+  for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float s[8][4] = {};
+  float s_next[8][4] = {};
+  RunningSoftmax r;
+  FirstKeyProducts<T>(qf, k_base, s);
+
+  for (int tile = 0; tile < my.tiles; ++tile) {
+    const int stage = tile % kS;
+    NextTile<T, kS, true>(a, b, tile, my.tiles, k_tiles, v_tiles, vis);
+    const bool more = tile + 1 < my.tiles;
+    if (more) {
+      StartKeyProducts<T>(qf, k_base + ((tile + 1) % kS) * kSwizzledTileBytes,
+                          s_next);
+    }
+    SoftmaxTile(a, my, vis + stage * kKeys, s, o, r);
+    uint32_t pa[kKeys / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk)
+      ProbabilityFragment<T>(s, kk, pa[kk]);
+    PinAccumulators(o);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      WarpGroupMma<T>::Values(
+          o, pa[kk], ValueDescriptor(v_base + stage * kSwizzledTileBytes, kk));
+    }
+    WgmmaCommit();
+    WgmmaWait();
+    PinAccumulators(o);
+    PinAccumulators(s_next);
+    CopyAccumulators(s, s_next);
+  }
+  StoreForwardRows(a, b, my, o, r);
+}
+
+// Two S sets and the query fragments take more than the 128 registers of
+// two blocks an SM (at 128, ptxas serialises the wgmma): one block.
+template <typename T, int kGroup>
+__global__ void __launch_bounds__(kThreads, 1)
+    ChunkScoresPipelinedKernel(const ChunkArgs a) {
+  constexpr int kS = kPipelinedStages;
+  T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
+  int* vis = reinterpret_cast<int*>(q_tile + kQueryHalves);  // [kS][64]
+  float* sums = reinterpret_cast<float*>(vis + kS * kKeys);  // [2][8][64]
+  unsigned char* k_tiles = AlignedTiles(sums + 2 * kWarps * kKeys);
+  const uint32_t k_base = SharedAddress(k_tiles);
+
+  const int b = blockIdx.y;
+  const int qb = blockIdx.x;
+  const int r0 = qb * kRows;
+  const BlockRows my = RowsOf(a, r0);
+  const int warp = threadIdx.x / 32;
+  const int64_t keys_total = a.slots + a.chunk;
+  float* partial = a.w.partials + (int64_t{qb} * a.streams + b) * keys_total;
+
+  StartTiles<T, kS>(a, b, r0, my.tiles, q_tile, k_tiles, nullptr, vis);
+  uint32_t qf[kD / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
+  const ScoreRows w = ScoreRowsOf<kGroup>(a, b, my);
+  float s[8][4] = {};
+  float s_next[8][4] = {};
+  FirstKeyProducts<T>(qf, k_base, s);
+
+  for (int tile = 0; tile < my.tiles; ++tile) {
+    const int stage = tile % kS;
+    float* stage_sums = sums + (tile & 1) * kWarps * kKeys;
+    NextTile<T, kS, true>(a, b, tile, my.tiles, k_tiles, nullptr, vis);
+    const bool more = tile + 1 < my.tiles;
+    if (more) {
+      StartKeyProducts<T>(qf, k_base + ((tile + 1) % kS) * kSwizzledTileBytes,
+                          s_next);
+    }
+    ReduceScoreTile<kGroup>(a, my, w, vis + stage * kKeys, s,
+                            stage_sums + warp * kKeys);
+    WgmmaWait();  // (none in flight on the last tile)
+    PinAccumulators(s_next);
+    CopyAccumulators(s, s_next);
+    __syncthreads();
+    StoreTilePartials(stage_sums, partial, tile, keys_total);
+  }
+}
+
+template <typename T, bool kPipelined>
+const void* ScoresKernelFor(int group) {
+  auto kernel = [](auto g) {
+    constexpr int kGroup = decltype(g)::value;
+    return kPipelined ? reinterpret_cast<const void*>(
+                            &ChunkScoresPipelinedKernel<T, kGroup>)
+                      : reinterpret_cast<const void*>(
+                            &ChunkScoresWarpGroupKernel<T, kGroup>);
+  };
+  return group == 1   ? kernel(std::integral_constant<int, 1>())
+         : group == 2 ? kernel(std::integral_constant<int, 2>())
+         : group == 4 ? kernel(std::integral_constant<int, 4>())
+                      : kernel(std::integral_constant<int, 8>());
+}
+
+template <typename T, bool kPipelined>
+PassKernels KernelsOf(int group) {
+  PassKernels k;
+  k.forward =
+      kPipelined
+          ? reinterpret_cast<const void*>(&ChunkForwardPipelinedKernel<T>)
+          : reinterpret_cast<const void*>(&ChunkForwardWarpGroupKernel<T>);
+  k.scores = ScoresKernelFor<T, kPipelined>(group);
+  const int stages = kPipelined ? kPipelinedStages : kStages;
+  k.forward_bytes = ForwardBytes(stages);
+  k.scores_bytes = ScoresBytes(stages);
+  return k;
 }
 
 }  // namespace
 
-PassKernels WarpGroupKernelsFor(bool bf16, int group) {
-  PassKernels k;
-  k.forward =
-      bf16
-          ? reinterpret_cast<const void*>(
-                &ChunkForwardWarpGroupKernel<__nv_bfloat16>)
-          : reinterpret_cast<const void*>(&ChunkForwardWarpGroupKernel<__half>);
-  k.scores =
-      bf16
-          ? reinterpret_cast<const void*>(ScoresKernelFor<__nv_bfloat16>(group))
-          : reinterpret_cast<const void*>(ScoresKernelFor<__half>(group));
-  k.forward_bytes = kForwardBytes;
-  k.scores_bytes = kScoresBytes;
-  return k;
+PassKernels WarpGroupKernelsFor(bool bf16, int group, bool pipelined) {
+  if (pipelined) {
+    return bf16 ? KernelsOf<__nv_bfloat16, true>(group)
+                : KernelsOf<__half, true>(group);
+  }
+  return bf16 ? KernelsOf<__nv_bfloat16, false>(group)
+              : KernelsOf<__half, false>(group);
 }
 
 }  // namespace kvmem::cuda::chunk_tiles

@@ -169,8 +169,9 @@ __device__ __forceinline__ StreamSlots SlotsOf(const ChunkArgs& a, int b) {
 // A stream's slot indices for key tiles, staged in shared memory by
 // cp.async three tiles ahead of the tile's own copy (tile i in stage
 // i % kIndexStages), so that finding a tile's pool rows never waits on a
-// chain of global loads: [kIndexStages][64] each.
-constexpr int kIndexStages = 4;
+// chain of global loads: [kIndexStages][64] each. (The wgmma kernels keep
+// up to five tiles' indices in flight: chunk_attention_sm90a.cu.)
+constexpr int kIndexStages = 8;
 constexpr int kIndexAhead = 3;
 struct KeyIndexTiles {
   int64_t* positions;
@@ -651,7 +652,7 @@ struct PassKernels {
 };
 // The warpgroup-MMA family (chunk_attention_sm90a.cu, built for sm_90a
 // alone: they run on a device of compute capability 9.0 only).
-PassKernels WarpGroupKernelsFor(bool bf16, int group);
+PassKernels WarpGroupKernelsFor(bool bf16, int group, bool pipelined);
 
 }  // namespace kvmem::cuda::chunk_tiles
 

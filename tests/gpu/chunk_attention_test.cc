@@ -310,9 +310,11 @@ void RunKernels(const ChunkConfig& c) {
 // Each configuration on both kernel families (chunk_attention.h), from
 // fresh seeds.
 void RunConfig(ChunkConfig c) {
-  for (ChunkKernels kernels :
-       {ChunkKernels::kMmaSync, ChunkKernels::kWarpGroup}) {
-    SCOPED_TRACE(kernels == ChunkKernels::kMmaSync ? "mma.sync" : "wgmma");
+  for (ChunkKernels kernels : {ChunkKernels::kMmaSync, ChunkKernels::kWarpGroup,
+                               ChunkKernels::kWarpGroupPipelined}) {
+    SCOPED_TRACE(kernels == ChunkKernels::kMmaSync     ? "mma.sync"
+                 : kernels == ChunkKernels::kWarpGroup ? "wgmma"
+                                                       : "wgmma pipelined");
     c.kernels = kernels;
     RunKernels(c);
   }
