@@ -451,10 +451,12 @@ absl::Status AttendChunk(const ChunkShape& shape, const ChunkInputs& inputs,
   if (!warp_group.ok()) return warp_group.status();
   const bool bf16 = shape.dtype == DType::kBf16;
   const int query_blocks = QueryBlocks(shape);
-  if (absl::Status passes =
-          LaunchPasses(*warp_group ? WarpGroupKernelsFor(bf16, a.group)
-                                   : MmaSyncKernelsFor(bf16, a.group),
-                       a, query_blocks, events, stream);
+  if (absl::Status passes = LaunchPasses(
+          *warp_group ? WarpGroupKernelsFor(
+                            bf16, a.group,
+                            shape.kernels == ChunkKernels::kWarpGroupPipelined)
+                      : MmaSyncKernelsFor(bf16, a.group),
+          a, query_blocks, events, stream);
       !passes.ok()) {
     return passes;
   }
