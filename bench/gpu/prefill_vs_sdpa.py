@@ -85,6 +85,9 @@ def main():
     parser.add_argument("--cascades", default="1,4")
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernels", default="0",
+                        help="kvmem_prefill_bench --kernels: 0 auto, "
+                        "1 mma.sync, 2 wgmma, 3 wgmma pipelined (one)")
     args = parser.parse_args()
     tokens = [int(x) for x in args.tokens.split(",")]
     budgets = [int(x) for x in args.budgets.split(",")]
@@ -105,7 +108,7 @@ def main():
     proc = subprocess.run(
         [args.bench, f"--tokens={args.tokens}", f"--budgets={args.budgets}",
          f"--cascades={args.cascades}", f"--chunk={args.chunk}",
-         f"--repeats={args.repeats}"],
+         f"--repeats={args.repeats}", f"--kernels={args.kernels}"],
         capture_output=True, text=True)
     sys.stdout.write(proc.stdout)
     sys.stderr.write(proc.stderr)
