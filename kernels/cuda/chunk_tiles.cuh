@@ -494,30 +494,23 @@ __device__ __forceinline__ void StoreForwardRows(const ChunkArgs& a, int b,
     r.l_a += __shfl_xor_sync(0xffffffffu, r.l_a, mask);
     r.l_b += __shfl_xor_sync(0xffffffffu, r.l_b, mask);
   }
-  const float inv_a = r.l_a > 0.0f ? 1.0f / r.l_a : 0.0f;
-  const float inv_b = r.l_b > 0.0f ? 1.0f / r.l_b : 0.0f;
-  if (my.row_a < my.rows) {
-    const int64_t g = QueryRow(a, b, my.row_a);
+  const int rows[2] = {my.row_a, my.row_b};
+  const float sums[2] = {r.l_a, r.l_b};
+  const float maxes[2] = {r.m_a, r.m_b};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // fragment rows gid, gid + 8
+    if (rows[h] >= my.rows) continue;
+    const float inv = sums[h] > 0.0f ? 1.0f / sums[h] : 0.0f;
+    const int64_t g = QueryRow(a, b, rows[h]);
     float* out = a.out.out + g * kD;
 #pragma unroll
     for (int n = 0; n < 16; ++n) {
       *reinterpret_cast<float2*>(out + n * 8 + tig * 2) =
-          make_float2(o[n][0] * inv_a, o[n][1] * inv_a);
+          make_float2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
     }
     if (tig == 0) {
-      a.out.lse[g] = r.l_a > 0.0f ? (r.m_a + log2f(r.l_a)) * kLn2 : -INFINITY;
-    }
-  }
-  if (my.row_b < my.rows) {
-    const int64_t g = QueryRow(a, b, my.row_b);
-    float* out = a.out.out + g * kD;
-#pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      *reinterpret_cast<float2*>(out + n * 8 + tig * 2) =
-          make_float2(o[n][2] * inv_b, o[n][3] * inv_b);
-    }
-    if (tig == 0) {
-      a.out.lse[g] = r.l_b > 0.0f ? (r.m_b + log2f(r.l_b)) * kLn2 : -INFINITY;
+      a.out.lse[g] =
+          sums[h] > 0.0f ? (maxes[h] + log2f(sums[h])) * kLn2 : -INFINITY;
     }
   }
 }
