@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
     float s[8][4];
     QueryKeyTile<T>(q_tile, k_tiles + stage * kTileHalves, s);
-    SoftmaxTile(a, my, vis + stage * kKeys, s, o, r);
+    SoftmaxTile<true>(a, my, vis + stage * kKeys, s, o, r);
     // O += P·V: the S accumulators of key tiles 2kk, 2kk+1 are the A
     // fragment of keys kk·16 … +15.
     const int j = lane / 8;
@@ -201,8 +201,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int kk = 0; kk < kD / 16; ++kk) {
       AddKeyProducts(qf[kk], k_tiles + stage * kTileHalves, kk, s);
     }
-    ReduceScoreTile<kGroup>(a, my, w, vis + stage * kKeys, s,
-                            stage_sums + warp * kKeys);
+    ReduceScoreTile<kGroup, true>(a, my, w, vis + stage * kKeys, s,
+                                  stage_sums + warp * kKeys);
     __syncthreads();
     StoreTilePartials(stage_sums, partial, tile, keys_total);
     // No barrier here: this stage's tiles and sums are rewritten only after
@@ -354,9 +354,9 @@ absl::Status CheckShape(const ChunkShape& shape, bool attend) {
   if (shape.kernels != ChunkKernels::kAuto &&
       shape.kernels != ChunkKernels::kMmaSync &&
       shape.kernels != ChunkKernels::kWarpGroup &&
-      shape.kernels != ChunkKernels::kWarpGroupPipelined) {
+      shape.kernels != ChunkKernels::kWarpGroupLean) {
     return absl::InvalidArgumentError(
-        "kernels: want kAuto, kMmaSync, kWarpGroup or kWarpGroupPipelined");
+        "kernels: want kAuto, kMmaSync, kWarpGroup or kWarpGroupLean");
   }
   return absl::OkStatus();
 }
@@ -454,7 +454,7 @@ absl::Status AttendChunk(const ChunkShape& shape, const ChunkInputs& inputs,
   if (absl::Status passes = LaunchPasses(
           *warp_group ? WarpGroupKernelsFor(
                             bf16, a.group,
-                            shape.kernels == ChunkKernels::kWarpGroupPipelined)
+                            shape.kernels != ChunkKernels::kWarpGroup)
                       : MmaSyncKernelsFor(bf16, a.group),
           a, query_blocks, events, stream);
       !passes.ok()) {

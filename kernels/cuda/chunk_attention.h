@@ -53,17 +53,18 @@ inline constexpr int kMaxChunkGroup = 8;   // G: 1, 2, 4 or 8
 //   tile feeds four warps (chunk_attention_sm90a.cu);
 // - kMmaSync: mma.sync m16n8k16, every warp reading its own fragments of
 //   the tile out of shared memory (any sm_90 device);
-// - kAuto: kWarpGroup on a device of compute capability 9.0, else kMmaSync.
+// - kAuto: kWarpGroupLean on a device of compute capability 9.0, else
+//   kMmaSync.
 // Both give the same results within fp32 rounding; the choice is for
 // benchmarks and tests.
-// - kWarpGroupPipelined: kWarpGroup that starts tile i + 1's QKᵀ before
-//   tile i's softmax (or score reduction), so the tensor cores work while
-//   the other units do.
+// - kWarpGroupLean: kWarpGroup with leaner copies (fixed offsets, 32-bit
+//   key counts) and no masks on tiles whose keys every row of the block
+//   sees (the usual tile: occupied slots, a full block).
 enum class ChunkKernels : int {
   kAuto = 0,
   kMmaSync = 1,
   kWarpGroup = 2,
-  kWarpGroupPipelined = 3
+  kWarpGroupLean = 3
 };
 
 // Known on the host before launch.

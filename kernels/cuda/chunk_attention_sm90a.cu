@@ -31,13 +31,11 @@
 namespace kvmem::cuda::chunk_tiles {
 namespace {
 
-// K/V stages: tile i + kStages − 1 is copied while tile i is used, and the
-// pipelined kernels need tile i + 1 ready at once too. The indices of tile
-// i + 2·(kStages − 1) are written while those of i + kStages − 1 are read,
-// and the prologue reads kStages − 1 stages at once.
+// K/V stages: tile i + 2 is copied while tile i is used. The indices of
+// tile i + 4 are written while those of i + 2 are read, and the prologue
+// reads two stages at once.
 constexpr int kStages = 3;
-constexpr int kPipelinedStages = 4;
-static_assert(kIndexStages >= kPipelinedStages + 1, "index stages too few");
+static_assert(kIndexStages >= kStages + 1, "index stages too few");
 
 // ---- wgmma -----------------------------------------------------------------
 
@@ -205,76 +203,155 @@ __device__ __forceinline__ unsigned char* AlignedTiles(void* after) {
   return static_cast<unsigned char*>(after) + (aligned - address);
 }
 
-// The start of both passes: the queries and the first tiles' indices
-// arrive (and are waited for); tiles 0 … kStages − 2 start, each in a
-// group with the indices of the tile kStages − 1 after it.
-template <typename T, int kStages>
-__device__ void StartTiles(const ChunkArgs& a, int b, int r0, int tiles,
-                           T* q_tile, unsigned char* k_tiles,
-                           unsigned char* v_tiles, int* vis) {
-  const StreamSlots mine = SlotsOf(a, b);
-  for (int t = 0; t < kStages - 1 && t < tiles; ++t) {
-    LoadKeyIndices(mine, a.slots, t);
-  }
-  LoadQueryTile<T>(a, b, r0, q_tile);
-  CommitCopies();
-  WaitCopies<0>();
-  __syncthreads();
-  for (int t = 0; t < kStages - 1; ++t) {
-    if (t < tiles) {
-      LoadKeyTile<T, true>(
-          a, b, t, k_tiles + t * kSwizzledTileBytes,
-          v_tiles != nullptr ? v_tiles + t * kSwizzledTileBytes : nullptr,
-          vis + t * kKeys);
+// A tile's copy in the swizzled layout, with what the lean kernels add:
+// a thread copies one fixed 16-byte piece of 4 keys 16 apart, so its
+// shared-memory offsets are constants; keys are counted in 32 bits (slots
+// + chunk < 2^31, CheckShape). Returns whether every key whose vis this
+// thread wrote is visible to token `visible_to` (true when it wrote none).
+template <typename T>
+__device__ __forceinline__ bool LoadSwizzledTile(const ChunkArgs& a, int b,
+                                                 int tile,
+                                                 unsigned char* k_tile,
+                                                 unsigned char* v_tile,
+                                                 int* vis, int visible_to) {
+  constexpr int kPieces = kD * int(sizeof(T)) / 16;  // 16
+  constexpr int kKeyStep = kThreads / kPieces;       // 16
+  static_assert(kThreads % kPieces == 0 && kKeys % kKeyStep == 0);
+  const KeyIndexTiles idx = SharedKeyIndices();
+  const int piece = threadIdx.x % kPieces;
+  const int first_key = threadIdx.x / kPieces;
+  // Keys 16 apart share (key mod 8), so the swizzle is the same for all 4.
+  const int offset = PieceOffset<true>(first_key, piece);
+  const int slots = int(a.slots);
+  const int k0 = tile * kKeys;
+  const int stage = (tile % kIndexStages) * kKeys;
+  bool visible = true;
+#pragma unroll
+  for (int i = 0; i < kKeys / kKeyStep; ++i) {
+    const int key = first_key + i * kKeyStep;
+    const int k = k0 + key;
+    const T* k_rows;
+    const T* v_rows;
+    int64_t row;
+    int first;
+    if (k < slots) {
+      first = idx.positions[stage + key] >= 0 ? -1 : kNever;
+      row = idx.rows[stage + key];
+      k_rows = static_cast<const T*>(a.in.key_rows);
+      v_rows = static_cast<const T*>(a.in.value_rows);
+    } else {
+      const int j = k - slots;
+      first = j < a.chunk ? j : kNever;
+      row = int64_t{j} * a.streams + b;
+      k_rows = static_cast<const T*>(a.in.keys);
+      v_rows = static_cast<const T*>(a.in.values);
     }
-    if (t + kStages - 1 < tiles) LoadKeyIndices(mine, a.slots, t + kStages - 1);
-    CommitCopies();
+    const bool valid = first != kNever;
+    const int64_t at = valid ? row * kD + piece * (16 / int(sizeof(T))) : 0;
+    const int to = offset + i * kKeyStep * 128;
+    CopyAsync16(k_tile + to, k_rows + at, valid);
+    if (v_tile != nullptr) CopyAsync16(v_tile + to, v_rows + at, valid);
+    if (piece == 0) {
+      vis[key] = first;
+      visible = visible && first <= visible_to;
+    }
   }
+  return visible;
 }
 
-// Each iteration's start: tile `tile` (and tile + 1 when kNextToo) has
-// arrived and is visible to every thread and to the tensor cores; every
-// thread is done with tile − 1, whose stage then takes tile + kStages − 1
-// (with the indices kStages − 1 tiles after that).
-template <typename T, int kStages, bool kNextToo>
-__device__ __forceinline__ void NextTile(const ChunkArgs& a, int b, int tile,
-                                         int tiles, unsigned char* k_tiles,
-                                         unsigned char* v_tiles, int* vis) {
-  WaitCopies<kStages - 2 - (kNextToo ? 1 : 0)>();
-  FenceProxyAsync();
-  __syncthreads();
-  const int next = tile + kStages - 1;
-  if (next < tiles) {
-    const int stage = next % kStages;
-    LoadKeyTile<T, true>(
-        a, b, next, k_tiles + stage * kSwizzledTileBytes,
-        v_tiles != nullptr ? v_tiles + stage * kSwizzledTileBytes : nullptr,
-        vis + stage * kKeys);
+// The tiles' copies and what the block knows of them. kLean: the copies of
+// LoadSwizzledTile, and for each tile whether every key is visible to every
+// row of the block (a full block and no empty slot: the usual tile), so
+// the math can skip the masks; else LoadKeyTile, and every tile masked.
+template <typename T, bool kLean>
+struct TileStream {
+  const ChunkArgs& a;
+  int b;
+  int tiles;
+  unsigned char* k_tiles;
+  unsigned char* v_tiles;  // null in the score pass
+  int* vis;
+  int visible_to;        // the block's first token; −3 (never) if not full
+  unsigned visible = 0;  // this thread's answer for tile i, bit i % kStages
+
+  __device__ void Load(int tile) {
+    const int stage = tile % kStages;
+    unsigned char* k = k_tiles + stage * kSwizzledTileBytes;
+    unsigned char* v =
+        v_tiles != nullptr ? v_tiles + stage * kSwizzledTileBytes : nullptr;
+    if constexpr (kLean) {
+      const bool mine = LoadSwizzledTile<T>(a, b, tile, k, v,
+                                            vis + stage * kKeys, visible_to);
+      visible = (visible & ~(1u << stage)) | (unsigned(mine) << stage);
+    } else {
+      LoadKeyTile<T, true>(a, b, tile, k, v, vis + stage * kKeys);
+    }
   }
-  if (next + kStages - 1 < tiles) {
-    LoadKeyIndices(SlotsOf(a, b), a.slots, next + kStages - 1);
+
+  // The start of both passes: the queries and the first tiles' indices
+  // arrive (and are waited for); tiles 0 … kStages − 2 start, each in a
+  // group with the indices of the tile kStages − 1 after it.
+  __device__ void Start(int r0, T* q_tile) {
+    const StreamSlots mine = SlotsOf(a, b);
+    for (int t = 0; t < kStages - 1 && t < tiles; ++t) {
+      LoadKeyIndices(mine, a.slots, t);
+    }
+    LoadQueryTile<T>(a, b, r0, q_tile);
+    CommitCopies();
+    WaitCopies<0>();
+    __syncthreads();
+    for (int t = 0; t < kStages - 1; ++t) {
+      if (t < tiles) Load(t);
+      if (t + kStages - 1 < tiles) {
+        LoadKeyIndices(mine, a.slots, t + kStages - 1);
+      }
+      CommitCopies();
+    }
   }
-  CommitCopies();
+
+  // Each iteration's start: tile `tile` has arrived and is visible to every
+  // thread and to the tensor cores; every thread is done with tile − 1,
+  // whose stage then takes tile + kStages − 1 (with the indices kStages − 1
+  // tiles after that). Returns whether tile `tile` needs no masks.
+  __device__ bool Next(int tile) {
+    WaitCopies<kStages - 2>();
+    FenceProxyAsync();
+    bool unmasked = false;
+    if constexpr (kLean) {
+      unmasked = __syncthreads_and(int((visible >> (tile % kStages)) & 1u));
+    } else {
+      __syncthreads();
+    }
+    const int next = tile + kStages - 1;
+    if (next < tiles) Load(next);
+    if (next + kStages - 1 < tiles) {
+      LoadKeyIndices(SlotsOf(a, b), a.slots, next + kStages - 1);
+    }
+    CommitCopies();
+    return unmasked;
+  }
+};
+
+// The first token every row of the block sees keys up to, or −3 (nothing
+// is visible to all) when the block has rows past the end: those must stay
+// masked, their factor 0 times an unbounded p.
+__device__ __forceinline__ int VisibleToAll(const ChunkArgs& a, int r0) {
+  return r0 + kRows <= a.chunk * a.group ? r0 / a.group : -3;
 }
 
 // Dynamic shared memory: the key indices, the query tile, vis, (the score
 // pass's sums), then the 1024-byte aligned K (and V) stages.
-constexpr size_t HeadBytes(int stages) {
-  return kIndexSharedBytes + size_t(kQueryHalves) * 2 +
-         stages * kKeys * sizeof(int);
-}
+constexpr size_t kHeadBytes = kIndexSharedBytes + size_t(kQueryHalves) * 2 +
+                              kStages * kKeys * sizeof(int);
 constexpr size_t kSumsBytes = 2 * kWarps * kKeys * sizeof(float);
-constexpr size_t ForwardBytes(int stages) {
-  return HeadBytes(stages) + 1024 + 2 * stages * size_t(kSwizzledTileBytes);
-}
-constexpr size_t ScoresBytes(int stages) {
-  return HeadBytes(stages) + kSumsBytes + 1024 +
-         stages * size_t(kSwizzledTileBytes);
-}
+constexpr size_t kForwardBytes =
+    kHeadBytes + 1024 + 2 * kStages * size_t(kSwizzledTileBytes);
+constexpr size_t kScoresBytes =
+    kHeadBytes + kSumsBytes + 1024 + kStages * size_t(kSwizzledTileBytes);
 
 // ---- launch 2: forward -----------------------------------------------------
 
-template <typename T>
+template <typename T, bool kLean>
 __global__ void __launch_bounds__(kThreads, 1)
     ChunkForwardWarpGroupKernel(const ChunkArgs a) {
   T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
@@ -287,7 +364,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int b = blockIdx.y;
   const int r0 = blockIdx.x * kRows;
   const BlockRows my = RowsOf(a, r0);
-  StartTiles<T, kStages>(a, b, r0, my.tiles, q_tile, k_tiles, v_tiles, vis);
+  TileStream<T, kLean> tiles{a,       b,   my.tiles,           k_tiles,
+                             v_tiles, vis, VisibleToAll(a, r0)};
+  tiles.Start(r0, q_tile);
   uint32_t qf[kD / 16][4];
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
@@ -300,9 +379,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int tile = 0; tile < my.tiles; ++tile) {
     const int stage = tile % kStages;
-    NextTile<T, kStages, false>(a, b, tile, my.tiles, k_tiles, v_tiles, vis);
+    const bool unmasked = tiles.Next(tile);
     KeyProducts<T>(qf, k_base + stage * kSwizzledTileBytes, s);
-    SoftmaxTile(a, my, vis + stage * kKeys, s, o, r);
+    if (unmasked) {
+      SoftmaxTile<false>(a, my, nullptr, s, o, r);
+    } else {
+      SoftmaxTile<true>(a, my, vis + stage * kKeys, s, o, r);
+    }
     uint32_t pa[kKeys / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk)
@@ -323,7 +406,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---- launch 3: per query block, Σ f·r per key ------------------------------
 
-template <typename T, int kGroup>
+template <typename T, int kGroup, bool kLean>
 __global__ void __launch_bounds__(kThreads, 2)
     ChunkScoresWarpGroupKernel(const ChunkArgs a) {
   T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
@@ -341,7 +424,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t keys_total = a.slots + a.chunk;
   float* partial = a.w.partials + (int64_t{qb} * a.streams + b) * keys_total;
 
-  StartTiles<T, kStages>(a, b, r0, my.tiles, q_tile, k_tiles, nullptr, vis);
+  TileStream<T, kLean> tiles{a,       b,   my.tiles,           k_tiles,
+                             nullptr, vis, VisibleToAll(a, r0)};
+  tiles.Start(r0, q_tile);
   uint32_t qf[kD / 16][4];
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
@@ -351,10 +436,15 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int tile = 0; tile < my.tiles; ++tile) {
     const int stage = tile % kStages;
     float* stage_sums = sums + (tile & 1) * kWarps * kKeys;
-    NextTile<T, kStages, false>(a, b, tile, my.tiles, k_tiles, nullptr, vis);
+    const bool unmasked = tiles.Next(tile);
     KeyProducts<T>(qf, k_base + stage * kSwizzledTileBytes, s);
-    ReduceScoreTile<kGroup>(a, my, w, vis + stage * kKeys, s,
-                            stage_sums + warp * kKeys);
+    if (unmasked) {
+      ReduceScoreTile<kGroup, false>(a, my, w, nullptr, s,
+                                     stage_sums + warp * kKeys);
+    } else {
+      ReduceScoreTile<kGroup, true>(a, my, w, vis + stage * kKeys, s,
+                                    stage_sums + warp * kKeys);
+    }
     __syncthreads();
     StoreTilePartials(stage_sums, partial, tile, keys_total);
     // No barrier here: the sums of this stage are rewritten only after the
@@ -363,155 +453,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-// ---- the pipelined variants ------------------------------------------------
-// Tile t + 1's QKᵀ goes to the tensor cores before tile t's softmax (or
-// score reduction) and is waited for after it: two S accumulator sets, and
-// tile t + 1 ready at iteration t (kPipelinedStages deep).
-
-// Starts S = Q · the key tile, without waiting.
-template <typename T>
-__device__ __forceinline__ void StartKeyProducts(
-    const uint32_t (&qf)[kD / 16][4], uint32_t k_tile, float (&s)[8][4]) {
-  WgmmaFence();
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) {
-    WarpGroupMma<T>::Keys(s, qf[kk], KeyDescriptor(k_tile, kk), kk > 0);
-  }
-  WgmmaCommit();
-}
-
-// The prologue's last step: tile 0 visible, its S computed.
-template <typename T>
-__device__ __forceinline__ void FirstKeyProducts(
-    const uint32_t (&qf)[kD / 16][4], uint32_t k_base, float (&s)[8][4]) {
-  WaitCopies<kPipelinedStages - 2>();
-  FenceProxyAsync();
-  __syncthreads();
-  KeyProducts<T>(qf, k_base, s);
-}
-
-template <int kN>
-__device__ __forceinline__ void CopyAccumulators(float (&to)[kN][4],
-                                                 const float (&from)[kN][4]) {
-#pragma unroll
-  for (int n = 0; n < kN; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) to[n][e] = from[n][e];
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
-    ChunkForwardPipelinedKernel(const ChunkArgs a) {
-  constexpr int kS = kPipelinedStages;
-  T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
-  int* vis = reinterpret_cast<int*>(q_tile + kQueryHalves);  // [kS][64]
-  unsigned char* k_tiles = AlignedTiles(vis + kS * kKeys);
-  unsigned char* v_tiles = k_tiles + kS * kSwizzledTileBytes;
-  const uint32_t k_base = SharedAddress(k_tiles);
-  const uint32_t v_base = SharedAddress(v_tiles);
-
-  const int b = blockIdx.y;
-  const int r0 = blockIdx.x * kRows;
-  const BlockRows my = RowsOf(a, r0);
-  StartTiles<T, kS>(a, b, r0, my.tiles, q_tile, k_tiles, v_tiles, vis);
-  uint32_t qf[kD / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
-
-  float o[16][4];
-#pragma unroll
-  for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float s[8][4] = {};
-  float s_next[8][4] = {};
-  RunningSoftmax r;
-  FirstKeyProducts<T>(qf, k_base, s);
-
-  for (int tile = 0; tile < my.tiles; ++tile) {
-    const int stage = tile % kS;
-    NextTile<T, kS, true>(a, b, tile, my.tiles, k_tiles, v_tiles, vis);
-    const bool more = tile + 1 < my.tiles;
-    if (more) {
-      StartKeyProducts<T>(qf, k_base + ((tile + 1) % kS) * kSwizzledTileBytes,
-                          s_next);
-    }
-    SoftmaxTile(a, my, vis + stage * kKeys, s, o, r);
-    uint32_t pa[kKeys / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk)
-      ProbabilityFragment<T>(s, kk, pa[kk]);
-    PinAccumulators(o);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      WarpGroupMma<T>::Values(
-          o, pa[kk], ValueDescriptor(v_base + stage * kSwizzledTileBytes, kk));
-    }
-    WgmmaCommit();
-    WgmmaWait();
-    PinAccumulators(o);
-    PinAccumulators(s_next);
-    CopyAccumulators(s, s_next);
-  }
-  StoreForwardRows(a, b, my, o, r);
-}
-
-// Two S sets and the query fragments take more than the 128 registers of
-// two blocks an SM (at 128, ptxas serialises the wgmma): one block.
-template <typename T, int kGroup>
-__global__ void __launch_bounds__(kThreads, 1)
-    ChunkScoresPipelinedKernel(const ChunkArgs a) {
-  constexpr int kS = kPipelinedStages;
-  T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
-  int* vis = reinterpret_cast<int*>(q_tile + kQueryHalves);  // [kS][64]
-  float* sums = reinterpret_cast<float*>(vis + kS * kKeys);  // [2][8][64]
-  unsigned char* k_tiles = AlignedTiles(sums + 2 * kWarps * kKeys);
-  const uint32_t k_base = SharedAddress(k_tiles);
-
-  const int b = blockIdx.y;
-  const int qb = blockIdx.x;
-  const int r0 = qb * kRows;
-  const BlockRows my = RowsOf(a, r0);
-  const int warp = threadIdx.x / 32;
-  const int64_t keys_total = a.slots + a.chunk;
-  float* partial = a.w.partials + (int64_t{qb} * a.streams + b) * keys_total;
-
-  StartTiles<T, kS>(a, b, r0, my.tiles, q_tile, k_tiles, nullptr, vis);
-  uint32_t qf[kD / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
-  const ScoreRows w = ScoreRowsOf<kGroup>(a, b, my);
-  float s[8][4] = {};
-  float s_next[8][4] = {};
-  FirstKeyProducts<T>(qf, k_base, s);
-
-  for (int tile = 0; tile < my.tiles; ++tile) {
-    const int stage = tile % kS;
-    float* stage_sums = sums + (tile & 1) * kWarps * kKeys;
-    NextTile<T, kS, true>(a, b, tile, my.tiles, k_tiles, nullptr, vis);
-    const bool more = tile + 1 < my.tiles;
-    if (more) {
-      StartKeyProducts<T>(qf, k_base + ((tile + 1) % kS) * kSwizzledTileBytes,
-                          s_next);
-    }
-    ReduceScoreTile<kGroup>(a, my, w, vis + stage * kKeys, s,
-                            stage_sums + warp * kKeys);
-    WgmmaWait();  // (none in flight on the last tile)
-    PinAccumulators(s_next);
-    CopyAccumulators(s, s_next);
-    __syncthreads();
-    StoreTilePartials(stage_sums, partial, tile, keys_total);
-  }
-}
-
-template <typename T, bool kPipelined>
+template <typename T, bool kLean>
 const void* ScoresKernelFor(int group) {
   auto kernel = [](auto g) {
-    constexpr int kGroup = decltype(g)::value;
-    return kPipelined ? reinterpret_cast<const void*>(
-                            &ChunkScoresPipelinedKernel<T, kGroup>)
-                      : reinterpret_cast<const void*>(
-                            &ChunkScoresWarpGroupKernel<T, kGroup>);
+    return reinterpret_cast<const void*>(
+        &ChunkScoresWarpGroupKernel<T, decltype(g)::value, kLean>);
   };
   return group == 1   ? kernel(std::integral_constant<int, 1>())
          : group == 2 ? kernel(std::integral_constant<int, 2>())
@@ -519,24 +465,21 @@ const void* ScoresKernelFor(int group) {
                       : kernel(std::integral_constant<int, 8>());
 }
 
-template <typename T, bool kPipelined>
+template <typename T, bool kLean>
 PassKernels KernelsOf(int group) {
   PassKernels k;
   k.forward =
-      kPipelined
-          ? reinterpret_cast<const void*>(&ChunkForwardPipelinedKernel<T>)
-          : reinterpret_cast<const void*>(&ChunkForwardWarpGroupKernel<T>);
-  k.scores = ScoresKernelFor<T, kPipelined>(group);
-  const int stages = kPipelined ? kPipelinedStages : kStages;
-  k.forward_bytes = ForwardBytes(stages);
-  k.scores_bytes = ScoresBytes(stages);
+      reinterpret_cast<const void*>(&ChunkForwardWarpGroupKernel<T, kLean>);
+  k.scores = ScoresKernelFor<T, kLean>(group);
+  k.forward_bytes = kForwardBytes;
+  k.scores_bytes = kScoresBytes;
   return k;
 }
 
 }  // namespace
 
-PassKernels WarpGroupKernelsFor(bool bf16, int group, bool pipelined) {
-  if (pipelined) {
+PassKernels WarpGroupKernelsFor(bool bf16, int group, bool lean) {
+  if (lean) {
     return bf16 ? KernelsOf<__nv_bfloat16, true>(group)
                 : KernelsOf<__half, true>(group);
   }

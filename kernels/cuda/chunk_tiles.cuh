@@ -413,24 +413,31 @@ struct RunningSoftmax {
   float l_a = 0.0f, l_b = 0.0f;
 };
 
-// One tile of the forward pass: masks the logits by the keys' vis, scales
-// them to log2 units, moves the running max, rescales the output
-// accumulators and the sums, and leaves p = 2^(x − max) in s.
+// One tile of the forward pass: masks the logits by the keys' vis (when
+// kMasked; else every key is visible to both rows and tile_vis is not
+// read), scales them to log2 units, moves the running max, rescales the
+// output accumulators and the sums, and leaves p = 2^(x − max) in s.
+template <bool kMasked>
 __device__ __forceinline__ void SoftmaxTile(const ChunkArgs& a,
                                             const BlockRows& my,
                                             const int* tile_vis,
                                             float (&s)[8][4], float (&o)[16][4],
                                             RunningSoftmax& r) {
   const int tig = threadIdx.x % 4;
+  // Masked, s becomes x = s·scale (log2 units) or −∞ first; unmasked, the
+  // maxima are taken of s and scaled after (scale > 0), and the exponent
+  // below is one fma.
   float tile_max_a = -INFINITY, tile_max_b = -INFINITY;
 #pragma unroll
   for (int n = 0; n < 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const int first = tile_vis[n * 8 + tig * 2 + e];
-      s[n][e] = my.token_a >= first ? s[n][e] * a.scale_log2 : -INFINITY;
-      s[n][e + 2] =
-          my.token_b >= first ? s[n][e + 2] * a.scale_log2 : -INFINITY;
+      if constexpr (kMasked) {
+        const int first = tile_vis[n * 8 + tig * 2 + e];
+        s[n][e] = my.token_a >= first ? s[n][e] * a.scale_log2 : -INFINITY;
+        s[n][e + 2] =
+            my.token_b >= first ? s[n][e + 2] * a.scale_log2 : -INFINITY;
+      }
       tile_max_a = fmaxf(tile_max_a, s[n][e]);
       tile_max_b = fmaxf(tile_max_b, s[n][e + 2]);
     }
@@ -441,6 +448,10 @@ __device__ __forceinline__ void SoftmaxTile(const ChunkArgs& a,
         fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, mask));
     tile_max_b =
         fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, mask));
+  }
+  if constexpr (!kMasked) {
+    tile_max_a *= a.scale_log2;
+    tile_max_b *= a.scale_log2;
   }
   const float new_m_a = fmaxf(r.m_a, tile_max_a);
   const float new_m_b = fmaxf(r.m_b, tile_max_b);
@@ -462,10 +473,16 @@ __device__ __forceinline__ void SoftmaxTile(const ChunkArgs& a,
   }
 #pragma unroll
   for (int n = 0; n < 8; ++n) {
-    s[n][0] = Exp2(s[n][0] - base_a);
-    s[n][1] = Exp2(s[n][1] - base_a);
-    s[n][2] = Exp2(s[n][2] - base_b);
-    s[n][3] = Exp2(s[n][3] - base_b);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      if constexpr (kMasked) {
+        s[n][e] = Exp2(s[n][e] - base_a);
+        s[n][e + 2] = Exp2(s[n][e + 2] - base_b);
+      } else {
+        s[n][e] = Exp2(fmaf(s[n][e], a.scale_log2, -base_a));
+        s[n][e + 2] = Exp2(fmaf(s[n][e + 2], a.scale_log2, -base_b));
+      }
+    }
     r.l_a += s[n][0] + s[n][1];
     r.l_b += s[n][2] + s[n][3];
   }
@@ -564,8 +581,9 @@ __device__ __forceinline__ ScoreRows ScoreRowsOf(const ChunkArgs& a, int b,
 }
 
 // One tile of the score pass: from the logits s of this warp's 16 rows,
-// the warp's Σ f·r per key column, into warp_sums[64].
-template <int kGroup>
+// the warp's Σ f·r per key column, into warp_sums[64]. Keys masked by
+// their vis when kMasked (else tile_vis is not read).
+template <int kGroup, bool kMasked>
 __device__ __forceinline__ void ReduceScoreTile(
     const ChunkArgs& a, const BlockRows& my, const ScoreRows& w,
     const int* tile_vis, const float (&s)[8][4], float* warp_sums) {
@@ -582,12 +600,16 @@ __device__ __forceinline__ void ReduceScoreTile(
   for (int n = 0; n < 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const int first = tile_vis[n * 8 + tig * 2 + e];
-      const float xa =
-          my.token_a >= first ? s[n][e] * a.scale_log2 - w.lse_a : -INFINITY;
-      const float xb = my.token_b >= first
-                           ? s[n][e + 2] * a.scale_log2 - w.lse_b
-                           : -INFINITY;
+      float xa, xb;
+      if constexpr (kMasked) {
+        const int first = tile_vis[n * 8 + tig * 2 + e];
+        xa = my.token_a >= first ? s[n][e] * a.scale_log2 - w.lse_a : -INFINITY;
+        xb = my.token_b >= first ? s[n][e + 2] * a.scale_log2 - w.lse_b
+                                 : -INFINITY;
+      } else {
+        xa = fmaf(s[n][e], a.scale_log2, -w.lse_a);
+        xb = fmaf(s[n][e + 2], a.scale_log2, -w.lse_b);
+      }
       v[2 * n + e] =
           lane_max ? fmaxf(xa, xb) : w.w_a * Exp2(xa) + w.w_b * Exp2(xb);
     }
@@ -645,7 +667,7 @@ struct PassKernels {
 };
 // The warpgroup-MMA family (chunk_attention_sm90a.cu, built for sm_90a
 // alone: they run on a device of compute capability 9.0 only).
-PassKernels WarpGroupKernelsFor(bool bf16, int group, bool pipelined);
+PassKernels WarpGroupKernelsFor(bool bf16, int group, bool lean);
 
 }  // namespace kvmem::cuda::chunk_tiles
 

@@ -311,10 +311,10 @@ void RunKernels(const ChunkConfig& c) {
 // fresh seeds.
 void RunConfig(ChunkConfig c) {
   for (ChunkKernels kernels : {ChunkKernels::kMmaSync, ChunkKernels::kWarpGroup,
-                               ChunkKernels::kWarpGroupPipelined}) {
+                               ChunkKernels::kWarpGroupLean}) {
     SCOPED_TRACE(kernels == ChunkKernels::kMmaSync     ? "mma.sync"
                  : kernels == ChunkKernels::kWarpGroup ? "wgmma"
-                                                       : "wgmma pipelined");
+                                                       : "wgmma lean");
     c.kernels = kernels;
     RunKernels(c);
   }
