@@ -175,7 +175,7 @@ int main(int argc, char** argv) {
   const int repeats = int(ParseList("repeats", argc, argv, "3")[0]);
   const int page_tokens = int(ParseList("page_tokens", argc, argv, "0")[0]);
   // The attention passes' kernels (ChunkKernels): 0 auto, 1 mma.sync,
-  // 2 wgmma, 3 wgmma lean; several run one after the other, for a
+  // 2 wgmma; several run one after the other, for a
   // comparison in one run.
   const std::vector<int64_t> kernel_families =
       ParseList("kernels", argc, argv, "0");
@@ -213,9 +213,7 @@ int main(int argc, char** argv) {
     const ChunkKernels kernels = static_cast<ChunkKernels>(family);
     const char* kernels_name = kernels == ChunkKernels::kMmaSync ? "mma.sync"
                                : kernels == ChunkKernels::kWarpGroup ? "wgmma"
-                               : kernels == ChunkKernels::kWarpGroupLean
-                                   ? "wgmma-lean"
-                                   : "auto";
+                                                                     : "auto";
     std::printf("# attention kernels: %s\n", kernels_name);
     for (int64_t budget : budgets) {
       for (int64_t cascades : cascade_counts) {

@@ -87,7 +87,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kernels", default="0",
                         help="kvmem_prefill_bench --kernels: 0 auto, "
-                        "1 mma.sync, 2 wgmma, 3 wgmma lean (one)")
+                        "1 mma.sync, 2 wgmma (one)")
     args = parser.parse_args()
     tokens = [int(x) for x in args.tokens.split(",")]
     budgets = [int(x) for x in args.budgets.split(",")]

@@ -353,10 +353,9 @@ absl::Status CheckShape(const ChunkShape& shape, bool attend) {
   }
   if (shape.kernels != ChunkKernels::kAuto &&
       shape.kernels != ChunkKernels::kMmaSync &&
-      shape.kernels != ChunkKernels::kWarpGroup &&
-      shape.kernels != ChunkKernels::kWarpGroupLean) {
+      shape.kernels != ChunkKernels::kWarpGroup) {
     return absl::InvalidArgumentError(
-        "kernels: want kAuto, kMmaSync, kWarpGroup or kWarpGroupLean");
+        "kernels: want kAuto, kMmaSync or kWarpGroup");
   }
   return absl::OkStatus();
 }
@@ -451,12 +450,10 @@ absl::Status AttendChunk(const ChunkShape& shape, const ChunkInputs& inputs,
   if (!warp_group.ok()) return warp_group.status();
   const bool bf16 = shape.dtype == DType::kBf16;
   const int query_blocks = QueryBlocks(shape);
-  if (absl::Status passes = LaunchPasses(
-          *warp_group ? WarpGroupKernelsFor(
-                            bf16, a.group,
-                            shape.kernels != ChunkKernels::kWarpGroup)
-                      : MmaSyncKernelsFor(bf16, a.group),
-          a, query_blocks, events, stream);
+  if (absl::Status passes =
+          LaunchPasses(*warp_group ? WarpGroupKernelsFor(bf16, a.group)
+                                   : MmaSyncKernelsFor(bf16, a.group),
+                       a, query_blocks, events, stream);
       !passes.ok()) {
     return passes;
   }

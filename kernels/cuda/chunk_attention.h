@@ -50,22 +50,15 @@ inline constexpr int kMaxChunkGroup = 8;   // G: 1, 2, 4 or 8
 // The tensor-core instructions of the two attention passes:
 // - kWarpGroup: Hopper's wgmma (sm_90a), a warpgroup of 64 query rows
 //   reading each key and value tile straight from shared memory, where one
-//   tile feeds four warps (chunk_attention_sm90a.cu);
+//   tile feeds four warps; tiles that every row of the block sees (the
+//   usual tile: occupied slots, a full block) skip the masks
+//   (chunk_attention_sm90a.cu);
 // - kMmaSync: mma.sync m16n8k16, every warp reading its own fragments of
 //   the tile out of shared memory (any sm_90 device);
-// - kAuto: kWarpGroupLean on a device of compute capability 9.0, else
-//   kMmaSync.
+// - kAuto: kWarpGroup on a device of compute capability 9.0, else kMmaSync.
 // Both give the same results within fp32 rounding; the choice is for
 // benchmarks and tests.
-// - kWarpGroupLean: kWarpGroup with leaner copies (fixed offsets, 32-bit
-//   key counts) and no masks on tiles whose keys every row of the block
-//   sees (the usual tile: occupied slots, a full block).
-enum class ChunkKernels : int {
-  kAuto = 0,
-  kMmaSync = 1,
-  kWarpGroup = 2,
-  kWarpGroupLean = 3
-};
+enum class ChunkKernels : int { kAuto = 0, kMmaSync = 1, kWarpGroup = 2 };
 
 // Known on the host before launch.
 struct ChunkShape {

@@ -8,7 +8,7 @@
 //   mma.sync has every warp read its own fragments by ldmatrix (4× the
 //   shared-memory reads, which bound those kernels);
 // - K and V tiles sit in the 128-byte swizzled layout that the matrix
-//   descriptors name (PieceOffset<true>), three stages deep, so that a
+//   descriptors name (SwizzledOffset), three stages deep, so that a
 //   tile's gathered rows have two tiles' time to arrive;
 // - the queries stay in registers as the A operand (ldmatrix'd once), and
 //   P goes from the S accumulators to the A operand of P·V in registers.
@@ -17,8 +17,6 @@
 // after which wgmma reads them.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
-#include <type_traits>
 
 #include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/chunk_attention.h"
@@ -203,11 +201,11 @@ __device__ __forceinline__ unsigned char* AlignedTiles(void* after) {
   return static_cast<unsigned char*>(after) + (aligned - address);
 }
 
-// A tile's copy in the swizzled layout, with what the lean kernels add:
-// a thread copies one fixed 16-byte piece of 4 keys 16 apart, so its
-// shared-memory offsets are constants; keys are counted in 32 bits (slots
-// + chunk < 2^31, CheckShape). Returns whether every key whose vis this
-// thread wrote is visible to token `visible_to` (true when it wrote none).
+// A tile's copy in the swizzled layout: a thread copies one fixed 16-byte
+// piece of 4 keys 16 apart, so its shared-memory offsets are constants;
+// keys are counted in 32 bits (slots + chunk < 2^31, CheckShape). Returns
+// whether every key whose vis this thread wrote is visible to token
+// `visible_to` (true when it wrote none).
 template <typename T>
 __device__ __forceinline__ bool LoadSwizzledTile(const ChunkArgs& a, int b,
                                                  int tile,
@@ -221,7 +219,7 @@ __device__ __forceinline__ bool LoadSwizzledTile(const ChunkArgs& a, int b,
   const int piece = threadIdx.x % kPieces;
   const int first_key = threadIdx.x / kPieces;
   // Keys 16 apart share (key mod 8), so the swizzle is the same for all 4.
-  const int offset = PieceOffset<true>(first_key, piece);
+  const int offset = SwizzledOffset(first_key, piece);
   const int slots = int(a.slots);
   const int k0 = tile * kKeys;
   const int stage = (tile % kIndexStages) * kKeys;
@@ -259,11 +257,10 @@ __device__ __forceinline__ bool LoadSwizzledTile(const ChunkArgs& a, int b,
   return visible;
 }
 
-// The tiles' copies and what the block knows of them. kLean: the copies of
-// LoadSwizzledTile, and for each tile whether every key is visible to every
-// row of the block (a full block and no empty slot: the usual tile), so
-// the math can skip the masks; else LoadKeyTile, and every tile masked.
-template <typename T, bool kLean>
+// The tiles' copies (LoadSwizzledTile) and, for each tile, whether every
+// key is visible to every row of the block (a full block and no empty
+// slot: the usual tile), so that the math can skip the masks.
+template <typename T>
 struct TileStream {
   const ChunkArgs& a;
   int b;
@@ -276,16 +273,11 @@ struct TileStream {
 
   __device__ void Load(int tile) {
     const int stage = tile % kStages;
-    unsigned char* k = k_tiles + stage * kSwizzledTileBytes;
-    unsigned char* v =
-        v_tiles != nullptr ? v_tiles + stage * kSwizzledTileBytes : nullptr;
-    if constexpr (kLean) {
-      const bool mine = LoadSwizzledTile<T>(a, b, tile, k, v,
-                                            vis + stage * kKeys, visible_to);
-      visible = (visible & ~(1u << stage)) | (unsigned(mine) << stage);
-    } else {
-      LoadKeyTile<T, true>(a, b, tile, k, v, vis + stage * kKeys);
-    }
+    const bool mine = LoadSwizzledTile<T>(
+        a, b, tile, k_tiles + stage * kSwizzledTileBytes,
+        v_tiles != nullptr ? v_tiles + stage * kSwizzledTileBytes : nullptr,
+        vis + stage * kKeys, visible_to);
+    visible = (visible & ~(1u << stage)) | (unsigned(mine) << stage);
   }
 
   // The start of both passes: the queries and the first tiles' indices
@@ -316,12 +308,8 @@ struct TileStream {
   __device__ bool Next(int tile) {
     WaitCopies<kStages - 2>();
     FenceProxyAsync();
-    bool unmasked = false;
-    if constexpr (kLean) {
-      unmasked = __syncthreads_and(int((visible >> (tile % kStages)) & 1u));
-    } else {
-      __syncthreads();
-    }
+    const bool unmasked =
+        __syncthreads_and(int((visible >> (tile % kStages)) & 1u)) != 0;
     const int next = tile + kStages - 1;
     if (next < tiles) Load(next);
     if (next + kStages - 1 < tiles) {
@@ -351,7 +339,7 @@ constexpr size_t kScoresBytes =
 
 // ---- launch 2: forward -----------------------------------------------------
 
-template <typename T, bool kLean>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     ChunkForwardWarpGroupKernel(const ChunkArgs a) {
   T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
@@ -364,8 +352,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int b = blockIdx.y;
   const int r0 = blockIdx.x * kRows;
   const BlockRows my = RowsOf(a, r0);
-  TileStream<T, kLean> tiles{a,       b,   my.tiles,           k_tiles,
-                             v_tiles, vis, VisibleToAll(a, r0)};
+  TileStream<T> tiles{a,       b,   my.tiles,           k_tiles,
+                      v_tiles, vis, VisibleToAll(a, r0)};
   tiles.Start(r0, q_tile);
   uint32_t qf[kD / 16][4];
 #pragma unroll
@@ -406,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---- launch 3: per query block, Σ f·r per key ------------------------------
 
-template <typename T, int kGroup, bool kLean>
+template <typename T, int kGroup>
 __global__ void __launch_bounds__(kThreads, 2)
     ChunkScoresWarpGroupKernel(const ChunkArgs a) {
   T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
@@ -424,8 +412,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t keys_total = a.slots + a.chunk;
   float* partial = a.w.partials + (int64_t{qb} * a.streams + b) * keys_total;
 
-  TileStream<T, kLean> tiles{a,       b,   my.tiles,           k_tiles,
-                             nullptr, vis, VisibleToAll(a, r0)};
+  TileStream<T> tiles{a,       b,   my.tiles,           k_tiles,
+                      nullptr, vis, VisibleToAll(a, r0)};
   tiles.Start(r0, q_tile);
   uint32_t qf[kD / 16][4];
 #pragma unroll
@@ -453,24 +441,15 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-template <typename T, bool kLean>
-const void* ScoresKernelFor(int group) {
-  auto kernel = [](auto g) {
-    return reinterpret_cast<const void*>(
-        &ChunkScoresWarpGroupKernel<T, decltype(g)::value, kLean>);
-  };
-  return group == 1   ? kernel(std::integral_constant<int, 1>())
-         : group == 2 ? kernel(std::integral_constant<int, 2>())
-         : group == 4 ? kernel(std::integral_constant<int, 4>())
-                      : kernel(std::integral_constant<int, 8>());
-}
-
-template <typename T, bool kLean>
+template <typename T>
 PassKernels KernelsOf(int group) {
   PassKernels k;
-  k.forward =
-      reinterpret_cast<const void*>(&ChunkForwardWarpGroupKernel<T, kLean>);
-  k.scores = ScoresKernelFor<T, kLean>(group);
+  k.forward = reinterpret_cast<const void*>(&ChunkForwardWarpGroupKernel<T>);
+  k.scores = reinterpret_cast<const void*>(
+      group == 1   ? &ChunkScoresWarpGroupKernel<T, 1>
+      : group == 2 ? &ChunkScoresWarpGroupKernel<T, 2>
+      : group == 4 ? &ChunkScoresWarpGroupKernel<T, 4>
+                   : &ChunkScoresWarpGroupKernel<T, 8>);
   k.forward_bytes = kForwardBytes;
   k.scores_bytes = kScoresBytes;
   return k;
@@ -478,13 +457,8 @@ PassKernels KernelsOf(int group) {
 
 }  // namespace
 
-PassKernels WarpGroupKernelsFor(bool bf16, int group, bool lean) {
-  if (lean) {
-    return bf16 ? KernelsOf<__nv_bfloat16, true>(group)
-                : KernelsOf<__half, true>(group);
-  }
-  return bf16 ? KernelsOf<__nv_bfloat16, false>(group)
-              : KernelsOf<__half, false>(group);
+PassKernels WarpGroupKernelsFor(bool bf16, int group) {
+  return bf16 ? KernelsOf<__nv_bfloat16>(group) : KernelsOf<__half>(group);
 }
 
 }  // namespace kvmem::cuda::chunk_tiles

@@ -202,33 +202,26 @@ __device__ __forceinline__ void LoadKeyIndices(const StreamSlots& mine,
   }
 }
 
-// Where a tile's 16-byte piece `piece` of key `key`'s row goes, in bytes
-// from the tile's start:
-// - padded (the mma.sync kernels, read by ldmatrix): rows of kPitch halves;
-// - swizzled (the wgmma kernels, read by the tensor cores through matrix
-//   descriptors): the canonical 128-byte swizzle, two halves of 64
-//   channels, each [64 keys][128 B] with piece c of key r at
-//   (c ^ r mod 8)·16, so the 8 rows of a core matrix hit all 32 banks.
+// The wgmma kernels' tiles (chunk_attention_sm90a.cu): the canonical
+// 128-byte swizzle that their matrix descriptors name, in two halves of 64
+// channels, each [64 keys][128 B], with 16-byte piece c of key r at
+// (c ^ r mod 8)·16, so the 8 rows of a core matrix hit all 32 banks.
 constexpr int kSwizzledHalfBytes = kKeys * 128;
 constexpr int kSwizzledTileBytes = 2 * kSwizzledHalfBytes;
-template <bool kSwizzled>
-__device__ __forceinline__ int PieceOffset(int key, int piece) {
-  if constexpr (kSwizzled) {
-    return (piece / 8) * kSwizzledHalfBytes + key * 128 +
-           ((piece % 8) ^ (key % 8)) * 16;
-  } else {
-    return key * kPitch * 2 + piece * 16;
-  }
+__device__ __forceinline__ int SwizzledOffset(int key, int piece) {
+  return (piece / 8) * kSwizzledHalfBytes + key * 128 +
+         ((piece % 8) ^ (key % 8)) * 16;
 }
 
 // Starts the copy of key tile `tile` (keys [64·tile, +64)) of stream b
-// (rows into k_tile and, when v_tile is not null, v_tile, laid out as
-// PieceOffset<kSwizzled> says), and writes their vis. The tile's indices
-// must be in their stage and visible.
-template <typename T, bool kSwizzled>
-__device__ void LoadKeyTile(const ChunkArgs& a, int b, int tile,
-                            unsigned char* k_tile, unsigned char* v_tile,
-                            int* vis) {
+// (rows into k_tile and, when v_tile is not null, v_tile, rows of kPitch
+// halves), and writes their vis. The tile's indices must be in their stage
+// and visible.
+template <typename T>
+__device__ void LoadKeyTile(const ChunkArgs& a, int b, int tile, T* k_rows_to,
+                            T* v_rows_to, int* vis) {
+  unsigned char* k_tile = reinterpret_cast<unsigned char*>(k_rows_to);
+  unsigned char* v_tile = reinterpret_cast<unsigned char*>(v_rows_to);
   const KeyIndexTiles idx = SharedKeyIndices();
   const T* key_rows = static_cast<const T*>(a.in.key_rows);
   const T* value_rows = static_cast<const T*>(a.in.value_rows);
@@ -260,16 +253,11 @@ __device__ void LoadKeyTile(const ChunkArgs& a, int b, int tile,
     }
     const bool valid = first_token != kNever;
     const int offset = piece * (16 / int(sizeof(T)));
-    const int at = PieceOffset<kSwizzled>(key, piece);
+    const int at = key * kPitch * 2 + piece * 16;  // bytes
     CopyAsync16(k_tile + at, ksrc + offset, valid);
     if (v_tile != nullptr) CopyAsync16(v_tile + at, vsrc + offset, valid);
     if (piece == 0) vis[key] = first_token;
   }
-}
-
-template <typename T>
-__device__ __forceinline__ unsigned char* Bytes(T* p) {
-  return reinterpret_cast<unsigned char*>(p);
 }
 
 // The stream row (from the block's first) that MMA row ρ of a 16-row warp
@@ -312,7 +300,7 @@ __device__ __forceinline__ void StartKeyTiles(const ChunkArgs& a, int b, int r0,
   CommitCopies();
   WaitCopies<0>();
   __syncthreads();
-  LoadKeyTile<T, false>(a, b, 0, Bytes(k_tile), Bytes(v_tile), vis);
+  LoadKeyTile<T>(a, b, 0, k_tile, v_tile, vis);
   CommitCopies();
 }
 
@@ -323,9 +311,7 @@ template <typename T>
 __device__ __forceinline__ void LoadNextKeyTile(const ChunkArgs& a, int b,
                                                 int tile, int tiles, T* k_tile,
                                                 T* v_tile, int* vis) {
-  if (tile + 1 < tiles) {
-    LoadKeyTile<T, false>(a, b, tile + 1, Bytes(k_tile), Bytes(v_tile), vis);
-  }
+  if (tile + 1 < tiles) LoadKeyTile<T>(a, b, tile + 1, k_tile, v_tile, vis);
   if (tile + kIndexAhead < tiles) {
     LoadKeyIndices(SlotsOf(a, b), a.slots, tile + kIndexAhead);
   }
@@ -667,7 +653,7 @@ struct PassKernels {
 };
 // The warpgroup-MMA family (chunk_attention_sm90a.cu, built for sm_90a
 // alone: they run on a device of compute capability 9.0 only).
-PassKernels WarpGroupKernelsFor(bool bf16, int group, bool lean);
+PassKernels WarpGroupKernelsFor(bool bf16, int group);
 
 }  // namespace kvmem::cuda::chunk_tiles
 

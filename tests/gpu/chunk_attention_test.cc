@@ -310,11 +310,9 @@ void RunKernels(const ChunkConfig& c) {
 // Each configuration on both kernel families (chunk_attention.h), from
 // fresh seeds.
 void RunConfig(ChunkConfig c) {
-  for (ChunkKernels kernels : {ChunkKernels::kMmaSync, ChunkKernels::kWarpGroup,
-                               ChunkKernels::kWarpGroupLean}) {
-    SCOPED_TRACE(kernels == ChunkKernels::kMmaSync     ? "mma.sync"
-                 : kernels == ChunkKernels::kWarpGroup ? "wgmma"
-                                                       : "wgmma lean");
+  for (ChunkKernels kernels :
+       {ChunkKernels::kMmaSync, ChunkKernels::kWarpGroup}) {
+    SCOPED_TRACE(kernels == ChunkKernels::kMmaSync ? "mma.sync" : "wgmma");
     c.kernels = kernels;
     RunKernels(c);
   }
