@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const BlockRows my = RowsOf(a, r0);
   const int warp = threadIdx.x / 32;
   const int64_t keys_total = a.slots + a.chunk;
-  float* partial = a.w.partials + (int64_t{qb} * a.streams + b) * keys_total;
+  float* partial = BlockPartials(a, qb, b, keys_total);
 
   StartKeyTiles<T>(a, b, r0, my.tiles, q_tile, k_tiles, nullptr, vis);
   // Without an output accumulator this pass has the registers to keep its

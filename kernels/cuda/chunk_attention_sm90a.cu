@@ -111,6 +111,16 @@ __device__ __forceinline__ uint64_t ValueDescriptor(uint32_t tile, int kk) {
       "+f"(o[14][1]), "+f"(o[14][2]), "+f"(o[14][3]), "+f"(o[15][0]),        \
       "+f"(o[15][1]), "+f"(o[15][2]), "+f"(o[15][3])
 
+// The accumulators' operand numbers in the asm strings below.
+#define KVMEM_REGS_0_31                                                    \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, " \
+  "%30, %31"
+#define KVMEM_REGS_32_63                                                   \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, " \
+  "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, " \
+  "%60, %61, %62, %63"
+
 template <typename T>
 struct WarpGroupMma;
 
@@ -127,16 +137,8 @@ struct WarpGroupMma;
           "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                         \
           "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE  \
           " "                                                                  \
-          "{"                                                                  \
-          "%0, %1, %2, %3, %4, %5, %6, %7"                                     \
-          ", "                                                                 \
-          "%8, %9, %10, %11, %12, %13, %14, %15"                               \
-          ", "                                                                 \
-          "%16, %17, %18, %19, %20, %21, %22, %23"                             \
-          ", "                                                                 \
-          "%24, %25, %26, %27, %28, %29, %30, %31"                             \
-          "}"                                                                  \
-          ", "                                                                 \
+          "{" KVMEM_REGS_0_31                                                  \
+          "}, "                                                                \
           "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                        \
           : KVMEM_S_ACCUMULATORS                                               \
           : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),                \
@@ -148,24 +150,8 @@ struct WarpGroupMma;
           "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                         \
           "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE \
           " "                                                                  \
-          "{"                                                                  \
-          "%0, %1, %2, %3, %4, %5, %6, %7"                                     \
-          ", "                                                                 \
-          "%8, %9, %10, %11, %12, %13, %14, %15"                               \
-          ", "                                                                 \
-          "%16, %17, %18, %19, %20, %21, %22, %23"                             \
-          ", "                                                                 \
-          "%24, %25, %26, %27, %28, %29, %30, %31"                             \
-          ", "                                                                 \
-          "%32, %33, %34, %35, %36, %37, %38, %39"                             \
-          ", "                                                                 \
-          "%40, %41, %42, %43, %44, %45, %46, %47"                             \
-          ", "                                                                 \
-          "%48, %49, %50, %51, %52, %53, %54, %55"                             \
-          ", "                                                                 \
-          "%56, %57, %58, %59, %60, %61, %62, %63"                             \
-          "}"                                                                  \
-          ", "                                                                 \
+          "{" KVMEM_REGS_0_31 ", " KVMEM_REGS_32_63                            \
+          "}, "                                                                \
           "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                        \
           : KVMEM_O_ACCUMULATORS                                               \
           : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));       \
@@ -176,6 +162,8 @@ KVMEM_WARP_GROUP_MMA(__half, "f16")
 #undef KVMEM_WARP_GROUP_MMA
 #undef KVMEM_S_ACCUMULATORS
 #undef KVMEM_O_ACCUMULATORS
+#undef KVMEM_REGS_0_31
+#undef KVMEM_REGS_32_63
 
 // S = the warpgroup's queries (qf: this warp's 16 rows) · the key tile.
 template <typename T>
@@ -410,7 +398,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const BlockRows my = RowsOf(a, r0);
   const int warp = threadIdx.x / 32;
   const int64_t keys_total = a.slots + a.chunk;
-  float* partial = a.w.partials + (int64_t{qb} * a.streams + b) * keys_total;
+  float* partial = BlockPartials(a, qb, b, keys_total);
 
   TileStream<T> tiles{a,       b,   my.tiles,           k_tiles,
                       nullptr, vis, VisibleToAll(a, r0)};

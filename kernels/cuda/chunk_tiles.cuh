@@ -151,6 +151,12 @@ __device__ __forceinline__ int64_t QueryRow(const ChunkArgs& a, int b, int r) {
   return (int64_t{t} * a.streams + b) * a.group + r % a.group;
 }
 
+// Query block qb's partial sums of stream b: [keys_total = slots + T].
+__device__ __forceinline__ float* BlockPartials(const ChunkArgs& a, int qb,
+                                                int b, int64_t keys_total) {
+  return a.w.partials + (int64_t{qb} * a.streams + b) * keys_total;
+}
+
 // Stream b's slot arrays, from the flat arrays or its own pointers.
 struct StreamSlots {
   const int64_t* positions;  // [slots]
