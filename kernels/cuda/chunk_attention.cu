@@ -1,6 +1,9 @@
-// The four launches of a prefill chunk (chunk_attention.h). Both attention
-// kernels use mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate) with eight
-// warps of 16 query rows each (128 rows a block) over 64-key tiles:
+// The four launches of a prefill chunk (chunk_attention.h). The two
+// attention passes come in two families (ChunkKernels): on an H100/H200
+// the wgmma kernels of chunk_attention_sm90a.cu, elsewhere the ones here.
+// Both attention kernels here use mma.sync m16n8k16 (bf16/fp16 in, fp32
+// accumulate) with eight warps of 16 query rows each (128 rows a block)
+// over 64-key tiles:
 // - tiles arrive in shared memory by cp.async one tile ahead of the math
 //   (the slots' indices, which locate a tile's rows, three tiles ahead),
 //   fragments come out of it by ldmatrix (V transposed on the fly); the

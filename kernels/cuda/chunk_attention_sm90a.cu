@@ -11,7 +11,10 @@
 //   descriptors name (SwizzledOffset), three stages deep, so that a
 //   tile's gathered rows have two tiles' time to arrive;
 // - the queries stay in registers as the A operand (ldmatrix'd once), and
-//   P goes from the S accumulators to the A operand of P·V in registers.
+//   P goes from the S accumulators to the A operand of P·V in registers;
+// - the math warps issue less per tile (what bounds these kernels, by ncu;
+//   bench/results/gpu-2026-12-07.md): a tile that every row of the block
+//   sees skips the masks, and the copy's offsets are fixed (TileStream).
 // The copies are cp.async, written through the generic proxy: each thread
 // fences them to the async proxy (fence.proxy.async) before the barrier
 // after which wgmma reads them.
@@ -179,8 +182,7 @@ __device__ __forceinline__ void KeyProducts(const uint32_t (&qf)[kD / 16][4],
   PinAccumulators(s);
 }
 
-// ---- staging
-// -----------------------------------------------------------------
+// ---- staging ---------------------------------------------------------------
 
 // The first 1024-byte boundary of shared memory at or after `after`.
 __device__ __forceinline__ unsigned char* AlignedTiles(void* after) {
