@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work (scripts/gpu-pack.sh packs it): the
+# GPU tests, the prefill benchmark of both chunk kernel families, prefill
+# against PyTorch SDPA at 1M tokens, the decode-step benchmark. Each step
+# has its own timeout, in the order of what a session most needs, so a
+# short lease still brings the first ones back; outputs go to $OUT.
+# STEPS (space-separated, default all): tests prefill sdpa decode.
+cd "$(dirname "$0")"
+export LD_LIBRARY_PATH=.
+: "${OUT:=/tmp/out}"
+mkdir -p "$OUT"
+steps=${STEPS:-"tests prefill sdpa decode"}
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+for step in $steps; do
+  case $step in
+    tests)
+      timeout 240 ./kvmem_gpu_tests > "$OUT/gpu_tests.txt" 2>&1
+      echo "tests rc=$?"
+      grep -E "^\[  (PASSED|FAILED)|^\[  FAILED|Failure" "$OUT/gpu_tests.txt" | head -20 ;;
+    prefill)
+      timeout 120 ./kvmem_prefill_bench --tokens=65536 --budgets=16384,65536 \
+        --cascades=1 --repeats=3 --kernels=1,2 > "$OUT/prefill.txt" 2>&1
+      echo "prefill rc=$?"
+      grep -E "^#|^ " "$OUT/prefill.txt" ;;
+    sdpa)
+      timeout 240 python3 prefill_vs_sdpa.py --bench ./kvmem_prefill_bench \
+        --tokens 1048576 --budgets 16384,65536 --cascades 1 --repeats 2 \
+        > "$OUT/sdpa.txt" 2>&1
+      echo "sdpa rc=$?"
+      tail -7 "$OUT/sdpa.txt" ;;
+    decode)
+      timeout 240 ./kvmem_gpu_bench > "$OUT/decode.txt" 2>&1
+      echo "decode rc=$?"
+      sed -n '/^device:/,$p' "$OUT/decode.txt" ;;
+  esac
+done
