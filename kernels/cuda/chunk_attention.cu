@@ -185,8 +185,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // query fragments (32 a thread) for every tile: a fifth of the shared
   // memory reads of a tile fewer. (StartKeyTiles waited for the queries.)
   uint32_t qf[kD / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
+  QueryFragments(q_tile, qf);
   const ScoreRows w = ScoreRowsOf<kGroup>(a, b, my);
 
   for (int tile = 0; tile < my.tiles; ++tile) {

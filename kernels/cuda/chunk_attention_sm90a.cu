@@ -346,8 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                       v_tiles, vis, VisibleToAll(a, r0)};
   tiles.Start(r0, q_tile);
   uint32_t qf[kD / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
+  QueryFragments(q_tile, qf);
 
   float o[16][4];
 #pragma unroll
@@ -406,8 +405,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                       nullptr, vis, VisibleToAll(a, r0)};
   tiles.Start(r0, q_tile);
   uint32_t qf[kD / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
+  QueryFragments(q_tile, qf);
   const ScoreRows w = ScoreRowsOf<kGroup>(a, b, my);
   float s[8][4] = {};
 

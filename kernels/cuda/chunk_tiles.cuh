@@ -337,6 +337,15 @@ __device__ __forceinline__ void QueryFragment(const T* q_tile, int kk,
                         kk * 16 + (j / 2) * 8));
 }
 
+// All 8 A fragments of this warp's 16 query rows, kept in registers for
+// every tile by the passes that have the room.
+template <typename T>
+__device__ __forceinline__ void QueryFragments(const T* q_tile,
+                                               uint32_t (&qf)[kD / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) QueryFragment(q_tile, kk, qf[kk]);
+}
+
 // s += the products of query fragment kk with the key tile's channels
 // kk·16 … +15 (16 rows × 64 keys).
 template <typename T>
