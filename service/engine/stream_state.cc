@@ -433,8 +433,11 @@ absl::Status StreamState::Apply(
   // reply) and the query are rotated; external attention came rotated.
   std::vector<int64_t> rotary_at;
   int64_t query_base = n_cache;
-  if (config_->cache_rank && has_query &&
-      (external == nullptr || mode == StepMode::kFetch)) {
+  // The host gathers the keys (and rotates them) for its own attention and
+  // for a FETCH reply; external attention needs neither.
+  const bool host_keys =
+      has_query && (external == nullptr || mode == StepMode::kFetch);
+  if (config_->cache_rank && host_keys) {
     rotary_at = RotaryPositions(attended, &query_base);
   }
 
@@ -445,7 +448,7 @@ absl::Status StreamState::Apply(
   std::vector<float> self_probs(has_query ? size_t(T) * T : 0, 0.0f);
   std::string keys, values;         // [total, D] session dtype
   std::vector<float> rotated_keys;  // CACHE_RANK: [total, D] fp32
-  if (has_query && (external == nullptr || mode == StepMode::kFetch)) {
+  if (host_keys) {
     keys.reserve(total * row);
     values.reserve(total * row);
     for (const AttendedRow& a : attended) {
