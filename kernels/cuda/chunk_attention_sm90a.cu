@@ -8,8 +8,11 @@
 //   mma.sync has every warp read its own fragments by ldmatrix (4× the
 //   shared-memory reads, which bound those kernels);
 // - K and V tiles sit in the 128-byte swizzled layout that the matrix
-//   descriptors name (SwizzledOffset), three stages deep, so that a
-//   tile's gathered rows have two tiles' time to arrive;
+//   descriptors name (SwizzledOffset), copied two tiles ahead (kLead), so
+//   that a tile's gathered rows have two tiles' time to arrive;
+// - in the forward pass the two warpgroups run in opposite phases, one's
+//   softmax beside the other's products (ChunkForwardWarpGroupKernel), and
+//   the running max moves only by more than 2^8 (SoftmaxTile);
 // - the queries stay in registers as the A operand (ldmatrix'd once), and
 //   P goes from the S accumulators to the A operand of P·V in registers;
 // - the math warps issue less per tile (what bounds these kernels, by ncu;
@@ -32,11 +35,15 @@
 namespace kvmem::cuda::chunk_tiles {
 namespace {
 
-// K/V stages: tile i + 2 is copied while tile i is used. The indices of
-// tile i + 4 are written while those of i + 2 are read, and the prologue
-// reads two stages at once.
-constexpr int kStages = 3;
-static_assert(kIndexStages >= kStages + 1, "index stages too few");
+// Tiles are copied kLead ahead: tile i + 2 is copied while tile i is used.
+// The indices of tile i + 4 are written while those of i + 2 are read, and
+// the prologue reads two stages at once. The score pass keeps kLead + 1 K
+// stages; the forward kLead + 2, as its warpgroups still use tile i − 1
+// while tile i + 2 arrives (ChunkForwardWarpGroupKernel).
+constexpr int kLead = 2;
+constexpr int kScoreStages = kLead + 1;
+constexpr int kForwardStages = kLead + 2;
+static_assert(kIndexStages >= 2 * kLead + 1, "index stages too few");
 
 // ---- wgmma -----------------------------------------------------------------
 
@@ -247,19 +254,21 @@ __device__ __forceinline__ bool LoadSwizzledTile(const ChunkArgs& a, int b,
   return visible;
 }
 
-// The tiles' copies (LoadSwizzledTile) and, for each tile, whether every
-// key is visible to every row of the block (a full block and no empty
-// slot: the usual tile), so that the math can skip the masks.
-template <typename T>
+// The tiles' copies (LoadSwizzledTile) into kStages stages and, for each
+// tile, whether every key is visible to every row of the block (a full
+// block and no empty slot: the usual tile), so that the math can skip the
+// masks.
+template <typename T, int kStages>
 struct TileStream {
+  static_assert(kStages > kLead, "a stage for the tile in use");
   const ChunkArgs& a;
   int b;
   int tiles;
   unsigned char* k_tiles;
   unsigned char* v_tiles;  // null in the score pass
-  int* vis;
-  int visible_to;        // the block's first token; −3 (never) if not full
-  unsigned visible = 0;  // this thread's answer for tile i, bit i % kStages
+  int* vis;                // [kStages][kKeys]
+  int visible_to;          // the block's first token; −3 (never) if not full
+  unsigned visible = 0;    // this thread's answer for tile i, bit i % kStages
 
   __device__ void Load(int tile) {
     const int stage = tile % kStages;
@@ -271,39 +280,38 @@ struct TileStream {
   }
 
   // The start of both passes: the queries and the first tiles' indices
-  // arrive (and are waited for); tiles 0 … kStages − 2 start, each in a
-  // group with the indices of the tile kStages − 1 after it.
+  // arrive (and are waited for); tiles 0 … kLead − 1 start, each in a
+  // group with the indices of the tile kLead after it.
   __device__ void Start(int r0, T* q_tile) {
     const StreamSlots mine = SlotsOf(a, b);
-    for (int t = 0; t < kStages - 1 && t < tiles; ++t) {
+    for (int t = 0; t < kLead && t < tiles; ++t) {
       LoadKeyIndices(mine, a.slots, t);
     }
     LoadQueryTile<T>(a, b, r0, q_tile);
     CommitCopies();
     WaitCopies<0>();
     __syncthreads();
-    for (int t = 0; t < kStages - 1; ++t) {
+    for (int t = 0; t < kLead; ++t) {
       if (t < tiles) Load(t);
-      if (t + kStages - 1 < tiles) {
-        LoadKeyIndices(mine, a.slots, t + kStages - 1);
-      }
+      if (t + kLead < tiles) LoadKeyIndices(mine, a.slots, t + kLead);
       CommitCopies();
     }
   }
 
   // Each iteration's start: tile `tile` has arrived and is visible to every
-  // thread and to the tensor cores; every thread is done with tile − 1,
-  // whose stage then takes tile + kStages − 1 (with the indices kStages − 1
-  // tiles after that). Returns whether tile `tile` needs no masks.
+  // thread and to the tensor cores; every thread is done with tile
+  // kLead − kStages (the last tile of the stage that tile + kLead takes,
+  // with the indices kLead tiles after that). Returns whether tile `tile`
+  // needs no masks.
   __device__ bool Next(int tile) {
-    WaitCopies<kStages - 2>();
+    WaitCopies<kLead - 1>();
     FenceProxyAsync();
     const bool unmasked =
         __syncthreads_and(int((visible >> (tile % kStages)) & 1u)) != 0;
-    const int next = tile + kStages - 1;
+    const int next = tile + kLead;
     if (next < tiles) Load(next);
-    if (next + kStages - 1 < tiles) {
-      LoadKeyIndices(SlotsOf(a, b), a.slots, next + kStages - 1);
+    if (next + kLead < tiles) {
+      LoadKeyIndices(SlotsOf(a, b), a.slots, next + kLead);
     }
     CommitCopies();
     return unmasked;
@@ -319,19 +327,49 @@ __device__ __forceinline__ int VisibleToAll(const ChunkArgs& a, int r0) {
 
 // Dynamic shared memory: the key indices, the query tile, vis, (the score
 // pass's sums), then the 1024-byte aligned K (and V) stages.
-constexpr size_t kHeadBytes = kIndexSharedBytes + size_t(kQueryHalves) * 2 +
-                              kStages * kKeys * sizeof(int);
+constexpr size_t HeadBytes(int stages) {
+  return kIndexSharedBytes + size_t(kQueryHalves) * 2 +
+         size_t(stages) * kKeys * sizeof(int);
+}
 constexpr size_t kSumsBytes = 2 * kWarps * kKeys * sizeof(float);
 constexpr size_t kForwardBytes =
-    kHeadBytes + 1024 + 2 * kStages * size_t(kSwizzledTileBytes);
-constexpr size_t kScoresBytes =
-    kHeadBytes + kSumsBytes + 1024 + kStages * size_t(kSwizzledTileBytes);
+    HeadBytes(kForwardStages) + 1024 +
+    2 * kForwardStages * size_t(kSwizzledTileBytes);
+constexpr size_t kScoresBytes = HeadBytes(kScoreStages) + kSumsBytes + 1024 +
+                                kScoreStages * size_t(kSwizzledTileBytes);
 
 // ---- launch 2: forward -----------------------------------------------------
 
+// Keeps the compiler from reusing an A fragment's registers before the
+// asynchronous MMA that reads them has been waited for.
+__device__ __forceinline__ void PinFragments(uint32_t (&f)[kKeys / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kKeys / 16; ++kk) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(f[kk][e])::"memory");
+  }
+}
+
+// Which products a step of the forward issues (P·V, S).
+template <bool kValuesIn, bool kLogitsIn>
+struct Products {
+  static constexpr bool kValues = kValuesIn;
+  static constexpr bool kLogits = kLogitsIn;
+};
+
+// The two warpgroups run in opposite phases, so that one's softmax (FMA
+// and SFU pipes) runs while the other's products hold the tensor cores
+// (FlashAttention-3's "ping-pong"; here the tile barrier keeps the phases
+// apart). In iteration i, warpgroup 0 issues P·V of tile i − 1 and S of
+// tile i, then takes tile i's softmax; warpgroup 1 takes tile i − 1's
+// softmax first, then issues the same two products. In lockstep (both
+// softmaxes at once, then both products) the tensor cores idled for the
+// softmax and the SFU for the products. Both warpgroups use tiles i − 1
+// and i in iteration i, so the K/V stages are kLead + 2 deep.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     ChunkForwardWarpGroupKernel(const ChunkArgs a) {
+  constexpr int kStages = kForwardStages;
   T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
   int* vis = reinterpret_cast<int*>(q_tile + kQueryHalves);  // [kStages][64]
   unsigned char* k_tiles = AlignedTiles(vis + kStages * kKeys);
@@ -342,8 +380,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int b = blockIdx.y;
   const int r0 = blockIdx.x * kRows;
   const BlockRows my = RowsOf(a, r0);
-  TileStream<T> tiles{a,       b,   my.tiles,           k_tiles,
-                      v_tiles, vis, VisibleToAll(a, r0)};
+  TileStream<T, kStages> tiles{a,       b,   my.tiles,           k_tiles,
+                               v_tiles, vis, VisibleToAll(a, r0)};
   tiles.Start(r0, q_tile);
   uint32_t qf[kD / 16][4];
   QueryFragments(q_tile, qf);
@@ -352,32 +390,64 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
   float s[8][4] = {};
+  uint32_t pa[kKeys / 16][4];  // P of the tile whose softmax was taken
   RunningSoftmax r;
+  const bool softmax_first = threadIdx.x >= kThreads / 2;  // warpgroup 1
 
-  for (int tile = 0; tile < my.tiles; ++tile) {
-    const int stage = tile % kStages;
-    const bool unmasked = tiles.Next(tile);
-    KeyProducts<T>(qf, k_base + stage * kSwizzledTileBytes, s);
+  // The softmax of `tile`'s logits in s, leaving its P fragments in pa. No
+  // product is in flight: o may be rescaled.
+  auto softmax = [&](int tile, bool unmasked) {
     if (unmasked) {
       SoftmaxTile<false>(a, my, nullptr, s, o, r);
     } else {
-      SoftmaxTile<true>(a, my, vis + stage * kKeys, s, o, r);
+      SoftmaxTile<true>(a, my, vis + (tile % kStages) * kKeys, s, o, r);
     }
-    uint32_t pa[kKeys / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk)
-      ProbabilityFragment<T>(s, kk, pa[kk]);
-    PinAccumulators(o);
-    WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
-      WarpGroupMma<T>::Values(
-          o, pa[kk], ValueDescriptor(v_base + stage * kSwizzledTileBytes, kk));
+      ProbabilityFragment<T>(s, kk, pa[kk]);
+    }
+  };
+  // O += P·V of tile `values` (pa), then S of tile `keys`, each if its
+  // part is in `Which` (at compile time: ptxas serialises every wgmma of a
+  // kernel that has one under a branch).
+  auto products = [&](auto which, int values, int keys) {
+    using Which = decltype(which);
+    PinAccumulators(o);
+    WgmmaFence();
+    if constexpr (Which::kValues) {
+      const uint32_t v_tile = v_base + (values % kStages) * kSwizzledTileBytes;
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        WarpGroupMma<T>::Values(o, pa[kk], ValueDescriptor(v_tile, kk));
+      }
+    }
+    if constexpr (Which::kLogits) {
+      const uint32_t k_tile = k_base + (keys % kStages) * kSwizzledTileBytes;
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        WarpGroupMma<T>::Keys(s, qf[kk], KeyDescriptor(k_tile, kk), kk > 0);
+      }
     }
     WgmmaCommit();
     WgmmaWait();
     PinAccumulators(o);
+    PinAccumulators(s);
+    PinFragments(pa);
+  };
+
+  // Every block has a tile: its rows see at least their own token.
+  bool last_unmasked = tiles.Next(0);  // of tile − 1 in the loop
+  products(Products<false, true>(), -1, 0);
+  if (!softmax_first) softmax(0, last_unmasked);
+  for (int tile = 1; tile < my.tiles; ++tile) {
+    const bool unmasked = tiles.Next(tile);
+    if (softmax_first) softmax(tile - 1, last_unmasked);
+    products(Products<true, true>(), tile - 1, tile);
+    if (!softmax_first) softmax(tile, unmasked);
+    last_unmasked = unmasked;
   }
+  if (softmax_first) softmax(my.tiles - 1, last_unmasked);
+  products(Products<true, false>(), my.tiles - 1, -1);
   StoreForwardRows(a, b, my, o, r);
 }
 
@@ -386,6 +456,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename T, int kGroup>
 __global__ void __launch_bounds__(kThreads, 2)
     ChunkScoresWarpGroupKernel(const ChunkArgs a) {
+  constexpr int kStages = kScoreStages;
   T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
   int* vis = reinterpret_cast<int*>(q_tile + kQueryHalves);  // [kStages][64]
   // [2][warps][64]: two stages, so that one barrier a tile suffices.
@@ -401,8 +472,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t keys_total = a.slots + a.chunk;
   float* partial = BlockPartials(a, qb, b, keys_total);
 
-  TileStream<T> tiles{a,       b,   my.tiles,           k_tiles,
-                      nullptr, vis, VisibleToAll(a, r0)};
+  TileStream<T, kStages> tiles{a,       b,   my.tiles,           k_tiles,
+                               nullptr, vis, VisibleToAll(a, r0)};
   tiles.Start(r0, q_tile);
   uint32_t qf[kD / 16][4];
   QueryFragments(q_tile, qf);

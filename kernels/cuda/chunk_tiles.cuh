@@ -409,6 +409,7 @@ __device__ __forceinline__ BlockRows RowsOf(const ChunkArgs& a, int r0) {
 
 // The forward pass's running softmax of a thread's two fragment rows:
 // max in log2 units and this lane's share of Σp.
+constexpr float kRescaleSlack = 8.0f;  // log2 units (SoftmaxTile)
 struct RunningSoftmax {
   float m_a = -INFINITY, m_b = -INFINITY;
   float l_a = 0.0f, l_b = 0.0f;
@@ -454,24 +455,33 @@ __device__ __forceinline__ void SoftmaxTile(const ChunkArgs& a,
     tile_max_a *= a.scale_log2;
     tile_max_b *= a.scale_log2;
   }
-  const float new_m_a = fmaxf(r.m_a, tile_max_a);
-  const float new_m_b = fmaxf(r.m_b, tile_max_b);
-  // A row that has seen no key yet keeps p = 0 (never exp(−∞ + ∞)).
-  const float base_a = new_m_a == -INFINITY ? 0.0f : new_m_a;
-  const float base_b = new_m_b == -INFINITY ? 0.0f : new_m_b;
-  const float alpha_a = Exp2(r.m_a - base_a);
-  const float alpha_b = Exp2(r.m_b - base_b);
-  r.m_a = new_m_a;
-  r.m_b = new_m_b;
-  r.l_a *= alpha_a;
-  r.l_b *= alpha_b;
+  // The running max is a reference, not the exact max: it moves (and o
+  // and the sums are rescaled, 70 instructions) only when a row of the
+  // warp meets a logit over it by more than kRescaleSlack, so p ≤ 2^8.
+  // Out (o / Σp) and the LSE (max + log Σp) stay exact: both use one
+  // reference.
+  const bool moved =
+      tile_max_a > r.m_a + kRescaleSlack || tile_max_b > r.m_b + kRescaleSlack;
+  if (__any_sync(0xffffffffu, moved)) {
+    const float new_m_a = fmaxf(r.m_a, tile_max_a);
+    const float new_m_b = fmaxf(r.m_b, tile_max_b);
+    // A row that has seen no key yet keeps p = 0 (never exp(−∞ + ∞)).
+    const float alpha_a = Exp2(r.m_a - (new_m_a == -INFINITY ? 0.0f : new_m_a));
+    const float alpha_b = Exp2(r.m_b - (new_m_b == -INFINITY ? 0.0f : new_m_b));
+    r.m_a = new_m_a;
+    r.m_b = new_m_b;
+    r.l_a *= alpha_a;
+    r.l_b *= alpha_b;
 #pragma unroll
-  for (int n = 0; n < 16; ++n) {
-    o[n][0] *= alpha_a;
-    o[n][1] *= alpha_a;
-    o[n][2] *= alpha_b;
-    o[n][3] *= alpha_b;
+    for (int n = 0; n < 16; ++n) {
+      o[n][0] *= alpha_a;
+      o[n][1] *= alpha_a;
+      o[n][2] *= alpha_b;
+      o[n][3] *= alpha_b;
+    }
   }
+  const float base_a = r.m_a == -INFINITY ? 0.0f : r.m_a;
+  const float base_b = r.m_b == -INFINITY ? 0.0f : r.m_b;
 #pragma unroll
   for (int n = 0; n < 8; ++n) {
 #pragma unroll
