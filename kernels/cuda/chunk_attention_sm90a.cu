@@ -1,6 +1,6 @@
 // The two attention passes of a prefill chunk on Hopper's warpgroup MMA
 // (wgmma), built for sm_90a alone (kernels/CMakeLists.txt): the same
-// blocks, rows, 64-key tiles, staging and math as the mma.sync kernels of
+// blocks, rows, staging and math as the mma.sync kernels of
 // chunk_attention.cu (chunk_tiles.cuh holds what they share). What differs
 // is where the tensor cores read their operands:
 // - a block's 8 warps are two warpgroups of 64 query rows; one wgmma reads
@@ -8,8 +8,8 @@
 //   mma.sync has every warp read its own fragments by ldmatrix (4× the
 //   shared-memory reads, which bound those kernels);
 // - K and V tiles sit in the 128-byte swizzled layout that the matrix
-//   descriptors name (SwizzledOffset), copied two tiles ahead (kLead), so
-//   that a tile's gathered rows have two tiles' time to arrive;
+//   descriptors name (SwizzledTile), copied ahead (TileStream) so that a
+//   tile's gathered rows have one or two tiles' time to arrive;
 // - in the forward pass the two warpgroups run in opposite phases, one's
 //   softmax beside the other's products (ChunkForwardWarpGroupKernel), and
 //   the running max moves only by more than 2^8 (SoftmaxTile);
@@ -34,16 +34,6 @@
 
 namespace kvmem::cuda::chunk_tiles {
 namespace {
-
-// Tiles are copied kLead ahead: tile i + 2 is copied while tile i is used.
-// The indices of tile i + 4 are written while those of i + 2 are read, and
-// the prologue reads two stages at once. The score pass keeps kLead + 1 K
-// stages; the forward kLead + 2, as its warpgroups still use tile i − 1
-// while tile i + 2 arrives (ChunkForwardWarpGroupKernel).
-constexpr int kLead = 2;
-constexpr int kScoreStages = kLead + 1;
-constexpr int kForwardStages = kLead + 2;
-static_assert(kIndexStages >= 2 * kLead + 1, "index stages too few");
 
 // ---- wgmma -----------------------------------------------------------------
 
@@ -82,15 +72,19 @@ __device__ __forceinline__ uint64_t Descriptor(uint32_t address,
 // Channels kk·16 … +15 of a key tile as B of S = Q·Kᵀ, K-major: 32 bytes
 // into a 128-byte row of half kk/4; 8-key groups 1024 bytes apart (the
 // leading offset is unused by swizzled K-major layouts).
+template <int kTileKeys>
 __device__ __forceinline__ uint64_t KeyDescriptor(uint32_t tile, int kk) {
-  return Descriptor(tile + (kk / 4) * kSwizzledHalfBytes + (kk % 4) * 32, 16,
-                    1024);
+  return Descriptor(
+      tile + (kk / 4) * SwizzledTile<kTileKeys>::kHalfBytes + (kk % 4) * 32, 16,
+      1024);
 }
 // Keys kk·16 … +15 of a value tile as B of O += P·V, N-major (channels
 // contiguous): 8-key groups 1024 bytes apart, the second 64 channels a
 // half further.
+template <int kTileKeys>
 __device__ __forceinline__ uint64_t ValueDescriptor(uint32_t tile, int kk) {
-  return Descriptor(tile + kk * 16 * 128, kSwizzledHalfBytes, 1024);
+  return Descriptor(tile + kk * 16 * 128, SwizzledTile<kTileKeys>::kHalfBytes,
+                    1024);
 }
 
 #define KVMEM_S_ACCUMULATORS                                                 \
@@ -156,15 +150,26 @@ struct WarpGroupMma;
     }                                                                          \
     __device__ static void Values(float (&o)[16][4], const uint32_t (&a)[4],   \
                                   uint64_t b) {                                \
+      Wide<1>(o, a, b, 1);                                                     \
+    }                                                                          \
+    __device__ static void KeysWide(float (&o)[16][4], const uint32_t (&a)[4], \
+                                    uint64_t b, int accumulate) {              \
+      Wide<0>(o, a, b, accumulate);                                            \
+    }                                                                          \
+    /* m64n128k16: B N-major (values) when kTransposeB, else K-major. */       \
+    template <int kTransposeB>                                                 \
+    __device__ static void Wide(float (&o)[16][4], const uint32_t (&a)[4],     \
+                                uint64_t b, int accumulate) {                  \
       asm volatile(                                                            \
           "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                         \
           "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE \
           " "                                                                  \
           "{" KVMEM_REGS_0_31 ", " KVMEM_REGS_32_63                            \
           "}, "                                                                \
-          "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                        \
+          "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                      \
           : KVMEM_O_ACCUMULATORS                                               \
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));       \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),                \
+            "r"(accumulate), "n"(kTransposeB));                                \
     }                                                                          \
   };
 KVMEM_WARP_GROUP_MMA(__nv_bfloat16, "bf16")
@@ -182,7 +187,7 @@ __device__ __forceinline__ void KeyProducts(const uint32_t (&qf)[kD / 16][4],
   WgmmaFence();
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) {
-    WarpGroupMma<T>::Keys(s, qf[kk], KeyDescriptor(k_tile, kk), kk > 0);
+    WarpGroupMma<T>::Keys(s, qf[kk], KeyDescriptor<kKeys>(k_tile, kk), kk > 0);
   }
   WgmmaCommit();
   WgmmaWait();
@@ -198,12 +203,23 @@ __device__ __forceinline__ unsigned char* AlignedTiles(void* after) {
   return static_cast<unsigned char*>(after) + (aligned - address);
 }
 
-// A tile's copy in the swizzled layout: a thread copies one fixed 16-byte
-// piece of 4 keys 16 apart, so its shared-memory offsets are constants;
-// keys are counted in 32 bits (slots + chunk < 2^31, CheckShape). Returns
-// whether every key whose vis this thread wrote is visible to token
-// `visible_to` (true when it wrote none).
-template <typename T>
+// The index tiles (kKeys each, chunk_tiles.cuh) of a kTileKeys-key tile.
+template <int kTileKeys>
+__device__ __forceinline__ void LoadTileIndices(const StreamSlots& mine,
+                                                int64_t slots, int tile) {
+  constexpr int kParts = kTileKeys / kKeys;
+#pragma unroll
+  for (int p = 0; p < kParts; ++p) {
+    LoadKeyIndices(mine, slots, tile * kParts + p);
+  }
+}
+
+// A kTileKeys-key tile's copy in the swizzled layout: a thread copies one
+// fixed 16-byte piece of keys 16 apart, so its shared-memory offsets are
+// constants; keys are counted in 32 bits (slots + chunk < 2^31,
+// CheckShape). Returns whether every key whose vis this thread wrote is
+// visible to token `visible_to` (true when it wrote none).
+template <typename T, int kTileKeys>
 __device__ __forceinline__ bool LoadSwizzledTile(const ChunkArgs& a, int b,
                                                  int tile,
                                                  unsigned char* k_tile,
@@ -211,27 +227,32 @@ __device__ __forceinline__ bool LoadSwizzledTile(const ChunkArgs& a, int b,
                                                  int* vis, int visible_to) {
   constexpr int kPieces = kD * int(sizeof(T)) / 16;  // 16
   constexpr int kKeyStep = kThreads / kPieces;       // 16
-  static_assert(kThreads % kPieces == 0 && kKeys % kKeyStep == 0);
+  static_assert(kThreads % kPieces == 0 && kTileKeys % kKeyStep == 0 &&
+                kKeys % kKeyStep == 0);
   const KeyIndexTiles idx = SharedKeyIndices();
   const int piece = threadIdx.x % kPieces;
   const int first_key = threadIdx.x / kPieces;
-  // Keys 16 apart share (key mod 8), so the swizzle is the same for all 4.
-  const int offset = SwizzledOffset(first_key, piece);
+  // Keys 16 apart share (key mod 8), so the swizzle is the same for all.
+  const int offset = SwizzledTile<kTileKeys>::Offset(first_key, piece);
   const int slots = int(a.slots);
-  const int k0 = tile * kKeys;
-  const int stage = (tile % kIndexStages) * kKeys;
+  const int k0 = tile * kTileKeys;
+  constexpr int kParts = kTileKeys / kKeys;  // index tiles in this tile
   bool visible = true;
 #pragma unroll
-  for (int i = 0; i < kKeys / kKeyStep; ++i) {
+  for (int i = 0; i < kTileKeys / kKeyStep; ++i) {
     const int key = first_key + i * kKeyStep;
     const int k = k0 + key;
+    // Its index: first_key < kKeyStep, so the part is known for each i.
+    const int at =
+        ((tile * kParts + i * kKeyStep / kKeys) % kIndexStages) * kKeys +
+        first_key + i * kKeyStep % kKeys;
     const T* k_rows;
     const T* v_rows;
     int64_t row;
     int first;
     if (k < slots) {
-      first = idx.positions[stage + key] >= 0 ? -1 : kNever;
-      row = idx.rows[stage + key];
+      first = idx.positions[at] >= 0 ? -1 : kNever;
+      row = idx.rows[at];
       k_rows = static_cast<const T*>(a.in.key_rows);
       v_rows = static_cast<const T*>(a.in.value_rows);
     } else {
@@ -242,10 +263,10 @@ __device__ __forceinline__ bool LoadSwizzledTile(const ChunkArgs& a, int b,
       v_rows = static_cast<const T*>(a.in.values);
     }
     const bool valid = first != kNever;
-    const int64_t at = valid ? row * kD + piece * (16 / int(sizeof(T))) : 0;
+    const int64_t from = valid ? row * kD + piece * (16 / int(sizeof(T))) : 0;
     const int to = offset + i * kKeyStep * 128;
-    CopyAsync16(k_tile + to, k_rows + at, valid);
-    if (v_tile != nullptr) CopyAsync16(v_tile + to, v_rows + at, valid);
+    CopyAsync16(k_tile + to, k_rows + from, valid);
+    if (v_tile != nullptr) CopyAsync16(v_tile + to, v_rows + from, valid);
     if (piece == 0) {
       vis[key] = first;
       visible = visible && first <= visible_to;
@@ -254,55 +275,69 @@ __device__ __forceinline__ bool LoadSwizzledTile(const ChunkArgs& a, int b,
   return visible;
 }
 
-// The tiles' copies (LoadSwizzledTile) into kStages stages and, for each
-// tile, whether every key is visible to every row of the block (a full
-// block and no empty slot: the usual tile), so that the math can skip the
-// masks.
-template <typename T, int kStages>
+// The tiles' copies (LoadSwizzledTile), kLead tiles ahead into kStages
+// stages of kTileKeys keys, and, for each tile, whether every key is
+// visible to every row of the block (a full block and no empty slot: the
+// usual tile), so that the math can skip the masks.
+template <typename T, int kTileKeys, int kStages, int kLead>
 struct TileStream {
   static_assert(kStages > kLead, "a stage for the tile in use");
+  static_assert(kIndexStages * kKeys >= (2 * kLead + 1) * kTileKeys,
+                "index stages too few");
+  static constexpr int kBytes = SwizzledTile<kTileKeys>::kBytes;
   const ChunkArgs& a;
   int b;
   int tiles;
   unsigned char* k_tiles;
   unsigned char* v_tiles;  // null in the score pass
-  int* vis;                // [kStages][kKeys]
+  int* vis;                // [kStages][kTileKeys]
   int visible_to;          // the block's first token; −3 (never) if not full
   unsigned visible = 0;    // this thread's answer for tile i, bit i % kStages
 
   __device__ void Load(int tile) {
     const int stage = tile % kStages;
-    const bool mine = LoadSwizzledTile<T>(
-        a, b, tile, k_tiles + stage * kSwizzledTileBytes,
-        v_tiles != nullptr ? v_tiles + stage * kSwizzledTileBytes : nullptr,
-        vis + stage * kKeys, visible_to);
+    const bool mine = LoadSwizzledTile<T, kTileKeys>(
+        a, b, tile, k_tiles + stage * kBytes,
+        v_tiles != nullptr ? v_tiles + stage * kBytes : nullptr,
+        vis + stage * kTileKeys, visible_to);
     visible = (visible & ~(1u << stage)) | (unsigned(mine) << stage);
   }
 
   // The start of both passes: the queries and the first tiles' indices
-  // arrive (and are waited for); tiles 0 … kLead − 1 start, each in a
-  // group with the indices of the tile kLead after it.
-  __device__ void Start(int r0, T* q_tile) {
+  // arrive, the queries go to registers (qf), and tiles 0 … kLead − 1
+  // start, each in a group with the indices of the tile kLead after it.
+  // kQueryInStages: the query tile lies in the stages, so it is read before
+  // the first tile is copied (forward); else after (score pass: fewer
+  // registers live while the copies are issued).
+  template <bool kQueryInStages>
+  __device__ void Start(int r0, T* q_tile, uint32_t (&qf)[kD / 16][4]) {
     const StreamSlots mine = SlotsOf(a, b);
     for (int t = 0; t < kLead && t < tiles; ++t) {
-      LoadKeyIndices(mine, a.slots, t);
+      LoadTileIndices<kTileKeys>(mine, a.slots, t);
     }
     LoadQueryTile<T>(a, b, r0, q_tile);
     CommitCopies();
     WaitCopies<0>();
     __syncthreads();
+    if constexpr (kQueryInStages) {
+      QueryFragments(q_tile, qf);
+      __syncthreads();
+    }
     for (int t = 0; t < kLead; ++t) {
       if (t < tiles) Load(t);
-      if (t + kLead < tiles) LoadKeyIndices(mine, a.slots, t + kLead);
+      if (t + kLead < tiles) {
+        LoadTileIndices<kTileKeys>(mine, a.slots, t + kLead);
+      }
       CommitCopies();
     }
+    if constexpr (!kQueryInStages) QueryFragments(q_tile, qf);
   }
 
   // Each iteration's start: tile `tile` has arrived and is visible to every
   // thread and to the tensor cores; every thread is done with tile
-  // kLead − kStages (the last tile of the stage that tile + kLead takes,
-  // with the indices kLead tiles after that). Returns whether tile `tile`
-  // needs no masks.
+  // tile + kLead − kStages, whose stage then takes tile + kLead (with the
+  // indices kLead tiles after that). Returns whether tile `tile` needs no
+  // masks.
   __device__ bool Next(int tile) {
     WaitCopies<kLead - 1>();
     FenceProxyAsync();
@@ -311,7 +346,7 @@ struct TileStream {
     const int next = tile + kLead;
     if (next < tiles) Load(next);
     if (next + kLead < tiles) {
-      LoadKeyIndices(SlotsOf(a, b), a.slots, next + kLead);
+      LoadTileIndices<kTileKeys>(SlotsOf(a, b), a.slots, next + kLead);
     }
     CommitCopies();
     return unmasked;
@@ -325,26 +360,43 @@ __device__ __forceinline__ int VisibleToAll(const ChunkArgs& a, int r0) {
   return r0 + kRows <= a.chunk * a.group ? r0 / a.group : -3;
 }
 
-// Dynamic shared memory: the key indices, the query tile, vis, (the score
-// pass's sums), then the 1024-byte aligned K (and V) stages.
-constexpr size_t HeadBytes(int stages) {
-  return kIndexSharedBytes + size_t(kQueryHalves) * 2 +
-         size_t(stages) * kKeys * sizeof(int);
-}
-constexpr size_t kSumsBytes = 2 * kWarps * kKeys * sizeof(float);
+// The forward pass takes 128-key tiles: half the per-tile work a key
+// (barrier, row maxima, vote, waits) and S as m64n128 products. A tile is
+// copied one ahead into three stages (tiles i − 1, i and i + 1: 192 KiB),
+// the query tile read from them before the first tile lands. The score
+// pass keeps 64-key tiles, two blocks an SM (with 128-key tiles its
+// registers would not fit two), copied two ahead into three stages.
+constexpr int kForwardKeys = 128;
+constexpr int kForwardStages = 3;
+constexpr int kForwardLead = 1;
+constexpr int kScoreStages = 3;
+constexpr int kScoreLead = 2;
+
+// Dynamic shared memory: the key indices, (the score pass's query tile),
+// vis, (the score pass's sums), then the 1024-byte aligned K (and V)
+// stages.
+constexpr size_t kForwardVisAt = kIndexSharedBytes;
 constexpr size_t kForwardBytes =
-    HeadBytes(kForwardStages) + 1024 +
-    2 * kForwardStages * size_t(kSwizzledTileBytes);
-constexpr size_t kScoresBytes = HeadBytes(kScoreStages) + kSumsBytes + 1024 +
-                                kScoreStages * size_t(kSwizzledTileBytes);
+    kForwardVisAt + size_t(kForwardStages) * kForwardKeys * sizeof(int) + 1024 +
+    2 * kForwardStages * size_t(SwizzledTile<kForwardKeys>::kBytes);
+static_assert(size_t(kQueryHalves) * 2 <=
+                  kForwardStages * size_t(SwizzledTile<kForwardKeys>::kBytes),
+              "the query tile fits in the K stages");
+constexpr size_t kSumsBytes = 2 * kWarps * kKeys * sizeof(float);
+constexpr size_t kScoresBytes =
+    kIndexSharedBytes + size_t(kQueryHalves) * 2 +
+    size_t(kScoreStages) * kKeys * sizeof(int) + kSumsBytes + 1024 +
+    kScoreStages * size_t(SwizzledTile<kKeys>::kBytes);
+static_assert(2 * kScoresBytes <= 227 * 1024, "two score blocks an SM");
 
 // ---- launch 2: forward -----------------------------------------------------
 
 // Keeps the compiler from reusing an A fragment's registers before the
 // asynchronous MMA that reads them has been waited for.
-__device__ __forceinline__ void PinFragments(uint32_t (&f)[kKeys / 16][4]) {
+template <int kN>
+__device__ __forceinline__ void PinFragments(uint32_t (&f)[kN][4]) {
 #pragma unroll
-  for (int kk = 0; kk < kKeys / 16; ++kk) {
+  for (int kk = 0; kk < kN; ++kk) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(f[kk][e])::"memory");
   }
@@ -365,32 +417,33 @@ struct Products {
 // softmax first, then issues the same two products. In lockstep (both
 // softmaxes at once, then both products) the tensor cores idled for the
 // softmax and the SFU for the products. Both warpgroups use tiles i − 1
-// and i in iteration i, so the K/V stages are kLead + 2 deep.
+// and i in iteration i, and tile i + 1 arrives meanwhile.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     ChunkForwardWarpGroupKernel(const ChunkArgs a) {
   constexpr int kStages = kForwardStages;
-  T* q_tile = reinterpret_cast<T*>(shared_bytes + kIndexSharedBytes);
-  int* vis = reinterpret_cast<int*>(q_tile + kQueryHalves);  // [kStages][64]
-  unsigned char* k_tiles = AlignedTiles(vis + kStages * kKeys);
-  unsigned char* v_tiles = k_tiles + kStages * kSwizzledTileBytes;
+  constexpr int kTileBytes = SwizzledTile<kForwardKeys>::kBytes;
+  constexpr int kN = kForwardKeys / 8;  // S accumulator columns of 8
+  int* vis = reinterpret_cast<int*>(shared_bytes + kForwardVisAt);
+  unsigned char* k_tiles = AlignedTiles(vis + kStages * kForwardKeys);
+  unsigned char* v_tiles = k_tiles + kStages * kTileBytes;
   const uint32_t k_base = SharedAddress(k_tiles);
   const uint32_t v_base = SharedAddress(v_tiles);
 
   const int b = blockIdx.y;
   const int r0 = blockIdx.x * kRows;
   const BlockRows my = RowsOf(a, r0);
-  TileStream<T, kStages> tiles{a,       b,   my.tiles,           k_tiles,
-                               v_tiles, vis, VisibleToAll(a, r0)};
-  tiles.Start(r0, q_tile);
+  const int tile_count = (my.tiles + 1) / 2;  // of 128 keys (RowsOf: 64)
+  TileStream<T, kForwardKeys, kStages, kForwardLead> tiles{
+      a, b, tile_count, k_tiles, v_tiles, vis, VisibleToAll(a, r0)};
   uint32_t qf[kD / 16][4];
-  QueryFragments(q_tile, qf);
+  tiles.template Start<true>(r0, reinterpret_cast<T*>(k_tiles), qf);
 
   float o[16][4];
 #pragma unroll
   for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float s[8][4] = {};
-  uint32_t pa[kKeys / 16][4];  // P of the tile whose softmax was taken
+  float s[kN][4] = {};
+  uint32_t pa[kForwardKeys / 16][4];  // P of the tile whose softmax was taken
   RunningSoftmax r;
   const bool softmax_first = threadIdx.x >= kThreads / 2;  // warpgroup 1
 
@@ -400,10 +453,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (unmasked) {
       SoftmaxTile<false>(a, my, nullptr, s, o, r);
     } else {
-      SoftmaxTile<true>(a, my, vis + (tile % kStages) * kKeys, s, o, r);
+      SoftmaxTile<true>(a, my, vis + (tile % kStages) * kForwardKeys, s, o, r);
     }
 #pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
+    for (int kk = 0; kk < kForwardKeys / 16; ++kk) {
       ProbabilityFragment<T>(s, kk, pa[kk]);
     }
   };
@@ -415,17 +468,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     PinAccumulators(o);
     WgmmaFence();
     if constexpr (Which::kValues) {
-      const uint32_t v_tile = v_base + (values % kStages) * kSwizzledTileBytes;
+      const uint32_t v_tile = v_base + (values % kStages) * kTileBytes;
 #pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        WarpGroupMma<T>::Values(o, pa[kk], ValueDescriptor(v_tile, kk));
+      for (int kk = 0; kk < kForwardKeys / 16; ++kk) {
+        WarpGroupMma<T>::Values(o, pa[kk],
+                                ValueDescriptor<kForwardKeys>(v_tile, kk));
       }
     }
     if constexpr (Which::kLogits) {
-      const uint32_t k_tile = k_base + (keys % kStages) * kSwizzledTileBytes;
+      const uint32_t k_tile = k_base + (keys % kStages) * kTileBytes;
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
-        WarpGroupMma<T>::Keys(s, qf[kk], KeyDescriptor(k_tile, kk), kk > 0);
+        WarpGroupMma<T>::KeysWide(
+            s, qf[kk], KeyDescriptor<kForwardKeys>(k_tile, kk), kk > 0);
       }
     }
     WgmmaCommit();
@@ -439,20 +494,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   bool last_unmasked = tiles.Next(0);  // of tile − 1 in the loop
   products(Products<false, true>(), -1, 0);
   if (!softmax_first) softmax(0, last_unmasked);
-  for (int tile = 1; tile < my.tiles; ++tile) {
+  for (int tile = 1; tile < tile_count; ++tile) {
     const bool unmasked = tiles.Next(tile);
     if (softmax_first) softmax(tile - 1, last_unmasked);
     products(Products<true, true>(), tile - 1, tile);
     if (!softmax_first) softmax(tile, unmasked);
     last_unmasked = unmasked;
   }
-  if (softmax_first) softmax(my.tiles - 1, last_unmasked);
-  products(Products<true, false>(), my.tiles - 1, -1);
+  if (softmax_first) softmax(tile_count - 1, last_unmasked);
+  products(Products<true, false>(), tile_count - 1, -1);
   StoreForwardRows(a, b, my, o, r);
 }
 
 // ---- launch 3: per query block, Σ f·r per key ------------------------------
 
+// The warpgroups in lockstep: in ping-pong (as the forward) this pass
+// measured 2–4 % slower (bench/results/gpu-2026-12-07.md, ninth session);
+// its two blocks an SM already overlap one's reductions with the other's
+// products.
 template <typename T, int kGroup>
 __global__ void __launch_bounds__(kThreads, 2)
     ChunkScoresWarpGroupKernel(const ChunkArgs a) {
@@ -472,11 +531,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t keys_total = a.slots + a.chunk;
   float* partial = BlockPartials(a, qb, b, keys_total);
 
-  TileStream<T, kStages> tiles{a,       b,   my.tiles,           k_tiles,
-                               nullptr, vis, VisibleToAll(a, r0)};
-  tiles.Start(r0, q_tile);
+  TileStream<T, kKeys, kStages, kScoreLead> tiles{
+      a, b, my.tiles, k_tiles, nullptr, vis, VisibleToAll(a, r0)};
   uint32_t qf[kD / 16][4];
-  QueryFragments(q_tile, qf);
+  tiles.template Start<false>(r0, q_tile, qf);
   const ScoreRows w = ScoreRowsOf<kGroup>(a, b, my);
   float s[8][4] = {};
 
@@ -484,7 +542,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int stage = tile % kStages;
     float* stage_sums = sums + (tile & 1) * kWarps * kKeys;
     const bool unmasked = tiles.Next(tile);
-    KeyProducts<T>(qf, k_base + stage * kSwizzledTileBytes, s);
+    KeyProducts<T>(qf, k_base + stage * SwizzledTile<kKeys>::kBytes, s);
     if (unmasked) {
       ReduceScoreTile<kGroup, false>(a, my, w, nullptr, s,
                                      stage_sums + warp * kKeys);

@@ -210,14 +210,17 @@ __device__ __forceinline__ void LoadKeyIndices(const StreamSlots& mine,
 
 // The wgmma kernels' tiles (chunk_attention_sm90a.cu): the canonical
 // 128-byte swizzle that their matrix descriptors name, in two halves of 64
-// channels, each [64 keys][128 B], with 16-byte piece c of key r at
+// channels, each [kTileKeys keys][128 B], with 16-byte piece c of key r at
 // (c ^ r mod 8)·16, so the 8 rows of a core matrix hit all 32 banks.
-constexpr int kSwizzledHalfBytes = kKeys * 128;
-constexpr int kSwizzledTileBytes = 2 * kSwizzledHalfBytes;
-__device__ __forceinline__ int SwizzledOffset(int key, int piece) {
-  return (piece / 8) * kSwizzledHalfBytes + key * 128 +
-         ((piece % 8) ^ (key % 8)) * 16;
-}
+template <int kTileKeys>
+struct SwizzledTile {
+  static constexpr int kHalfBytes = kTileKeys * 128;
+  static constexpr int kBytes = 2 * kHalfBytes;
+  __device__ static int Offset(int key, int piece) {
+    return (piece / 8) * kHalfBytes + key * 128 +
+           ((piece % 8) ^ (key % 8)) * 16;
+  }
+};
 
 // Starts the copy of key tile `tile` (keys [64·tile, +64)) of stream b
 // (rows into k_tile and, when v_tile is not null, v_tile, rows of kPitch
@@ -415,23 +418,21 @@ struct RunningSoftmax {
   float l_a = 0.0f, l_b = 0.0f;
 };
 
-// One tile of the forward pass: masks the logits by the keys' vis (when
-// kMasked; else every key is visible to both rows and tile_vis is not
+// One tile of the forward pass (kN·8 keys): masks the logits by the keys' vis
+// (when kMasked; else every key is visible to both rows and tile_vis is not
 // read), scales them to log2 units, moves the running max, rescales the
 // output accumulators and the sums, and leaves p = 2^(x − max) in s.
-template <bool kMasked>
-__device__ __forceinline__ void SoftmaxTile(const ChunkArgs& a,
-                                            const BlockRows& my,
-                                            const int* tile_vis,
-                                            float (&s)[8][4], float (&o)[16][4],
-                                            RunningSoftmax& r) {
+template <bool kMasked, int kN>
+__device__ __forceinline__ void SoftmaxTile(
+    const ChunkArgs& a, const BlockRows& my, const int* tile_vis,
+    float (&s)[kN][4], float (&o)[16][4], RunningSoftmax& r) {
   const int tig = threadIdx.x % 4;
   // Masked, s becomes x = s·scale (log2 units) or −∞ first; unmasked, the
   // maxima are taken of s and scaled after (scale > 0), and the exponent
   // below is one fma.
   float tile_max_a = -INFINITY, tile_max_b = -INFINITY;
 #pragma unroll
-  for (int n = 0; n < 8; ++n) {
+  for (int n = 0; n < kN; ++n) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       if constexpr (kMasked) {
@@ -483,7 +484,7 @@ __device__ __forceinline__ void SoftmaxTile(const ChunkArgs& a,
   const float base_a = r.m_a == -INFINITY ? 0.0f : r.m_a;
   const float base_b = r.m_b == -INFINITY ? 0.0f : r.m_b;
 #pragma unroll
-  for (int n = 0; n < 8; ++n) {
+  for (int n = 0; n < kN; ++n) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       if constexpr (kMasked) {
@@ -501,8 +502,8 @@ __device__ __forceinline__ void SoftmaxTile(const ChunkArgs& a,
 
 // The A fragment of P for keys kk·16 … +15: the S accumulators of key
 // columns 2kk and 2kk + 1, rounded to T.
-template <typename T>
-__device__ __forceinline__ void ProbabilityFragment(const float (&s)[8][4],
+template <typename T, int kN>
+__device__ __forceinline__ void ProbabilityFragment(const float (&s)[kN][4],
                                                     int kk, uint32_t (&pa)[4]) {
   pa[0] = Elem<T>::Pack(s[2 * kk][0], s[2 * kk][1]);
   pa[1] = Elem<T>::Pack(s[2 * kk][2], s[2 * kk][3]);
