@@ -128,10 +128,11 @@ __device__ __forceinline__ uint64_t ValueDescriptor(uint32_t tile, int kk) {
 template <typename T>
 struct WarpGroupMma;
 
-// S (the warpgroup's 64 rows × 64 keys) = A·B, plus S when accumulate: A
-// the warp's query fragment of 16 channels in registers, B a key tile's 16
-// channels. O (64 rows × 128 channels) += A·B: A the warp's P fragment of
-// 16 keys, B a value tile's 16 keys (transposed: N-major).
+// S (the warpgroup's 64 rows × 64 keys; KeysWide: × 128 keys) = A·B, plus
+// S when accumulate: A the warp's query fragment of 16 channels in
+// registers, B a key tile's 16 channels. O (64 rows × 128 channels) += A·B:
+// A the warp's P fragment of 16 keys, B a value tile's 16 keys
+// (transposed: N-major).
 #define KVMEM_WARP_GROUP_MMA(CPP_TYPE, PTX_TYPE)                               \
   template <>                                                                  \
   struct WarpGroupMma<CPP_TYPE> {                                              \
