@@ -8,12 +8,44 @@
 # (device time is scarce: one call runs everything, each step under its own
 # timeout, results under $OUT). Once per checkout:
 #   printf '/.devpack/\n/.devpackz/\n' >> .git/info/exclude
+#
+# A/B of the chunk kernels in one device call: AB_REVS="rev …" also packs,
+# for each rev, kvmem_prefill_bench_<rev>: the current bench linked against
+# that rev's chunk_attention.cu and chunk_attention_sm90a.cu (with its
+# chunk_tiles.cuh), the rest of the binary the same. device-run.sh's `ab`
+# step runs them beside the current one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=build/release
+# What is packed is what the tree says now, never a stale binary.
+cmake --build --preset release -j 2 --target kvmem_gpu_tests \
+  kvmem_prefill_bench kvmem_gpu_bench
 rm -rf .devpack .devpackz
 ../shared/device/pack.sh .devpack "$build/tests/gpu/kvmem_gpu_tests" \
   "$build/bench/gpu/kvmem_prefill_bench" "$build/bench/gpu/kvmem_gpu_bench"
+for rev in ${AB_REVS:-}; do
+  src=$(mktemp -d)
+  mkdir -p "$src/kernels/cuda"
+  objects=()
+  for f in chunk_tiles.cuh chunk_attention.cu chunk_attention_sm90a.cu; do
+    git show "$rev:kernels/cuda/$f" > "$src/kernels/cuda/$f"
+  done
+  for f in chunk_attention chunk_attention_sm90a; do
+    arch=90; [ $f = chunk_attention_sm90a ] && arch=90a
+    /usr/local/cuda/bin/nvcc -I"$src" -I. -O2 -DNDEBUG -std=c++17 \
+      -gencode=arch=compute_$arch,code=sm_$arch -x cu \
+      -c "$src/kernels/cuda/$f.cu" -o "$src/$f.o"
+    objects+=("$src/$f.o")
+  done
+  # The bench's own link line, the rev's objects ahead of the libraries
+  # (whose chunk kernels they replace).
+  link=$(cd $build && ninja -t commands bench/gpu/kvmem_prefill_bench |
+    tail -1 | sed 's/^: && //; s/ && :$//')
+  link=${link//kernels\/libkvmem_kernels_cuda_sm90a.a/}
+  link=${link//-o bench\/gpu\/kvmem_prefill_bench/-o $PWD\/.devpack\/kvmem_prefill_bench_$rev ${objects[*]}}
+  (cd $build && eval "$link")
+  rm -rf "$src"
+done
 strip --strip-all .devpack/kvmem_*  # debug info: the archive stays small
 cp bench/gpu/prefill_vs_sdpa.py bench/gpu/device-run.sh .devpack/
 mkdir -p .devpackz

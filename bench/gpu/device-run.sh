@@ -4,7 +4,9 @@
 # against PyTorch SDPA at 1M tokens, the decode-step benchmark. Each step
 # has its own timeout, in the order of what a session most needs, so a
 # short lease still brings the first ones back; outputs go to $OUT.
-# STEPS (space-separated, default all): tests prefill sdpa decode.
+# STEPS (space-separated, default all): tests prefill sdpa decode; ab
+# (not in the default) runs the current prefill bench beside the
+# kvmem_prefill_bench_<rev> that AB_REVS packed, twice, wgmma kernels.
 cd "$(dirname "$0")"
 export LD_LIBRARY_PATH=.
 : "${OUT:=/tmp/out}"
@@ -28,6 +30,16 @@ for step in $steps; do
         > "$OUT/sdpa.txt" 2>&1
       echo "sdpa rc=$?"
       tail -7 "$OUT/sdpa.txt" ;;
+    ab)
+      for round in 1 2; do
+        for b in ./kvmem_prefill_bench_* ./kvmem_prefill_bench; do
+          echo "$b, round $round"
+          timeout 60 "$b" --tokens=65536 --budgets=16384,65536 \
+            --cascades=1 --repeats=3 --kernels=2 > /tmp/ab.txt 2>&1
+          grep "full cache" /tmp/ab.txt
+          cat /tmp/ab.txt >> "$OUT/ab.txt"
+        done
+      done ;;
     decode)
       timeout 240 ./kvmem_gpu_bench > "$OUT/decode.txt" 2>&1
       echo "decode rc=$?"
