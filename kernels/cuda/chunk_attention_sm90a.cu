@@ -24,6 +24,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/chunk_attention.h"
 #include "kernels/cuda/chunk_tiles.cuh"
@@ -50,13 +52,21 @@ __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 // Keeps the compiler from moving reads or writes of accumulators across
-// the asynchronous MMA that owns them until its wait.
-template <int kN>
-__device__ __forceinline__ void PinAccumulators(float (&v)[kN][4]) {
+// the asynchronous MMA that owns them until its wait, and from reusing an
+// A fragment's registers (uint32_t) before the MMA that reads them has
+// been waited for.
+template <typename V, int kN>
+__device__ __forceinline__ void Pin(V (&v)[kN][4]) {
 #pragma unroll
   for (int n = 0; n < kN; ++n) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(v[n][e])::"memory");
+    for (int e = 0; e < 4; ++e) {
+      if constexpr (std::is_same_v<V, float>) {
+        asm volatile("" : "+f"(v[n][e])::"memory");
+      } else {
+        asm volatile("" : "+r"(v[n][e])::"memory");
+      }
+    }
   }
 }
 
@@ -192,7 +202,7 @@ __device__ __forceinline__ void KeyProducts(const uint32_t (&qf)[kD / 16][4],
   }
   WgmmaCommit();
   WgmmaWait();
-  PinAccumulators(s);
+  Pin(s);
 }
 
 // ---- staging ---------------------------------------------------------------
@@ -392,17 +402,6 @@ static_assert(2 * kScoresBytes <= 227 * 1024, "two score blocks an SM");
 
 // ---- launch 2: forward -----------------------------------------------------
 
-// Keeps the compiler from reusing an A fragment's registers before the
-// asynchronous MMA that reads them has been waited for.
-template <int kN>
-__device__ __forceinline__ void PinFragments(uint32_t (&f)[kN][4]) {
-#pragma unroll
-  for (int kk = 0; kk < kN; ++kk) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(f[kk][e])::"memory");
-  }
-}
-
 // Which products a step of the forward issues (P·V, S).
 template <bool kValuesIn, bool kLogitsIn>
 struct Products {
@@ -466,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // kernel that has one under a branch).
   auto products = [&](auto which, int values, int keys) {
     using Which = decltype(which);
-    PinAccumulators(o);
+    Pin(o);
     WgmmaFence();
     if constexpr (Which::kValues) {
       const uint32_t v_tile = v_base + (values % kStages) * kTileBytes;
@@ -486,9 +485,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     WgmmaCommit();
     WgmmaWait();
-    PinAccumulators(o);
-    PinAccumulators(s);
-    PinFragments(pa);
+    Pin(o);
+    Pin(s);
+    Pin(pa);
   };
 
   // Every block has a tile: its rows see at least their own token.
