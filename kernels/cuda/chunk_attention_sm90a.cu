@@ -12,7 +12,8 @@
 //   tile's gathered rows have one or two tiles' time to arrive;
 // - in the forward pass the two warpgroups run in opposite phases, one's
 //   softmax beside the other's products (ChunkForwardWarpGroupKernel), and
-//   the running max moves only by more than 2^8 (SoftmaxTile);
+//   the running max moves only when a logit passes it by more than 8 in
+//   log2 units (SoftmaxTile);
 // - the queries stay in registers as the A operand (ldmatrix'd once), and
 //   P goes from the S accumulators to the A operand of P·V in registers;
 // - the math warps issue less per tile (what bounds these kernels, by ncu;
@@ -228,7 +229,8 @@ __device__ __forceinline__ void LoadTileIndices(const StreamSlots& mine,
 // A kTileKeys-key tile's copy in the swizzled layout: a thread copies one
 // fixed 16-byte piece of keys 16 apart, so its shared-memory offsets are
 // constants; keys are counted in 32 bits (slots + chunk < 2^31,
-// CheckShape). Returns whether every key whose vis this thread wrote is
+// CheckShape; 2^31 is a multiple of the tile, so no key of a tile
+// overflows). Returns whether every key whose vis this thread wrote is
 // visible to token `visible_to` (true when it wrote none).
 template <typename T, int kTileKeys>
 __device__ __forceinline__ bool LoadSwizzledTile(const ChunkArgs& a, int b,
@@ -390,6 +392,7 @@ constexpr size_t kForwardVisAt = kIndexSharedBytes;
 constexpr size_t kForwardBytes =
     kForwardVisAt + size_t(kForwardStages) * kForwardKeys * sizeof(int) + 1024 +
     2 * kForwardStages * size_t(SwizzledTile<kForwardKeys>::kBytes);
+static_assert(kForwardBytes <= 227 * 1024, "the forward's block fits an SM");
 static_assert(size_t(kQueryHalves) * 2 <=
                   kForwardStages * size_t(SwizzledTile<kForwardKeys>::kBytes),
               "the query tile fits in the K stages");

@@ -1,5 +1,5 @@
 // The tiles both attention passes of a prefill chunk share
-// (chunk_attention.cu, its only includer): the block's shape, the
+// (chunk_attention.cu and chunk_attention_sm90a.cu): the block's shape, the
 // workspace, and the device helpers that stage query and key tiles in
 // shared memory and multiply them on tensor cores (mma.sync m16n8k16,
 // bf16/fp16 in, fp32 accumulate). See chunk_attention.cu for the layout.
@@ -176,7 +176,7 @@ __device__ __forceinline__ StreamSlots SlotsOf(const ChunkArgs& a, int b) {
 // cp.async three tiles ahead of the tile's own copy (tile i in stage
 // i % kIndexStages), so that finding a tile's pool rows never waits on a
 // chain of global loads: [kIndexStages][64] each. (The wgmma kernels keep
-// up to five tiles' indices in flight: chunk_attention_sm90a.cu.)
+// up to four of these in flight: chunk_attention_sm90a.cu.)
 constexpr int kIndexStages = 8;
 constexpr int kIndexAhead = 3;
 struct KeyIndexTiles {
@@ -410,8 +410,9 @@ __device__ __forceinline__ BlockRows RowsOf(const ChunkArgs& a, int r0) {
 // n·8 + tig·2 + e%2 of the tile: the accumulator layout of mma.sync
 // m16n8k16 and, per warp, of wgmma m64nNk16 alike.
 
-// The forward pass's running softmax of a thread's two fragment rows:
-// max in log2 units and this lane's share of Σp.
+// The forward pass's running softmax of a thread's two fragment rows: the
+// reference max (at most kRescaleSlack below the true one, SoftmaxTile) in
+// log2 units and this lane's share of Σp.
 constexpr float kRescaleSlack = 8.0f;  // log2 units (SoftmaxTile)
 struct RunningSoftmax {
   float m_a = -INFINITY, m_b = -INFINITY;
@@ -420,8 +421,9 @@ struct RunningSoftmax {
 
 // One tile of the forward pass (kN·8 keys): masks the logits by the keys' vis
 // (when kMasked; else every key is visible to both rows and tile_vis is not
-// read), scales them to log2 units, moves the running max, rescales the
-// output accumulators and the sums, and leaves p = 2^(x − max) in s.
+// read), scales them to log2 units, moves the reference max when a logit
+// passes it by more than kRescaleSlack (rescaling the output accumulators
+// and the sums), and leaves p = 2^(x − reference) ≤ 2^8 in s.
 template <bool kMasked, int kN>
 __device__ __forceinline__ void SoftmaxTile(
     const ChunkArgs& a, const BlockRows& my, const int* tile_vis,
