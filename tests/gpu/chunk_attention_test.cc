@@ -46,6 +46,9 @@ struct ChunkConfig {
   bool stream_pointers = false;  // ChunkScoreState::streams, not flat arrays
   bool attend = true;            // false: no queries (APPEND)
   ChunkKernels kernels = ChunkKernels::kAuto;
+  // Chunk token j's key drawn from ±(1 + key_growth·j), not ±1: logits
+  // climb across the chunk's tiles.
+  float key_growth = 0.0f;
 };
 
 // A stream's history through the CPU oracle: decode steps with random
@@ -118,8 +121,13 @@ void RunKernels(const ChunkConfig& c) {
   // The chunk: queries [T, B·G, D], keys/values [T, B, D].
   const std::vector<uint8_t> queries =
       RandomRows(size_t(chunk) * streams * group * kD, c.dtype, rng);
-  const std::vector<uint8_t> keys =
-      RandomRows(size_t(chunk) * streams * kD, c.dtype, rng);
+  std::vector<uint8_t> keys;
+  for (int t = 0; t < chunk; ++t) {
+    const float bound = 1.0f + c.key_growth * float(t);
+    const std::vector<uint8_t> token =
+        RandomRows(size_t(streams) * kD, c.dtype, rng, -bound, bound);
+    keys.insert(keys.end(), token.begin(), token.end());
+  }
   const std::vector<uint8_t> values =
       RandomRows(size_t(chunk) * streams * kD, c.dtype, rng);
 
@@ -392,6 +400,30 @@ TEST(ChunkAttention, MatchesTheCpuOracleOverManyTilesInFp16WithGroupsOf2) {
   c.chunk = 200;
   c.reduction = ScoreReduction::kMean;
   c.histories = {1500, 40, 700};
+  RunConfig(c);
+}
+
+// Logits that climb by more than 2^8 between tiles move the forward pass's
+// running max (which moves only past that slack: SoftmaxTile), rescaling o
+// and Σp; between moves p exceeds 1 (up to 2^8, in bf16/fp16 for P·V).
+// Uniform ±1 rows never leave the first tile's max that far behind.
+TEST(ChunkAttention, MatchesTheCpuOracleWhenLogitsClimbAcrossTiles) {
+  KVMEM_REQUIRE_DEVICE();
+  ChunkConfig c;
+  c.name = "bf16 G4 S4 C4 W256 T300, chunk keys growing 0.1 a token";
+  c.params = Params(4, 4, 256, 0.9999999);
+  c.chunk = 300;
+  c.histories = {2000, 100};
+  c.key_growth = 0.1f;
+  RunConfig(c);
+  c.name = "fp16 G2 S3 C3 W300 T200 mean, chunk keys growing 0.2 a token";
+  c.dtype = DType::kFp16;
+  c.group = 2;
+  c.params = Params(3, 3, 300, 0.9999999);
+  c.chunk = 200;
+  c.reduction = ScoreReduction::kMean;
+  c.histories = {1500, 40};
+  c.key_growth = 0.2f;
   RunConfig(c);
 }
 
