@@ -250,32 +250,7 @@ __device__ __forceinline__ bool LoadSwizzledTile(const ChunkArgs& a, int b,
   const int slots = int(a.slots);
   const int k0 = tile * kTileKeys;
   constexpr int kParts = kTileKeys / kKeys;  // index tiles in this tile
-  constexpr int kRowBytes = kD * int(sizeof(T));
   bool visible = true;
-  if (k0 <= slots - kTileKeys) {  // not k0 + kTileKeys: it may be 2^31
-    // The usual tile, slots only: a key is its index stage's pool row or
-    // empty. (The general loop below issued ~55 instructions a key, half
-    // of the forward pass's per-tile issue, by ncu.)
-    const char* k_rows = static_cast<const char*>(a.in.key_rows) + piece * 16;
-    const char* v_rows = static_cast<const char*>(a.in.value_rows) + piece * 16;
-#pragma unroll
-    for (int i = 0; i < kTileKeys / kKeyStep; ++i) {
-      const int key = first_key + i * kKeyStep;
-      const int at =
-          ((tile * kParts + i * kKeyStep / kKeys) % kIndexStages) * kKeys +
-          first_key + i * kKeyStep % kKeys;
-      const bool valid = idx.positions[at] >= 0;
-      const int64_t from = valid ? int64_t{idx.rows[at]} * kRowBytes : 0;
-      const int to = offset + i * kKeyStep * 128;
-      CopyAsync16(k_tile + to, k_rows + from, valid);
-      if (v_tile != nullptr) CopyAsync16(v_tile + to, v_rows + from, valid);
-      if (piece == 0) {
-        vis[key] = valid ? -1 : kNever;
-        visible = visible && valid && -1 <= visible_to;
-      }
-    }
-    return visible;
-  }
 #pragma unroll
   for (int i = 0; i < kTileKeys / kKeyStep; ++i) {
     const int key = first_key + i * kKeyStep;
