@@ -380,18 +380,17 @@ TEST(ChunkAttention, RenormalisesMidChunkLikeTheCpuOracle) {
   RunConfig(c);
 }
 
-TEST(ChunkAttention, MatchesTheCpuOracleOverManyTiles) {
-  KVMEM_REQUIRE_DEVICE();
+// Streams over many key tiles: bf16 G4 with an overfull and a partial
+// cascade; fp16 G2 under MEAN with three histories.
+ChunkConfig ManyTilesBf16() {
   ChunkConfig c;
   c.name = "bf16 G4 S4 C4 W256 T300";
   c.params = Params(4, 4, 256, 0.9999999);
   c.chunk = 300;
   c.histories = {2000, 100};
-  RunConfig(c);
+  return c;
 }
-
-TEST(ChunkAttention, MatchesTheCpuOracleOverManyTilesInFp16WithGroupsOf2) {
-  KVMEM_REQUIRE_DEVICE();
+ChunkConfig ManyTilesFp16() {
   ChunkConfig c;
   c.name = "fp16 G2 S3 C3 W300 T200 mean";
   c.dtype = DType::kFp16;
@@ -400,7 +399,17 @@ TEST(ChunkAttention, MatchesTheCpuOracleOverManyTilesInFp16WithGroupsOf2) {
   c.chunk = 200;
   c.reduction = ScoreReduction::kMean;
   c.histories = {1500, 40, 700};
-  RunConfig(c);
+  return c;
+}
+
+TEST(ChunkAttention, MatchesTheCpuOracleOverManyTiles) {
+  KVMEM_REQUIRE_DEVICE();
+  RunConfig(ManyTilesBf16());
+}
+
+TEST(ChunkAttention, MatchesTheCpuOracleOverManyTilesInFp16WithGroupsOf2) {
+  KVMEM_REQUIRE_DEVICE();
+  RunConfig(ManyTilesFp16());
 }
 
 // Logits that climb by more than 2^8 between tiles move the forward pass's
@@ -409,20 +418,12 @@ TEST(ChunkAttention, MatchesTheCpuOracleOverManyTilesInFp16WithGroupsOf2) {
 // Uniform ±1 rows never leave the first tile's max that far behind.
 TEST(ChunkAttention, MatchesTheCpuOracleWhenLogitsClimbAcrossTiles) {
   KVMEM_REQUIRE_DEVICE();
-  ChunkConfig c;
-  c.name = "bf16 G4 S4 C4 W256 T300, chunk keys growing 0.1 a token";
-  c.params = Params(4, 4, 256, 0.9999999);
-  c.chunk = 300;
-  c.histories = {2000, 100};
+  ChunkConfig c = ManyTilesBf16();
+  c.name += ", chunk keys growing 0.1 a token";
   c.key_growth = 0.1f;
   RunConfig(c);
-  c.name = "fp16 G2 S3 C3 W300 T200 mean, chunk keys growing 0.2 a token";
-  c.dtype = DType::kFp16;
-  c.group = 2;
-  c.params = Params(3, 3, 300, 0.9999999);
-  c.chunk = 200;
-  c.reduction = ScoreReduction::kMean;
-  c.histories = {1500, 40};
+  c = ManyTilesFp16();
+  c.name += ", chunk keys growing 0.2 a token";
   c.key_growth = 0.2f;
   RunConfig(c);
 }
