@@ -33,6 +33,7 @@ for step in $steps; do
     ab)
       for round in 1 2; do
         for b in ./kvmem_prefill_bench_* ./kvmem_prefill_bench; do
+          [ -x "$b" ] || continue  # no AB_REVS: the glob stays as it is
           echo "$b, round $round"
           timeout 60 "$b" --tokens=65536 --budgets=16384,65536 \
             --cascades=1 --repeats=3 --kernels=2 > /tmp/ab.txt 2>&1
