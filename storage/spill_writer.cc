@@ -35,7 +35,7 @@ class SpillWriter::Impl {
     thread_ = std::thread([this] { Run(); });
   }
 
-  absl::Status Enqueue(const SpillBatch& batch, const EnqueueOptions& options,
+  absl::Status Enqueue(SpillBatch batch, const EnqueueOptions& options,
                        DoneCallback done) {
     KVMEM_RETURN_IF_ERROR(batch.Validate());
     const size_t bytes = batch.MemoryBytes();
@@ -74,8 +74,8 @@ class SpillWriter::Impl {
       slot.page = entry.page;  // newest copy wins; FIFO writes agree
       ++slot.pending;
     }
-    queue_.push_back(
-        Pending{++last_enqueued_, batch, options.sync, std::move(done), bytes});
+    queue_.push_back(Pending{++last_enqueued_, std::move(batch), options.sync,
+                             std::move(done), bytes});
     queued_bytes_ += bytes;
     work_cv_.notify_one();
     return absl::OkStatus();
@@ -256,10 +256,10 @@ absl::StatusOr<std::unique_ptr<SpillWriter>> SpillWriter::Start(
 SpillWriter::SpillWriter(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 SpillWriter::~SpillWriter() = default;
 
-absl::Status SpillWriter::Enqueue(const SpillBatch& batch,
+absl::Status SpillWriter::Enqueue(SpillBatch batch,
                                   const EnqueueOptions& options,
                                   DoneCallback done) {
-  return impl_->Enqueue(batch, options, std::move(done));
+  return impl_->Enqueue(std::move(batch), options, std::move(done));
 }
 absl::Status SpillWriter::Flush() { return impl_->Flush(); }
 std::shared_ptr<const SpillPage> SpillWriter::Lookup(const PageId& id) const {

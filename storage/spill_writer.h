@@ -82,7 +82,10 @@ class SpillWriter {
   // and the bound). UNAVAILABLE: the writer is shutting down. On error
   // nothing is queued and `done` is never called. An empty batch is OK
   // (`done` still runs, in order).
-  absl::Status Enqueue(const SpillBatch& batch, const EnqueueOptions& options,
+  // The batch is taken by value: a caller that moves it in saves the copy
+  // of its pages' pointers and log bodies (a decode step of 32 entries
+  // logs ~400 KB of q, k and v).
+  absl::Status Enqueue(SpillBatch batch, const EnqueueOptions& options,
                        DoneCallback done = nullptr);
 
   // Waits until every batch enqueued before the call has completed and

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <future>
 
 #include "absl/hash/hash.h"
@@ -228,10 +229,12 @@ absl::Status Engine::ApplyEntry(
   const int H = shape.kv_heads, Hq = shape.query_heads;
   const int D = shape.head_dim, G = Hq / H;
   std::vector<StreamState>& streams = s.streams[size_t(layer)];
-  std::vector<float> out_all, lse_all;
+  // ATTEND: each head's rows go straight to their places in the reply,
+  // [T, Hq, D] in the session dtype and [T, Hq] fp32.
+  const size_t elem = DTypeBytes(shape.dtype);
   if (mode == StepMode::kAttend) {
-    out_all.resize(size_t(T) * Hq * D);
-    lse_all.resize(size_t(T) * Hq);
+    result->output.resize(size_t(T) * Hq * D * elem);
+    result->lse.resize(size_t(T) * Hq * sizeof(float));
   }
   HeadsApplied own;
   if (done == nullptr) {
@@ -266,10 +269,12 @@ absl::Status Engine::ApplyEntry(
     }
     if (mode == StepMode::kAttend) {
       for (int t = 0; t < T; ++t) {
-        std::copy_n(&output.out[size_t(t) * G * D], size_t(G) * D,
-                    &out_all[(size_t(t) * Hq + size_t(h) * G) * D]);
-        std::copy_n(&output.lse[size_t(t) * G], G,
-                    &lse_all[size_t(t) * Hq + size_t(h) * G]);
+        const size_t at = size_t(t) * Hq + size_t(h) * G;  // first row
+        cpu::StoreFloats(
+            absl::MakeConstSpan(&output.out[size_t(t) * G * D], size_t(G) * D),
+            shape.dtype, &result->output[at * D * elem]);
+        std::memcpy(&result->lse[at * sizeof(float)],
+                    &output.lse[size_t(t) * G], size_t(G) * sizeof(float));
       }
     } else if (mode == StepMode::kFetch) {
       result->heads.push_back(std::move(output.fetched));
@@ -281,12 +286,6 @@ absl::Status Engine::ApplyEntry(
                            output.sealed_seqs[p]},
            std::move(output.sealed[p])});
     }
-  }
-  if (mode == StepMode::kAttend) {
-    result->output.resize(out_all.size() * DTypeBytes(shape.dtype));
-    cpu::StoreFloats(out_all, shape.dtype, result->output.data());
-    result->lse.assign(reinterpret_cast<const char*>(lse_all.data()),
-                       lse_all.size() * sizeof(float));
   }
   for (const StreamState& stream : streams) {
     bytes_after += stream.memory_bytes();
@@ -709,7 +708,7 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       };
       storage::SpillWriter::EnqueueOptions enqueue;
       enqueue.sync = sync;
-      absl::Status queued = writer_->Enqueue(batch, enqueue, done);
+      absl::Status queued = writer_->Enqueue(std::move(batch), enqueue, done);
       if (!queued.ok()) {
         // Applied in memory but not logged: the sessions refuse steps until
         // a restart recovers them from storage.
