@@ -13,7 +13,9 @@
 # for each rev, kvmem_prefill_bench_<rev>: the current bench linked against
 # that rev's chunk_attention.cu and chunk_attention_sm90a.cu (with its
 # chunk_tiles.cuh), the rest of the binary the same. device-run.sh's `ab`
-# step runs them beside the current one.
+# step runs them beside the current one. EXTRA="file …" packs those files
+# too (say, a kvmem_gpu_bench_<rev> built by hand for device-run.sh's
+# decode_ab step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=build/release
@@ -47,7 +49,7 @@ for rev in ${AB_REVS:-}; do
   rm -rf "$src"
 done
 strip --strip-all .devpack/kvmem_*  # debug info: the archive stays small
-cp bench/gpu/prefill_vs_sdpa.py bench/gpu/device-run.sh .devpack/
+cp bench/gpu/prefill_vs_sdpa.py bench/gpu/device-run.sh ${EXTRA:-} .devpack/
 mkdir -p .devpackz
 tar -C .devpack -czf .devpackz/pack.tgz .
 ls -la .devpackz/pack.tgz

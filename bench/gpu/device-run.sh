@@ -6,7 +6,10 @@
 # short lease still brings the first ones back; outputs go to $OUT.
 # STEPS (space-separated, default all): tests prefill sdpa decode; ab
 # (not in the default) runs the current prefill bench beside the
-# kvmem_prefill_bench_<rev> that AB_REVS packed, twice, wgmma kernels.
+# kvmem_prefill_bench_<rev> that AB_REVS packed, twice, wgmma kernels;
+# decode_ab runs the 4K decode steps (and b32 attention rows) of every
+# kvmem_gpu_bench_* packed (scripts/gpu-pack.sh EXTRA) beside the current
+# one, twice.
 cd "$(dirname "$0")"
 export LD_LIBRARY_PATH=.
 : "${OUT:=/tmp/out}"
@@ -39,6 +42,17 @@ for step in $steps; do
             --cascades=1 --repeats=3 --kernels=2 > /tmp/ab.txt 2>&1
           grep "full cache" /tmp/ab.txt
           cat /tmp/ab.txt >> "$OUT/ab.txt"
+        done
+      done ;;
+    decode_ab)
+      for round in 1 2; do
+        for b in ./kvmem_gpu_bench_* ./kvmem_gpu_bench; do
+          [ -x "$b" ] || continue
+          echo "$b, round $round"
+          timeout 60 "$b" --benchmark_filter='BM_DecodeStep/(1|8|32)/4096/0/0|BM_DecodeStep/32/4096/[345]/0' \
+            > /tmp/dab.txt 2>&1
+          sed -n '/^workload/,$p' /tmp/dab.txt
+          cat /tmp/dab.txt >> "$OUT/decode_ab.txt"
         done
       done ;;
     decode)
