@@ -33,6 +33,9 @@ class FieldWriter {
     Put<uint64_t>(v.size());
     out_.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
   }
+  // Room for `bytes` more, when the caller knows the size: a record of
+  // large fields is then written with no reallocation and copy.
+  void Reserve(size_t bytes) { out_.reserve(out_.size() + bytes); }
   std::string Take() { return std::move(out_); }
 
  private:
