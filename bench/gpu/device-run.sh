@@ -15,6 +15,22 @@ export LD_LIBRARY_PATH=.
 : "${OUT:=/tmp/out}"
 mkdir -p "$OUT"
 steps=${STEPS:-"tests prefill sdpa decode"}
+# A/B in one run: every packed <name>_<rev> beside ./<name>, alternating,
+# twice. $1 the name, $2 the output file under $OUT, $3 a sed script
+# printing the lines to show; the rest are the benchmark's flags.
+alternate() {
+  local name=$1 out=$2 show=$3
+  shift 3
+  for round in 1 2; do
+    for b in ./"$name"_* ./"$name"; do
+      [ -x "$b" ] || continue  # nothing packed: the glob stays as it is
+      echo "$b, round $round"
+      timeout 60 "$b" "$@" > /tmp/alternate.txt 2>&1
+      sed -n "$show" /tmp/alternate.txt
+      cat /tmp/alternate.txt >> "$OUT/$out"
+    done
+  done
+}
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 for step in $steps; do
   case $step in
@@ -34,27 +50,11 @@ for step in $steps; do
       echo "sdpa rc=$?"
       tail -7 "$OUT/sdpa.txt" ;;
     ab)
-      for round in 1 2; do
-        for b in ./kvmem_prefill_bench_* ./kvmem_prefill_bench; do
-          [ -x "$b" ] || continue  # no AB_REVS: the glob stays as it is
-          echo "$b, round $round"
-          timeout 60 "$b" --tokens=65536 --budgets=16384,65536 \
-            --cascades=1 --repeats=3 --kernels=2 > /tmp/ab.txt 2>&1
-          grep "full cache" /tmp/ab.txt
-          cat /tmp/ab.txt >> "$OUT/ab.txt"
-        done
-      done ;;
+      alternate kvmem_prefill_bench ab.txt '/full cache/p' --tokens=65536 \
+        --budgets=16384,65536 --cascades=1 --repeats=3 --kernels=2 ;;
     decode_ab)
-      for round in 1 2; do
-        for b in ./kvmem_gpu_bench_* ./kvmem_gpu_bench; do
-          [ -x "$b" ] || continue
-          echo "$b, round $round"
-          timeout 60 "$b" --benchmark_filter='BM_DecodeStep/(1|8|32)/4096/0/0|BM_DecodeStep/32/4096/[345]/0' \
-            > /tmp/dab.txt 2>&1
-          sed -n '/^workload/,$p' /tmp/dab.txt
-          cat /tmp/dab.txt >> "$OUT/decode_ab.txt"
-        done
-      done ;;
+      alternate kvmem_gpu_bench decode_ab.txt '/^workload/,$p' \
+        --benchmark_filter='BM_DecodeStep/(1|8|32)/4096/0/0|BM_DecodeStep/32/4096/[345]/0' ;;
     decode)
       timeout 240 ./kvmem_gpu_bench > "$OUT/decode.txt" 2>&1
       echo "decode rc=$?"
