@@ -21,10 +21,11 @@ cd "$(dirname "$0")/.."
 build=build/release
 # What is packed is what the tree says now, never a stale binary.
 cmake --build --preset release -j 2 --target kvmem_gpu_tests \
-  kvmem_prefill_bench kvmem_gpu_bench
+  kvmem_prefill_bench kvmem_gpu_bench kvmem_loopback_bench
 rm -rf .devpack .devpackz
 ../shared/device/pack.sh .devpack "$build/tests/gpu/kvmem_gpu_tests" \
-  "$build/bench/gpu/kvmem_prefill_bench" "$build/bench/gpu/kvmem_gpu_bench"
+  "$build/bench/gpu/kvmem_prefill_bench" "$build/bench/gpu/kvmem_gpu_bench" \
+  "$build/bench/loopback/kvmem_loopback_bench"
 for rev in ${AB_REVS:-}; do
   src=$(mktemp -d)
   mkdir -p "$src/kernels/cuda"

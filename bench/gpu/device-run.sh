@@ -9,7 +9,8 @@
 # kvmem_prefill_bench_<rev> that AB_REVS packed, twice, wgmma kernels;
 # decode_ab runs the 4K decode steps (and b32 attention rows) of every
 # kvmem_gpu_bench_* packed (scripts/gpu-pack.sh EXTRA) beside the current
-# one, twice.
+# one, twice; loopback the same for kvmem_loopback_bench (packed by
+# EXTRA, the current one too).
 cd "$(dirname "$0")"
 export LD_LIBRARY_PATH=.
 : "${OUT:=/tmp/out}"
@@ -25,7 +26,7 @@ alternate() {
     for b in ./"$name"_* ./"$name"; do
       [ -x "$b" ] || continue  # nothing packed: the glob stays as it is
       echo "$b, round $round"
-      timeout 60 "$b" "$@" > /tmp/alternate.txt 2>&1
+      timeout "${ALT_TIMEOUT:-60}" "$b" "$@" > /tmp/alternate.txt 2>&1
       sed -n "$show" /tmp/alternate.txt
       cat /tmp/alternate.txt >> "$OUT/$out"
     done
@@ -55,6 +56,13 @@ for step in $steps; do
     decode_ab)
       alternate kvmem_gpu_bench decode_ab.txt '/^workload/,$p' \
         --benchmark_filter='BM_DecodeStep/(1|8|32)/4096/0/0|BM_DecodeStep/32/4096/[345]/0' ;;
+    loopback)
+      # Loopback A/B, server --backend=cuda: table 1's 4K cells, then per
+      # token at batch 1 (32 layers), 4K and 96K.
+      ALT_TIMEOUT=120 alternate kvmem_loopback_bench loopback.txt '/^|/p' \
+        --backend=cuda --modes=attend,fetch --batches=1,8,32 \
+        --resident=4096 --iterations=50 --warmup=5 --token_layers=32 \
+        --token_batches=1 --token_resident=4096,98304 --token_iterations=10 ;;
     decode)
       timeout 240 ./kvmem_gpu_bench > "$OUT/decode.txt" 2>&1
       echo "decode rc=$?"

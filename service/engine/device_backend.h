@@ -124,10 +124,14 @@ struct DevicePolicyItem {
   std::vector<const uint8_t*> spilled_keys;
   std::vector<const uint8_t*> spilled_values;
   std::vector<const int64_t*> spilled_positions;  // FETCH: [tokens] each
-  // Outputs, sized by the caller: [G, D] fp32 and [G]. The token that left
-  // the resident set, if any (position −1: none), with its rows.
-  float* out = nullptr;
-  float* lse = nullptr;
+  // Outputs, sized by the caller (null: not wanted, as in FETCH): [G, D]
+  // in the shape's dtype, rounded as cpu::StoreFloats rounds, and [G]
+  // fp32. Raw bytes at any alignment, so that they can be an entry's
+  // place in the reply itself: the device writes the dtype, the host only
+  // copies. The token that left the resident set, if any (position −1:
+  // none), with its rows.
+  uint8_t* out = nullptr;
+  uint8_t* lse = nullptr;
   FetchedHead* fetched = nullptr;  // FETCH: positions, keys, values
   int64_t evicted_position = -1;
   std::string evicted_key, evicted_value;

@@ -287,7 +287,7 @@ absl::Status DeviceBackend::DecodeOwned(
   const size_t stk_at = L.Take(size_t(max_staged) * row);
   const size_t stv_at = L.Take(size_t(max_staged) * row);
   const size_t spos_at = L.Take(shape.fetch ? size_t(max_staged) * 8 : 0);
-  const size_t out_at = L.Take(size_t(B) * G * D * 4);
+  const size_t out_at = L.Take(size_t(B) * G * D * elem);  // dtype
   const size_t lse_at = L.Take(size_t(B) * G * 4);
   const size_t epos_at = L.Take(size_t(B) * 8);
   const size_t ek_at = L.Take(size_t(B) * row);
@@ -434,13 +434,15 @@ absl::Status DeviceBackend::DecodeOwned(
   }
 
   // Phase 2's rows (taken spilled tokens, the new tokens) staged on the
-  // host, bound for pool blocks kept for staging (or taken for this call).
+  // host, bound for pool blocks kept for staging (or taken for this call):
+  // count_staged places them (spilled_taken must be set), stage_item
+  // copies item i's.
   Impl::Blocks taken{impl_->pool.get(), {}};
   Impl::StagingRows staging;
+  std::vector<int32_t> staged_begin(static_cast<size_t>(B));
   int32_t staged = 0;
-  auto stage_rows =
+  auto count_staged =
       [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl_->mu) -> absl::Status {
-    std::vector<int32_t> staged_begin(static_cast<size_t>(B));
     staged = 0;
     for (int b = 0; b < B; ++b) {
       const DevicePolicyItem& item = items[size_t(b)];
@@ -459,33 +461,42 @@ absl::Status DeviceBackend::DecodeOwned(
       ++staged;  // the new token
     }
     KVMEM_ASSIGN_OR_RETURN(staging, impl_->Stage(staged, int(row), &taken));
-    each_item([&](size_t i) {
-      const DevicePolicyItem& item = items[i];
-      int64_t s = staged_begin[i];
-      auto stage = [&](const uint8_t* key, const uint8_t* value) {
-        const int32_t at = staging.Row(s);
-        host32(dst_at)[s] = at;
-        std::memcpy(h + stk_at + size_t(s) * row, key, row);
-        std::memcpy(h + stv_at + size_t(s) * row, value, row);
-        ++s;
-        return at;
-      };
-      for (size_t j = 0; j < item.spilled_taken.size(); ++j) {
-        if (!item.spilled_taken[j]) continue;
-        host32(cstage_at)[size_t(spilled_begin[i]) + j] = int32_t(s);
-        for (int t = 0; t < SpilledTokens(item, j, k.page_tokens); ++t) {
-          if (shape.fetch) {
-            reinterpret_cast<int64_t*>(h + spos_at)[s] =
-                item.spilled_positions[j][t];
-          }
-          stage(item.spilled_keys[j] + size_t(t) * row,
-                item.spilled_values[j] + size_t(t) * row);
-        }
-      }
-      host32(newrow_at)[i] = stage(item.key, item.value);
-    });
     return absl::OkStatus();
   };
+  auto stage_item = [&](size_t i) {
+    const DevicePolicyItem& item = items[i];
+    int64_t s = staged_begin[i];
+    auto stage = [&](const uint8_t* key, const uint8_t* value) {
+      const int32_t at = staging.Row(s);
+      host32(dst_at)[s] = at;
+      std::memcpy(h + stk_at + size_t(s) * row, key, row);
+      std::memcpy(h + stv_at + size_t(s) * row, value, row);
+      ++s;
+      return at;
+    };
+    for (size_t j = 0; j < item.spilled_taken.size(); ++j) {
+      if (!item.spilled_taken[j]) continue;
+      host32(cstage_at)[size_t(spilled_begin[i]) + j] = int32_t(s);
+      for (int t = 0; t < SpilledTokens(item, j, k.page_tokens); ++t) {
+        if (shape.fetch) {
+          reinterpret_cast<int64_t*>(h + spos_at)[s] =
+              item.spilled_positions[j][t];
+        }
+        stage(item.spilled_keys[j] + size_t(t) * row,
+              item.spilled_values[j] + size_t(t) * row);
+      }
+    }
+    host32(newrow_at)[i] = stage(item.key, item.value);
+  };
+
+  // Without spilled candidates the selection has nothing to tell the host:
+  // phase 2's rows (the new tokens only) are staged in phase 1's pass over
+  // the items, and both phases' inputs go in one copy (the selection's
+  // output bytes between them ride along). Every API call costs ~10 µs of
+  // a batch-1 step, and every pass over the items on the worker threads
+  // costs their wake-up.
+  const bool spills = spilled_total > 0;
+  if (!spills) KVMEM_RETURN_IF_ERROR(count_staged());
 
   // Phase 1: candidates, scores, the fill.
   each_item([&](size_t i) {
@@ -514,13 +525,8 @@ absl::Status DeviceBackend::DecodeOwned(
     reinterpret_cast<int64_t*>(h + newpos_at)[i] = item.position;
     std::memcpy(h + newk_at + i * row, item.key, row);
     std::memcpy(h + newv_at + i * row, item.value, row);
+    if (!spills) stage_item(i);
   });
-  // Without spilled candidates the selection has nothing to tell the host:
-  // phase 2's rows are staged now and both phases' inputs go in one copy
-  // (the selection's output bytes between them ride along). Every API call
-  // costs ~10 µs of a batch-1 step.
-  const bool spills = spilled_total > 0;
-  if (!spills) KVMEM_RETURN_IF_ERROR(stage_rows());
 
   // Everything the step enqueues, from the inputs' copy to the outputs'.
   auto enqueue = [&]()
@@ -598,7 +604,8 @@ absl::Status DeviceBackend::DecodeOwned(
         item.spilled_positions.assign(n, nullptr);
       }
       KVMEM_RETURN_IF_ERROR(recall());
-      KVMEM_RETURN_IF_ERROR(stage_rows());
+      KVMEM_RETURN_IF_ERROR(count_staged());
+      each_item(stage_item);
       // The tail of phase 1's inputs (the new tokens) and phase 2's inputs
       // travel together; only what staging used of the row regions is sent.
       KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + cstage_at, h + cstage_at,
@@ -657,7 +664,7 @@ absl::Status DeviceBackend::DecodeOwned(
     in.softmax_scale = shape.softmax_scale;
     in.reduction = shape.reduction;
     cuda::DecodeAttentionOutputs out;
-    out.out_fp32 = devf(out_at);
+    out.out = d + out_at;  // rounded on the device: no host pass
     out.lse = devf(lse_at);
     out.reduced_probs = devf(rprob_at);
     KVMEM_RETURN_IF_ERROR(cuda::DecodeAttention(
@@ -791,8 +798,13 @@ absl::Status DeviceBackend::DecodeOwned(
   each_item(
       [&](size_t i) {
         DevicePolicyItem& item = items[i];
-        std::memcpy(item.out, h + out_at + i * G * D * 4, size_t(G) * D * 4);
-        std::memcpy(item.lse, h + lse_at + i * G * 4, size_t(G) * 4);
+        if (item.out != nullptr) {
+          std::memcpy(item.out, h + out_at + i * G * D * elem,
+                      size_t(G) * D * elem);
+        }
+        if (item.lse != nullptr) {
+          std::memcpy(item.lse, h + lse_at + i * G * 4, size_t(G) * 4);
+        }
         item.evicted_position =
             reinterpret_cast<const int64_t*>(h + epos_at)[i];
         if (shape.fetch && item.fetched != nullptr) {

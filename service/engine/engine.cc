@@ -267,7 +267,7 @@ absl::Status Engine::ApplyEntry(
                           cascade.value_row(slot).data()});
       }
     }
-    if (mode == StepMode::kAttend) {
+    if (mode == StepMode::kAttend && !done->outputs_in_reply) {
       for (int t = 0; t < T; ++t) {
         const size_t at = size_t(t) * Hq + size_t(h) * G;  // first row
         cpu::StoreFloats(
@@ -594,7 +594,7 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       }
       OwnedStepNanos owned_nanos;
       KVMEM_RETURN_IF_ERROR(StepOwned(sessions, order, request, owned,
-                                      heads_applied, &owned_nanos));
+                                      heads_applied, results, &owned_nanos));
       phase_done(StepPhase::kDevice);
       phase_nanos[int(StepPhase::kDevice)] -= rows_nanos + owned_nanos.recall +
                                               owned_nanos.wait +

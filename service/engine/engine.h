@@ -261,11 +261,13 @@ class Engine {
     int64_t wait = 0;    // waiting for the device (DecodeOwned's syncs)
     int64_t spill = 0;   // evicted tokens to the host's spilled pages
   };
+  // ATTEND decode entries' outputs go straight into results[i] (the
+  // device rounds them to the dtype), which done[i] then says.
   absl::Status StepOwned(
       const std::vector<std::shared_ptr<LiveSession>>& sessions,
       const std::vector<LiveSession*>& busy, const StepRequestView& request,
       const std::vector<bool>& owned, std::vector<HeadsApplied>& done,
-      OwnedStepNanos* nanos);
+      std::vector<StepEntryResult>& results, OwnedStepNanos* nanos);
   // Whether entry `e` of layer `layer` of `s` may step as a device-owned
   // layer: uploads its rows and its policy state when needed (evicting idle
   // sessions' rows for room). False keeps it on the host path.

@@ -336,6 +336,7 @@ absl::Status Engine::StepOwned(
     const std::vector<std::shared_ptr<LiveSession>>& sessions,
     const std::vector<LiveSession*>& busy, const StepRequestView& request,
     const std::vector<bool>& owned, std::vector<HeadsApplied>& done,
+    std::vector<StepEntryResult>& results,
     OwnedStepNanos* nanos) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   *nanos = OwnedStepNanos();
   const size_t layer = size_t(request.layer);
@@ -383,6 +384,18 @@ absl::Status Engine::StepOwned(
     const size_t q_head = size_t(c.group) * c.head_dim * elem;
     const size_t kv_head = size_t(c.head_dim) * elem;
     std::vector<StreamState>& streams = s.streams[layer];
+    // ATTEND: the device writes each head's [G, D] rows in the dtype, and
+    // its [G] LSEs, at their places in the reply ([1, Hq, D], [1, Hq]).
+    uint8_t* reply_out = nullptr;
+    uint8_t* reply_lse = nullptr;
+    if (request.mode == StepMode::kAttend) {
+      StepEntryResult& result = results[i];
+      result.output.resize(streams.size() * q_head);
+      result.lse.resize(streams.size() * size_t(c.group) * sizeof(float));
+      reply_out = reinterpret_cast<uint8_t*>(result.output.data());
+      reply_lse = reinterpret_cast<uint8_t*>(result.lse.data());
+      done[i].outputs_in_reply = true;
+    }
     for (size_t h = 0; h < streams.size(); ++h) {
       const StreamState& stream = streams[h];
       DevicePolicyItem item;
@@ -407,12 +420,11 @@ absl::Status Engine::StepOwned(
           item.open_tokens = int(open.positions.size());
         }
       }
-      StreamStepOutput& output = done[i].outputs[h];
-      output.out.assign(size_t(c.group) * c.head_dim, 0.0f);
-      output.lse.assign(size_t(c.group), 0.0f);
-      item.out = output.out.data();
-      item.lse = output.lse.data();
-      if (launch.shape.fetch) item.fetched = &output.fetched;
+      if (launch.shape.fetch) item.fetched = &done[i].outputs[h].fetched;
+      if (reply_out != nullptr) {
+        item.out = reply_out + h * q_head;
+        item.lse = reply_lse + h * size_t(c.group) * sizeof(float);
+      }
       launch.items.push_back(std::move(item));
       launch.at.emplace_back(i, h);
     }

@@ -120,6 +120,9 @@ struct Engine::HeadsApplied {
   std::vector<StreamStepOutput> outputs;  // [H]
   std::vector<absl::Status> status;       // [H]
   int64_t bytes_before = 0;  // the layer's streams' memory before them
+  // ATTEND: the heads' outputs are in the entry's reply already (a device
+  // decode step wrote them there), not in `outputs`.
+  bool outputs_in_reply = false;
 };
 
 // A layer's kept step as a checkpoint stores it (step_log.cc), so that a
