@@ -547,8 +547,10 @@ int Main() {
     }
     std::printf(
         "\nWhere the server's time went (GetStats step_phase_seconds, mean µs "
-        "per measured request of each cell; the rest of p50 is gRPC and the "
-        "wire):\n%s in Step | kvmem p50 |%s---|---|\n",
+        "per measured request of each cell; `server` is their sum, from the "
+        "handler's start to the reply's message; the rest of p50 is gRPC's "
+        "parsing and serialization and the wire):\n%s server | kvmem p50 "
+        "|%s---|---|\n",
         header.c_str(), rule.c_str());
     for (const std::string& row : phase_rows) std::printf("%s", row.c_str());
     std::fflush(stdout);

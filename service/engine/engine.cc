@@ -327,23 +327,27 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
   }
 
   // Sessions: known, each once.
+  const int64_t lookup_start = MonotonicNanos();
+  const int64_t used_at = Now();
   std::vector<std::shared_ptr<LiveSession>> sessions(n);
   std::map<std::string, size_t> first_entry;
   for (size_t i = 0; i < n; ++i) {
     const std::string& id = request.entries[i].session_id;
-    KVMEM_RETURN_IF_ERROR(
-        ValidateSessionId(id, Field(i, "session_id").c_str()));
+    if (!ValidateSessionId(id, "session_id").ok()) {  // the field named
+      return ValidateSessionId(id, Field(i, "session_id").c_str());
+    }
     auto [it, fresh] = first_entry.emplace(id, i);
     if (!fresh) {
       return absl::InvalidArgumentError(absl::StrCat(
           Field(i, "session_id"), ": session \"", id, "\" repeats entries[",
           it->second, "]; a request holds at most one entry per session"));
     }
-    absl::StatusOr<SessionInfo> info = registry_->Get(tenant, id);
-    if (!info.ok()) return Annotate(info.status(), Field(i, "session_id"));
-    sessions[i] = Live(Key(tenant, id), *info);
-    registry_->Touch(tenant, id, Now());
+    absl::StatusOr<std::shared_ptr<LiveSession>> live =
+        LiveForStep(Key(tenant, id), used_at);
+    if (!live.ok()) return Annotate(live.status(), Field(i, "session_id"));
+    sessions[i] = *std::move(live);
   }
+  AddStepPhaseNanos(StepPhase::kSessions, MonotonicNanos() - lookup_start);
 
   std::vector<StepEntryResult> results(n);
   std::shared_ptr<std::promise<absl::Status>> synced;  // STEP_SYNC requests

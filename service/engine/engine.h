@@ -58,11 +58,18 @@ enum class StepPhase : int {
   kDeviceWait,   // CUDA backend: waiting for a device-owned step's kernels
   kDeviceSpill,  // CUDA backend: the tokens a device-owned step evicted, to
                  // the host's spilled pages
+  kSessions,     // finding the request's sessions (before their locks)
+  // Added by the RPC layer (AddStepPhaseNanos), around Engine::Step:
+  kQueue,    // a received request waiting for a worker thread
+  kConvert,  // the request's views, the reply's message
   kCount,
 };
 inline constexpr const char* kStepPhaseNames[] = {
-    "lock",  "plan",        "device", "apply",       "device_write",
-    "write", "device_rows", "recall", "device_wait", "device_spill"};
+    "lock",     "plan",        "device", "apply",       "device_write",
+    "write",    "device_rows", "recall", "device_wait", "device_spill",
+    "sessions", "queue",       "convert"};
+static_assert(sizeof(kStepPhaseNames) / sizeof(kStepPhaseNames[0]) ==
+              size_t(StepPhase::kCount));
 
 struct EngineStats {
   int64_t sessions = 0;
@@ -175,6 +182,11 @@ class Engine {
       bool all_tenants = false);
 
   EngineStats Stats();
+  // Time spent on Step requests outside Engine::Step (kQueue, kConvert),
+  // counted with Step's own phases.
+  void AddStepPhaseNanos(StepPhase phase, int64_t nanos) {
+    phase_nanos_[int(phase)].fetch_add(nanos, std::memory_order_relaxed);
+  }
 
   // Deletes every session idle past its policy.idle_ttl_seconds (the sync
   // loop calls this about once a second). Returns how many it deleted.
@@ -196,6 +208,10 @@ class Engine {
   // The live state of `info`'s session, made on first use (not yet
   // recovered: Wake does that under the session's lock).
   std::shared_ptr<LiveSession> Live(const Key& key, const SessionInfo& info);
+  // Step's lookup: the live state of the ready session `key` (touched as
+  // used), made on first use. NOT_FOUND as SessionRegistry::Get.
+  absl::StatusOr<std::shared_ptr<LiveSession>> LiveForStep(const Key& key,
+                                                           int64_t now);
   // The three helpers below need the caller to hold s.mu; LiveSession is
   // incomplete here, so Clang's analysis cannot be told, and their
   // definitions opt out of it.

@@ -398,7 +398,9 @@ absl::Status Engine::StepOwned(
     }
     for (size_t h = 0; h < streams.size(); ++h) {
       const StreamState& stream = streams[h];
-      DevicePolicyItem item;
+      // Built in place: an item is a few hundred bytes of vectors and
+      // strings, 256 of them at batch 32.
+      DevicePolicyItem& item = launch.items.emplace_back();
       item.layer = &s.device[layer];
       item.head = int(h);
       item.query = reinterpret_cast<const uint8_t*>(e.q.data()) + h * q_head;
@@ -425,7 +427,6 @@ absl::Status Engine::StepOwned(
         item.out = reply_out + h * q_head;
         item.lse = reply_lse + h * size_t(c.group) * sizeof(float);
       }
-      launch.items.push_back(std::move(item));
       launch.at.emplace_back(i, h);
     }
   }

@@ -17,6 +17,24 @@ int64_t WallMicros() { return absl::ToUnixMicros(absl::Now()); }
 
 }  // namespace
 
+absl::StatusOr<std::shared_ptr<Engine::LiveSession>> Engine::LiveForStep(
+    const Key& key, int64_t now) {
+  KVMEM_ASSIGN_OR_RETURN(const uint64_t seq,
+                         registry_->TouchReady(key.first, key.second, now));
+  {
+    // Usually live already: no manifest copied (a step's entries each
+    // come this way, 32 of them in a batch-32 request).
+    MutexLock lock(&mu_);
+    auto it = live_.find(key);
+    if (it != live_.end() && it->second->manifest.seq == seq) {
+      return it->second;
+    }
+  }
+  KVMEM_ASSIGN_OR_RETURN(SessionInfo info,
+                         registry_->Get(key.first, key.second));
+  return Live(key, info);
+}
+
 std::shared_ptr<Engine::LiveSession> Engine::Live(const Key& key,
                                                   const SessionInfo& info) {
   MutexLock lock(&mu_);

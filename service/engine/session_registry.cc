@@ -187,15 +187,18 @@ absl::Status SessionRegistry::Delete(const std::string& tenant,
   return absl::OkStatus();
 }
 
-void SessionRegistry::Touch(const std::string& tenant,
-                            const std::string& session_id,
-                            int64_t now_unix_micros) {
+absl::StatusOr<uint64_t> SessionRegistry::TouchReady(
+    const std::string& tenant, const std::string& session_id,
+    int64_t now_unix_micros) {
   MutexLock lock(&mu_);
   auto it = sessions_.find(Key(tenant, session_id));
-  if (it != sessions_.end()) {
-    it->second.last_used_unix_micros =
-        std::max(it->second.last_used_unix_micros, now_unix_micros);
+  if (it == sessions_.end() || it->second.state != State::kReady) {
+    return absl::NotFoundError(
+        absl::StrCat("session_id \"", session_id, "\" not found"));
   }
+  it->second.last_used_unix_micros =
+      std::max(it->second.last_used_unix_micros, now_unix_micros);
+  return it->second.manifest.seq;
 }
 
 std::vector<std::pair<std::string, std::string>> SessionRegistry::Expired(

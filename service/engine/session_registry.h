@@ -77,9 +77,12 @@ class SessionRegistry {
   // Sessions of every tenant.
   int64_t SessionCount();
 
-  // Marks the session used at `now_unix_micros` (a step). Unknown: no-op.
-  void Touch(const std::string& tenant, const std::string& session_id,
-             int64_t now_unix_micros);
+  // A step's lookup: marks the session used at `now_unix_micros` and
+  // returns its manifest's seq (which incarnation it is), under one lock
+  // and without copying the manifest. NOT_FOUND as Get.
+  absl::StatusOr<uint64_t> TouchReady(const std::string& tenant,
+                                      const std::string& session_id,
+                                      int64_t now_unix_micros);
 
   // (tenant, session_id) of every session whose policy.idle_ttl_seconds is
   // set and which has not been used for that long at `now_unix_micros`.

@@ -3,6 +3,7 @@
 #include <map>
 
 #include "absl/time/clock.h"
+#include "base/status_macros.h"
 #include "service/grpc/convert.h"
 #include "service/grpc/step_stream.h"
 #include "service/log.h"
@@ -27,11 +28,22 @@ KvMemoryService::KvMemoryService(Engine* engine, WorkPool* pool,
       started_(absl::Now()) {}
 
 absl::Status RunStep(Engine* engine, const std::string& tenant,
-                     const StepRequestView& view, v1::StepResponse* response) {
+                     const v1::StepRequest& request, absl::Time received,
+                     StepRequestView* view, v1::StepResponse* response) {
+  const absl::Time start = absl::Now();
+  engine->AddStepPhaseNanos(StepPhase::kQueue,
+                            absl::ToInt64Nanoseconds(start - received));
+  KVMEM_RETURN_IF_ERROR(StepRequestFromProto(request, view));
+  const absl::Duration viewing = absl::Now() - start;
   absl::StatusOr<std::vector<StepEntryResult>> results =
-      engine->Step(tenant, view);
+      engine->Step(tenant, *view);
   if (!results.ok()) return results.status();
-  StepResultsToProto(std::move(*results), view, response);
+  const absl::Time stepped = absl::Now();
+  StepResultsToProto(std::move(*results), *view, response);
+  response->set_request_id(request.request_id());
+  engine->AddStepPhaseNanos(
+      StepPhase::kConvert,
+      absl::ToInt64Nanoseconds(viewing + (absl::Now() - stepped)));
   return absl::OkStatus();
 }
 
@@ -171,9 +183,8 @@ grpc::ServerUnaryReactor* KvMemoryService::Step(
   return Serve(context, [this, request, response, received,
                          ticket](const std::string& tenant) {
     StepRequestView view;
-    absl::Status st = StepRequestFromProto(*request, &view);
-    if (st.ok()) st = RunStep(engine_, tenant, view, response);
-    if (st.ok()) response->set_request_id(request->request_id());
+    absl::Status st =
+        RunStep(engine_, tenant, *request, received, &view, response);
     RecordStep(metrics_, view, st, received);
     return st;
   });

@@ -81,9 +81,13 @@ class KvMemoryService final : public v1::KvMemory::CallbackService {
   std::atomic<bool> accepting_{true};
 };
 
-// Steps `view` on `engine` and fills `response`; the engine's status.
+// A Step request's work on a worker thread: its views (left in *view for
+// the metrics), Engine::Step, the reply in `response`; the request's
+// status. The wait since `received` and the conversions count as the Step
+// phases kQueue and kConvert.
 absl::Status RunStep(Engine* engine, const std::string& tenant,
-                     const StepRequestView& view, v1::StepResponse* response);
+                     const v1::StepRequest& request, absl::Time received,
+                     StepRequestView* view, v1::StepResponse* response);
 
 // Counts one step request of `view` that ended with `status`.
 void RecordStep(Metrics* metrics, const StepRequestView& view,

@@ -62,16 +62,9 @@ void StepStreamReactor::Process() {
     status = absl::UnavailableError("kvmem-server is shutting down");
   } else {
     StepRequestView view;
-    status = StepRequestFromProto(request_, &view);
-    if (status.ok()) {
-      v1::StepResponse* reply = response_.mutable_response();
-      status = RunStep(engine_, tenant_, view, reply);
-      if (status.ok()) {
-        reply->set_request_id(request_.request_id());
-      } else {
-        response_.clear_response();
-      }
-    }
+    status = RunStep(engine_, tenant_, request_, received_, &view,
+                     response_.mutable_response());
+    if (!status.ok()) response_.clear_response();
     RecordStep(metrics_, view, status, received_);
   }
   admission_->Release(admitted_bytes_);

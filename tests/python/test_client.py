@@ -303,7 +303,8 @@ def test_stats(client: kvmem.Client) -> None:
     assert after.device_attend_steps == 0
     assert set(after.step_phase_seconds) == {
         "lock", "plan", "recall", "device_rows", "device", "apply",
-        "device_write", "write", "device_wait", "device_spill"}
+        "device_write", "write", "device_wait", "device_spill", "sessions",
+        "queue", "convert"}
     assert all(v >= 0 for v in after.step_phase_seconds.values())
 
 

@@ -49,7 +49,8 @@ class ServerStats:
     device_attend_steps: int  # decode steps attended there, policy on host
     # Seconds Step requests spent per phase since start ("lock", "plan",
     # "recall", "device_rows", "device", "apply", "device_write", "write",
-    # "device_wait", "device_spill").
+    # "device_wait", "device_spill", "sessions"; around the engine "queue"
+    # and "convert").
     step_phase_seconds: Dict[str, float]
 
 

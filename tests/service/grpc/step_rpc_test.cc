@@ -120,12 +120,17 @@ TEST_F(ServerTest, StepAndStepStreamAnswerAlike) {
   const auto& phases = stats.step_phase_seconds();
   for (const char* phase :
        {"lock", "plan", "recall", "device", "apply", "device_write", "write",
-        "device_rows", "device_wait", "device_spill"}) {
+        "device_rows", "device_wait", "device_spill", "sessions", "queue",
+        "convert"}) {
     ASSERT_EQ(phases.count(phase), 1u) << phase;
     EXPECT_GE(phases.at(phase), 0.0) << phase;
   }
   EXPECT_GT(phases.at("plan"), 0.0);
   EXPECT_GT(phases.at("apply"), 0.0);
+  // The RPC layer's own share: the hand-off to a worker, the messages.
+  EXPECT_GT(phases.at("sessions"), 0.0);
+  EXPECT_GT(phases.at("queue"), 0.0);
+  EXPECT_GT(phases.at("convert"), 0.0);
   EXPECT_EQ(phases.at("device"), 0.0);
   EXPECT_EQ(phases.at("device_rows"), 0.0);
   EXPECT_EQ(phases.at("device_wait"), 0.0);
