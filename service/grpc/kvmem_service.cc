@@ -6,6 +6,7 @@
 #include "base/status_macros.h"
 #include "service/grpc/convert.h"
 #include "service/grpc/step_stream.h"
+#include "service/grpc/step_wire.h"
 #include "service/log.h"
 
 namespace kvmem {
@@ -27,9 +28,10 @@ KvMemoryService::KvMemoryService(Engine* engine, WorkPool* pool,
       identity_(std::move(identity)),
       started_(absl::Now()) {}
 
-absl::Status RunStep(Engine* engine, const std::string& tenant,
-                     const v1::StepRequest& request, absl::Time received,
-                     StepRequestView* view, v1::StepResponse* response) {
+absl::Status RunStep(
+    Engine* engine, const std::string& tenant, const v1::StepRequest& request,
+    absl::Time received, StepRequestView* view,
+    const std::function<void(std::vector<StepEntryResult>)>& reply) {
   const absl::Time start = absl::Now();
   engine->AddStepPhaseNanos(StepPhase::kQueue,
                             absl::ToInt64Nanoseconds(start - received));
@@ -39,8 +41,7 @@ absl::Status RunStep(Engine* engine, const std::string& tenant,
       engine->Step(tenant, *view);
   if (!results.ok()) return results.status();
   const absl::Time stepped = absl::Now();
-  StepResultsToProto(std::move(*results), *view, response);
-  response->set_request_id(request.request_id());
+  reply(*std::move(results));
   engine->AddStepPhaseNanos(
       StepPhase::kConvert,
       absl::ToInt64Nanoseconds(viewing + (absl::Now() - stepped)));
@@ -166,9 +167,21 @@ grpc::ServerUnaryReactor* KvMemoryService::DeleteSession(
 }
 
 grpc::ServerUnaryReactor* KvMemoryService::Step(
-    grpc::CallbackServerContext* context, const v1::StepRequest* request,
-    v1::StepResponse* response) {
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw,
+    grpc::ByteBuffer* response) {
   const absl::Time received = absl::Now();
+  // Parsed here, on gRPC's thread, as a typed method's request would be.
+  // (Deserialize consumes its buffer: a copy, which shares the slices.)
+  auto request = std::make_shared<v1::StepRequest>();
+  grpc::ByteBuffer wire(*raw);
+  if (!grpc::SerializationTraits<v1::StepRequest>::Deserialize(&wire,
+                                                               request.get())
+           .ok()) {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 "request: not a kvmem.v1.StepRequest"));
+    return reactor;
+  }
   const int64_t bytes = TensorBytes(*request);
   if (absl::Status admitted = admission_->Admit(bytes); !admitted.ok()) {
     StepRequestView view;
@@ -183,8 +196,13 @@ grpc::ServerUnaryReactor* KvMemoryService::Step(
   return Serve(context, [this, request, response, received,
                          ticket](const std::string& tenant) {
     StepRequestView view;
-    absl::Status st =
-        RunStep(engine_, tenant, *request, received, &view, response);
+    absl::Status st = RunStep(engine_, tenant, *request, received, &view,
+                              [&](std::vector<StepEntryResult> results) {
+                                grpc::ByteBuffer reply =
+                                    StepResponseWire(request->request_id(),
+                                                     std::move(results), view);
+                                response->Swap(&reply);
+                              });
     RecordStep(metrics_, view, st, received);
     return st;
   });

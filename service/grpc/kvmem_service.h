@@ -12,7 +12,9 @@
 #define KVMEM_SERVICE_GRPC_KVMEM_SERVICE_H_
 
 #include <atomic>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "absl/time/time.h"
 #include "kvmem/v1/kvmem.grpc.pb.h"
@@ -23,7 +25,11 @@
 
 namespace kvmem {
 
-class KvMemoryService final : public v1::KvMemory::CallbackService {
+// Step is a raw method: its request is parsed here and its reply written
+// by StepResponseWire (step_wire.h), which sends the tensors without
+// copying them; the other methods are typed.
+class KvMemoryService final : public v1::KvMemory::WithRawCallbackMethod_Step<
+                                  v1::KvMemory::CallbackService> {
  public:
   struct Identity {
     std::string version;  // kvmem's version
@@ -53,8 +59,8 @@ class KvMemoryService final : public v1::KvMemory::CallbackService {
       const v1::DeleteSessionRequest* request,
       v1::DeleteSessionResponse* response) override;
   grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* context,
-                                 const v1::StepRequest* request,
-                                 v1::StepResponse* response) override;
+                                 const grpc::ByteBuffer* request,
+                                 grpc::ByteBuffer* response) override;
   grpc::ServerBidiReactor<v1::StepRequest, v1::StepStreamResponse>* StepStream(
       grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* Checkpoint(
@@ -82,12 +88,13 @@ class KvMemoryService final : public v1::KvMemory::CallbackService {
 };
 
 // A Step request's work on a worker thread: its views (left in *view for
-// the metrics), Engine::Step, the reply in `response`; the request's
-// status. The wait since `received` and the conversions count as the Step
-// phases kQueue and kConvert.
-absl::Status RunStep(Engine* engine, const std::string& tenant,
-                     const v1::StepRequest& request, absl::Time received,
-                     StepRequestView* view, v1::StepResponse* response);
+// the metrics), Engine::Step, then `reply` with the results (writing the
+// reply's message); the request's status. The wait since `received` and
+// the conversions count as the Step phases kQueue and kConvert.
+absl::Status RunStep(
+    Engine* engine, const std::string& tenant, const v1::StepRequest& request,
+    absl::Time received, StepRequestView* view,
+    const std::function<void(std::vector<StepEntryResult>)>& reply);
 
 // Counts one step request of `view` that ended with `status`.
 void RecordStep(Metrics* metrics, const StepRequestView& view,

@@ -63,7 +63,11 @@ void StepStreamReactor::Process() {
   } else {
     StepRequestView view;
     status = RunStep(engine_, tenant_, request_, received_, &view,
-                     response_.mutable_response());
+                     [&](std::vector<StepEntryResult> results) {
+                       v1::StepResponse* reply = response_.mutable_response();
+                       StepResultsToProto(std::move(results), view, reply);
+                       reply->set_request_id(request_.request_id());
+                     });
     if (!status.ok()) response_.clear_response();
     RecordStep(metrics_, view, status, received_);
   }

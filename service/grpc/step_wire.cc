@@ -1,0 +1,199 @@
+#include "service/grpc/step_wire.h"
+
+#include <atomic>
+#include <string>
+#include <utility>
+
+#include "grpcpp/support/slice.h"
+#include "kvmem/v1/kvmem.pb.h"
+
+namespace kvmem {
+namespace {
+
+// Wire types of the proto encoding.
+constexpr uint32_t kVarint = 0, kDelimited = 2;
+
+size_t VarintSize(uint64_t v) {
+  size_t n = 1;
+  while (v >= 0x80) {
+    v >>= 7;
+    ++n;
+  }
+  return n;
+}
+
+size_t DelimitedSize(size_t bytes) { return 1 + VarintSize(bytes) + bytes; }
+
+// Packed repeated int64 payload bytes (negative values take 10 bytes).
+size_t PackedSize(const std::vector<int64_t>& values) {
+  size_t n = 0;
+  for (int64_t v : values) n += VarintSize(uint64_t(v));
+  return n;
+}
+
+// Field sizes as protobuf counts them: proto3 leaves out zeros and empties.
+size_t HeadSize(const FetchedHead& h) {
+  size_t n = 0;
+  if (!h.positions.empty()) n += DelimitedSize(PackedSize(h.positions));
+  if (!h.k.empty()) n += DelimitedSize(h.k.size());
+  if (!h.v.empty()) n += DelimitedSize(h.v.size());
+  if (!h.query_rotary_positions.empty()) {
+    n += DelimitedSize(PackedSize(h.query_rotary_positions));
+  }
+  return n;
+}
+
+size_t ResultSize(const StepEntryResult& r, const std::string& session_id) {
+  size_t n = 0;
+  if (!session_id.empty()) n += DelimitedSize(session_id.size());
+  if (r.next_position != 0) n += 1 + VarintSize(uint64_t(r.next_position));
+  if (r.durable_position != 0) {
+    n += 1 + VarintSize(uint64_t(r.durable_position));
+  }
+  for (const FetchedHead& h : r.heads) n += DelimitedSize(HeadSize(h));
+  if (!r.output.empty()) n += DelimitedSize(r.output.size());
+  if (!r.lse.empty()) n += DelimitedSize(r.lse.size());
+  return n;
+}
+
+// Owns the results while gRPC holds slices over them: one reference per
+// slice, the last one's release frees it.
+struct Reply {
+  std::vector<StepEntryResult> results;
+  std::string own;  // tags, lengths, small fields
+  std::atomic<int> refs{0};
+
+  static void Release(void* self) {
+    Reply* reply = static_cast<Reply*>(self);
+    if (reply->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete reply;
+  }
+};
+
+// The encoding as pieces: runs of `own`, and shared strings.
+class Writer {
+ public:
+  explicit Writer(Reply* reply) : reply_(reply) {}
+
+  void Varint(uint64_t v) {
+    while (v >= 0x80) {
+      reply_->own.push_back(char(v | 0x80));
+      v >>= 7;
+    }
+    reply_->own.push_back(char(v));
+  }
+  void Tag(uint32_t field, uint32_t wire_type) {
+    Varint((field << 3) | wire_type);
+  }
+  void Int64(uint32_t field, int64_t v) {
+    if (v == 0) return;
+    Tag(field, kVarint);
+    Varint(uint64_t(v));
+  }
+  void Bytes(uint32_t field, const std::string& bytes) {
+    if (bytes.empty()) return;
+    Tag(field, kDelimited);
+    Varint(bytes.size());
+    if (bytes.size() < kMinSharedBytes) {
+      reply_->own.append(bytes);
+      return;
+    }
+    CloseOwnRun();
+    pieces_.push_back(
+        {false, reinterpret_cast<uintptr_t>(bytes.data()), bytes.size()});
+    run_start_ = reply_->own.size();
+  }
+  void Packed(uint32_t field, const std::vector<int64_t>& values) {
+    if (values.empty()) return;
+    Tag(field, kDelimited);
+    Varint(PackedSize(values));
+    for (int64_t v : values) Varint(uint64_t(v));
+  }
+  void Delimited(uint32_t field, size_t bytes) {
+    Tag(field, kDelimited);
+    Varint(bytes);
+  }
+
+  // The slices, once everything is written (`own` no longer moves).
+  grpc::ByteBuffer Finish() {
+    CloseOwnRun();
+    std::vector<grpc::Slice> slices;
+    slices.reserve(pieces_.size());
+    reply_->refs.store(int(pieces_.size()), std::memory_order_relaxed);
+    for (const Piece& p : pieces_) {
+      char* at =
+          p.own ? reply_->own.data() + p.at : reinterpret_cast<char*>(p.at);
+      slices.emplace_back(at, p.bytes, &Reply::Release, reply_);
+    }
+    if (pieces_.empty()) {  // an empty message
+      delete reply_;
+      grpc::Slice empty;
+      return grpc::ByteBuffer(&empty, 1);
+    }
+    return grpc::ByteBuffer(slices.data(), slices.size());
+  }
+
+ private:
+  struct Piece {
+    bool own;
+    uintptr_t at;  // own: offset into reply_->own; else the address
+    size_t bytes;
+  };
+  void CloseOwnRun() {
+    const size_t end = reply_->own.size();
+    if (end > run_start_)
+      pieces_.push_back({true, run_start_, end - run_start_});
+    run_start_ = end;
+  }
+
+  Reply* reply_;
+  std::vector<Piece> pieces_;
+  size_t run_start_ = 0;
+};
+
+}  // namespace
+
+grpc::ByteBuffer StepResponseWire(uint64_t request_id,
+                                  std::vector<StepEntryResult> results,
+                                  const StepRequestView& request) {
+  using v1::FetchedHead;
+  using v1::StepResponse;
+  using v1::StepResult;
+  Reply* reply = new Reply;
+  reply->results = std::move(results);
+  // Tags, lengths and small fields: a few dozen bytes an entry, plus the
+  // packed positions of FETCH (up to 10 bytes each).
+  size_t own = 16;
+  for (const StepEntryResult& r : reply->results) {
+    own += 64 + r.lse.size();
+    for (const kvmem::FetchedHead& h : r.heads) {
+      own += 32 + 10 * (h.positions.size() + h.query_rotary_positions.size());
+    }
+  }
+  reply->own.reserve(own);
+  Writer w(reply);
+  if (request_id != 0) {
+    w.Tag(StepResponse::kRequestIdFieldNumber, kVarint);
+    w.Varint(request_id);
+  }
+  for (size_t i = 0; i < reply->results.size(); ++i) {
+    const StepEntryResult& r = reply->results[i];
+    const std::string& id = request.entries[i].session_id;
+    w.Delimited(StepResponse::kResultsFieldNumber, ResultSize(r, id));
+    w.Bytes(StepResult::kSessionIdFieldNumber, id);
+    w.Int64(StepResult::kNextPositionFieldNumber, r.next_position);
+    w.Int64(StepResult::kDurablePositionFieldNumber, r.durable_position);
+    for (const kvmem::FetchedHead& h : r.heads) {
+      w.Delimited(StepResult::kHeadsFieldNumber, HeadSize(h));
+      w.Packed(FetchedHead::kPositionsFieldNumber, h.positions);
+      w.Bytes(FetchedHead::kKFieldNumber, h.k);
+      w.Bytes(FetchedHead::kVFieldNumber, h.v);
+      w.Packed(FetchedHead::kQueryRotaryPositionsFieldNumber,
+               h.query_rotary_positions);
+    }
+    w.Bytes(StepResult::kOutputFieldNumber, r.output);
+    w.Bytes(StepResult::kLseFieldNumber, r.lse);
+  }
+  return w.Finish();
+}
+
+}  // namespace kvmem
