@@ -62,7 +62,8 @@ for step in $steps; do
       ALT_TIMEOUT=120 alternate kvmem_loopback_bench loopback.txt '/^|/p' \
         --backend=cuda --modes=attend,fetch --batches=1,8,32 \
         --resident=4096 --iterations=50 --warmup=5 --token_layers=32 \
-        --token_batches=1 --token_resident=4096,98304 --token_iterations=10 ;;
+        --token_batches=1 --token_resident=${TOKEN_RESIDENT:-4096,98304} \
+        --token_iterations=10 ;;
     decode)
       timeout 240 ./kvmem_gpu_bench > "$OUT/decode.txt" 2>&1
       echo "decode rc=$?"
