@@ -22,7 +22,7 @@ steps=${STEPS:-"tests prefill sdpa decode"}
 alternate() {
   local name=$1 out=$2 show=$3
   shift 3
-  for round in 1 2; do
+  for round in $(seq "${ALT_ROUNDS:-2}"); do
     for b in ./"$name"_* ./"$name"; do
       [ -x "$b" ] || continue  # nothing packed: the glob stays as it is
       echo "$b, round $round"
