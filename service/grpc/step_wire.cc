@@ -14,12 +14,17 @@ namespace {
 constexpr uint32_t kVarint = 0, kDelimited = 2;
 
 size_t VarintSize(uint64_t v) {
-  size_t n = 1;
+  return size_t(70 - __builtin_clzll(v | 1)) / 7;  // 7 bits a byte
+}
+
+// Writes v's varint at `at`; returns the end.
+char* PutVarint(char* at, uint64_t v) {
   while (v >= 0x80) {
+    *at++ = char(v | 0x80);
     v >>= 7;
-    ++n;
   }
-  return n;
+  *at++ = char(v);
+  return at;
 }
 
 size_t DelimitedSize(size_t bytes) { return 1 + VarintSize(bytes) + bytes; }
@@ -32,25 +37,35 @@ size_t PackedSize(const std::vector<int64_t>& values) {
 }
 
 // Field sizes as protobuf counts them: proto3 leaves out zeros and empties.
-size_t HeadSize(const FetchedHead& h) {
-  size_t n = 0;
-  if (!h.positions.empty()) n += DelimitedSize(PackedSize(h.positions));
-  if (!h.k.empty()) n += DelimitedSize(h.k.size());
-  if (!h.v.empty()) n += DelimitedSize(h.v.size());
-  if (!h.query_rotary_positions.empty()) {
-    n += DelimitedSize(PackedSize(h.query_rotary_positions));
-  }
-  return n;
+struct HeadSizes {
+  size_t positions = 0;  // packed payload bytes
+  size_t rotary = 0;     // query_rotary_positions' packed payload bytes
+  size_t all = 0;        // the FetchedHead message's bytes
+};
+
+HeadSizes SizeHead(const FetchedHead& h) {
+  HeadSizes s;
+  s.positions = PackedSize(h.positions);
+  s.rotary = PackedSize(h.query_rotary_positions);
+  if (!h.positions.empty()) s.all += DelimitedSize(s.positions);
+  if (!h.k.empty()) s.all += DelimitedSize(h.k.size());
+  if (!h.v.empty()) s.all += DelimitedSize(h.v.size());
+  if (!h.query_rotary_positions.empty()) s.all += DelimitedSize(s.rotary);
+  return s;
 }
 
-size_t ResultSize(const StepEntryResult& r, const std::string& session_id) {
+// `heads`: SizeHead of each of r.heads.
+size_t ResultSize(const StepEntryResult& r, const std::string& session_id,
+                  const HeadSizes* heads) {
   size_t n = 0;
   if (!session_id.empty()) n += DelimitedSize(session_id.size());
   if (r.next_position != 0) n += 1 + VarintSize(uint64_t(r.next_position));
   if (r.durable_position != 0) {
     n += 1 + VarintSize(uint64_t(r.durable_position));
   }
-  for (const FetchedHead& h : r.heads) n += DelimitedSize(HeadSize(h));
+  for (size_t h = 0; h < r.heads.size(); ++h) {
+    n += DelimitedSize(heads[h].all);
+  }
   if (!r.output.empty()) n += DelimitedSize(r.output.size());
   if (!r.lse.empty()) n += DelimitedSize(r.lse.size());
   return n;
@@ -75,11 +90,8 @@ class Writer {
   explicit Writer(Reply* reply) : reply_(reply) {}
 
   void Varint(uint64_t v) {
-    while (v >= 0x80) {
-      reply_->own.push_back(char(v | 0x80));
-      v >>= 7;
-    }
-    reply_->own.push_back(char(v));
+    char bytes[10];
+    reply_->own.append(bytes, size_t(PutVarint(bytes, v) - bytes));
   }
   void Tag(uint32_t field, uint32_t wire_type) {
     Varint((field << 3) | wire_type);
@@ -102,11 +114,18 @@ class Writer {
         {false, reinterpret_cast<uintptr_t>(bytes.data()), bytes.size()});
     run_start_ = reply_->own.size();
   }
-  void Packed(uint32_t field, const std::vector<int64_t>& values) {
+  // `bytes`: PackedSize(values), counted once by the caller (FETCH sends
+  // 2048 positions a head, 500k at batch 32).
+  void Packed(uint32_t field, const std::vector<int64_t>& values,
+              size_t bytes) {
     if (values.empty()) return;
     Tag(field, kDelimited);
-    Varint(PackedSize(values));
-    for (int64_t v : values) Varint(uint64_t(v));
+    Varint(bytes);
+    std::string& own = reply_->own;
+    const size_t at = own.size();
+    own.resize(at + bytes);
+    char* out = own.data() + at;
+    for (int64_t v : values) out = PutVarint(out, uint64_t(v));
   }
   void Delimited(uint32_t field, size_t bytes) {
     Tag(field, kDelimited);
@@ -160,16 +179,20 @@ grpc::ByteBuffer StepResponseWire(uint64_t request_id,
   using v1::StepResult;
   Reply* reply = new Reply;
   reply->results = std::move(results);
-  // Tags, lengths and small fields: a few dozen bytes an entry, plus the
-  // packed positions of FETCH (up to 10 bytes each).
+  // Every head's sizes, counted once; then what `own` will hold: tags,
+  // lengths and small fields, a few dozen bytes an entry, and FETCH's
+  // packed positions.
+  std::vector<HeadSizes> head_sizes;
   size_t own = 16;
   for (const StepEntryResult& r : reply->results) {
     own += 64 + r.lse.size();
     for (const kvmem::FetchedHead& h : r.heads) {
-      own += 32 + 10 * (h.positions.size() + h.query_rotary_positions.size());
+      head_sizes.push_back(SizeHead(h));
+      own += 48 + head_sizes.back().positions + head_sizes.back().rotary;
     }
   }
   reply->own.reserve(own);
+  const HeadSizes* sizes = head_sizes.data();
   Writer w(reply);
   if (request_id != 0) {
     w.Tag(StepResponse::kRequestIdFieldNumber, kVarint);
@@ -178,17 +201,19 @@ grpc::ByteBuffer StepResponseWire(uint64_t request_id,
   for (size_t i = 0; i < reply->results.size(); ++i) {
     const StepEntryResult& r = reply->results[i];
     const std::string& id = request.entries[i].session_id;
-    w.Delimited(StepResponse::kResultsFieldNumber, ResultSize(r, id));
+    w.Delimited(StepResponse::kResultsFieldNumber, ResultSize(r, id, sizes));
     w.Bytes(StepResult::kSessionIdFieldNumber, id);
     w.Int64(StepResult::kNextPositionFieldNumber, r.next_position);
     w.Int64(StepResult::kDurablePositionFieldNumber, r.durable_position);
     for (const kvmem::FetchedHead& h : r.heads) {
-      w.Delimited(StepResult::kHeadsFieldNumber, HeadSize(h));
-      w.Packed(FetchedHead::kPositionsFieldNumber, h.positions);
+      const HeadSizes& size = *sizes++;
+      w.Delimited(StepResult::kHeadsFieldNumber, size.all);
+      w.Packed(FetchedHead::kPositionsFieldNumber, h.positions,
+               size.positions);
       w.Bytes(FetchedHead::kKFieldNumber, h.k);
       w.Bytes(FetchedHead::kVFieldNumber, h.v);
       w.Packed(FetchedHead::kQueryRotaryPositionsFieldNumber,
-               h.query_rotary_positions);
+               h.query_rotary_positions, size.rotary);
     }
     w.Bytes(StepResult::kOutputFieldNumber, r.output);
     w.Bytes(StepResult::kLseFieldNumber, r.lse);
