@@ -208,8 +208,7 @@ grpc::ByteBuffer StepResponseWire(uint64_t request_id,
     for (const kvmem::FetchedHead& h : r.heads) {
       const HeadSizes& size = *sizes++;
       w.Delimited(StepResult::kHeadsFieldNumber, size.all);
-      w.Packed(FetchedHead::kPositionsFieldNumber, h.positions,
-               size.positions);
+      w.Packed(FetchedHead::kPositionsFieldNumber, h.positions, size.positions);
       w.Bytes(FetchedHead::kKFieldNumber, h.k);
       w.Bytes(FetchedHead::kVFieldNumber, h.v);
       w.Packed(FetchedHead::kQueryRotaryPositionsFieldNumber,
