@@ -6,8 +6,10 @@
 
 #include <cmath>
 #include <cstring>
+#include <future>
 
 #include "absl/strings/str_cat.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "service/engine/stream_state.h"
 #include "service/grpc/convert.h"
 #include "tests/service/grpc/server_fixture.h"
@@ -225,6 +227,43 @@ TEST_F(ServerTest, StepErrorsCarryTheirCodes) {
   ASSERT_TRUE(st.ok()) << st.error_message();
   EXPECT_EQ(got.results(0).next_position(), 1);
   EXPECT_TRUE(got.results(0).output().empty());
+}
+
+// Step is a raw method (its reply written by StepResponseWire): bytes that
+// are no StepRequest get INVALID_ARGUMENT and change nothing.
+TEST_F(ServerTest, StepBytesThatAreNoRequestAreInvalidArgument) {
+  v1::Session s;
+  ASSERT_TRUE(Create(SmallFp32("raw"), &s).ok());
+  grpc::GenericStub generic(channel_);
+  // Field 3 (entries) claims 100 bytes and ends after 2: malformed.
+  const std::string junk = std::string("\x1a\x64\x0a\x01", 4);
+  grpc::Slice slice(junk);
+  grpc::ByteBuffer in(&slice, 1), out;
+  std::promise<grpc::Status> done;
+  auto context = Context();
+  generic.UnaryCall(context.get(), "/kvmem.v1.KvMemory/Step",
+                    grpc::StubOptions(), &in, &out,
+                    [&](grpc::Status st) { done.set_value(st); });
+  const grpc::Status st = done.get_future().get();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("StepRequest"), std::string::npos)
+      << st.error_message();
+  v1::Session after;
+  ASSERT_TRUE(Get("raw", &after).ok());
+  EXPECT_EQ(after.position(), 0);
+  EXPECT_EQ(after.resident_tokens(), 0);
+  // A well-formed request on the same server is answered as usual.
+  v1::StepRequest r;
+  r.set_layer(0);
+  r.set_mode(v1::STEP_MODE_ATTEND);
+  r.set_request_id(41);
+  *r.add_entries() = Entry("raw", 0, 2.0f);
+  v1::StepResponse got;
+  grpc::Status ok = stub_->Step(Context().get(), r, &got);
+  ASSERT_TRUE(ok.ok()) << ok.error_message();
+  EXPECT_EQ(got.request_id(), 41u);
+  EXPECT_EQ(got.results(0).next_position(), 1);
+  EXPECT_EQ(got.results(0).output().size(), size_t(4) * 64 * 4);
 }
 
 }  // namespace
