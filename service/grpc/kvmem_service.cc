@@ -258,7 +258,7 @@ grpc::ServerUnaryReactor* KvMemoryService::GetStats(
   });
 }
 
-grpc::ServerBidiReactor<v1::StepRequest, v1::StepStreamResponse>*
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>*
 KvMemoryService::StepStream(grpc::CallbackServerContext* context) {
   return new StepStreamReactor(context, engine_, pool_, admission_, metrics_,
                                &accepting_);

@@ -25,11 +25,25 @@
 
 namespace kvmem {
 
-// Step is a raw method: its request is parsed here and its reply written
-// by StepResponseWire (step_wire.h), which sends the tensors without
-// copying them; the other methods are typed.
-class KvMemoryService final : public v1::KvMemory::WithRawCallbackMethod_Step<
-                                  v1::KvMemory::CallbackService> {
+// The generated CallbackService with Step and StepStream raw: their
+// requests are parsed here and their replies written by step_wire.h, which
+// sends the tensors without copying them; the other methods are typed.
+// Every method of the proto must be in the chain (one left out would be a
+// synchronous method, which a callback server does not serve).
+using KvMemoryCallbackBase = v1::KvMemory::WithCallbackMethod_CreateSession<
+    v1::KvMemory::WithCallbackMethod_GetSession<
+        v1::KvMemory::WithCallbackMethod_ListSessions<
+            v1::KvMemory::WithCallbackMethod_DeleteSession<
+                v1::KvMemory::WithRawCallbackMethod_Step<
+                    v1::KvMemory::WithRawCallbackMethod_StepStream<
+                        v1::KvMemory::WithCallbackMethod_Checkpoint<
+                            v1::KvMemory::WithCallbackMethod_GetStats<
+                                v1::KvMemory::WithCallbackMethod_ExportSession<
+                                    v1::KvMemory::
+                                        WithCallbackMethod_ImportSession<
+                                            v1::KvMemory::Service>>>>>>>>>>;
+
+class KvMemoryService final : public KvMemoryCallbackBase {
  public:
   struct Identity {
     std::string version;  // kvmem's version
@@ -61,7 +75,7 @@ class KvMemoryService final : public v1::KvMemory::WithRawCallbackMethod_Step<
   grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* context,
                                  const grpc::ByteBuffer* request,
                                  grpc::ByteBuffer* response) override;
-  grpc::ServerBidiReactor<v1::StepRequest, v1::StepStreamResponse>* StepStream(
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* StepStream(
       grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* Checkpoint(
       grpc::CallbackServerContext* context,

@@ -2,6 +2,7 @@
 
 #include "service/grpc/convert.h"
 #include "service/grpc/kvmem_service.h"
+#include "service/grpc/step_wire.h"
 
 namespace kvmem {
 
@@ -24,7 +25,20 @@ StepStreamReactor::StepStreamReactor(grpc::CallbackServerContext* context,
     Finish(ToGrpcStatus(st));
     return;
   }
-  StartRead(&request_);
+  StartRead(&in_);
+}
+
+void StepStreamReactor::SetError(uint64_t request_id,
+                                 const absl::Status& status) {
+  v1::StepStreamResponse error;
+  error.set_request_id(request_id);
+  error.set_error_code(int(status.code()));
+  error.set_error_message(std::string(status.message()));
+  bool own = false;
+  out_.Clear();
+  grpc::SerializationTraits<v1::StepStreamResponse>::Serialize(error, &out_,
+                                                               &own)
+      .IgnoreError();  // a message this small always serializes
 }
 
 void StepStreamReactor::OnReadDone(bool ok) {
@@ -33,18 +47,25 @@ void StepStreamReactor::OnReadDone(bool ok) {
     return;
   }
   received_ = absl::Now();
+  // Deserialize consumes in_ and clears request_ first.
+  parsed_ =
+      grpc::SerializationTraits<v1::StepRequest>::Deserialize(&in_, &request_)
+          .ok();
+  if (!parsed_) {
+    SetError(0,
+             absl::InvalidArgumentError("request: not a kvmem.v1.StepRequest"));
+    StartWrite(&out_);
+    return;
+  }
   admitted_bytes_ = TensorBytes(request_);
   if (absl::Status admitted = admission_->Admit(admitted_bytes_);
       !admitted.ok()) {
     // Refused at once, on this thread: the reply is the error alone.
-    response_.Clear();
-    response_.set_request_id(request_.request_id());
-    response_.set_error_code(int(admitted.code()));
-    response_.set_error_message(std::string(admitted.message()));
+    SetError(request_.request_id(), admitted);
     StepRequestView view;
     StepRequestFromProto(request_, &view).IgnoreError();  // for the metrics
     RecordStep(metrics_, view, admitted, received_);
-    StartWrite(&response_);
+    StartWrite(&out_);
     return;
   }
   if (!pool_->Run([this] { Process(); })) {
@@ -55,8 +76,6 @@ void StepStreamReactor::OnReadDone(bool ok) {
 }
 
 void StepStreamReactor::Process() {
-  response_.Clear();
-  response_.set_request_id(request_.request_id());
   absl::Status status;
   if (!accepting_->load()) {
     status = absl::UnavailableError("kvmem-server is shutting down");
@@ -64,19 +83,15 @@ void StepStreamReactor::Process() {
     StepRequestView view;
     status = RunStep(engine_, tenant_, request_, received_, &view,
                      [&](std::vector<StepEntryResult> results) {
-                       v1::StepResponse* reply = response_.mutable_response();
-                       StepResultsToProto(std::move(results), view, reply);
-                       reply->set_request_id(request_.request_id());
+                       grpc::ByteBuffer reply = StepStreamResponseWire(
+                           request_.request_id(), std::move(results), view);
+                       out_.Swap(&reply);
                      });
-    if (!status.ok()) response_.clear_response();
     RecordStep(metrics_, view, status, received_);
   }
   admission_->Release(admitted_bytes_);
-  if (!status.ok()) {
-    response_.set_error_code(int(status.code()));
-    response_.set_error_message(std::string(status.message()));
-  }
-  StartWrite(&response_);
+  if (!status.ok()) SetError(request_.request_id(), status);
+  StartWrite(&out_);
 }
 
 void StepStreamReactor::OnWriteDone(bool ok) {
@@ -85,7 +100,7 @@ void StepStreamReactor::OnWriteDone(bool ok) {
                         "the stream broke while a reply was written"));
     return;
   }
-  StartRead(&request_);
+  StartRead(&in_);
 }
 
 }  // namespace kvmem

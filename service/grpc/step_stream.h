@@ -7,6 +7,11 @@
 // is called once, from the callback of the operation that ends the stream;
 // a cancelled stream's step in flight still applies wholly (the engine step
 // is atomic) and its reply is dropped. Deletes itself in OnDone.
+//
+// A raw stream: each request is parsed here into one reused message (bytes
+// that are no StepRequest are answered INVALID_ARGUMENT, and the stream
+// goes on), each reply written by StepStreamResponseWire (step_wire.h),
+// which sends outputs and fetched K/V without copying them.
 #ifndef KVMEM_SERVICE_GRPC_STEP_STREAM_H_
 #define KVMEM_SERVICE_GRPC_STEP_STREAM_H_
 
@@ -22,7 +27,7 @@
 namespace kvmem {
 
 class StepStreamReactor final
-    : public grpc::ServerBidiReactor<v1::StepRequest, v1::StepStreamResponse> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   // `engine`, `pool` and `accepting` must outlive the stream (the server
   // waits for every stream before destroying them).
@@ -37,6 +42,8 @@ class StepStreamReactor final
  private:
   // Runs on the pool: one request to one reply.
   void Process();
+  // out_ = StepStreamResponse{error_code, error_message, request_id}.
+  void SetError(uint64_t request_id, const absl::Status& status);
 
   Engine* const engine_;                // not owned
   WorkPool* const pool_;                // not owned
@@ -45,9 +52,10 @@ class StepStreamReactor final
   int64_t admitted_bytes_ = 0;          // of the request being processed
   const std::atomic<bool>* accepting_;  // not owned
   std::string tenant_;
-  v1::StepRequest request_;
-  v1::StepStreamResponse response_;
-  absl::Time received_;  // of the request being processed
+  grpc::ByteBuffer in_, out_;  // the request read, the reply written
+  v1::StepRequest request_;    // in_ parsed
+  bool parsed_ = false;        // whether in_ was a StepRequest
+  absl::Time received_;        // of the request being processed
 };
 
 }  // namespace kvmem

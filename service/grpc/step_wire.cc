@@ -171,38 +171,50 @@ class Writer {
 
 }  // namespace
 
-grpc::ByteBuffer StepResponseWire(uint64_t request_id,
-                                  std::vector<StepEntryResult> results,
-                                  const StepRequestView& request) {
+namespace {
+
+// StepResponse{request_id, results}; inside StepStreamResponse{response,
+// request_id} when `stream`.
+grpc::ByteBuffer Encode(uint64_t request_id,
+                        std::vector<StepEntryResult> results,
+                        const StepRequestView& request, bool stream) {
   using v1::FetchedHead;
   using v1::StepResponse;
   using v1::StepResult;
+  using v1::StepStreamResponse;
   Reply* reply = new Reply;
   reply->results = std::move(results);
-  // Every head's sizes, counted once; then what `own` will hold: tags,
-  // lengths and small fields, a few dozen bytes an entry, and FETCH's
-  // packed positions.
+  // Every head's and result's sizes, counted once; then what `own` will
+  // hold: tags, lengths and small fields, a few dozen bytes an entry, and
+  // FETCH's packed positions.
   std::vector<HeadSizes> head_sizes;
-  size_t own = 16;
-  for (const StepEntryResult& r : reply->results) {
+  std::vector<size_t> result_sizes;
+  size_t own = 32;
+  size_t response = request_id != 0 ? 1 + VarintSize(request_id) : 0;
+  for (size_t i = 0; i < reply->results.size(); ++i) {
+    const StepEntryResult& r = reply->results[i];
+    const size_t first = head_sizes.size();
     own += 64 + r.lse.size();
     for (const kvmem::FetchedHead& h : r.heads) {
       head_sizes.push_back(SizeHead(h));
       own += 48 + head_sizes.back().positions + head_sizes.back().rotary;
     }
+    result_sizes.push_back(ResultSize(r, request.entries[i].session_id,
+                                      head_sizes.data() + first));
+    response += DelimitedSize(result_sizes.back());
   }
   reply->own.reserve(own);
   const HeadSizes* sizes = head_sizes.data();
   Writer w(reply);
+  if (stream) w.Delimited(StepStreamResponse::kResponseFieldNumber, response);
   if (request_id != 0) {
     w.Tag(StepResponse::kRequestIdFieldNumber, kVarint);
     w.Varint(request_id);
   }
   for (size_t i = 0; i < reply->results.size(); ++i) {
     const StepEntryResult& r = reply->results[i];
-    const std::string& id = request.entries[i].session_id;
-    w.Delimited(StepResponse::kResultsFieldNumber, ResultSize(r, id, sizes));
-    w.Bytes(StepResult::kSessionIdFieldNumber, id);
+    w.Delimited(StepResponse::kResultsFieldNumber, result_sizes[i]);
+    w.Bytes(StepResult::kSessionIdFieldNumber, request.entries[i].session_id);
     w.Int64(StepResult::kNextPositionFieldNumber, r.next_position);
     w.Int64(StepResult::kDurablePositionFieldNumber, r.durable_position);
     for (const kvmem::FetchedHead& h : r.heads) {
@@ -217,7 +229,25 @@ grpc::ByteBuffer StepResponseWire(uint64_t request_id,
     w.Bytes(StepResult::kOutputFieldNumber, r.output);
     w.Bytes(StepResult::kLseFieldNumber, r.lse);
   }
+  if (stream && request_id != 0) {
+    w.Tag(StepStreamResponse::kRequestIdFieldNumber, kVarint);
+    w.Varint(request_id);
+  }
   return w.Finish();
+}
+
+}  // namespace
+
+grpc::ByteBuffer StepResponseWire(uint64_t request_id,
+                                  std::vector<StepEntryResult> results,
+                                  const StepRequestView& request) {
+  return Encode(request_id, std::move(results), request, /*stream=*/false);
+}
+
+grpc::ByteBuffer StepStreamResponseWire(uint64_t request_id,
+                                        std::vector<StepEntryResult> results,
+                                        const StepRequestView& request) {
+  return Encode(request_id, std::move(results), request, /*stream=*/true);
 }
 
 }  // namespace kvmem

@@ -5,7 +5,7 @@
 // (proto3, fields in number order, packed repeated integers) as a
 // ByteBuffer whose large fields are slices over the results' own strings,
 // kept alive until gRPC has sent them; only tags, lengths and small fields
-// are written anew. KvMemoryService answers the unary Step with it.
+// are written anew. KvMemoryService answers Step and StepStream with it.
 #ifndef KVMEM_SERVICE_GRPC_STEP_WIRE_H_
 #define KVMEM_SERVICE_GRPC_STEP_WIRE_H_
 
@@ -23,6 +23,12 @@ namespace kvmem {
 grpc::ByteBuffer StepResponseWire(uint64_t request_id,
                                   std::vector<StepEntryResult> results,
                                   const StepRequestView& request);
+
+// The same reply as StepStream sends it: StepStreamResponse{response:
+// the StepResponse above, request_id}.
+grpc::ByteBuffer StepStreamResponseWire(uint64_t request_id,
+                                        std::vector<StepEntryResult> results,
+                                        const StepRequestView& request);
 
 // Fields shorter than this are copied into the reply's own buffer: a slice
 // of its own costs more than the copy.

@@ -266,6 +266,69 @@ TEST_F(ServerTest, StepBytesThatAreNoRequestAreInvalidArgument) {
   EXPECT_EQ(got.results(0).output().size(), size_t(4) * 64 * 4);
 }
 
+// StepStream is raw too: bytes that are no StepRequest are answered with
+// INVALID_ARGUMENT in the reply, and the stream goes on.
+TEST_F(ServerTest, StepStreamAnswersBytesThatAreNoRequestAndGoesOn) {
+  v1::Session s;
+  ASSERT_TRUE(Create(SmallFp32("rawstream"), &s).ok());
+  grpc::CompletionQueue cq;
+  grpc::GenericStub generic(channel_);
+  auto context = Context();
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call =
+      generic.PrepareCall(context.get(), "/kvmem.v1.KvMemory/StepStream", &cq);
+  // Each operation in turn: start it, then wait for its tag.
+  auto wait = [&](intptr_t tag) {
+    void* got = nullptr;
+    bool ok = false;
+    ASSERT_TRUE(cq.Next(&got, &ok));
+    EXPECT_EQ(got, reinterpret_cast<void*>(tag));
+    EXPECT_TRUE(ok) << tag;
+  };
+  auto exchange = [&](const std::string& bytes, v1::StepStreamResponse* out) {
+    grpc::Slice slice(bytes);
+    grpc::ByteBuffer in(&slice, 1), reply;
+    call->Write(in, reinterpret_cast<void*>(2));
+    wait(2);
+    call->Read(&reply, reinterpret_cast<void*>(3));
+    wait(3);
+    std::vector<grpc::Slice> slices;
+    ASSERT_TRUE(reply.Dump(&slices).ok());
+    std::string flat;
+    for (const grpc::Slice& piece : slices) {
+      flat.append(reinterpret_cast<const char*>(piece.begin()), piece.size());
+    }
+    ASSERT_TRUE(out->ParseFromString(flat));
+  };
+  call->StartCall(reinterpret_cast<void*>(1));
+  wait(1);
+  v1::StepStreamResponse error;
+  exchange(std::string("\x1a\x64\x0a\x01", 4), &error);
+  EXPECT_EQ(error.error_code(), int(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_NE(error.error_message().find("StepRequest"), std::string::npos);
+  EXPECT_FALSE(error.has_response());
+
+  v1::StepRequest r;
+  r.set_layer(0);
+  r.set_mode(v1::STEP_MODE_ATTEND);
+  r.set_request_id(9);
+  *r.add_entries() = Entry("rawstream", 0, 3.0f);
+  v1::StepStreamResponse answer;
+  exchange(r.SerializeAsString(), &answer);
+  EXPECT_EQ(answer.error_code(), 0) << answer.error_message();
+  EXPECT_EQ(answer.request_id(), 9u);
+  ASSERT_EQ(answer.response().results_size(), 1);
+  EXPECT_EQ(answer.response().request_id(), 9u);
+  EXPECT_EQ(answer.response().results(0).next_position(), 1);
+  EXPECT_EQ(answer.response().results(0).output().size(), size_t(4) * 64 * 4);
+
+  call->WritesDone(reinterpret_cast<void*>(4));
+  wait(4);
+  grpc::Status status;
+  call->Finish(&status, reinterpret_cast<void*>(5));
+  wait(5);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+}
+
 }  // namespace
 }  // namespace kvmem
 

@@ -1,6 +1,6 @@
-// StepResponseWire against protobuf's own serializer: the same bytes for
-// random replies of every shape, the large fields sent from the results'
-// own memory.
+// StepResponseWire and StepStreamResponseWire against protobuf's own
+// serializer: the same bytes for random replies of every shape, the large
+// fields sent from the results' own memory.
 #include "service/grpc/step_wire.h"
 
 #include <cstdio>
@@ -91,10 +91,19 @@ TEST(StepWire, WritesProtobufsOwnBytes) {
     proto.set_request_id(request_id);
     const std::string want = proto.SerializeAsString();
 
+    // StepStream's envelope around the same reply.
+    v1::StepStreamResponse stream;
+    *stream.mutable_response() = proto;
+    stream.set_request_id(request_id);
+    const std::string want_stream = stream.SerializeAsString();
+
+    const std::string got_stream =
+        Flatten(StepStreamResponseWire(request_id, results, request));
     const std::string got =
         Flatten(StepResponseWire(request_id, std::move(results), request));
     ASSERT_EQ(got.size(), want.size());
     ASSERT_EQ(got, want);
+    ASSERT_EQ(got_stream, want_stream);
     v1::StepResponse parsed;
     ASSERT_TRUE(parsed.ParseFromString(got));
   }
