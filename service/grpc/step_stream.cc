@@ -48,10 +48,8 @@ void StepStreamReactor::OnReadDone(bool ok) {
   }
   received_ = absl::Now();
   // Deserialize consumes in_ and clears request_ first.
-  parsed_ =
-      grpc::SerializationTraits<v1::StepRequest>::Deserialize(&in_, &request_)
-          .ok();
-  if (!parsed_) {
+  if (!grpc::SerializationTraits<v1::StepRequest>::Deserialize(&in_, &request_)
+           .ok()) {
     SetError(0,
              absl::InvalidArgumentError("request: not a kvmem.v1.StepRequest"));
     StartWrite(&out_);

@@ -53,8 +53,7 @@ class StepStreamReactor final
   const std::atomic<bool>* accepting_;  // not owned
   std::string tenant_;
   grpc::ByteBuffer in_, out_;  // the request read, the reply written
-  v1::StepRequest request_;    // in_ parsed
-  bool parsed_ = false;        // whether in_ was a StepRequest
+  v1::StepRequest request_;    // in_ parsed, reused by every request
   absl::Time received_;        // of the request being processed
 };
 
