@@ -27,6 +27,14 @@ char* PutVarint(char* at, uint64_t v) {
   return at;
 }
 
+// A tag is one byte: every field written here has a number below 16.
+static_assert(v1::StepResponse::kResultsFieldNumber < 16 &&
+                  v1::StepResult::kLseFieldNumber < 16 &&
+                  v1::StepResult::kHeadsFieldNumber < 16 &&
+                  v1::FetchedHead::kQueryRotaryPositionsFieldNumber < 16 &&
+                  v1::StepStreamResponse::kRequestIdFieldNumber < 16,
+              "a field number of 16 or more takes a two-byte tag");
+
 size_t DelimitedSize(size_t bytes) { return 1 + VarintSize(bytes) + bytes; }
 
 // Packed repeated int64 payload bytes (negative values take 10 bytes).
