@@ -170,16 +170,15 @@ grpc::ServerUnaryReactor* KvMemoryService::Step(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw,
     grpc::ByteBuffer* response) {
   const absl::Time received = absl::Now();
-  // Parsed here, on gRPC's thread, as a typed method's request would be.
-  // (Deserialize consumes its buffer: a copy, which shares the slices.)
+  // Parsed here, on gRPC's thread, as a typed method's request would be
+  // (from a copy of the buffer, which shares its slices: parsing consumes
+  // it).
   auto request = std::make_shared<v1::StepRequest>();
   grpc::ByteBuffer wire(*raw);
-  if (!grpc::SerializationTraits<v1::StepRequest>::Deserialize(&wire,
-                                                               request.get())
-           .ok()) {
+  if (absl::Status parsed = StepRequestFromWire(&wire, request.get());
+      !parsed.ok()) {
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                 "request: not a kvmem.v1.StepRequest"));
+    reactor->Finish(ToGrpcStatus(parsed));
     return reactor;
   }
   const int64_t bytes = TensorBytes(*request);

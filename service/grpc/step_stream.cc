@@ -47,11 +47,9 @@ void StepStreamReactor::OnReadDone(bool ok) {
     return;
   }
   received_ = absl::Now();
-  // Deserialize consumes in_ and clears request_ first.
-  if (!grpc::SerializationTraits<v1::StepRequest>::Deserialize(&in_, &request_)
-           .ok()) {
-    SetError(0,
-             absl::InvalidArgumentError("request: not a kvmem.v1.StepRequest"));
+  if (absl::Status parsed = StepRequestFromWire(&in_, &request_);
+      !parsed.ok()) {
+    SetError(0, parsed);
     StartWrite(&out_);
     return;
   }

@@ -4,8 +4,8 @@
 #include <string>
 #include <utility>
 
+#include "grpcpp/impl/codegen/proto_utils.h"
 #include "grpcpp/support/slice.h"
-#include "kvmem/v1/kvmem.pb.h"
 
 namespace kvmem {
 namespace {
@@ -245,6 +245,15 @@ grpc::ByteBuffer Encode(uint64_t request_id,
 }
 
 }  // namespace
+
+absl::Status StepRequestFromWire(grpc::ByteBuffer* wire,
+                                 v1::StepRequest* request) {
+  if (grpc::SerializationTraits<v1::StepRequest>::Deserialize(wire, request)
+          .ok()) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError("request: not a kvmem.v1.StepRequest");
+}
 
 grpc::ByteBuffer StepResponseWire(uint64_t request_id,
                                   std::vector<StepEntryResult> results,

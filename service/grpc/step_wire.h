@@ -12,10 +12,17 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "grpcpp/support/byte_buffer.h"
+#include "kvmem/v1/kvmem.pb.h"
 #include "service/engine/step_types.h"
 
 namespace kvmem {
+
+// The request side: `wire` parsed into *request (cleared first); `wire`
+// is consumed. INVALID_ARGUMENT when the bytes are no StepRequest.
+absl::Status StepRequestFromWire(grpc::ByteBuffer* wire,
+                                 v1::StepRequest* request);
 
 // StepResponse{request_id, results[i] for each entry of `request`} as
 // StepResultsToProto would build it, serialized. Takes the results'
