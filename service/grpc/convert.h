@@ -29,7 +29,9 @@ void SessionToProto(const SessionInfo& info, v1::Session* out);
 absl::Status StepRequestFromProto(const v1::StepRequest& request,
                                   StepRequestView* view);
 
-// Moves `results` (one per entry, in order) into `out`.
+// Moves `results` (one per entry, in order) into `out`. The server sends
+// step_wire.h's encoding instead; this typed reply is what that encoding
+// is tested (and benchmarked) against.
 void StepResultsToProto(std::vector<StepEntryResult> results,
                         const StepRequestView& request, v1::StepResponse* out);
 
