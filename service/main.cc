@@ -27,6 +27,10 @@ ABSL_FLAG(bool, cuda_graphs, true,
           "launches every step");
 ABSL_FLAG(int, handler_threads, 8,
           "threads running handlers that may block on storage (1..1024)");
+ABSL_FLAG(int, inline_steps, -1,
+          "steps that may run at once on the gRPC thread that received "
+          "them, skipping the hand-off to a handler thread; -1: the "
+          "default, a quarter of the cores (at least 1); 0: none");
 ABSL_FLAG(int, max_message_bytes, 256 << 20,
           "largest gRPC request or response, bytes; larger ones are "
           "RESOURCE_EXHAUSTED");
@@ -79,6 +83,7 @@ int main(int argc, char** argv) {
   options.device_memory_bytes = absl::GetFlag(FLAGS_device_memory);
   options.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   options.handler_threads = absl::GetFlag(FLAGS_handler_threads);
+  options.inline_steps = absl::GetFlag(FLAGS_inline_steps);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);

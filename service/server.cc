@@ -2,6 +2,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <thread>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/mutex.h"
@@ -218,6 +221,11 @@ absl::Status ServerOptions::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat(
         "--handler_threads must be in [1, 1024], got ", handler_threads));
   }
+  if (inline_steps < -1 || inline_steps > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--inline_steps must be -1 (the default) or in [0, 1024], got ",
+        inline_steps));
+  }
   if (max_queued_requests < 1 || max_queued_bytes < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--max_queued_requests and --max_queued_bytes must be >= 1, got ",
@@ -266,7 +274,15 @@ absl::StatusOr<std::unique_ptr<Server>> StartServer(
   engine_options.device = cuda_backend;
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
                          Engine::Open(engine_options, store.get()));
-  auto pool = std::make_unique<WorkPool>(options.handler_threads);
+  // gRPC 1.51 runs callbacks on max(2, min(16, cores / 2)) threads; steps
+  // take at most half of them by default.
+  const int inline_steps =
+      options.inline_steps >= 0
+          ? options.inline_steps
+          : std::max(
+                1,
+                std::min(16, int(std::thread::hardware_concurrency()) / 2) / 2);
+  auto pool = std::make_unique<WorkPool>(options.handler_threads, inline_steps);
   auto metrics = std::make_unique<Metrics>();
   auto admission = std::make_unique<Admission>(options.max_queued_requests,
                                                options.max_queued_bytes);

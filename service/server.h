@@ -26,6 +26,12 @@ struct ServerOptions {
   bool cuda_graphs = true;
   // Threads that run handlers which may block on storage. 1..1024.
   int handler_threads = 8;
+  // Steps that may run at once on the gRPC thread that received them,
+  // without the hand-off to a handler thread (WorkPool::RunHereOrQueue);
+  // the rest queue for the handler threads. −1: the default, a quarter of
+  // the cores (at least 1: half of gRPC's callback threads); 0: none.
+  // −1..1024.
+  int inline_steps = -1;
   // Largest request or response message, bytes. 1 KiB..2 GiB-1.
   int max_message_bytes = 256 << 20;
   // Step requests (and their tensor bytes) waiting or running at once;

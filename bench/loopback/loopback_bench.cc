@@ -53,6 +53,7 @@ ABSL_FLAG(std::string, data_dir, "/tmp/kvmem-loopback-bench",
           "server data directory (emptied first)");
 ABSL_FLAG(std::string, backend, "cpu", "server --backend");
 ABSL_FLAG(int, step_spin_us, -1, "server --step_spin_us");
+ABSL_FLAG(int, inline_steps, -1, "server --inline_steps");
 
 namespace kvmem {
 namespace {
@@ -442,6 +443,7 @@ int Main() {
   // session would write its state ~48 times. Recovery is not measured here.
   options.max_log_bytes = int64_t{1} << 40;
   options.step_spin_us = absl::GetFlag(FLAGS_step_spin_us);
+  options.inline_steps = absl::GetFlag(FLAGS_inline_steps);
   absl::StatusOr<std::unique_ptr<Server>> server = StartServer(options);
   if (!server.ok()) {
     std::fprintf(stderr, "%s\n", server.status().ToString().c_str());

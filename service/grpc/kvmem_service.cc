@@ -68,7 +68,7 @@ void RecordStep(Metrics* metrics, const StepRequestView& view,
 
 template <typename Handler>
 grpc::ServerUnaryReactor* KvMemoryService::Serve(
-    grpc::CallbackServerContext* context, Handler handler) {
+    grpc::CallbackServerContext* context, Handler handler, bool may_run_here) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   if (!accepting_.load()) {
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
@@ -80,8 +80,8 @@ grpc::ServerUnaryReactor* KvMemoryService::Serve(
     reactor->Finish(ToGrpcStatus(st));
     return reactor;
   }
-  bool queued = pool_->Run([reactor, context, tenant = std::move(tenant),
-                            handler = std::move(handler)]() mutable {
+  std::function<void()> task = [reactor, context, tenant = std::move(tenant),
+                                handler = std::move(handler)]() mutable {
     // A call whose deadline passed while it queued is refused whole: nothing
     // is applied, and the caller learns which.
     if (context->deadline() < std::chrono::system_clock::now()) {
@@ -97,7 +97,9 @@ grpc::ServerUnaryReactor* KvMemoryService::Serve(
       return;
     }
     reactor->Finish(ToGrpcStatus(handler(tenant)));
-  });
+  };
+  const bool queued = may_run_here ? pool_->RunHereOrQueue(std::move(task))
+                                   : pool_->Run(std::move(task));
   if (!queued) {
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
                                  "kvmem-server is shutting down"));
@@ -192,19 +194,21 @@ grpc::ServerUnaryReactor* KvMemoryService::Step(
   }
   // Shared by the handler's copies; released when the last one goes.
   auto ticket = std::make_shared<AdmissionTicket>(admission_, bytes);
-  return Serve(context, [this, request, response, received,
-                         ticket](const std::string& tenant) {
-    StepRequestView view;
-    absl::Status st = RunStep(engine_, tenant, *request, received, &view,
-                              [&](std::vector<StepEntryResult> results) {
-                                grpc::ByteBuffer reply =
-                                    StepResponseWire(request->request_id(),
-                                                     std::move(results), view);
-                                response->Swap(&reply);
-                              });
-    RecordStep(metrics_, view, st, received);
-    return st;
-  });
+  return Serve(
+      context,
+      [this, request, response, received, ticket](const std::string& tenant) {
+        StepRequestView view;
+        absl::Status st =
+            RunStep(engine_, tenant, *request, received, &view,
+                    [&](std::vector<StepEntryResult> results) {
+                      grpc::ByteBuffer reply = StepResponseWire(
+                          request->request_id(), std::move(results), view);
+                      response->Swap(&reply);
+                    });
+        RecordStep(metrics_, view, st, received);
+        return st;
+      },
+      /*may_run_here=*/true);
 }
 
 grpc::ServerUnaryReactor* KvMemoryService::Checkpoint(

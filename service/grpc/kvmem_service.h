@@ -1,6 +1,7 @@
 // The gRPC adapter of kvmem.v1.KvMemory: translate, validate, call the
 // engine, translate back. No math, no policy, no RocksDB. Handlers that may
-// block (storage writes) run on a WorkPool, never on gRPC's callback threads.
+// block (storage writes) run on a WorkPool; steps may run on the callback
+// thread that received them, a bounded few at once (work_pool.h says why).
 //
 // RPCs served here: CreateSession, GetSession, ListSessions, DeleteSession,
 // Step, StepStream (service/grpc/step_stream.h), Checkpoint and GetStats.
@@ -88,9 +89,11 @@ class KvMemoryService final : public KvMemoryCallbackBase {
  private:
   // Runs `handler` (which returns the call's status) on the pool, after the
   // tenant and shutdown checks, and finishes the call with its status.
+  // `may_run_here`: on this thread when the pool has an inline slot free
+  // (WorkPool::RunHereOrQueue; steps only).
   template <typename Handler>
   grpc::ServerUnaryReactor* Serve(grpc::CallbackServerContext* context,
-                                  Handler handler);
+                                  Handler handler, bool may_run_here = false);
 
   Engine* const engine_;        // not owned
   WorkPool* const pool_;        // not owned

@@ -64,7 +64,7 @@ void StepStreamReactor::OnReadDone(bool ok) {
     StartWrite(&out_);
     return;
   }
-  if (!pool_->Run([this] { Process(); })) {
+  if (!pool_->RunHereOrQueue([this] { Process(); })) {
     admission_->Release(admitted_bytes_);
     Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
                         "kvmem-server is shutting down"));

@@ -1,6 +1,7 @@
 // The server side of StepStream: one worker's bidirectional stream. Requests
-// are taken one at a time, in order: read, step on the WorkPool, write the
-// reply, read the next. An error answers its request only (in
+// are taken one at a time, in order: read, step (on this thread when the
+// WorkPool has an inline slot free, else on the pool), write the reply,
+// read the next. An error answers its request only (in
 // StepStreamResponse.error_code) and the stream goes on.
 //
 // Exactly one of read, step or write is outstanding at any moment, so Finish
@@ -40,7 +41,7 @@ class StepStreamReactor final
   void OnDone() override { delete this; }
 
  private:
-  // Runs on the pool: one request to one reply.
+  // One request to one reply (on the pool, or inline in OnReadDone).
   void Process();
   // out_ = StepStreamResponse{error_code, error_message, request_id}.
   void SetError(uint64_t request_id, const absl::Status& status);

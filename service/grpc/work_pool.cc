@@ -4,7 +4,8 @@
 
 namespace kvmem {
 
-WorkPool::WorkPool(int threads) {
+WorkPool::WorkPool(int threads, int inline_limit)
+    : inline_limit_(std::max(0, inline_limit)) {
   for (int i = 0; i < std::max(1, threads); ++i) {
     threads_.emplace_back([this] { Loop(); });
   }
@@ -27,6 +28,19 @@ bool WorkPool::Run(std::function<void()> task) {
   }
   wake_.notify_one();
   return true;
+}
+
+bool WorkPool::RunHereOrQueue(std::function<void()> task) {
+  int running = inline_running_.load(std::memory_order_relaxed);
+  while (running < inline_limit_) {
+    if (inline_running_.compare_exchange_weak(running, running + 1,
+                                              std::memory_order_acquire)) {
+      task();
+      inline_running_.fetch_sub(1, std::memory_order_release);
+      return true;
+    }
+  }
+  return Run(std::move(task));
 }
 
 void WorkPool::Loop() {
