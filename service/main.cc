@@ -67,6 +67,7 @@ int main(int argc, char** argv) {
       "health service and server reflection. Stops gracefully on SIGTERM or\n"
       "SIGINT.");
   absl::ParseCommandLine(argc, argv);
+  kvmem::ConfigureServingProcess();
 
   // Block the stop signals in every thread (gRPC's included, which inherit
   // this mask); one thread below waits for them synchronously.

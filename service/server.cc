@@ -7,6 +7,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "base/mutex.h"
 #include "base/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -254,6 +255,10 @@ absl::Status ServerOptions::Validate() const {
         "--max_message_bytes must be at least 1024, got ", max_message_bytes));
   }
   return absl::OkStatus();
+}
+
+void ConfigureServingProcess() {
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 }
 
 absl::StatusOr<std::unique_ptr<Server>> StartServer(

@@ -624,5 +624,6 @@ int Main() {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
+  kvmem::ConfigureServingProcess();
   return kvmem::Main();
 }

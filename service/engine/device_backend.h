@@ -77,10 +77,16 @@ class DeviceLayerRows {
   std::unique_ptr<DevicePolicyState> policy_;  // set while device-owned
 };
 
-// Items (an entry's KV head each) from which a launch's per-item host
-// loops run on the worker threads rather than one after another: waking
-// them costs as much as hundreds of items' row copies (device_policy.cc).
-inline constexpr int kParallelDeviceItems = 256;
+// Items (an entry's KV head each), or bytes copied, from which a launch's
+// per-item host loops run on the worker threads rather than one after
+// another: waking them costs as much as hundreds of items' row copies
+// (device_policy.cc). At batch 32 (256 items) a loop that did nothing for
+// most items (the evicted tokens' spill) took 80–87 µs side by side.
+inline constexpr int kParallelDeviceItems = 1024;
+inline constexpr size_t kParallelDeviceBytes = size_t{1} << 20;
+// Evicted tokens from which their spill to the host's pages runs side by
+// side (a digest fold and a row append each, ~1–2 µs).
+inline constexpr int kParallelDeviceSpills = 64;
 
 // What every stream of one DecodeOwned call shares: one session config.
 struct DevicePolicyShape {

@@ -330,13 +330,14 @@ absl::Status DeviceBackend::DecodeOwned(
   const size_t fresh_sealed_at = L.Take(new_sealed * 2 * D * 4);
 
   // The per-item host work is a few row copies: worker threads pay off
-  // only for large batches (waking them costs as much as hundreds of
-  // items: at 64 items the loops side by side made the `device` phase
-  // 500–550 µs, one after another 320 µs; at 256 it was a wash), or for
-  // FETCH's results (a budget of rows per item).
-  auto each_item = [&](const std::function<void(size_t)>& fn,
-                       bool heavy = false) {
-    if (parallel != nullptr && (B >= kParallelDeviceItems || heavy)) {
+  // only for very large batches or many bytes (waking them costs as much
+  // as hundreds of items: at 64 items the loops side by side made the
+  // `device` phase 500–550 µs, one after another 320 µs; at 256 it was a
+  // wash), such as FETCH's results (a budget of rows per item) or the
+  // rows of many recalled pages. `bytes`: about what the loop copies.
+  auto each_item = [&](const std::function<void(size_t)>& fn, size_t bytes) {
+    if (parallel != nullptr &&
+        (B >= kParallelDeviceItems || bytes >= kParallelDeviceBytes)) {
       parallel->Run(size_t(B), fn);
     } else {
       for (size_t i = 0; i < size_t(B); ++i) fn(i);
@@ -477,13 +478,18 @@ absl::Status DeviceBackend::DecodeOwned(
     for (size_t j = 0; j < item.spilled_taken.size(); ++j) {
       if (!item.spilled_taken[j]) continue;
       host32(cstage_at)[size_t(spilled_begin[i]) + j] = int32_t(s);
-      for (int t = 0; t < SpilledTokens(item, j, k.page_tokens); ++t) {
+      // A page's rows are contiguous on both sides: one copy a plane.
+      const int n = SpilledTokens(item, j, k.page_tokens);
+      std::memcpy(h + stk_at + size_t(s) * row, item.spilled_keys[j],
+                  size_t(n) * row);
+      std::memcpy(h + stv_at + size_t(s) * row, item.spilled_values[j],
+                  size_t(n) * row);
+      for (int t = 0; t < n; ++t, ++s) {
+        host32(dst_at)[s] = staging.Row(s);
         if (shape.fetch) {
           reinterpret_cast<int64_t*>(h + spos_at)[s] =
               item.spilled_positions[j][t];
         }
-        stage(item.spilled_keys[j] + size_t(t) * row,
-              item.spilled_values[j] + size_t(t) * row);
       }
     }
     host32(newrow_at)[i] = stage(item.key, item.value);
@@ -499,34 +505,37 @@ absl::Status DeviceBackend::DecodeOwned(
   if (!spills) KVMEM_RETURN_IF_ERROR(count_staged());
 
   // Phase 1: candidates, scores, the fill.
-  each_item([&](size_t i) {
-    const DevicePolicyItem& item = items[i];
-    const int b = int(i);
-    std::memcpy(h + q_at + i * G * D * elem, item.query, size_t(G) * D * elem);
-    const DevicePolicyState& state = *item.layer->policy_;
-    reinterpret_cast<cuda::PolicyStreamPointers*>(h + policy_at)[i] =
-        state.Policy(item.head);
-    reinterpret_cast<cuda::CascadeStreamPointers*>(h + cascade_at)[i] =
-        state.Cascade(item.head);
-    const int sealed = item.sealed_pages;
-    const int n = sealed + (item.open_tokens > 0 ? 1 : 0);
-    if (item.open_tokens > 0) {
-      std::memcpy(h + odigest_at + i * 2 * D * 4, item.open_digest,
-                  size_t(2) * D * 4);
-    }
-    host32(otokens_at)[i] = item.open_tokens;
-    host32(sbegin_at)[i] = spilled_begin[i];
-    host32(scount_at)[i] = sealed;
-    host32(cbegin_at)[i] = candidate_begin[i];
-    host32(ccount_at)[i] = Rc + n;
-    host32(budget_at)[i] = budget;
-    host32(abegin_at)[i] = b * A;
-    host32(rbegin_at)[i] = b * budget;
-    reinterpret_cast<int64_t*>(h + newpos_at)[i] = item.position;
-    std::memcpy(h + newk_at + i * row, item.key, row);
-    std::memcpy(h + newv_at + i * row, item.value, row);
-    if (!spills) stage_item(i);
-  });
+  each_item(
+      [&](size_t i) {
+        const DevicePolicyItem& item = items[i];
+        const int b = int(i);
+        std::memcpy(h + q_at + i * G * D * elem, item.query,
+                    size_t(G) * D * elem);
+        const DevicePolicyState& state = *item.layer->policy_;
+        reinterpret_cast<cuda::PolicyStreamPointers*>(h + policy_at)[i] =
+            state.Policy(item.head);
+        reinterpret_cast<cuda::CascadeStreamPointers*>(h + cascade_at)[i] =
+            state.Cascade(item.head);
+        const int sealed = item.sealed_pages;
+        const int n = sealed + (item.open_tokens > 0 ? 1 : 0);
+        if (item.open_tokens > 0) {
+          std::memcpy(h + odigest_at + i * 2 * D * 4, item.open_digest,
+                      size_t(2) * D * 4);
+        }
+        host32(otokens_at)[i] = item.open_tokens;
+        host32(sbegin_at)[i] = spilled_begin[i];
+        host32(scount_at)[i] = sealed;
+        host32(cbegin_at)[i] = candidate_begin[i];
+        host32(ccount_at)[i] = Rc + n;
+        host32(budget_at)[i] = budget;
+        host32(abegin_at)[i] = b * A;
+        host32(rbegin_at)[i] = b * budget;
+        reinterpret_cast<int64_t*>(h + newpos_at)[i] = item.position;
+        std::memcpy(h + newk_at + i * row, item.key, row);
+        std::memcpy(h + newv_at + i * row, item.value, row);
+        if (!spills) stage_item(i);
+      },
+      size_t(B) * (size_t(G) * D * elem + 4 * row));
 
   // Everything the step enqueues, from the inputs' copy to the outputs'.
   auto enqueue = [&]()
@@ -605,7 +614,7 @@ absl::Status DeviceBackend::DecodeOwned(
       }
       KVMEM_RETURN_IF_ERROR(recall());
       KVMEM_RETURN_IF_ERROR(count_staged());
-      each_item(stage_item);
+      each_item(stage_item, size_t(staged) * 2 * row);
       // The tail of phase 1's inputs (the new tokens) and phase 2's inputs
       // travel together; only what staging used of the row regions is sent.
       KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + cstage_at, h + cstage_at,
@@ -821,7 +830,7 @@ absl::Status DeviceBackend::DecodeOwned(
           item.evicted_value.assign(h + ev_at + i * row, row);
         }
       },
-      /*heavy=*/shape.fetch);
+      shape.fetch ? size_t(B) * budget * 2 * row : size_t(B) * G * D * elem);
   return absl::OkStatus();
 }
 

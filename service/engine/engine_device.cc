@@ -512,21 +512,23 @@ absl::Status Engine::StepOwned(
     }
     device_policy_steps_.fetch_add(launch.entries, std::memory_order_relaxed);
     // The tokens the device evicted go to the host's spilled pages (a
-    // row copy each, and a digest fold: side by side for large batches).
-    const size_t count = launch.items.size();
-    auto spill = [&](size_t t) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      const DevicePolicyItem& item = launch.items[t];
-      if (item.evicted_position < 0) return;
-      const auto [i, h] = launch.at[t];
+    // row copy each, and a digest fold: side by side for many of them).
+    const auto spill_start = std::chrono::steady_clock::now();
+    std::vector<size_t> evicted;
+    for (size_t t = 0; t < launch.items.size(); ++t) {
+      if (launch.items[t].evicted_position >= 0) evicted.push_back(t);
+    }
+    auto spill = [&](size_t e) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      const DevicePolicyItem& item = launch.items[evicted[e]];
+      const auto [i, h] = launch.at[evicted[e]];
       sessions[i]->streams[layer][h].SpillEvicted(
           item.evicted_position, item.evicted_key, item.evicted_value,
           &done[i].outputs[h]);
     };
-    const auto spill_start = std::chrono::steady_clock::now();
-    if (count >= size_t(kParallelDeviceItems)) {
-      parallel_->Run(count, spill);
+    if (evicted.size() >= size_t(kParallelDeviceSpills)) {
+      parallel_->Run(evicted.size(), spill);
     } else {
-      for (size_t t = 0; t < count; ++t) spill(t);
+      for (size_t e = 0; e < evicted.size(); ++e) spill(e);
     }
     nanos->spill += std::chrono::duration_cast<std::chrono::nanoseconds>(
                         std::chrono::steady_clock::now() - spill_start)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "kernels/attention.h"
@@ -136,11 +137,13 @@ absl::Status StreamState::AdoptCascade(CascadeStream::Snapshot snapshot) {
 void StreamState::SpillEvicted(int64_t position, absl::string_view key,
                                absl::string_view value,
                                StreamStepOutput* output) {
-  EvictedTokens evicted;
-  evicted.positions.push_back(position);
-  evicted.keys.assign(key.begin(), key.end());
-  evicted.values.assign(value.begin(), value.end());
-  Spill(evicted, output);
+  // Once a step per KV head of every device-owned entry: no copy into an
+  // EvictedTokens, no scratch on the heap for the usual head sizes.
+  absl::InlinedVector<float, 256> scratch(size_t(config_->head_dim));
+  SpillRow(position, reinterpret_cast<const uint8_t*>(key.data()),
+           reinterpret_cast<const uint8_t*>(value.data()),
+           absl::MakeSpan(scratch), output);
+  RecountSpillBytes();
 }
 
 void StreamState::AddSealedPage(SealedPageRef page) {
@@ -184,39 +187,51 @@ void StreamState::RefreshDigests(absl::Span<const int> slots) {
 
 void StreamState::Spill(const EvictedTokens& evicted,
                         StreamStepOutput* output) {
-  const int D = config_->head_dim;
   const size_t row = size_t(config_->row_bytes());
-  std::vector<float> key(static_cast<size_t>(D));
+  std::vector<float> key(static_cast<size_t>(config_->head_dim));
   for (size_t e = 0; e < evicted.positions.size(); ++e) {
-    const uint8_t* k = &evicted.keys[e * row];
-    open_.positions.push_back(evicted.positions[e]);
-    open_.keys.append(reinterpret_cast<const char*>(k), row);
-    open_.values.append(reinterpret_cast<const char*>(&evicted.values[e * row]),
-                        row);
-    cpu::LoadFloats(k, config_->dtype, absl::MakeSpan(key));
-    // Sizes are the stream's own, so neither call can fail.
-    if (open_.positions.size() == 1) {
-      open_.digest.assign(size_t(kDigestRows) * D, 0.0f);
-      cpu::SeedPageDigest(key, config_->digest_kind,
-                          absl::MakeSpan(open_.digest))
-          .IgnoreError();
-    } else {
-      cpu::ExtendPageDigest(key, config_->digest_kind,
-                            absl::MakeSpan(open_.digest))
-          .IgnoreError();
-    }
-    ++spilled_tokens_;
-    if (int(open_.positions.size()) == config_->page_tokens) {
-      sealed_.push_back({next_page_seq_, config_->page_tokens, open_.digest});
-      output->sealed_seqs.push_back(next_page_seq_);
-      output->sealed.push_back(
-          std::make_shared<const storage::SpillPage>(std::move(open_)));
-      ++next_page_seq_;
-      open_ = storage::SpillPage();
-      open_.row_bytes = uint32_t(row);
-    }
+    SpillRow(evicted.positions[e], &evicted.keys[e * row],
+             &evicted.values[e * row], absl::MakeSpan(key), output);
   }
   RecountSpillBytes();
+}
+
+void StreamState::SpillRow(int64_t position, const uint8_t* key_row,
+                           const uint8_t* value_row, absl::Span<float> key,
+                           StreamStepOutput* output) {
+  const int D = config_->head_dim;
+  const size_t row = size_t(config_->row_bytes());
+  if (open_.positions.empty()) {
+    // A page's rows, grown once rather than doubling up to a page.
+    const size_t page = size_t(config_->page_tokens);
+    open_.positions.reserve(page);
+    open_.keys.reserve(page * row);
+    open_.values.reserve(page * row);
+  }
+  open_.positions.push_back(position);
+  open_.keys.append(reinterpret_cast<const char*>(key_row), row);
+  open_.values.append(reinterpret_cast<const char*>(value_row), row);
+  cpu::LoadFloats(key_row, config_->dtype, key);
+  // Sizes are the stream's own, so neither call can fail.
+  if (open_.positions.size() == 1) {
+    open_.digest.assign(size_t(kDigestRows) * D, 0.0f);
+    cpu::SeedPageDigest(key, config_->digest_kind, absl::MakeSpan(open_.digest))
+        .IgnoreError();
+  } else {
+    cpu::ExtendPageDigest(key, config_->digest_kind,
+                          absl::MakeSpan(open_.digest))
+        .IgnoreError();
+  }
+  ++spilled_tokens_;
+  if (int(open_.positions.size()) == config_->page_tokens) {
+    sealed_.push_back({next_page_seq_, config_->page_tokens, open_.digest});
+    output->sealed_seqs.push_back(next_page_seq_);
+    output->sealed.push_back(
+        std::make_shared<const storage::SpillPage>(std::move(open_)));
+    ++next_page_seq_;
+    open_ = storage::SpillPage();
+    open_.row_bytes = uint32_t(row);
+  }
 }
 
 std::vector<int> StreamState::ResidentSlots() const {

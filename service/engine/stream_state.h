@@ -205,6 +205,10 @@ class StreamState {
   // Appends evicted tokens to the open page, sealing full ones into
   // *output.
   void Spill(const EvictedTokens& evicted, StreamStepOutput* output);
+  // One token of Spill, without the recount; `key` is D floats of scratch.
+  void SpillRow(int64_t position, const uint8_t* key_row,
+                const uint8_t* value_row, absl::Span<float> key,
+                StreamStepOutput* output);
   std::vector<int> ResidentSlots() const;
   const uint8_t* AttendedData(
       const AttendedRow& row,

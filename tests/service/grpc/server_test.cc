@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
@@ -387,6 +388,11 @@ TEST_F(ServerTest, BadServerOptionsAreNamed) {
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("--step_spin_us"), absl::string_view::npos);
   options.step_spin_us = -1;
+  options.inline_steps = -2;
+  st = StartServer(options).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("--inline_steps"), absl::string_view::npos);
+  options.inline_steps = -1;
   // Asked for by name, the CUDA backend needs a device: on a machine
   // without one the start is refused, naming the backend.
   if (cuda::ProbeDevices().device_count == 0) {
@@ -400,6 +406,23 @@ TEST_F(ServerTest, BadServerOptionsAreNamed) {
   options.listen = server_->address();
   st = StartServer(options).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+}
+
+// Locks taken in both orders (never at once, so no deadlock) are a
+// "potential deadlock" to Abseil's detector, which aborts where it is
+// compiled in (Debian's Abseil); a serving process turns it off.
+TEST(ServingProcessTest, AbseilDeadlockDetectionIsOff) {
+  ConfigureServingProcess();
+  absl::Mutex a, b;
+  {
+    absl::MutexLock first(&a);
+    absl::MutexLock second(&b);
+  }
+  {
+    absl::MutexLock first(&b);
+    absl::MutexLock second(&a);  // aborts with the detector on
+  }
+  SUCCEED() << "no abort: the detector is off";
 }
 
 }  // namespace
