@@ -1,5 +1,6 @@
 #include "service/server.h"
 
+#include <malloc.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -259,6 +260,9 @@ absl::Status ServerOptions::Validate() const {
 
 void ConfigureServingProcess() {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  mallopt(M_TRIM_THRESHOLD, kServingTrimThreshold);
+  mallopt(M_MMAP_THRESHOLD, kServingMmapThreshold);
+  mallopt(M_TOP_PAD, kServingTopPad);
 }
 
 absl::StatusOr<std::unique_ptr<Server>> StartServer(

@@ -2,10 +2,15 @@
 // the real server on 127.0.0.1:0 (server_fixture.h).
 #include "service/server.h"
 
+#include <malloc.h>
+
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <future>
 #include <memory>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -423,6 +428,31 @@ TEST(ServingProcessTest, AbseilDeadlockDetectionIsOff) {
     absl::MutexLock second(&a);  // aborts with the detector on
   }
   SUCCEED() << "no abort: the detector is off";
+}
+
+// Freed blocks stay in the heap, ready for the next step, instead of going
+// back to the kernel (whose fresh pages the next step would fault in).
+TEST(ServingProcessTest, MallocKeepsFreedMemoryForTheNextStep) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers' allocators do not take glibc's mallopt";
+#else
+  ConfigureServingProcess();
+  // Below the mmap threshold, so from the heap; freed, the heap's top
+  // keeps it (glibc's defaults would unmap it, or trim it past 128 KiB).
+  constexpr size_t kBlock = size_t(kServingMmapThreshold) / 8;
+  std::vector<char*> blocks;
+  for (int i = 0; i < 4; ++i) {
+    blocks.push_back(static_cast<char*>(std::malloc(kBlock)));
+    ASSERT_NE(blocks.back(), nullptr);
+    std::memset(blocks.back(), 1, kBlock);
+  }
+  const struct mallinfo2 before = mallinfo2();
+  for (char* b : blocks) std::free(b);
+  const struct mallinfo2 after = mallinfo2();
+  EXPECT_EQ(after.hblkhd, before.hblkhd) << "the blocks were mmapped";
+  EXPECT_GE(after.fordblks, before.fordblks + 3 * kBlock)
+      << "freed memory went back to the kernel";
+#endif
 }
 
 }  // namespace
