@@ -87,6 +87,10 @@ inline constexpr size_t kParallelDeviceBytes = size_t{1} << 20;
 // Evicted tokens from which their spill to the host's pages runs side by
 // side (a digest fold and a row append each, ~1–2 µs).
 inline constexpr int kParallelDeviceSpills = 64;
+// Spilled pages a request's selections took from which their recall
+// (cache lookups, storage reads) runs side by side, a KV head's pages
+// each: on the device path (a launch's items) and the host path alike.
+inline constexpr int kParallelRecallPages = 64;
 
 // What every stream of one DecodeOwned call shares: one session config.
 struct DevicePolicyShape {

@@ -569,16 +569,27 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       }
     }
     phase_done(StepPhase::kPlan);
-    for (size_t i = 0; i < n; ++i) {
-      if (host_skip[i]) continue;
-      LiveSession& s = *sessions[i];
-      for (size_t h = 0; h < work[i].size(); ++h) {
-        HeadWork& w = work[i][h];
-        absl::Status loaded = LoadRecalled(s.manifest.seq, layer, int(h), &w);
-        if (!loaded.ok()) {
-          return Annotate(loaded, absl::StrCat(Field(i, "session_id"),
-                                               ": recall of KV head ", h));
-        }
+    // Each head's pages are its own: read side by side when there are many
+    // (as the device path does, engine_device.cc).
+    size_t recalled_pages = 0;
+    for (const auto& [i, h] : heads) {
+      recalled_pages += work[i][h].selection.recall.size();
+    }
+    auto recall_head = [&](size_t t) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      const auto [i, h] = heads[t];
+      selected[t] =
+          LoadRecalled(sessions[i]->manifest.seq, layer, int(h), &work[i][h]);
+    };
+    if (recalled_pages >= size_t(kParallelRecallPages)) {
+      parallel_->Run(heads.size(), recall_head);
+    } else {
+      for (size_t t = 0; t < heads.size(); ++t) recall_head(t);
+    }
+    for (size_t t = 0; t < heads.size(); ++t) {
+      if (!selected[t].ok()) {
+        return Annotate(selected[t],
+                        absl::StrCat(Field(heads[t].first, "session_id"),
+                                     ": recall of KV head ", heads[t].second));
       }
     }
 

@@ -445,7 +445,8 @@ absl::Status Engine::StepOwned(
                         .count();
         }
       } clock{start, &nanos->recall};
-      for (size_t t = 0; t < launch.items.size(); ++t) {
+      std::vector<absl::Status> recalled(launch.items.size());
+      auto recall_item = [&](size_t t) ABSL_NO_THREAD_SAFETY_ANALYSIS {
         DevicePolicyItem& item = launch.items[t];
         const auto [i, h] = launch.at[t];
         LiveSession& s = *sessions[i];
@@ -467,14 +468,15 @@ absl::Status Engine::StepOwned(
             item.spilled_positions[j] = stream.open_page().positions.data();
           }
         }
-        if (wanted.empty()) continue;
+        if (wanted.empty()) return;
         absl::Status loaded =
             LoadRecalled(s.manifest.seq, int(layer), int(h), &w);
         if (!loaded.ok()) {
-          return absl::Status(
+          recalled[t] = absl::Status(
               loaded.code(),
               absl::StrCat("entries[", i, "].session_id: recall of KV head ", h,
                            ": ", loaded.message()));
+          return;
         }
         for (size_t r = 0; r < wanted.size(); ++r) {
           const storage::SpillPage& page = *w.recalled[r];
@@ -484,7 +486,20 @@ absl::Status Engine::StepOwned(
               reinterpret_cast<const uint8_t*>(page.values.data());
           item.spilled_positions[wanted[r]] = page.positions.data();
         }
+      };
+      // Each item's pages are its own: side by side when there are many
+      // (a page from storage is a read, a decompression and a checksum;
+      // at batch 32 a step took ~40 pages a head, 560 µs one by one).
+      size_t taken = 0;
+      for (const DevicePolicyItem& item : launch.items) {
+        for (uint8_t t : item.spilled_taken) taken += t;
       }
+      if (taken >= size_t(kParallelRecallPages)) {
+        parallel_->Run(launch.items.size(), recall_item);
+      } else {
+        for (size_t t = 0; t < launch.items.size(); ++t) recall_item(t);
+      }
+      for (const absl::Status& st : recalled) KVMEM_RETURN_IF_ERROR(st);
       return absl::OkStatus();
     };
     bool touched = false;

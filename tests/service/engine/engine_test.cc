@@ -227,6 +227,49 @@ TEST_F(EngineTest, RecallGivesFullAttentionOverEveryTokenEverAppended) {
   EXPECT_EQ(info->position, 0);  // layers 0 and 1 have not stepped
 }
 
+TEST_F(EngineTest, ABatchRecallingManyPagesGivesEachSessionFullAttention) {
+  // Four sessions decoding side by side in one request: at the end each
+  // step recalls 2 heads × 16 pages a session, 128 pages, past
+  // kParallelRecallPages, so the pages are read on the worker threads.
+  constexpr int kSessions = 4, kTokens = 200;
+  std::vector<SessionConfig> configs;
+  std::vector<Tokens> tokens(kSessions);
+  std::vector<std::vector<StepEntryResult>> results(kSessions);
+  for (int i = 0; i < kSessions; ++i) {
+    configs.push_back(Config(absl::StrCat("many-", i), DType::kFp32));
+    ASSERT_TRUE(engine_->CreateSession(configs.back()).ok());
+  }
+  const ModelShape& s = configs[0].shape;
+  for (int t = 0; t < kTokens; ++t) {
+    std::vector<std::string> q(kSessions), k(kSessions), v(kSessions);
+    StepRequestView request;
+    request.layer = 1;
+    request.mode = StepMode::kAttend;
+    for (int i = 0; i < kSessions; ++i) {
+      tokens[i].q.push_back(
+          Random(size_t(s.query_heads) * s.head_dim, s.dtype, &q[i]));
+      tokens[i].k.push_back(
+          Random(size_t(s.kv_heads) * s.head_dim, s.dtype, &k[i]));
+      tokens[i].v.push_back(
+          Random(size_t(s.kv_heads) * s.head_dim, s.dtype, &v[i]));
+      request.entries.push_back(
+          {configs[i].session_id, t, 1, q[i], k[i], v[i]});
+    }
+    absl::StatusOr<std::vector<StepEntryResult>> r =
+        engine_->Step("t", request);
+    ASSERT_TRUE(r.ok()) << r.status();
+    for (int i = 0; i < kSessions; ++i) {
+      results[i].push_back(std::move((*r)[i]));
+    }
+  }
+  for (int i = 0; i < kSessions; ++i) {
+    ExpectFullAttention(results[i], tokens[i], s, false, 1e-5, 1e-6, seed_);
+  }
+  absl::StatusOr<SessionInfo> info = engine_->GetSession("t", "many-0");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->spilled_pages, 2 * ((kTokens - 68) / 8));
+}
+
 TEST_F(EngineTest, PrefillChunksThenDecodeEqualFullAttention) {
   SessionConfig c = Config("chunks", DType::kFp32);
   ASSERT_TRUE(engine_->CreateSession(c).ok());
