@@ -43,9 +43,18 @@ int SpilledTokens(const DevicePolicyItem& item, size_t j, int page_tokens) {
   return j < size_t(item.sealed_pages) ? page_tokens : item.open_tokens;
 }
 
-// What a step without spilled candidates launches is a function of these:
-// the shape (every field), the batch, and the addresses its launches take
-// as arguments (staging pair, attention workspace, pool planes).
+// A staging region's capacity for `n` (0: none): a power of two, ≥ 64.
+int Capacity(int64_t n) {
+  if (n <= 0) return 0;
+  int64_t c = 64;
+  while (c < n) c *= 2;
+  return int(c);
+}
+
+// What a step launches is a function of these: the shape (every field),
+// the batch, the bound on candidates a stream, and the addresses its
+// launches take as arguments (staging pair, attention workspace, pool
+// planes); DecodeOwned appends the staging's capacities and the part.
 std::string DecodeGraphKey(const DevicePolicyShape& s, int streams,
                            int most_candidates,
                            std::initializer_list<const void*> buffers) {
@@ -252,11 +261,19 @@ absl::Status DeviceBackend::DecodeOwned(
         item.sealed_pages * k.page_tokens + item.open_tokens;
     most = std::max(most, Rc + n);
   }
-  const int64_t candidates = int64_t(B) * Rc + spilled_total;
+  // The staging's regions are sized by capacities, not by this step's
+  // counts, and the kernels bounded by `most_cap`, so that consecutive
+  // steps of a batch lay out alike and can replay one captured graph
+  // (their counts grow by a token a stream a step; a capacity only when
+  // a count passes a power of two).
+  const int spilled_cap = Capacity(spilled_total);
+  const int64_t candidates = int64_t(B) * Rc + spilled_cap;
+  const int most_cap =
+      std::min(Capacity(most), std::max(most, cuda::kMaxSelectCandidates));
   // Rows staged: the taken spilled pages' (at most a budget a stream) and
   // the new tokens.
-  const int max_staged =
-      int(std::min<int64_t>(spilled_tokens_total, int64_t(B) * budget)) + B;
+  const int max_staged = Capacity(
+      int(std::min<int64_t>(spilled_tokens_total, int64_t(B) * budget)) + B);
 
   // Staging, one layout both sides. Phase 1 inputs, phase 1 outputs, phase
   // 2 inputs, phase 2 outputs, then device-only scratch.
@@ -279,7 +296,7 @@ absl::Status DeviceBackend::DecodeOwned(
   const size_t phase1_in_end = L.end();
   const size_t selected_at = L.Take(size_t(candidates));
   const size_t phase1_out_end = L.end();
-  const size_t cstage_at = L.Take(size_t(spilled_total) * 4);
+  const size_t cstage_at = L.Take(size_t(spilled_cap) * 4);
   const size_t newrow_at = L.Take(size_t(B) * 4);
   const size_t newk_at = L.Take(size_t(B) * row);
   const size_t newv_at = L.Take(size_t(B) * row);
@@ -537,18 +554,20 @@ absl::Status DeviceBackend::DecodeOwned(
       },
       size_t(B) * (size_t(G) * D * elem + 4 * row));
 
-  // Everything the step enqueues, from the inputs' copy to the outputs'.
-  auto enqueue = [&]()
-                     ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl_->mu) -> absl::Status {
-    if (!spills) {
-      KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d, h, out_at, stream));
-    } else {
-      KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d, h, phase1_in_end, stream));
-    }
-
+  // What a step enqueues, in parts: phase 1 (its inputs' copy, candidates,
+  // scores, the selection); with spilled candidates, the copy of phase 2's
+  // staged rows; phase 2 (the rows to the pool, the attention, the cascade
+  // update, the outputs' copy back).
+  const auto* policy_streams =
+      reinterpret_cast<const cuda::PolicyStreamPointers*>(d + policy_at);
+  auto enqueue_phase1 =
+      [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl_->mu) -> absl::Status {
+    // Without spilled candidates phase 2's inputs ride along (and the
+    // selection's output bytes between them).
+    KVMEM_RETURN_IF_ERROR(
+        cuda::CopyToDevice(d, h, spills ? phase1_in_end : out_at, stream));
     cuda::PlanCandidatesArgs plan;
-    plan.streams =
-        reinterpret_cast<const cuda::PolicyStreamPointers*>(d + policy_at);
+    plan.streams = policy_streams;
     plan.queries = d + q_at;
     plan.spilled_begin = dev32(sbegin_at);
     plan.sealed_count = dev32(scount_at);
@@ -561,12 +580,12 @@ absl::Status DeviceBackend::DecodeOwned(
     plan.fresh_mask = reinterpret_cast<uint64_t*>(d + mask_at);
     plan.always_in_ids = dev32(always_at);
     plan.always_in_count = dev32(acount_at);
-    plan.max_candidates = std::max(1, most);
+    plan.max_candidates = std::max(1, most_cap);
     KVMEM_RETURN_IF_ERROR(cuda::PlanDecodeCandidates(k, plan, stream));
 
     cuda::SelectPagesShape select_shape;
     select_shape.streams = B;
-    select_shape.max_candidates_per_stream = std::max(1, most);
+    select_shape.max_candidates_per_stream = std::max(1, most_cap);
     select_shape.compact_rows = true;
     cuda::SelectPagesInputs select_in;
     select_in.scores = devf(scores_at);
@@ -589,52 +608,40 @@ absl::Status DeviceBackend::DecodeOwned(
     select_rows.rows_count = dev32(idcount_at);
     KVMEM_RETURN_IF_ERROR(cuda::SelectPages(select_shape, select_in, select_out,
                                             select_rows, stream));
-    // The host learns which spilled pages were taken and reads them; nothing
-    // has changed yet. Without spilled candidates there is nothing to learn,
-    // and phase 2 follows on the stream with no round trip in between.
+    // With spilled candidates the host learns which were taken; nothing
+    // has changed yet.
     if (spills) {
       KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + selected_at, d + selected_at,
                                              phase1_out_end - selected_at,
                                              stream));
-      KVMEM_RETURN_IF_ERROR(wait_for_device());
     }
-    // Without spilled candidates the items' spilled_* lists stay empty.
-    if (spills) {
-      for (int b = 0; b < B; ++b) {
-        DevicePolicyItem& item = items[size_t(b)];
-        const size_t n =
-            size_t(item.sealed_pages) + (item.open_tokens > 0 ? 1 : 0);
-        const uint8_t* selected =
-            reinterpret_cast<const uint8_t*>(h + selected_at) +
-            candidate_begin[size_t(b)] + Rc;
-        item.spilled_taken.assign(selected, selected + n);
-        item.spilled_keys.assign(n, nullptr);
-        item.spilled_values.assign(n, nullptr);
-        item.spilled_positions.assign(n, nullptr);
-      }
-      KVMEM_RETURN_IF_ERROR(recall());
-      KVMEM_RETURN_IF_ERROR(count_staged());
-      each_item(stage_item, size_t(staged) * 2 * row);
-      // The tail of phase 1's inputs (the new tokens) and phase 2's inputs
-      // travel together; only what staging used of the row regions is sent.
-      KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + cstage_at, h + cstage_at,
-                                               stk_at - cstage_at, stream));
-      KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + stk_at, h + stk_at,
-                                               size_t(staged) * row, stream));
-      KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + stv_at, h + stv_at,
-                                               size_t(staged) * row, stream));
-      if (shape.fetch) {
-        KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + spos_at, h + spos_at,
-                                                 size_t(staged) * 8, stream));
-      }
+    return absl::OkStatus();
+  };
+  auto enqueue_staged =
+      [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl_->mu) -> absl::Status {
+    // The tail of phase 1's inputs (the new tokens) and phase 2's inputs
+    // travel together; only what staging used of the row regions is sent.
+    KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + cstage_at, h + cstage_at,
+                                             stk_at - cstage_at, stream));
+    KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + stk_at, h + stk_at,
+                                             size_t(staged) * row, stream));
+    KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + stv_at, h + stv_at,
+                                             size_t(staged) * row, stream));
+    if (shape.fetch) {
+      KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(d + spos_at, h + spos_at,
+                                               size_t(staged) * 8, stream));
     }
+    return absl::OkStatus();
+  };
+  auto enqueue_phase2 =
+      [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl_->mu) -> absl::Status {
     // From here on an error leaves the layers' state half-stepped.
     *touched = true;
     KVMEM_RETURN_IF_ERROR(impl_->ScatterStaged(staged, int(row), dev32(dst_at),
                                                d + stk_at, d + stv_at, stream));
 
     cuda::MapRowsArgs map;
-    map.streams = plan.streams;
+    map.streams = policy_streams;
     map.ids = dev32(ids_at);
     map.counts = dev32(idcount_at);
     map.capacity = budget;
@@ -750,7 +757,7 @@ absl::Status DeviceBackend::DecodeOwned(
                                                step, step_out, stream));
 
     cuda::RefreshDigestsArgs refresh;
-    refresh.streams = plan.streams;
+    refresh.streams = policy_streams;
     refresh.key_rows = impl_->pool->plane_base(0);
     refresh.changed_slots = dev32(changed_at);
     refresh.changed_counts = dev32(ccnt_at);
@@ -767,42 +774,93 @@ absl::Status DeviceBackend::DecodeOwned(
     return absl::OkStatus();
   };
 
-  // Without spilled candidates, the launches of a step depend only on the
-  // batch's shape and the buffers' addresses. The second step of a shape is
-  // captured into a CUDA graph and later ones replay it: one API call for
-  // its copies and kernels (each call costs 5–20 µs of host time,
-  // which at batch 1 is most of the step). A capture that fails (say, an
-  // unsupported call) falls back to plain launches, for good.
-  Impl::DecodeGraph* graph =
-      spills || !impl_->graphs_on
-          ? nullptr
-          : impl_->FindDecodeGraph(DecodeGraphKey(
-                shape, B, most,
-                {d, h, impl_->workspace.get(), impl_->pool->plane_base(0),
-                 impl_->pool->plane_base(1)}));
-  absl::Status enqueued;
-  if (graph != nullptr && graph->exec.valid()) {
-    *touched = true;
-    enqueued = graph->exec.Launch(stream);
-    impl_->graph_launches.fetch_add(1, std::memory_order_relaxed);
-  } else if (graph != nullptr && graph->seen && !graph->failed &&
-             cuda::BeginCapture(stream).ok()) {
-    enqueued = enqueue();
-    absl::StatusOr<cuda::GraphExec> exec = cuda::GraphExec::EndCapture(stream);
-    *touched = false;  // a capture runs nothing
-    if (enqueued.ok() && exec.ok()) {
-      graph->exec = *std::move(exec);
-      *touched = true;
-      enqueued = graph->exec.Launch(stream);
-    } else {
-      graph->failed = true;
-      enqueued = enqueue();
+  // A part's launches depend only on the batch's shape, the staging's
+  // layout (its capacities) and the buffers' addresses, and on how many
+  // rows are staged. Such a part is captured into a CUDA graph at the
+  // second step that launches it with the same key, and later steps replay
+  // it: one API call for its copies and kernels (each call costs 5–20 µs
+  // of host time, which at batch 1 is most of the step). A capture that
+  // fails (say, an unsupported call) falls back to plain launches, for
+  // good. `key` empty: plain launches. `changes`: the part changes the
+  // layers' state (*touched once launched).
+  auto run = [&](const std::string& key,
+                 const std::function<absl::Status()>& enqueue, bool changes)
+                 ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl_->mu) -> absl::Status {
+    Impl::DecodeGraph* graph =
+        key.empty() ? nullptr : impl_->FindDecodeGraph(key);
+    if (graph != nullptr && graph->exec.valid()) {
+      if (changes) *touched = true;
+      impl_->graph_launches.fetch_add(1, std::memory_order_relaxed);
+      return graph->exec.Launch(stream);
     }
-  } else {
-    enqueued = enqueue();
+    if (graph != nullptr && graph->seen && !graph->failed &&
+        cuda::BeginCapture(stream).ok()) {
+      const bool was_touched = *touched;
+      const absl::Status captured = enqueue();
+      absl::StatusOr<cuda::GraphExec> exec =
+          cuda::GraphExec::EndCapture(stream);
+      *touched = was_touched;  // a capture runs nothing
+      if (captured.ok() && exec.ok()) {
+        graph->exec = *std::move(exec);
+        if (changes) *touched = true;
+        return graph->exec.Launch(stream);
+      }
+      graph->failed = true;
+      return enqueue();
+    }
+    const absl::Status enqueued = enqueue();
     if (graph != nullptr && enqueued.ok()) graph->seen = true;
+    return enqueued;
+  };
+  const std::string key =
+      impl_->graphs_on
+          ? absl::StrCat(DecodeGraphKey(shape, B, most_cap,
+                                        {d, h, impl_->workspace.get(),
+                                         impl_->pool->plane_base(0),
+                                         impl_->pool->plane_base(1)}),
+                         "/", candidates, "/", spilled_cap, "/", max_staged)
+          : std::string();
+  auto keyed = [&](const char* part) {
+    return key.empty() ? std::string() : absl::StrCat(key, part);
+  };
+  if (!spills) {
+    KVMEM_RETURN_IF_ERROR(run(
+        keyed("/step"),
+        [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl_->mu) {
+          const absl::Status first = enqueue_phase1();
+          return first.ok() ? enqueue_phase2() : first;
+        },
+        /*changes=*/true));
+  } else {
+    KVMEM_RETURN_IF_ERROR(
+        run(keyed("/phase1"), enqueue_phase1, /*changes=*/false));
+    KVMEM_RETURN_IF_ERROR(wait_for_device());
+    for (int b = 0; b < B; ++b) {
+      DevicePolicyItem& item = items[size_t(b)];
+      const size_t n =
+          size_t(item.sealed_pages) + (item.open_tokens > 0 ? 1 : 0);
+      const uint8_t* selected =
+          reinterpret_cast<const uint8_t*>(h + selected_at) +
+          candidate_begin[size_t(b)] + Rc;
+      item.spilled_taken.assign(selected, selected + n);
+      item.spilled_keys.assign(n, nullptr);
+      item.spilled_values.assign(n, nullptr);
+      item.spilled_positions.assign(n, nullptr);
+    }
+    KVMEM_RETURN_IF_ERROR(recall());
+    KVMEM_RETURN_IF_ERROR(count_staged());
+    each_item(stage_item, size_t(staged) * 2 * row);
+    // Usually no spilled page is taken and only the new tokens are staged:
+    // the same launches as the previous step's. Otherwise the staged rows'
+    // count is this step's own.
+    KVMEM_RETURN_IF_ERROR(run(
+        staged == B ? keyed("/phase2") : std::string(),
+        [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl_->mu) {
+          const absl::Status rows = enqueue_staged();
+          return rows.ok() ? enqueue_phase2() : rows;
+        },
+        /*changes=*/true));
   }
-  KVMEM_RETURN_IF_ERROR(enqueued);
   KVMEM_RETURN_IF_ERROR(wait_for_device());
   each_item(
       [&](size_t i) {

@@ -218,9 +218,15 @@ TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
   KVMEM_REQUIRE_DEVICE();
   const uint32_t seed = FreshSeed();
   TestEngine cpu(nullptr);
-  TestEngine cuda(MakeDevice(size_t{256} << 20, size_t{1} << 20));
+  std::shared_ptr<DeviceBackend> device =
+      MakeDevice(size_t{256} << 20, size_t{1} << 20);
+  TestEngine cuda(device);
   ASSERT_NE(cuda.engine, nullptr);
   RunWorkload(cpu.engine.get(), cuda.engine.get(), seed, 150);
+  // Steps with spilled candidates replayed captured graphs too (the
+  // selection's part, and the rest when no spilled page was taken), and
+  // answered as the CPU engine (the driver compared every answer).
+  EXPECT_GT(device->decode_graph_launches(), 0);
   const EngineStats stats = cuda.engine->Stats();
   EXPECT_GT(stats.device_pool_used_bytes, 0);  // the layers live there
   EXPECT_EQ(stats.device_fallbacks, 0);        // and every decode ran there
