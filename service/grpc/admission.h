@@ -70,16 +70,6 @@ class AdmissionTicket {
   const int64_t bytes_;
 };
 
-// The tensor bytes of a step request: what admission counts.
-template <typename StepRequest>
-int64_t TensorBytes(const StepRequest& request) {
-  int64_t bytes = 0;
-  for (const auto& e : request.entries()) {
-    bytes += int64_t(e.q().size() + e.k().size() + e.v().size());
-  }
-  return bytes;
-}
-
 }  // namespace kvmem
 
 #endif  // KVMEM_SERVICE_GRPC_ADMISSION_H_

@@ -1,6 +1,7 @@
 #include "service/grpc/convert.h"
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 
 namespace kvmem {
 namespace {
@@ -163,24 +164,25 @@ void SessionToProto(const SessionInfo& info, v1::Session* out) {
   out->set_last_used_unix_micros(info.last_used_unix_micros);
 }
 
-absl::Status StepRequestFromProto(const v1::StepRequest& request,
-                                  StepRequestView* view) {
-  switch (request.mode()) {
+absl::StatusOr<StepMode> StepModeFromWire(int mode) {
+  switch (mode) {
     case v1::STEP_MODE_FETCH:
-      view->mode = StepMode::kFetch;
-      break;
+      return StepMode::kFetch;
     case v1::STEP_MODE_ATTEND:
-      view->mode = StepMode::kAttend;
-      break;
+      return StepMode::kAttend;
     case v1::STEP_MODE_APPEND:
-      view->mode = StepMode::kAppend;
-      break;
+      return StepMode::kAppend;
     default:
       return absl::InvalidArgumentError(
           absl::StrCat("mode must be one of STEP_MODE_FETCH, STEP_MODE_ATTEND, "
                        "STEP_MODE_APPEND, got ",
-                       int(request.mode())));
+                       mode));
   }
+}
+
+absl::Status StepRequestFromProto(const v1::StepRequest& request,
+                                  StepRequestView* view) {
+  KVMEM_ASSIGN_OR_RETURN(view->mode, StepModeFromWire(int(request.mode())));
   view->layer = request.layer();
   view->entries.clear();
   view->entries.reserve(size_t(request.entries_size()));

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "grpcpp/support/status.h"
 #include "kvmem/v1/kvmem.pb.h"
 #include "service/engine/session_registry.h"
@@ -24,8 +25,14 @@ absl::Status SessionConfigFromProto(const v1::CreateSessionRequest& request,
 // `info` as the wire describes a session (policy with defaults filled in).
 void SessionToProto(const SessionInfo& info, v1::Session* out);
 
+// A StepRequest's mode field as the engine's; INVALID_ARGUMENT for an
+// unspecified or unknown one.
+absl::StatusOr<StepMode> StepModeFromWire(int mode);
+
 // Views of `request`'s tensors (no copies); `request` must outlive `view`.
-// INVALID_ARGUMENT for an unspecified or unknown mode.
+// INVALID_ARGUMENT for an unspecified or unknown mode. The server reads
+// requests in place instead (step_wire.h's WireStepRequest); these views
+// of the typed message are what that reading is tested against.
 absl::Status StepRequestFromProto(const v1::StepRequest& request,
                                   StepRequestView* view);
 

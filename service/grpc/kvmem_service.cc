@@ -29,13 +29,13 @@ KvMemoryService::KvMemoryService(Engine* engine, WorkPool* pool,
       started_(absl::Now()) {}
 
 absl::Status RunStep(
-    Engine* engine, const std::string& tenant, const v1::StepRequest& request,
+    Engine* engine, const std::string& tenant, const WireStepRequest& request,
     absl::Time received, StepRequestView* view,
     const std::function<void(std::vector<StepEntryResult>)>& reply) {
   const absl::Time start = absl::Now();
   engine->AddStepPhaseNanos(StepPhase::kQueue,
                             absl::ToInt64Nanoseconds(start - received));
-  KVMEM_RETURN_IF_ERROR(StepRequestFromProto(request, view));
+  KVMEM_RETURN_IF_ERROR(StepRequestFromWire(request, view));
   const absl::Duration viewing = absl::Now() - start;
   absl::StatusOr<std::vector<StepEntryResult>> results =
       engine->Step(tenant, *view);
@@ -172,21 +172,18 @@ grpc::ServerUnaryReactor* KvMemoryService::Step(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw,
     grpc::ByteBuffer* response) {
   const absl::Time received = absl::Now();
-  // Parsed here, on gRPC's thread, as a typed method's request would be
-  // (from a copy of the buffer, which shares its slices: parsing consumes
-  // it).
-  auto request = std::make_shared<v1::StepRequest>();
-  grpc::ByteBuffer wire(*raw);
-  if (absl::Status parsed = StepRequestFromWire(&wire, request.get());
-      !parsed.ok()) {
+  // Read in place here, on gRPC's thread, as a typed method's request
+  // would be parsed (step_wire.h).
+  auto request = std::make_shared<WireStepRequest>();
+  if (absl::Status parsed = request->Parse(*raw); !parsed.ok()) {
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
     reactor->Finish(ToGrpcStatus(parsed));
     return reactor;
   }
-  const int64_t bytes = TensorBytes(*request);
+  const int64_t bytes = request->tensor_bytes();
   if (absl::Status admitted = admission_->Admit(bytes); !admitted.ok()) {
     StepRequestView view;
-    StepRequestFromProto(*request, &view).IgnoreError();  // for the metrics
+    StepRequestFromWire(*request, &view).IgnoreError();  // for the metrics
     RecordStep(metrics_, view, admitted, received);
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
     reactor->Finish(ToGrpcStatus(admitted));

@@ -21,6 +21,7 @@
 #include "kvmem/v1/kvmem.grpc.pb.h"
 #include "service/engine/engine.h"
 #include "service/grpc/admission.h"
+#include "service/grpc/step_wire.h"
 #include "service/grpc/work_pool.h"
 #include "service/metrics.h"
 
@@ -109,7 +110,7 @@ class KvMemoryService final : public KvMemoryCallbackBase {
 // reply's message); the request's status. The wait since `received` and
 // the conversions count as the Step phases kQueue and kConvert.
 absl::Status RunStep(
-    Engine* engine, const std::string& tenant, const v1::StepRequest& request,
+    Engine* engine, const std::string& tenant, const WireStepRequest& request,
     absl::Time received, StepRequestView* view,
     const std::function<void(std::vector<StepEntryResult>)>& reply);
 

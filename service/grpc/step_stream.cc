@@ -47,19 +47,18 @@ void StepStreamReactor::OnReadDone(bool ok) {
     return;
   }
   received_ = absl::Now();
-  if (absl::Status parsed = StepRequestFromWire(&in_, &request_);
-      !parsed.ok()) {
+  if (absl::Status parsed = request_.Parse(in_); !parsed.ok()) {
     SetError(0, parsed);
     StartWrite(&out_);
     return;
   }
-  admitted_bytes_ = TensorBytes(request_);
+  admitted_bytes_ = request_.tensor_bytes();
   if (absl::Status admitted = admission_->Admit(admitted_bytes_);
       !admitted.ok()) {
     // Refused at once, on this thread: the reply is the error alone.
     SetError(request_.request_id(), admitted);
     StepRequestView view;
-    StepRequestFromProto(request_, &view).IgnoreError();  // for the metrics
+    StepRequestFromWire(request_, &view).IgnoreError();  // for the metrics
     RecordStep(metrics_, view, admitted, received_);
     StartWrite(&out_);
     return;

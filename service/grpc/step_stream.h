@@ -9,10 +9,11 @@
 // a cancelled stream's step in flight still applies wholly (the engine step
 // is atomic) and its reply is dropped. Deletes itself in OnDone.
 //
-// A raw stream: each request is parsed here into one reused message (bytes
-// that are no StepRequest are answered INVALID_ARGUMENT, and the stream
-// goes on), each reply written by StepStreamResponseWire (step_wire.h),
-// which sends outputs and fetched K/V without copying them.
+// A raw stream: each request is read in place into one reused
+// WireStepRequest (bytes that are no StepRequest are answered
+// INVALID_ARGUMENT, and the stream goes on), each reply written by
+// StepStreamResponseWire (step_wire.h), which sends outputs and fetched
+// K/V without copying them.
 #ifndef KVMEM_SERVICE_GRPC_STEP_STREAM_H_
 #define KVMEM_SERVICE_GRPC_STEP_STREAM_H_
 
@@ -22,6 +23,7 @@
 #include "kvmem/v1/kvmem.grpc.pb.h"
 #include "service/engine/engine.h"
 #include "service/grpc/admission.h"
+#include "service/grpc/step_wire.h"
 #include "service/grpc/work_pool.h"
 #include "service/metrics.h"
 
@@ -54,7 +56,7 @@ class StepStreamReactor final
   const std::atomic<bool>* accepting_;  // not owned
   std::string tenant_;
   grpc::ByteBuffer in_, out_;  // the request read, the reply written
-  v1::StepRequest request_;    // in_ parsed, reused by every request
+  WireStepRequest request_;    // in_ read in place, reused by every request
   absl::Time received_;        // of the request being processed
 };
 

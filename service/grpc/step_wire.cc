@@ -1,11 +1,14 @@
 #include "service/grpc/step_wire.h"
 
 #include <atomic>
+#include <cstring>
 #include <string>
 #include <utility>
 
+#include "base/status_macros.h"
 #include "grpcpp/impl/codegen/proto_utils.h"
 #include "grpcpp/support/slice.h"
+#include "service/grpc/convert.h"
 
 namespace kvmem {
 namespace {
@@ -246,13 +249,267 @@ grpc::ByteBuffer Encode(uint64_t request_id,
 
 }  // namespace
 
-absl::Status StepRequestFromWire(grpc::ByteBuffer* wire,
-                                 v1::StepRequest* request) {
-  if (grpc::SerializationTraits<v1::StepRequest>::Deserialize(wire, request)
-          .ok()) {
-    return absl::OkStatus();
+namespace {
+
+// Reading protobuf's wire format as protobuf 3.21's generated parsers do
+// (parse_context.h): each returns false where protobuf's parse fails.
+class WireReader {
+ public:
+  WireReader(const char* at, const char* end) : at_(at), end_(end) {}
+  bool done() const { return at_ == end_; }
+
+  // Up to 10 bytes; the bits past 64 are dropped.
+  bool Varint(uint64_t* value) {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 70; shift += 7) {
+      if (at_ == end_) return false;
+      const uint8_t byte = uint8_t(*at_++);
+      if (shift < 64) v |= uint64_t(byte & 0x7f) << shift;
+      if (byte < 0x80) {
+        *value = v;
+        return true;
+      }
+    }
+    return false;
   }
-  return absl::InvalidArgumentError("request: not a kvmem.v1.StepRequest");
+  // Up to 5 bytes, wrapping at 32 bits (ReadTag).
+  bool Tag(uint32_t* tag) {
+    uint32_t t = 0;
+    for (int shift = 0; shift < 35; shift += 7) {
+      if (at_ == end_) return false;
+      const uint8_t byte = uint8_t(*at_++);
+      t += uint32_t(byte & 0x7f) << shift;
+      if (byte < 0x80) {
+        *tag = t;
+        return true;
+      }
+    }
+    return false;
+  }
+  // A length-delimited field's bytes: a size below 2^31 (ReadSize) that
+  // fits in what is left.
+  bool Delimited(absl::string_view* bytes) {
+    uint32_t size = 0;
+    for (int shift = 0;; shift += 7) {
+      if (at_ == end_ || shift == 35) return false;
+      const uint8_t byte = uint8_t(*at_++);
+      if (shift == 28 && byte >= 8) return false;
+      size |= uint32_t(byte & 0x7f) << shift;
+      if (byte < 0x80) break;
+    }
+    if (size > size_t(end_ - at_)) return false;
+    *bytes = absl::string_view(at_, size);
+    at_ += size;
+    return true;
+  }
+  bool Skip(size_t bytes) {
+    if (bytes > size_t(end_ - at_)) return false;
+    at_ += bytes;
+    return true;
+  }
+  // An unknown field whose tag was read (UnknownFieldParse): a group is
+  // skipped to its end-group tag of the same number, `depth` levels deep
+  // at most (protobuf's recursion limit). Field number 0 is no field.
+  bool SkipField(uint32_t tag, int depth) {
+    if ((tag >> 3) == 0) return false;
+    absl::string_view ignored;
+    uint64_t value = 0;
+    switch (tag & 7) {
+      case 0:
+        return Varint(&value);
+      case 1:
+        return Skip(8);
+      case 2:
+        return Delimited(&ignored);
+      case 3:
+        if (depth <= 0) return false;
+        for (;;) {
+          uint32_t inner;
+          if (!Tag(&inner) || inner == 0) return false;
+          if ((inner & 7) == 4) return inner == tag + 1;  // its end
+          if (!SkipField(inner, depth - 1)) return false;
+        }
+      case 5:
+        return Skip(4);
+      default:  // 4 (an end group with no start), 6, 7
+        return false;
+    }
+  }
+
+ private:
+  const char* at_;
+  const char* end_;
+};
+
+// Protobuf's check of proto3 strings (utf8_range): no overlong forms, no
+// surrogates, nothing past U+10FFFF, no truncated sequence.
+bool IsUtf8(absl::string_view s) {
+  size_t i = 0;
+  const size_t n = s.size();
+  while (i < n) {
+    const uint8_t c = uint8_t(s[i]);
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    int more;
+    uint8_t lo = 0x80, hi = 0xbf;  // the second byte's range
+    if (c >= 0xc2 && c <= 0xdf) {
+      more = 1;
+    } else if (c >= 0xe0 && c <= 0xef) {
+      more = 2;
+      if (c == 0xe0) lo = 0xa0;
+      if (c == 0xed) hi = 0x9f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+      more = 3;
+      if (c == 0xf0) lo = 0x90;
+      if (c == 0xf4) hi = 0x8f;
+    } else {
+      return false;
+    }
+    if (n - i <= size_t(more)) return false;
+    for (int j = 1; j <= more; ++j) {
+      const uint8_t b = uint8_t(s[i + size_t(j)]);
+      if (j == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xbf)) return false;
+    }
+    i += size_t(more) + 1;
+  }
+  return true;
+}
+
+// Protobuf's default recursion limit, less the entry's own level.
+constexpr int kGroupDepth = 99;
+
+bool ReadEntry(absl::string_view bytes, WireStepEntry* e) {
+  WireReader r(bytes.data(), bytes.data() + bytes.size());
+  while (!r.done()) {
+    uint32_t tag;
+    uint64_t value = 0;
+    if (!r.Tag(&tag) || tag == 0) return false;
+    bool ok;
+    switch (tag) {
+      case (1 << 3) | kDelimited:
+        ok = r.Delimited(&e->session_id) && IsUtf8(e->session_id);
+        break;
+      case (2 << 3) | kVarint:
+        ok = r.Varint(&value);
+        e->position = int64_t(value);
+        break;
+      case (3 << 3) | kVarint:
+        ok = r.Varint(&value);
+        e->num_tokens = int32_t(uint32_t(value));
+        break;
+      case (4 << 3) | kDelimited:
+        ok = r.Delimited(&e->q);
+        break;
+      case (5 << 3) | kDelimited:
+        ok = r.Delimited(&e->k);
+        break;
+      case (6 << 3) | kDelimited:
+        ok = r.Delimited(&e->v);
+        break;
+      default:
+        ok = r.SkipField(tag, kGroupDepth - 1);
+    }
+    if (!ok) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+absl::Status WireStepRequest::Parse(const grpc::ByteBuffer& wire) {
+  slices_.clear();
+  entries_.clear();
+  if (!wire.Dump(&slices_).ok()) {
+    return absl::InvalidArgumentError("request: unreadable bytes");
+  }
+  if (slices_.size() == 1) {
+    return Parse(absl::string_view(
+        reinterpret_cast<const char*>(slices_[0].begin()), slices_[0].size()));
+  }
+  size_t size = 0;
+  for (const grpc::Slice& slice : slices_) size += slice.size();
+  gathered_.resize(size);
+  char* at = gathered_.data();
+  for (const grpc::Slice& slice : slices_) {
+    std::memcpy(at, slice.begin(), slice.size());
+    at += slice.size();
+  }
+  slices_.clear();
+  return Parse(gathered_);
+}
+
+absl::Status WireStepRequest::Parse(absl::string_view bytes) {
+  request_id_ = 0;
+  layer_ = 0;
+  mode_ = 0;
+  entries_.clear();
+  WireReader r(bytes.data(), bytes.data() + bytes.size());
+  bool ok = true;
+  while (ok && !r.done()) {
+    uint32_t tag;
+    uint64_t value = 0;
+    absl::string_view entry;
+    if (!r.Tag(&tag) || tag == 0) {
+      ok = false;
+      break;
+    }
+    switch (tag) {
+      case (1 << 3) | kVarint:
+        ok = r.Varint(&value);
+        layer_ = int32_t(uint32_t(value));
+        break;
+      case (2 << 3) | kVarint:
+        ok = r.Varint(&value);
+        mode_ = int32_t(uint32_t(value));
+        break;
+      case (3 << 3) | kDelimited:
+        ok = r.Delimited(&entry) && ReadEntry(entry, &entries_.emplace_back());
+        break;
+      case (4 << 3) | kVarint:
+        ok = r.Varint(&value);
+        request_id_ = value;
+        break;
+      default:
+        ok = r.SkipField(tag, kGroupDepth);
+    }
+  }
+  if (!ok) {
+    request_id_ = 0;
+    layer_ = 0;
+    mode_ = 0;
+    entries_.clear();
+    slices_.clear();
+    return absl::InvalidArgumentError("request: not a kvmem.v1.StepRequest");
+  }
+  return absl::OkStatus();
+}
+
+int64_t WireStepRequest::tensor_bytes() const {
+  int64_t bytes = 0;
+  for (const WireStepEntry& e : entries_) {
+    bytes += int64_t(e.q.size() + e.k.size() + e.v.size());
+  }
+  return bytes;
+}
+
+absl::Status StepRequestFromWire(const WireStepRequest& request,
+                                 StepRequestView* view) {
+  KVMEM_ASSIGN_OR_RETURN(view->mode, StepModeFromWire(request.mode()));
+  view->layer = request.layer();
+  view->entries.clear();
+  view->entries.reserve(request.entries().size());
+  for (const WireStepEntry& e : request.entries()) {
+    StepEntryView& entry = view->entries.emplace_back();
+    entry.session_id = std::string(e.session_id);
+    entry.position = e.position;
+    entry.num_tokens = e.num_tokens;
+    entry.q = e.q;
+    entry.k = e.k;
+    entry.v = e.v;
+  }
+  return absl::OkStatus();
 }
 
 grpc::ByteBuffer StepResponseWire(uint64_t request_id,
