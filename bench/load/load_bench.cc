@@ -62,6 +62,7 @@ ABSL_FLAG(int, layers, 2, "L of every session");
 ABSL_FLAG(int, prefill, 512, "tokens appended to each layer before timing");
 ABSL_FLAG(bool, recall, true, "policy.recall of every session");
 ABSL_FLAG(int, handler_threads, 8, "server --handler_threads");
+ABSL_FLAG(int, inline_steps, -1, "server --inline_steps");
 ABSL_FLAG(std::string, backend, "cpu", "server --backend (cpu, cuda, auto)");
 ABSL_FLAG(bool, callgrind_timed_phase, true,
           "under callgrind: zero the counters when the timed phase starts "
@@ -289,6 +290,7 @@ int Main() {
   options.data_dir = dir;
   options.backend = absl::GetFlag(FLAGS_backend);
   options.handler_threads = absl::GetFlag(FLAGS_handler_threads);
+  options.inline_steps = absl::GetFlag(FLAGS_inline_steps);
   absl::StatusOr<std::unique_ptr<Server>> server = StartServer(options);
   if (!server.ok()) {
     std::fprintf(stderr, "%s\n", server.status().ToString().c_str());
@@ -302,13 +304,13 @@ int Main() {
       "kvmem load: backend %s on %s; %d workers × %d sessions, batch %d, "
       "%s; shape %d layers, %d query / %d KV heads × %d bf16; policy S %d, "
       "C %d, W %d, P %d, B %d, dense layers {0}, recall %s, ASYNC; prefill "
-      "%d tokens; %.0f s timed; handler threads %d\n\n",
+      "%d tokens; %.0f s timed; handler threads %d, inline steps %d\n\n",
       (*server)->backend().c_str(), (*server)->device().c_str(), workers,
       sessions, absl::GetFlag(FLAGS_batch), absl::GetFlag(FLAGS_mode).c_str(),
       layers, kQueryHeads, kKvHeads, kHeadDim, kSinks, kCascades, kWindow,
       kPage, kBudget, absl::GetFlag(FLAGS_recall) ? "on" : "off",
       absl::GetFlag(FLAGS_prefill), seconds,
-      absl::GetFlag(FLAGS_handler_threads));
+      absl::GetFlag(FLAGS_handler_threads), absl::GetFlag(FLAGS_inline_steps));
   std::fflush(stdout);
 
   const std::string pool = RandomBf16(size_t{1} << 20);

@@ -25,6 +25,7 @@ bool WorkPool::Run(std::function<void()> task) {
     MutexLock lock(&mu_);
     if (stopping_) return false;
     tasks_.push_back(std::move(task));
+    waiting_.store(int(tasks_.size()), std::memory_order_relaxed);
   }
   wake_.notify_one();
   return true;
@@ -32,7 +33,10 @@ bool WorkPool::Run(std::function<void()> task) {
 
 bool WorkPool::RunHereOrQueue(std::function<void()> task) {
   int running = inline_running_.load(std::memory_order_relaxed);
-  while (running < inline_limit_) {
+  // Behind tasks already waiting, never ahead of them: then the workers
+  // are busy anyway, and the callback thread is better left to gRPC.
+  while (running < inline_limit_ &&
+         waiting_.load(std::memory_order_relaxed) == 0) {
     if (inline_running_.compare_exchange_weak(running, running + 1,
                                               std::memory_order_acquire)) {
       task();
@@ -54,6 +58,7 @@ void WorkPool::Loop() {
     }
     std::function<void()> task = std::move(tasks_.front());
     tasks_.pop_front();
+    waiting_.store(int(tasks_.size()), std::memory_order_relaxed);
     mu_.Unlock();
     task();
   }

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <future>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -56,6 +57,38 @@ TEST(WorkPoolTest, ABusyInlineSlotQueuesTheNextTask) {
   std::thread::id third;
   ASSERT_TRUE(pool.RunHereOrQueue([&] { third = std::this_thread::get_id(); }));
   EXPECT_EQ(third, std::this_thread::get_id());
+}
+
+TEST(WorkPoolTest, ATaskWaitingInTheQueueIsNotOvertaken) {
+  WorkPool pool(1, /*inline_limit=*/1);
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::promise<void> busy;
+  // The only worker is busy; a second task waits in the queue.
+  ASSERT_TRUE(pool.Run([&] {
+    busy.set_value();
+    released.wait();
+  }));
+  busy.get_future().wait();
+  std::vector<int> order;
+  std::mutex order_mu;
+  auto record = [&](int n) {
+    std::lock_guard<std::mutex> lock(order_mu);
+    order.push_back(n);
+  };
+  ASSERT_TRUE(pool.Run([&] { record(1); }));
+  std::promise<std::thread::id> ran_on;
+  ASSERT_TRUE(pool.RunHereOrQueue([&] {
+    record(2);
+    ran_on.set_value(std::this_thread::get_id());
+  }));
+  release.set_value();
+  std::future<std::thread::id> third = ran_on.get_future();
+  ASSERT_EQ(third.wait_for(std::chrono::seconds(10)),
+            std::future_status::ready);
+  EXPECT_NE(third.get(), std::this_thread::get_id()) << "ran inline";
+  std::lock_guard<std::mutex> lock(order_mu);
+  EXPECT_EQ(order, (std::vector<int>{1, 2}));
 }
 
 TEST(WorkPoolTest, ManyCallersNeverExceedTheInlineLimitAndEveryTaskRunsOnce) {
