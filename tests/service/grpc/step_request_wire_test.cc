@@ -143,9 +143,9 @@ void ExpectSameAsProtobuf(const std::string& bytes, uint64_t seed,
   const bool protobuf_ok = typed.ParseFromString(bytes);
   WireStepRequest wire;
   const bool wire_ok = wire.Parse(bytes).ok();
-  ASSERT_EQ(wire_ok, protobuf_ok) << "case " << case_number << " seed " << seed
-                                  << " bytes " << bytes.size() << ": "
-                                  << Hex(bytes);
+  ASSERT_EQ(wire_ok, protobuf_ok)
+      << "case " << case_number << " seed " << seed << " bytes " << bytes.size()
+      << ": " << Hex(bytes);
   if (!wire_ok) {
     EXPECT_TRUE(wire.entries().empty());
     return;
