@@ -11,15 +11,12 @@
 #include "kvmem/v1/kvmem.pb.h"
 #include "service/grpc/convert.h"
 #include "service/grpc/step_wire.h"
+#include "tests/random_bytes.h"
 
 namespace kvmem {
 namespace {
 
-std::string RandomBytes(std::mt19937_64& rng, size_t n) {
-  std::string s(n, '\0');
-  for (char& c : s) c = char(rng());
-  return s;
-}
+using testing::RandomBytes;
 
 void PutVarint(std::string* out, uint64_t v) {
   while (v >= 0x80) {

@@ -9,15 +9,12 @@
 
 #include "gtest/gtest.h"
 #include "service/grpc/convert.h"
+#include "tests/random_bytes.h"
 
 namespace kvmem {
 namespace {
 
-std::string RandomBytes(std::mt19937_64& rng, size_t n) {
-  std::string s(n, '\0');
-  for (char& c : s) c = char(rng());
-  return s;
-}
+using testing::RandomBytes;
 
 // A reply of `entries` results, ATTEND-like or FETCH-like, with field
 // sizes on both sides of kMinSharedBytes and values of every varint length

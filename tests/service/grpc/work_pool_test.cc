@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <future>
 #include <mutex>
 #include <thread>
@@ -13,6 +14,24 @@
 
 namespace kvmem {
 namespace {
+
+// A task that keeps its thread until Release().
+class Hold {
+ public:
+  std::function<void()> Task() {
+    return [this] {
+      running_.set_value();
+      released_.wait();
+    };
+  }
+  void WaitUntilHeld() { running_.get_future().wait(); }
+  void Release() { release_.set_value(); }
+
+ private:
+  std::promise<void> release_;
+  std::shared_future<void> released_ = release_.get_future().share();
+  std::promise<void> running_;
+};
 
 TEST(WorkPoolTest, WithoutInlineSlotsEveryTaskRunsOnAWorker) {
   WorkPool pool(2, /*inline_limit=*/0);
@@ -32,17 +51,9 @@ TEST(WorkPoolTest, AFreeInlineSlotRunsTheTaskHereBeforeReturning) {
 
 TEST(WorkPoolTest, ABusyInlineSlotQueuesTheNextTask) {
   WorkPool pool(2, /*inline_limit=*/1);
-  std::promise<void> release;
-  std::shared_future<void> released = release.get_future().share();
-  std::promise<void> holding;
-  // Holds the only inline slot until released.
-  std::thread holder([&] {
-    pool.RunHereOrQueue([&] {
-      holding.set_value();
-      released.wait();
-    });
-  });
-  holding.get_future().wait();
+  Hold hold;  // holds the only inline slot until released
+  std::thread holder([&] { pool.RunHereOrQueue(hold.Task()); });
+  hold.WaitUntilHeld();
   std::promise<std::thread::id> ran_on;
   ASSERT_TRUE(pool.RunHereOrQueue(
       [&] { ran_on.set_value(std::this_thread::get_id()); }));
@@ -51,7 +62,7 @@ TEST(WorkPoolTest, ABusyInlineSlotQueuesTheNextTask) {
   ASSERT_EQ(second.wait_for(std::chrono::seconds(10)),
             std::future_status::ready);
   EXPECT_NE(second.get(), std::this_thread::get_id());
-  release.set_value();
+  hold.Release();
   holder.join();
   // The slot is free again.
   std::thread::id third;
@@ -61,15 +72,9 @@ TEST(WorkPoolTest, ABusyInlineSlotQueuesTheNextTask) {
 
 TEST(WorkPoolTest, ATaskWaitingInTheQueueIsNotOvertaken) {
   WorkPool pool(1, /*inline_limit=*/1);
-  std::promise<void> release;
-  std::shared_future<void> released = release.get_future().share();
-  std::promise<void> busy;
-  // The only worker is busy; a second task waits in the queue.
-  ASSERT_TRUE(pool.Run([&] {
-    busy.set_value();
-    released.wait();
-  }));
-  busy.get_future().wait();
+  Hold hold;  // the only worker is busy; a second task waits in the queue
+  ASSERT_TRUE(pool.Run(hold.Task()));
+  hold.WaitUntilHeld();
   std::vector<int> order;
   std::mutex order_mu;
   auto record = [&](int n) {
@@ -82,7 +87,7 @@ TEST(WorkPoolTest, ATaskWaitingInTheQueueIsNotOvertaken) {
     record(2);
     ran_on.set_value(std::this_thread::get_id());
   }));
-  release.set_value();
+  hold.Release();
   std::future<std::thread::id> third = ran_on.get_future();
   ASSERT_EQ(third.wait_for(std::chrono::seconds(10)),
             std::future_status::ready);
