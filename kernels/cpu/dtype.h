@@ -7,8 +7,8 @@
 
 namespace kvmem::cpu {
 
-// out[i] = element i of the little-endian tensor `src` of type `t`.
-// `src` must hold out.size() elements.
+// out[i] = element i of the little-endian tensor `src` of type `t`, at any
+// alignment. `src` must hold out.size() elements.
 void LoadFloats(const void* src, DType t, absl::Span<float> out);
 
 // Element i of `out` (type `t`, room for src.size() elements) = src[i],

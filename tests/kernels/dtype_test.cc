@@ -5,8 +5,10 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/cpu/dtype.h"
 
 namespace kvmem {
 namespace {
@@ -56,6 +58,35 @@ TEST(DType, LoadStoreRoundTripEachType) {
     unsigned char buf[16];
     StoreElement(buf, t, 1, -2.5f);
     EXPECT_EQ(LoadElement(buf, t, 1), -2.5f) << int(t);
+  }
+}
+
+// A request's tensors are read where the wire put them, at any offset:
+// LoadFloats reads them so (the sanitizer run flags a misaligned load),
+// and alike at every offset.
+TEST(DType, LoadFloatsReadsAtAnyAlignment) {
+  const uint64_t seed = std::random_device{}();
+  std::printf("seed %llu\n", (unsigned long long)seed);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (DType t : {DType::kBf16, DType::kFp16, DType::kFp32}) {
+    constexpr size_t kN = 37;
+    std::vector<float> want(kN);
+    std::vector<char> aligned(kN * 4);
+    for (size_t i = 0; i < kN; ++i) {
+      StoreElement(aligned.data(), t, int64_t(i), normal(rng));
+      want[i] = LoadElement(aligned.data(), t, int64_t(i));
+    }
+    for (size_t offset = 1; offset < 4; ++offset) {
+      std::vector<char> shifted(kN * 4 + offset);
+      memcpy(shifted.data() + offset, aligned.data(), kN * DTypeBytes(t));
+      std::vector<float> got(kN, -1.0f);
+      cpu::LoadFloats(shifted.data() + offset, t, absl::MakeSpan(got));
+      for (size_t i = 0; i < kN; ++i) {
+        ASSERT_EQ(got[i], want[i])
+            << "type " << int(t) << " offset " << offset << " element " << i;
+      }
+    }
   }
 }
 
