@@ -421,6 +421,36 @@ class Bench {
   int next_id_ = 0;
 };
 
+// Table 1b's and 2b's header cells, a column per step phase.
+void PhaseHeader(std::string* header, std::string* rule) {
+  for (const char* phase : kStepPhaseNames) {
+    absl::StrAppend(header, " ", phase, " |");
+    *rule += "---|";
+  }
+}
+
+// `label` then the mean µs per step of each server phase between two
+// GetStats readings over `steps` steps, their sum, and `last`.
+std::string PhaseRow(const std::string& label,
+                     const std::map<std::string, double>& before,
+                     const std::map<std::string, double>& after, int64_t steps,
+                     const std::string& last) {
+  std::string row = label;
+  double inside = 0;
+  for (const char* phase : kStepPhaseNames) {
+    auto b = before.find(phase);
+    auto a = after.find(phase);
+    const double us = a == after.end() || b == before.end() || steps <= 0
+                          ? 0.0
+                          : (a->second - b->second) * 1e6 / double(steps);
+    inside += us;
+    absl::StrAppend(&row, " ", absl::StrFormat("%.0f", us), " |");
+  }
+  absl::StrAppend(&row, " ", absl::StrFormat("%.0f", inside), " | ", last,
+                  " |\n");
+  return row;
+}
+
 std::vector<int64_t> Numbers(const std::string& list) {
   std::vector<int64_t> out;
   for (absl::string_view part : absl::StrSplit(list, ',', absl::SkipEmpty())) {
@@ -520,22 +550,9 @@ int Main() {
             Percentile(k.micros, 0.99), ep50, Percentile(e.micros, 0.99),
             1e6 / kp50, bytes / kp50 / 1e3, bytes / ep50 / 1e3, kp50 / ep50);
         std::fflush(stdout);
-        // Mean µs per request of each server phase over the cell.
-        std::string row =
-            absl::StrCat("| ", mode_name, " | ", batch, " | ", resident, " |");
-        double inside = 0;
-        for (const char* phase : kStepPhaseNames) {
-          auto b = before.find(phase);
-          auto a = after.find(phase);
-          const double us = a == after.end() || b == before.end()
-                                ? 0.0
-                                : (a->second - b->second) * 1e6 / iterations;
-          inside += us;
-          absl::StrAppend(&row, " ", absl::StrFormat("%.0f", us), " |");
-        }
-        absl::StrAppend(&row, " ", absl::StrFormat("%.0f", inside), " | ",
-                        absl::StrFormat("%.0f", kp50), " |\n");
-        phase_rows.push_back(row);
+        phase_rows.push_back(PhaseRow(
+            absl::StrCat("| ", mode_name, " | ", batch, " | ", resident, " |"),
+            before, after, iterations, absl::StrFormat("%.0f", kp50)));
       }
     }
     bench.DeleteSessions(ids);
@@ -543,10 +560,7 @@ int Main() {
   if (!phase_rows.empty()) {
     std::string header = "\n| mode | batch | resident |";
     std::string rule = "\n|---|---|---|";
-    for (const char* phase : kStepPhaseNames) {
-      absl::StrAppend(&header, " ", phase, " |");
-      rule += "---|";
-    }
+    PhaseHeader(&header, &rule);
     std::printf(
         "\nWhere the server's time went (GetStats step_phase_seconds, mean µs "
         "per measured request of each cell; `server` is their sum, from the "
@@ -559,6 +573,7 @@ int Main() {
   }
 
   const int layers = absl::GetFlag(FLAGS_token_layers);
+  std::vector<std::string> token_phase_rows;  // table 2b
   if (layers > 0) {
     std::printf(
         "\n| layers | batch | resident | ms per token p50 | "
@@ -587,6 +602,7 @@ int Main() {
         // The first token after the fill moves every layer to the device
         // (CUDA backend): reported apart, not in the figures.
         std::vector<double> first = bench.RunTokens(ids, layers, 1, &error);
+        const std::map<std::string, double> before = bench.Phases();
         std::vector<double> ms =
             error.empty()
                 ? bench.RunTokens(ids, layers,
@@ -609,8 +625,31 @@ int Main() {
             *std::max_element(ms.begin(), ms.end()), Percentile(streamed, 0.5),
             *std::max_element(streamed.begin(), streamed.end()), first[0]);
         std::fflush(stdout);
+        // Mean µs per layer step of the measured tokens, unary and streamed.
+        token_phase_rows.push_back(PhaseRow(
+            absl::StrCat("| ", layers, " | ", fits, " | ", resident, " |"),
+            before, bench.Phases(),
+            int64_t(ms.size() + streamed.size()) * layers,
+            absl::StrFormat(
+                "%.0f", 1e3 *
+                            (Percentile(ms, 0.5) + Percentile(streamed, 0.5)) /
+                            (2.0 * layers))));
         bench.DeleteSessions(ids);
       }
+    }
+  }
+  if (!token_phase_rows.empty()) {
+    std::string header = "\n| layers | batch | resident |";
+    std::string rule = "\n|---|---|---|";
+    PhaseHeader(&header, &rule);
+    std::printf(
+        "\nWhere the server's time went per layer step of the measured "
+        "tokens (unary and StepStream together; mean µs; the last column is "
+        "the mean of the two p50s per token, over the layers):\n%s server | "
+        "µs per layer step |%s---|---|\n",
+        header.c_str(), rule.c_str());
+    for (const std::string& row : token_phase_rows) {
+      std::printf("%s", row.c_str());
     }
   }
   echo_server->Shutdown();
