@@ -421,12 +421,21 @@ class Bench {
   int next_id_ = 0;
 };
 
-// Table 1b's and 2b's header cells, a column per step phase.
-void PhaseHeader(std::string* header, std::string* rule) {
+// Tables 1b and 2b: `intro`, then a header of `first` | batch | resident,
+// a column per step phase, server and `last`, then `rows` (PhaseRow's).
+void PrintPhaseTable(const char* intro, const char* first, const char* last,
+                     const std::vector<std::string>& rows) {
+  if (rows.empty()) return;
+  std::string header = absl::StrCat("| ", first, " | batch | resident |");
+  std::string rule = "|---|---|---|";
   for (const char* phase : kStepPhaseNames) {
-    absl::StrAppend(header, " ", phase, " |");
-    *rule += "---|";
+    absl::StrAppend(&header, " ", phase, " |");
+    rule += "---|";
   }
+  std::printf("\n%s:\n%s server | %s |\n%s---|---|\n", intro, header.c_str(),
+              last, rule.c_str());
+  for (const std::string& row : rows) std::printf("%s", row.c_str());
+  std::fflush(stdout);
 }
 
 // `label` then the mean µs per step of each server phase between two
@@ -557,20 +566,12 @@ int Main() {
     }
     bench.DeleteSessions(ids);
   }
-  if (!phase_rows.empty()) {
-    std::string header = "\n| mode | batch | resident |";
-    std::string rule = "\n|---|---|---|";
-    PhaseHeader(&header, &rule);
-    std::printf(
-        "\nWhere the server's time went (GetStats step_phase_seconds, mean µs "
-        "per measured request of each cell; `server` is their sum, from the "
-        "handler's start to the reply's message; the rest of p50 is gRPC's "
-        "parsing and serialization and the wire):\n%s server | kvmem p50 "
-        "|%s---|---|\n",
-        header.c_str(), rule.c_str());
-    for (const std::string& row : phase_rows) std::printf("%s", row.c_str());
-    std::fflush(stdout);
-  }
+  PrintPhaseTable(
+      "Where the server's time went (GetStats step_phase_seconds, mean µs "
+      "per measured request of each cell; `server` is their sum, from the "
+      "handler's start to the reply's message; the rest of p50 is gRPC's "
+      "parsing and serialization and the wire)",
+      "mode", "kvmem p50", phase_rows);
 
   const int layers = absl::GetFlag(FLAGS_token_layers);
   std::vector<std::string> token_phase_rows;  // table 2b
@@ -638,20 +639,11 @@ int Main() {
       }
     }
   }
-  if (!token_phase_rows.empty()) {
-    std::string header = "\n| layers | batch | resident |";
-    std::string rule = "\n|---|---|---|";
-    PhaseHeader(&header, &rule);
-    std::printf(
-        "\nWhere the server's time went per layer step of the measured "
-        "tokens (unary and StepStream together; mean µs; the last column is "
-        "the mean of the two p50s per token, over the layers):\n%s server | "
-        "µs per layer step |%s---|---|\n",
-        header.c_str(), rule.c_str());
-    for (const std::string& row : token_phase_rows) {
-      std::printf("%s", row.c_str());
-    }
-  }
+  PrintPhaseTable(
+      "Where the server's time went per layer step of the measured tokens "
+      "(unary and StepStream together; mean µs; the last column is the mean "
+      "of the two p50s per token, over the layers)",
+      "layers", "µs per layer step", token_phase_rows);
   echo_server->Shutdown();
   (*server)->Shutdown(absl::Seconds(10));
   std::filesystem::remove_all(absl::GetFlag(FLAGS_data_dir));
