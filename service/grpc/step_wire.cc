@@ -418,10 +418,18 @@ bool ReadEntry(absl::string_view bytes, WireStepEntry* e) {
 
 }  // namespace
 
+void WireStepRequest::ClearFields() {
+  request_id_ = 0;
+  layer_ = 0;
+  mode_ = 0;
+  entries_.clear();
+}
+
 absl::Status WireStepRequest::Parse(const grpc::ByteBuffer& wire) {
   slices_.clear();
-  entries_.clear();
+  ClearFields();
   if (!wire.Dump(&slices_).ok()) {
+    slices_.clear();
     return absl::InvalidArgumentError("request: unreadable bytes");
   }
   if (slices_.size() == 1) {
@@ -441,10 +449,7 @@ absl::Status WireStepRequest::Parse(const grpc::ByteBuffer& wire) {
 }
 
 absl::Status WireStepRequest::Parse(absl::string_view bytes) {
-  request_id_ = 0;
-  layer_ = 0;
-  mode_ = 0;
-  entries_.clear();
+  ClearFields();  // not slices_: `bytes` may be slices_[0]'s
   WireReader r(bytes.data(), bytes.data() + bytes.size());
   bool ok = true;
   while (ok && !r.done()) {
@@ -476,10 +481,7 @@ absl::Status WireStepRequest::Parse(absl::string_view bytes) {
     }
   }
   if (!ok) {
-    request_id_ = 0;
-    layer_ = 0;
-    mode_ = 0;
-    entries_.clear();
+    ClearFields();
     slices_.clear();
     return absl::InvalidArgumentError("request: not a kvmem.v1.StepRequest");
   }

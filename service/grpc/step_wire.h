@@ -58,6 +58,9 @@ class WireStepRequest {
   int64_t tensor_bytes() const;
 
  private:
+  // The fields of an empty request (the bytes held stay).
+  void ClearFields();
+
   std::vector<grpc::Slice> slices_;  // the bytes, when one slice
   std::string gathered_;             // the bytes, when several
   uint64_t request_id_ = 0;
