@@ -575,9 +575,10 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
     for (const auto& [i, h] : heads) {
       recalled_pages += work[i][h].selection.recall.size();
     }
+    std::vector<absl::Status> recalled(heads.size());
     auto recall_head = [&](size_t t) ABSL_NO_THREAD_SAFETY_ANALYSIS {
       const auto [i, h] = heads[t];
-      selected[t] =
+      recalled[t] =
           LoadRecalled(sessions[i]->manifest.seq, layer, int(h), &work[i][h]);
     };
     if (recalled_pages >= size_t(kParallelRecallPages)) {
@@ -586,8 +587,8 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       for (size_t t = 0; t < heads.size(); ++t) recall_head(t);
     }
     for (size_t t = 0; t < heads.size(); ++t) {
-      if (!selected[t].ok()) {
-        return Annotate(selected[t],
+      if (!recalled[t].ok()) {
+        return Annotate(recalled[t],
                         absl::StrCat(Field(heads[t].first, "session_id"),
                                      ": recall of KV head ", heads[t].second));
       }
