@@ -54,6 +54,7 @@ ABSL_FLAG(std::string, data_dir, "/tmp/kvmem-loopback-bench",
 ABSL_FLAG(std::string, backend, "cpu", "server --backend");
 ABSL_FLAG(int, step_spin_us, -1, "server --step_spin_us");
 ABSL_FLAG(int, inline_steps, -1, "server --inline_steps");
+ABSL_FLAG(bool, cuda_graphs, true, "server --cuda_graphs");
 
 namespace kvmem {
 namespace {
@@ -483,6 +484,7 @@ int Main() {
   options.max_log_bytes = int64_t{1} << 40;
   options.step_spin_us = absl::GetFlag(FLAGS_step_spin_us);
   options.inline_steps = absl::GetFlag(FLAGS_inline_steps);
+  options.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   absl::StatusOr<std::unique_ptr<Server>> server = StartServer(options);
   if (!server.ok()) {
     std::fprintf(stderr, "%s\n", server.status().ToString().c_str());
