@@ -58,8 +58,15 @@ class ParallelFor {
   // Calls fn(i) once for every i in [0, count), on this thread and the
   // workers; returns when all calls have returned. fn must not throw.
   void Run(size_t count, const std::function<void(size_t)>& fn) {
+    Run(count, fn, /*side_by_side=*/true);
+  }
+  // As above, but on this thread alone, in order, unless `side_by_side`:
+  // for loops whose work is worth a wake-up only past some size, which
+  // the caller knows (items, bytes, pages).
+  void Run(size_t count, const std::function<void(size_t)>& fn,
+           bool side_by_side) {
     if (count == 0) return;
-    if (workers_.empty() || count == 1) {
+    if (workers_.empty() || count == 1 || !side_by_side) {
       for (size_t i = 0; i < count; ++i) fn(i);
       return;
     }

@@ -353,9 +353,10 @@ absl::Status DeviceBackend::DecodeOwned(
   // wash), such as FETCH's results (a budget of rows per item) or the
   // rows of many recalled pages. `bytes`: about what the loop copies.
   auto each_item = [&](const std::function<void(size_t)>& fn, size_t bytes) {
-    if (parallel != nullptr &&
-        (B >= kParallelDeviceItems || bytes >= kParallelDeviceBytes)) {
-      parallel->Run(size_t(B), fn);
+    const bool many =
+        B >= kParallelDeviceItems || bytes >= kParallelDeviceBytes;
+    if (parallel != nullptr) {
+      parallel->Run(size_t(B), fn, many);
     } else {
       for (size_t i = 0; i < size_t(B); ++i) fn(i);
     }

@@ -26,6 +26,13 @@ namespace {
 // of B = 2048 tokens of 8 heads × 128 × bf16 is 8 MiB per layer).
 constexpr size_t kMaxKeptReplyBytes = size_t{1} << 20;
 
+// Bytes an apply pass copies (about twice its entries' q, k and v: the log
+// record, the kept reply, the outputs) from which it runs on the workers.
+// Waking them costs 20–50 µs; a decode entry of 32 × 8 heads × 128 bf16
+// is ~3 µs of copies. At 8 such entries side by side `apply` read 66–124
+// µs on the GPU machine (bench/results/loopback.md § Thirteenth session).
+constexpr size_t kParallelApplyBytes = size_t{512} << 10;
+
 size_t ReplyBytes(const StepEntryResult& r) {
   size_t bytes = r.output.size() + r.lse.size();
   for (const FetchedHead& h : r.heads) {
@@ -581,11 +588,8 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       recalled[t] =
           LoadRecalled(sessions[i]->manifest.seq, layer, int(h), &work[i][h]);
     };
-    if (recalled_pages >= size_t(kParallelRecallPages)) {
-      parallel_->Run(heads.size(), recall_head);
-    } else {
-      for (size_t t = 0; t < heads.size(); ++t) recall_head(t);
-    }
+    parallel_->Run(heads.size(), recall_head,
+                   recalled_pages >= size_t(kParallelRecallPages));
     for (size_t t = 0; t < heads.size(); ++t) {
       if (!recalled[t].ok()) {
         return Annotate(recalled[t],
@@ -660,11 +664,15 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
       entry_logs[i] = EncodeLoggedStep(mode, e.num_tokens, e.q, e.k, e.v);
       KeepLastStep(mode, e, results[i], &s.last[size_t(layer)]);
     };
-    if (n >= 4) {
-      parallel_->Run(n, apply_entry);
-    } else {
-      for (size_t i = 0; i < n; ++i) apply_entry(i);
+    // An entry's part here is copies of about its request's bytes (the
+    // log record, the kept reply, the outputs): side by side only when
+    // they outweigh waking the workers.
+    size_t entry_bytes = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const StepEntryView& e = request.entries[i];
+      if (!replay[i]) entry_bytes += 2 * (e.q.size() + e.k.size() + e.v.size());
     }
+    parallel_->Run(n, apply_entry, entry_bytes >= kParallelApplyBytes);
     for (size_t i = 0; i < n; ++i) {
       if (!entry_status[i].ok()) {
         return Annotate(entry_status[i], Field(i, "session_id"));

@@ -494,11 +494,8 @@ absl::Status Engine::StepOwned(
       for (const DevicePolicyItem& item : launch.items) {
         for (uint8_t t : item.spilled_taken) taken += t;
       }
-      if (taken >= size_t(kParallelRecallPages)) {
-        parallel_->Run(launch.items.size(), recall_item);
-      } else {
-        for (size_t t = 0; t < launch.items.size(); ++t) recall_item(t);
-      }
+      parallel_->Run(launch.items.size(), recall_item,
+                     taken >= size_t(kParallelRecallPages));
       for (const absl::Status& st : recalled) KVMEM_RETURN_IF_ERROR(st);
       return absl::OkStatus();
     };
@@ -540,11 +537,8 @@ absl::Status Engine::StepOwned(
           item.evicted_position, item.evicted_key, item.evicted_value,
           &done[i].outputs[h]);
     };
-    if (evicted.size() >= size_t(kParallelDeviceSpills)) {
-      parallel_->Run(evicted.size(), spill);
-    } else {
-      for (size_t e = 0; e < evicted.size(); ++e) spill(e);
-    }
+    parallel_->Run(evicted.size(), spill,
+                   evicted.size() >= size_t(kParallelDeviceSpills));
     nanos->spill += std::chrono::duration_cast<std::chrono::nanoseconds>(
                         std::chrono::steady_clock::now() - spill_start)
                         .count();

@@ -68,5 +68,36 @@ TEST(ParallelFor, LoopsAfterTheSpinWakeSleepingWorkers) {
   }
 }
 
+// A loop not worth waking the workers for runs on the caller, in order;
+// told otherwise, the same loop reaches the workers.
+TEST(ParallelFor, ALoopNotSideBySideRunsOnTheCallerInOrder) {
+  ParallelFor pool(3);
+  const std::thread::id caller = std::this_thread::get_id();
+  std::vector<size_t> order;
+  bool elsewhere = false;
+  pool.Run(
+      100,
+      [&](size_t i) {
+        order.push_back(i);  // unsynchronised: one thread, or TSan tells
+        elsewhere |= std::this_thread::get_id() != caller;
+      },
+      /*side_by_side=*/false);
+  ASSERT_EQ(order.size(), 100u);
+  for (size_t i = 0; i < order.size(); ++i) EXPECT_EQ(order[i], i);
+  EXPECT_FALSE(elsewhere);
+
+  std::atomic<int> on_workers{0};
+  for (int attempt = 0; attempt < 50 && on_workers.load() == 0; ++attempt) {
+    pool.Run(
+        64,
+        [&](size_t) {
+          std::this_thread::sleep_for(std::chrono::microseconds(200));
+          if (std::this_thread::get_id() != caller) on_workers.fetch_add(1);
+        },
+        /*side_by_side=*/true);
+  }
+  EXPECT_GT(on_workers.load(), 0);
+}
+
 }  // namespace
 }  // namespace kvmem
