@@ -25,6 +25,10 @@ ABSL_FLAG(bool, cuda_graphs, true,
           "CUDA backend: replay a decode step's launches as a CUDA graph "
           "(captured at the second step of each batch shape); false: plain "
           "launches every step");
+ABSL_FLAG(int, device_spill_ring_tokens, 1024,
+          "CUDA backend: rows of each recalling stream's last spilled "
+          "tokens kept on the device (rounded down to the page; 0: none), "
+          "so that steps taking those pages need no host round trip");
 ABSL_FLAG(int, handler_threads, 8,
           "threads running handlers that may block on storage (1..1024)");
 ABSL_FLAG(int, inline_steps, -1,
@@ -83,6 +87,8 @@ int main(int argc, char** argv) {
   options.backend = absl::GetFlag(FLAGS_backend);
   options.device_memory_bytes = absl::GetFlag(FLAGS_device_memory);
   options.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  options.device_spill_ring_tokens =
+      absl::GetFlag(FLAGS_device_spill_ring_tokens);
   options.handler_threads = absl::GetFlag(FLAGS_handler_threads);
   options.inline_steps = absl::GetFlag(FLAGS_inline_steps);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);

@@ -187,6 +187,7 @@ absl::Status ChooseBackend(const ServerOptions& options, std::string* backend,
   DeviceBackend::Options device_options;
   device_options.pool_bytes = size_t(options.device_memory_bytes);
   device_options.decode_graphs = options.cuda_graphs;
+  device_options.spill_ring_tokens = options.device_spill_ring_tokens;
   absl::StatusOr<std::unique_ptr<DeviceBackend>> made =
       DeviceBackend::Create(device_options);
   if (!made.ok() && flag == "auto") {
@@ -236,6 +237,11 @@ absl::Status ServerOptions::Validate() const {
   if (device_memory_bytes < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--device_memory must be >= 0, got ", device_memory_bytes));
+  }
+  if (device_spill_ring_tokens < 0 || device_spill_ring_tokens > (1 << 20)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device_spill_ring_tokens must be in [0, 1048576], got ",
+                     device_spill_ring_tokens));
   }
   if (memory_limit_bytes < 0) {
     return absl::InvalidArgumentError(absl::StrCat(

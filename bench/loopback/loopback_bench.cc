@@ -55,6 +55,8 @@ ABSL_FLAG(std::string, backend, "cpu", "server --backend");
 ABSL_FLAG(int, step_spin_us, -1, "server --step_spin_us");
 ABSL_FLAG(int, inline_steps, -1, "server --inline_steps");
 ABSL_FLAG(bool, cuda_graphs, true, "server --cuda_graphs");
+ABSL_FLAG(int, device_spill_ring_tokens, 1024,
+          "server --device_spill_ring_tokens");
 
 namespace kvmem {
 namespace {
@@ -485,6 +487,8 @@ int Main() {
   options.step_spin_us = absl::GetFlag(FLAGS_step_spin_us);
   options.inline_steps = absl::GetFlag(FLAGS_inline_steps);
   options.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  options.device_spill_ring_tokens =
+      absl::GetFlag(FLAGS_device_spill_ring_tokens);
   absl::StatusOr<std::unique_ptr<Server>> server = StartServer(options);
   if (!server.ok()) {
     std::fprintf(stderr, "%s\n", server.status().ToString().c_str());

@@ -195,28 +195,72 @@ __global__ void __launch_bounds__(kThreads) MapKernel(const MapArgs m) {
   const int i = blockIdx.y * kThreads + threadIdx.x;
   if (i < n) {
     const int32_t id = a.ids[at + i];
-    int32_t row, slot, staged = -1;
+    const bool positions = a.row_positions != nullptr;
+    int32_t row, slot;
+    int64_t position = -1;
     if (id == kNewTokenId) {
       row = a.new_token_rows[b];
       slot = -2;
+      if (positions) position = a.new_token_positions[b];
     } else if (id >= kSpilledIdBase) {
       const int rel = id - kSpilledIdBase;
-      staged = a.spilled_stage[rel / kMaxPolicyPageTokens] +
-               rel % kMaxPolicyPageTokens;
-      row = a.staged_rows[staged];
+      const int candidate = rel / kMaxPolicyPageTokens;
+      const int token = rel % kMaxPolicyPageTokens;
       slot = -1;
+      if (a.ring_first != nullptr &&
+          candidate - a.spilled_begin[b] >= a.ring_first[b]) {
+        const int64_t spilled =
+            int64_t(candidate - a.spilled_begin[b]) * m.shape.page_tokens +
+            token;
+        const int index = int(spilled % st.ring_tokens);
+        row = st.ring_rows[index];
+        if (positions) position = st.ring_positions[index];
+      } else {
+        const int staged = a.spilled_stage[candidate] + token;
+        row = a.staged_rows[staged];
+        if (positions) position = a.staged_positions[staged];
+      }
     } else {
       slot = int32_t(id - slot0);
       row = st.slot_rows[slot];
+      if (positions) position = st.positions[slot];
     }
     a.pool_rows[at + i] = row;
     a.row_slots[at + i] = slot;
-    if (a.row_positions != nullptr) {
-      a.row_positions[at + i] = slot >= 0    ? st.positions[slot]
-                                : slot == -1 ? a.staged_positions[staged]
-                                             : a.new_token_positions[b];
+    if (positions) a.row_positions[at + i] = position;
+  }
+}
+
+// A block per stream: its evicted token's key and value rows (16-byte
+// words, D·elem is a multiple of 16 for the kernels' shapes; else 2-byte)
+// into its ring, and the position.
+__global__ void __launch_bounds__(kThreads)
+    KeepEvictedKernel(const KeepEvictedArgs a, int row_bytes) {
+  const int b = blockIdx.x;
+  const int64_t position = a.evicted_positions[b];
+  const int index = a.ring_index[b];
+  if (position < 0 || index < 0) return;
+  const PolicyStreamPointers st = a.streams[b];
+  const size_t to = size_t(st.ring_rows[index]) * size_t(row_bytes);
+  const size_t from = size_t(b) * size_t(row_bytes);
+  const char* k = static_cast<const char*>(a.evicted_keys) + from;
+  const char* v = static_cast<const char*>(a.evicted_values) + from;
+  char* kd = static_cast<char*>(a.key_rows) + to;
+  char* vd = static_cast<char*>(a.value_rows) + to;
+  if (row_bytes % 16 == 0) {
+    for (int w = threadIdx.x; w < row_bytes / 16; w += blockDim.x) {
+      reinterpret_cast<int4*>(kd)[w] = reinterpret_cast<const int4*>(k)[w];
+      reinterpret_cast<int4*>(vd)[w] = reinterpret_cast<const int4*>(v)[w];
+    }
+  } else {
+    for (int w = threadIdx.x; w < row_bytes / 2; w += blockDim.x) {
+      reinterpret_cast<uint16_t*>(kd)[w] =
+          reinterpret_cast<const uint16_t*>(k)[w];
+      reinterpret_cast<uint16_t*>(vd)[w] =
+          reinterpret_cast<const uint16_t*>(v)[w];
     }
   }
+  if (threadIdx.x == 0) st.ring_positions[index] = position;
 }
 
 // A bitonic sort of (position, row) pairs in shared memory, padded to a
@@ -474,9 +518,31 @@ absl::Status MapSelectedRows(const DecodePolicyShape& shape,
         "MapRowsArgs: streams, ids, counts, new_token_rows, pool_rows and "
         "row_slots must be set and capacity >= 1");
   }
+  if ((args.ring_first != nullptr) != (args.spilled_begin != nullptr)) {
+    return absl::InvalidArgumentError(
+        "MapRowsArgs: ring_first and spilled_begin go together");
+  }
   const dim3 grid(shape.streams, (args.capacity + kThreads - 1) / kThreads);
   MapKernel<<<grid, kThreads, 0, stream>>>(MapArgs{shape, args});
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("MapKernel");
+  return absl::OkStatus();
+}
+
+absl::Status KeepEvictedInRings(const DecodePolicyShape& shape,
+                                const KeepEvictedArgs& args,
+                                cudaStream_t stream) {
+  absl::Status valid = shape.Validate();
+  if (!valid.ok()) return valid;
+  if (args.streams == nullptr || args.evicted_positions == nullptr ||
+      args.evicted_keys == nullptr || args.evicted_values == nullptr ||
+      args.ring_index == nullptr || args.key_rows == nullptr ||
+      args.value_rows == nullptr) {
+    return absl::InvalidArgumentError(
+        "KeepEvictedArgs: every array must be set");
+  }
+  const int row_bytes = shape.head_dim * DTypeBytes(shape.dtype);
+  KeepEvictedKernel<<<shape.streams, 64, 0, stream>>>(args, row_bytes);
+  KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("KeepEvictedKernel");
   return absl::OkStatus();
 }
 

@@ -73,6 +73,13 @@ struct PolicyStreamPointers {
   // The stream's sealed spilled pages' digests, [sealed, 2, D] fp32 in
   // sequence (uploaded once each: a sealed page never changes).
   const float* sealed_digests = nullptr;
+  // The spill ring: the rows of the stream's last `ring_tokens` spilled
+  // tokens stay on the device, spilled token n at ring index n mod
+  // ring_tokens (a multiple of the page), in pool row ring_rows[index]
+  // with its position in ring_positions[index]. 0: no ring.
+  int ring_tokens = 0;
+  const int32_t* ring_rows = nullptr;  // [ring_tokens]
+  int64_t* ring_positions = nullptr;   // [ring_tokens]
 };
 
 // Step 1: each stream's candidates, in the order of selection.md step 4's
@@ -114,9 +121,14 @@ struct MapRowsArgs {
   const int32_t* ids = nullptr;     // [B, capacity] from SelectPages
   const int32_t* counts = nullptr;  // [B]
   int capacity = 0;                 // ids per stream (the budget)
-  // Spilled ids: the rows of taken candidates are staged, candidate i's
-  // token j at staging index spilled_stage[i] + j, which is pool row
-  // staged_rows[that] (entries of candidates not taken are not read).
+  // Spilled ids: stream b's spilled page p (candidate spilled_begin[b] +
+  // p) from page ring_first[b] on is in the stream's ring (null
+  // ring_first: none is); the rows of other taken candidates are staged,
+  // candidate i's token j at staging index spilled_stage[i] + j, which is
+  // pool row staged_rows[that] (entries of candidates not taken, or in
+  // the ring, are not read).
+  const int32_t* spilled_begin = nullptr;   // [B]
+  const int32_t* ring_first = nullptr;      // [B]
   const int32_t* spilled_stage = nullptr;   // [spilled candidates]
   const int32_t* staged_rows = nullptr;     // [staged]
   const int32_t* new_token_rows = nullptr;  // [B]
@@ -164,6 +176,21 @@ struct ScatterProbsArgs {
 absl::Status ScatterSlotProbs(const DecodePolicyShape& shape,
                               const ScatterProbsArgs& args,
                               cudaStream_t stream);
+
+// After UpdateCascades: each stream's evicted token (if any) into its
+// ring at index ring_index[b] (−1: not kept), rows and position.
+struct KeepEvictedArgs {
+  const PolicyStreamPointers* streams = nullptr;  // [B]
+  const int64_t* evicted_positions = nullptr;     // [B], −1: none
+  const void* evicted_keys = nullptr;             // [B, D] dtype
+  const void* evicted_values = nullptr;           // [B, D] dtype
+  const int32_t* ring_index = nullptr;            // [B]
+  void* key_rows = nullptr;                       // the pool's planes
+  void* value_rows = nullptr;
+};
+absl::Status KeepEvictedInRings(const DecodePolicyShape& shape,
+                                const KeepEvictedArgs& args,
+                                cudaStream_t stream);
 
 // Step 4 (after UpdateCascades): the digests of the pages holding the
 // changed slots, recomputed from their occupied rows. Pages left with no

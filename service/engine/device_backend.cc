@@ -41,6 +41,7 @@ absl::StatusOr<std::unique_ptr<DeviceBackend>> DeviceBackend::Create(
   pool.planes = 2;  // keys, values
   KVMEM_ASSIGN_OR_RETURN(impl->pool, cuda::DevicePool::Create(pool));
   impl->graphs_on = options.decode_graphs;
+  impl->spill_ring_tokens = std::max(0, options.spill_ring_tokens);
   KVMEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(
       &impl->multiprocessors, cudaDevAttrMultiProcessorCount, 0));
   {
@@ -84,6 +85,9 @@ int64_t DeviceBackend::side_bytes() const {
 
 int64_t DeviceBackend::decode_graph_launches() const {
   return impl_->graph_launches.load(std::memory_order_relaxed);
+}
+int64_t DeviceBackend::decode_ring_steps() const {
+  return impl_->ring_steps.load(std::memory_order_relaxed);
 }
 
 int64_t DeviceBackend::used_bytes() const {
@@ -157,6 +161,9 @@ absl::StatusOr<DeviceLayerRows> DeviceBackend::Upload(
 void DeviceBackend::Release(DeviceLayerRows* rows) {
   if (rows->blocks_.empty()) return;
   impl_->pool->Give(rows->blocks_).IgnoreError();
+  if (!rows->ring_blocks_.empty()) {
+    impl_->pool->Give(rows->ring_blocks_).IgnoreError();
+  }
   *rows = DeviceLayerRows();
 }
 

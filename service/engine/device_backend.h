@@ -72,6 +72,10 @@ class DeviceLayerRows {
   friend class DeviceBackend;
   std::vector<int32_t> blocks_;
   std::vector<int32_t> first_row_;  // [blocks] pool row of its first row
+  // The spill rings' rows (DevicePolicyShape::ring_tokens a head), taken
+  // when the layer is first device-owned, given back with the rows.
+  std::vector<int32_t> ring_blocks_;
+  int ring_tokens_ = 0;
   int slots_ = 0;
   int rows_per_block_ = 1;
   std::unique_ptr<DevicePolicyState> policy_;  // set while device-owned
@@ -128,8 +132,9 @@ struct DevicePolicyItem {
   const float* open_digest = nullptr;
   int open_tokens = 0;
   // After selection (for DecodeOwned's `recall`), per spilled candidate
-  // (sealed ones, then the open one): which were taken; recall then sets,
-  // for each taken one, its [tokens, D] key and value rows.
+  // (sealed ones, then the open one): which were taken from the host, i.e.
+  // not from the device's spill ring; recall then sets, for each of them,
+  // its [tokens, D] key and value rows.
   std::vector<uint8_t> spilled_taken;
   std::vector<const uint8_t*> spilled_keys;
   std::vector<const uint8_t*> spilled_values;
@@ -225,6 +230,12 @@ class DeviceBackend {
     // into a CUDA graph at the second step of each shape and replayed
     // (device_policy.cc); false: plain launches every step.
     bool decode_graphs = true;
+    // The spill ring of a device-owned layer's streams that recall: the
+    // rows of each stream's last `spill_ring_tokens` spilled tokens (a
+    // multiple of the page; 0: none) stay on the device, so that a step
+    // whose spilled candidates all lie there needs no host round trip,
+    // and a taken page there no read or staging (device_policy.cc).
+    int spill_ring_tokens = 1024;
   };
   // UNAVAILABLE without a device; RESOURCE_EXHAUSTED when the pool does not
   // fit; INVALID_ARGUMENT for bad options.
@@ -245,6 +256,9 @@ class DeviceBackend {
   int64_t free_plane_bytes() const;
   // DecodeOwned calls that replayed a captured CUDA graph.
   int64_t decode_graph_launches() const;
+  // DecodeOwned calls whose streams had spilled candidates, all in their
+  // spill rings (no host round trip).
+  int64_t decode_ring_steps() const;
 
   // Blocks for `heads` × `slots` rows of `row_bytes`, filled from
   // keys/values [heads][slots × row_bytes] (host). RESOURCE_EXHAUSTED when
@@ -259,10 +273,13 @@ class DeviceBackend {
   // read: the device's rows must equal the host's) and `digests[h]`
   // ([pages, 2, D] fp32, pages as StreamState numbers them).
   // RESOURCE_EXHAUSTED when the device has no memory for it.
+  // `spill_ring`: the streams recall spilled pages, so keep a spill ring
+  // (Options::spill_ring_tokens) when the pool has room for it.
   absl::Status TakePolicy(
       const DevicePolicyShape& shape,
       absl::Span<const CascadeStream::Snapshot* const> heads,
-      absl::Span<const absl::Span<const float>> digests, DeviceLayerRows* rows);
+      absl::Span<const absl::Span<const float>> digests, DeviceLayerRows* rows,
+      bool spill_ring = false);
   // A device-owned layer's state: one Snapshot per head, rows included.
   // The layer stays device-owned.
   absl::StatusOr<std::vector<CascadeStream::Snapshot>> ReadPolicy(

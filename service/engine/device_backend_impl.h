@@ -105,11 +105,23 @@ struct DevicePolicyState {
     return sealed.as<float>() +
            size_t(h) * size_t(sealed_capacity) * 2 * size_t(head_dim);
   }
+  // The spill ring (PolicyStreamPointers::ring_tokens; 0: none). It holds
+  // the rows of head h's spilled tokens ring_begin[h] … ring_end[h] − 1,
+  // the last ring_tokens of them. ring_end is the stream's spilled-token
+  // count after the last step that kept its evicted token here; a count
+  // that differs (tokens spilled by other paths: chunks, host steps)
+  // empties the ring, since counts only grow.
+  int ring_tokens = 0;
+  std::vector<int64_t> ring_begin, ring_end;  // [heads]
   size_t positions_at = 0, scores_at = 0, slot_rows_at = 0, stored_at = 0,
-         head_at = 0, n_at = 0, t_at = 0, digests_at = 0, head_bytes = 0;
+         head_at = 0, n_at = 0, t_at = 0, digests_at = 0, ring_rows_at = 0,
+         ring_positions_at = 0, head_bytes = 0;
 
-  void Lay(int h, int s, int c, int p, int d) {
+  void Lay(int h, int s, int c, int p, int d, int ring) {
     heads = h, slots = s, cascades = c, pages = p, head_dim = d;
+    ring_tokens = ring;
+    ring_begin.assign(size_t(h), -1);
+    ring_end.assign(size_t(h), -1);
     size_t at = 0;
     auto take = [&](size_t bytes) {
       const size_t here = at;
@@ -124,6 +136,8 @@ struct DevicePolicyState {
     n_at = take(8);
     t_at = take(8);
     digests_at = take(size_t(p) * 2 * size_t(d) * 4);
+    ring_rows_at = take(4 * size_t(ring));
+    ring_positions_at = take(8 * size_t(ring));
     head_bytes = at;
   }
   template <typename T>
@@ -139,6 +153,11 @@ struct DevicePolicyState {
     p.slot_rows = At<int32_t>(base, h, slot_rows_at);
     p.digests = At<float>(base, h, digests_at);
     p.sealed_digests = sealed_capacity > 0 ? Sealed(h) : nullptr;
+    if (ring_tokens > 0) {
+      p.ring_tokens = ring_tokens;
+      p.ring_rows = At<int32_t>(base, h, ring_rows_at);
+      p.ring_positions = At<int64_t>(base, h, ring_positions_at);
+    }
     return p;
   }
   cuda::CascadeStreamPointers Cascade(int h) const {
@@ -198,6 +217,8 @@ struct DeviceBackend::Impl {
   static constexpr size_t kMaxDecodeGraphs = 64;
   bool graphs_on = true;  // Options::decode_graphs, fixed at Create
   std::atomic<int64_t> graph_launches{0};
+  int spill_ring_tokens = 0;  // Options::spill_ring_tokens, fixed at Create
+  std::atomic<int64_t> ring_steps{0};
   std::map<std::string, DecodeGraph> decode_graphs ABSL_GUARDED_BY(mu);
   // The entry for `key`, made if new (all are dropped when the cache is
   // full: shapes come and go with the batches).

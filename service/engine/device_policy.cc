@@ -76,7 +76,8 @@ std::string DecodeGraphKey(const DevicePolicyShape& s, int streams,
 absl::Status DeviceBackend::TakePolicy(
     const DevicePolicyShape& shape,
     absl::Span<const CascadeStream::Snapshot* const> heads,
-    absl::Span<const absl::Span<const float>> digests, DeviceLayerRows* rows) {
+    absl::Span<const absl::Span<const float>> digests, DeviceLayerRows* rows,
+    bool spill_ring) {
   const cuda::DecodePolicyShape k = KernelShape(shape, 1);
   KVMEM_RETURN_IF_ERROR(k.Validate());
   const int H = int(heads.size());
@@ -98,8 +99,27 @@ absl::Status DeviceBackend::TakePolicy(
                                                      "sizes for its layer"));
     }
   }
+  // The spill ring's rows: taken once for the layer (kept until its rows
+  // go); a pool without room for them leaves the layer without a ring.
+  const int P = k.page_tokens;
+  const int ring = spill_ring ? impl_->spill_ring_tokens / P * P : 0;
+  const int row_bytes = D * DTypeBytes(shape.dtype);
+  const size_t block_bytes = impl_->pool->block_bytes();
+  const int64_t per_block =
+      device_internal::RowsPerBlock(block_bytes, row_bytes);
+  if (ring > 0 && rows->ring_tokens_ != ring) {
+    if (!rows->ring_blocks_.empty()) {
+      impl_->pool->Give(rows->ring_blocks_).IgnoreError();
+      rows->ring_blocks_.clear();
+    }
+    const int64_t blocks = (int64_t(H) * ring + per_block - 1) / per_block;
+    absl::StatusOr<std::vector<int32_t>> taken =
+        impl_->pool->Take(int32_t(blocks));
+    rows->ring_tokens_ = taken.ok() ? ring : 0;
+    if (taken.ok()) rows->ring_blocks_ = std::move(*taken);
+  }
   auto state = std::make_unique<DevicePolicyState>();
-  state->Lay(H, N, C, k.pages(), D);
+  state->Lay(H, N, C, k.pages(), D, ring > 0 ? rows->ring_tokens_ : 0);
   const size_t bytes = size_t(H) * state->head_bytes;
   absl::StatusOr<cuda::DeviceBuffer> buffer =
       cuda::DeviceBuffer::Allocate(bytes);
@@ -134,6 +154,14 @@ absl::Status DeviceBackend::TakePolicy(
     *state->At<int64_t>(host, h, state->t_at) = s.tokens_seen;
     std::memcpy(state->At<char>(host, h, state->digests_at),
                 digests[size_t(h)].data(), digests[size_t(h)].size() * 4);
+    int32_t* ring_rows = state->At<int32_t>(host, h, state->ring_rows_at);
+    for (int r = 0; r < state->ring_tokens; ++r) {
+      const int64_t i = int64_t(h) * state->ring_tokens + r;
+      ring_rows[r] =
+          device_internal::FirstRow(rows->ring_blocks_[size_t(i / per_block)],
+                                    block_bytes, row_bytes) +
+          int32_t(i % per_block);
+    }
   }
   KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(state->buffer.get(), host, bytes,
                                            impl_->stream.get()));
@@ -232,6 +260,13 @@ absl::Status DeviceBackend::DecodeOwned(
   std::vector<int32_t> spilled_begin(static_cast<size_t>(B));
   std::vector<int32_t> candidate_begin(static_cast<size_t>(B));
   int32_t spilled_total = 0, spilled_tokens_total = 0, most = 0;
+  // Each stream's spill ring: its first page there (none: INT32_MAX) and
+  // where its evicted token goes (−1: nowhere). The host is needed mid-step
+  // only when some stream has a spilled page outside its ring.
+  std::vector<int32_t> ring_first(static_cast<size_t>(B), INT32_MAX);
+  std::vector<int32_t> ring_index(static_cast<size_t>(B), -1);
+  std::vector<int64_t> spilled_tokens(static_cast<size_t>(B));
+  bool round_trip = false;
   for (int b = 0; b < B; ++b) {
     const DevicePolicyItem& item = items[size_t(b)];
     if (item.layer == nullptr || !item.layer->owned() ||
@@ -260,6 +295,22 @@ absl::Status DeviceBackend::DecodeOwned(
     spilled_tokens_total +=
         item.sealed_pages * k.page_tokens + item.open_tokens;
     most = std::max(most, Rc + n);
+    const int64_t spilled =
+        int64_t(item.sealed_pages) * k.page_tokens + item.open_tokens;
+    spilled_tokens[size_t(b)] = spilled;
+    DevicePolicyState& state = *item.layer->policy_;
+    const int ring = state.ring_tokens;
+    if (ring > 0) {
+      const size_t h = size_t(item.head);
+      if (state.ring_end[h] != spilled) {
+        state.ring_begin[h] = state.ring_end[h] = spilled;  // empty
+      }
+      const int64_t from = std::max(state.ring_begin[h], spilled - ring);
+      ring_first[size_t(b)] =
+          int32_t((from + k.page_tokens - 1) / k.page_tokens);
+      ring_index[size_t(b)] = int32_t(spilled % ring);
+    }
+    round_trip = round_trip || std::min(n, ring_first[size_t(b)]) > 0;
   }
   // The staging's regions are sized by capacities, not by this step's
   // counts, and the kernels bounded by `most_cap`, so that consecutive
@@ -293,6 +344,8 @@ absl::Status DeviceBackend::DecodeOwned(
   const size_t abegin_at = L.Take(size_t(B) * 4);
   const size_t rbegin_at = L.Take(size_t(B) * 4);
   const size_t newpos_at = L.Take(size_t(B) * 8);
+  const size_t rfirst_at = L.Take(size_t(B) * 4);
+  const size_t rindex_at = L.Take(size_t(B) * 4);
   const size_t phase1_in_end = L.end();
   const size_t selected_at = L.Take(size_t(candidates));
   const size_t phase1_out_end = L.end();
@@ -519,8 +572,7 @@ absl::Status DeviceBackend::DecodeOwned(
   // output bytes between them ride along). Every API call costs ~10 µs of
   // a batch-1 step, and every pass over the items on the worker threads
   // costs their wake-up.
-  const bool spills = spilled_total > 0;
-  if (!spills) KVMEM_RETURN_IF_ERROR(count_staged());
+  if (!round_trip) KVMEM_RETURN_IF_ERROR(count_staged());
 
   // Phase 1: candidates, scores, the fill.
   each_item(
@@ -549,9 +601,11 @@ absl::Status DeviceBackend::DecodeOwned(
         host32(abegin_at)[i] = b * A;
         host32(rbegin_at)[i] = b * budget;
         reinterpret_cast<int64_t*>(h + newpos_at)[i] = item.position;
+        host32(rfirst_at)[i] = ring_first[i];
+        host32(rindex_at)[i] = ring_index[i];
         std::memcpy(h + newk_at + i * row, item.key, row);
         std::memcpy(h + newv_at + i * row, item.value, row);
-        if (!spills) stage_item(i);
+        if (!round_trip) stage_item(i);
       },
       size_t(B) * (size_t(G) * D * elem + 4 * row));
 
@@ -566,7 +620,7 @@ absl::Status DeviceBackend::DecodeOwned(
     // Without spilled candidates phase 2's inputs ride along (and the
     // selection's output bytes between them).
     KVMEM_RETURN_IF_ERROR(
-        cuda::CopyToDevice(d, h, spills ? phase1_in_end : out_at, stream));
+        cuda::CopyToDevice(d, h, round_trip ? phase1_in_end : out_at, stream));
     cuda::PlanCandidatesArgs plan;
     plan.streams = policy_streams;
     plan.queries = d + q_at;
@@ -611,7 +665,7 @@ absl::Status DeviceBackend::DecodeOwned(
                                             select_rows, stream));
     // With spilled candidates the host learns which were taken; nothing
     // has changed yet.
-    if (spills) {
+    if (round_trip) {
       KVMEM_RETURN_IF_ERROR(cuda::CopyToHost(h + selected_at, d + selected_at,
                                              phase1_out_end - selected_at,
                                              stream));
@@ -646,6 +700,8 @@ absl::Status DeviceBackend::DecodeOwned(
     map.ids = dev32(ids_at);
     map.counts = dev32(idcount_at);
     map.capacity = budget;
+    map.spilled_begin = dev32(sbegin_at);
+    map.ring_first = dev32(rfirst_at);
     map.spilled_stage = dev32(cstage_at);
     map.staged_rows = dev32(dst_at);
     map.new_token_rows = dev32(newrow_at);
@@ -756,6 +812,15 @@ absl::Status DeviceBackend::DecodeOwned(
     step_out.changed_counts = dev32(ccnt_at);
     KVMEM_RETURN_IF_ERROR(cuda::UpdateCascades(cascade_shape, cascade_state,
                                                step, step_out, stream));
+    cuda::KeepEvictedArgs keep;
+    keep.streams = policy_streams;
+    keep.evicted_positions = reinterpret_cast<const int64_t*>(d + epos_at);
+    keep.evicted_keys = d + ek_at;
+    keep.evicted_values = d + ev_at;
+    keep.ring_index = dev32(rindex_at);
+    keep.key_rows = impl_->pool->plane_base(0);
+    keep.value_rows = impl_->pool->plane_base(1);
+    KVMEM_RETURN_IF_ERROR(cuda::KeepEvictedInRings(k, keep, stream));
 
     cuda::RefreshDigestsArgs refresh;
     refresh.streams = policy_streams;
@@ -824,7 +889,10 @@ absl::Status DeviceBackend::DecodeOwned(
   auto keyed = [&](const char* part) {
     return key.empty() ? std::string() : absl::StrCat(key, part);
   };
-  if (!spills) {
+  if (!round_trip) {
+    if (spilled_total > 0) {
+      impl_->ring_steps.fetch_add(1, std::memory_order_relaxed);
+    }
     KVMEM_RETURN_IF_ERROR(run(
         keyed("/step"),
         [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl_->mu) {
@@ -844,6 +912,10 @@ absl::Status DeviceBackend::DecodeOwned(
           reinterpret_cast<const uint8_t*>(h + selected_at) +
           candidate_begin[size_t(b)] + Rc;
       item.spilled_taken.assign(selected, selected + n);
+      // Pages in the ring are the device's own: nothing for the host.
+      for (size_t j = size_t(std::max(0, ring_first[size_t(b)])); j < n; ++j) {
+        item.spilled_taken[j] = 0;
+      }
       item.spilled_keys.assign(n, nullptr);
       item.spilled_values.assign(n, nullptr);
       item.spilled_positions.assign(n, nullptr);
@@ -875,6 +947,11 @@ absl::Status DeviceBackend::DecodeOwned(
         }
         item.evicted_position =
             reinterpret_cast<const int64_t*>(h + epos_at)[i];
+        if (ring_index[i] >= 0) {
+          // Each item is its own (layer, head): no two write one element.
+          item.layer->policy_->ring_end[size_t(item.head)] =
+              spilled_tokens[i] + (item.evicted_position >= 0 ? 1 : 0);
+        }
         if (shape.fetch && item.fetched != nullptr) {
           const size_t n = size_t(host32(idcount_at)[i]);
           const size_t from = i * size_t(budget);

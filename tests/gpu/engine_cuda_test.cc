@@ -70,10 +70,12 @@ struct TestEngine {
 };
 
 std::shared_ptr<DeviceBackend> MakeDevice(size_t pool_bytes, size_t block_bytes,
-                                          bool decode_graphs = true) {
+                                          bool decode_graphs = true,
+                                          int spill_ring_tokens = 1024) {
   DeviceBackend::Options options;
   options.pool_bytes = pool_bytes;
   options.decode_graphs = decode_graphs;
+  options.spill_ring_tokens = spill_ring_tokens;
   options.block_bytes = block_bytes;
   absl::StatusOr<std::unique_ptr<DeviceBackend>> device =
       DeviceBackend::Create(options);
@@ -227,6 +229,10 @@ TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
   // selection's part, and the rest when no spilled page was taken), and
   // answered as the CPU engine (the driver compared every answer).
   EXPECT_GT(device->decode_graph_launches(), 0);
+  // Steps whose spilled pages all lay in the streams' spill rings ran
+  // without the host (chunks, which spill around the rings, empty them:
+  // the steps after them took the host's rows for the older pages).
+  EXPECT_GT(device->decode_ring_steps(), 0);
   const EngineStats stats = cuda.engine->Stats();
   EXPECT_GT(stats.device_pool_used_bytes, 0);  // the layers live there
   EXPECT_EQ(stats.device_fallbacks, 0);        // and every decode ran there
@@ -243,6 +249,29 @@ TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
   EXPECT_LT(cuda.engine->Stats().device_side_bytes, stats.device_side_bytes);
   EXPECT_EQ(stats.device_evictions, 0);
   EXPECT_GT(stats.spilled_bytes, 0);  // the workload spilled (and recalled)
+}
+
+// Spill rings of any size answer alike: none (every step with spilled
+// candidates goes back to the host for them), and one of two pages (most
+// steps take some pages from the ring and the older ones from the host).
+TEST(EngineCuda, SpillRingsOfAnySizeAnswerLikeTheCpuOracle) {
+  KVMEM_REQUIRE_DEVICE();
+  for (int ring : {0, 16}) {
+    const uint32_t seed = FreshSeed();
+    SCOPED_TRACE(::testing::Message() << "spill ring of " << ring << " tokens");
+    TestEngine cpu(nullptr);
+    std::shared_ptr<DeviceBackend> device =
+        MakeDevice(size_t{256} << 20, size_t{1} << 20, true, ring);
+    TestEngine cuda(device);
+    ASSERT_NE(cuda.engine, nullptr);
+    RunWorkload(cpu.engine.get(), cuda.engine.get(), seed, 80);
+    if (ring == 0) {
+      EXPECT_EQ(device->decode_ring_steps(), 0);
+    }
+    const EngineStats stats = cuda.engine->Stats();
+    EXPECT_EQ(stats.device_fallbacks, 0);
+    EXPECT_GT(stats.spilled_bytes, 0);
+  }
 }
 
 // Creates `cs` on both engines, runs a 20-token ATTEND chunk into each of
