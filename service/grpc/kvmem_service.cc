@@ -66,6 +66,13 @@ void RecordStep(Metrics* metrics, const StepRequestView& view,
                       status.code());
 }
 
+void RecordRefusedStep(Metrics* metrics, const WireStepRequest& request,
+                       const absl::Status& status, absl::Time received) {
+  StepRequestView view;
+  StepRequestFromWire(request, &view).IgnoreError();  // what it can tell
+  RecordStep(metrics, view, status, received);
+}
+
 template <typename Handler>
 grpc::ServerUnaryReactor* KvMemoryService::Serve(
     grpc::CallbackServerContext* context, Handler handler, bool may_run_here) {
@@ -182,9 +189,7 @@ grpc::ServerUnaryReactor* KvMemoryService::Step(
   }
   const int64_t bytes = request->tensor_bytes();
   if (absl::Status admitted = admission_->Admit(bytes); !admitted.ok()) {
-    StepRequestView view;
-    StepRequestFromWire(*request, &view).IgnoreError();  // for the metrics
-    RecordStep(metrics_, view, admitted, received);
+    RecordRefusedStep(metrics_, *request, admitted, received);
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
     reactor->Finish(ToGrpcStatus(admitted));
     return reactor;

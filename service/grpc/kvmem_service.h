@@ -117,6 +117,10 @@ absl::Status RunStep(
 // Counts one step request of `view` that ended with `status`.
 void RecordStep(Metrics* metrics, const StepRequestView& view,
                 const absl::Status& status, absl::Time received);
+// The same for a request refused before it ran (admission): its views
+// are made here, for the metrics only.
+void RecordRefusedStep(Metrics* metrics, const WireStepRequest& request,
+                       const absl::Status& status, absl::Time received);
 
 // The caller's tenant: metadata `kvmem-tenant`, or "default" when absent.
 std::string TenantOf(const grpc::CallbackServerContext& context);

@@ -57,9 +57,7 @@ void StepStreamReactor::OnReadDone(bool ok) {
       !admitted.ok()) {
     // Refused at once, on this thread: the reply is the error alone.
     SetError(request_.request_id(), admitted);
-    StepRequestView view;
-    StepRequestFromWire(request_, &view).IgnoreError();  // for the metrics
-    RecordStep(metrics_, view, admitted, received_);
+    RecordRefusedStep(metrics_, request_, admitted, received_);
     StartWrite(&out_);
     return;
   }
