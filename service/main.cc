@@ -25,10 +25,11 @@ ABSL_FLAG(bool, cuda_graphs, true,
           "CUDA backend: replay a decode step's launches as a CUDA graph "
           "(captured at the second step of each batch shape); false: plain "
           "launches every step");
-ABSL_FLAG(int, device_spill_ring_tokens, 1024,
+ABSL_FLAG(int, device_spill_ring_tokens, 0,
           "CUDA backend: rows of each recalling stream's last spilled "
           "tokens kept on the device (rounded down to the page; 0: none), "
-          "so that steps taking those pages need no host round trip");
+          "so that steps taking those pages need no host round trip. "
+          "Experimental: not yet run on a GPU (try 1024)");
 ABSL_FLAG(int, handler_threads, 8,
           "threads running handlers that may block on storage (1..1024)");
 ABSL_FLAG(int, inline_steps, -1,

@@ -25,8 +25,9 @@ struct ServerOptions {
   // CUDA graph (DeviceBackend::Options::decode_graphs).
   bool cuda_graphs = true;
   // CUDA backend: spilled tokens a recalling stream keeps on the device
-  // (DeviceBackend::Options::spill_ring_tokens).
-  int device_spill_ring_tokens = 1024;
+  // (DeviceBackend::Options::spill_ring_tokens). Off until a GPU run has
+  // checked and measured it.
+  int device_spill_ring_tokens = 0;
   // Threads that run handlers which may block on storage. 1..1024.
   int handler_threads = 8;
   // Steps that may run at once on the gRPC thread that received them,

@@ -55,7 +55,7 @@ ABSL_FLAG(std::string, backend, "cpu", "server --backend");
 ABSL_FLAG(int, step_spin_us, -1, "server --step_spin_us");
 ABSL_FLAG(int, inline_steps, -1, "server --inline_steps");
 ABSL_FLAG(bool, cuda_graphs, true, "server --cuda_graphs");
-ABSL_FLAG(int, device_spill_ring_tokens, 1024,
+ABSL_FLAG(int, device_spill_ring_tokens, 0,
           "server --device_spill_ring_tokens");
 
 namespace kvmem {

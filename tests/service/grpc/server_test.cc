@@ -403,7 +403,7 @@ TEST_F(ServerTest, BadServerOptionsAreNamed) {
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("--device_spill_ring_tokens"),
             absl::string_view::npos);
-  options.device_spill_ring_tokens = 1024;
+  options.device_spill_ring_tokens = 0;
   // Asked for by name, the CUDA backend needs a device: on a machine
   // without one the start is refused, naming the backend.
   if (cuda::ProbeDevices().device_count == 0) {
