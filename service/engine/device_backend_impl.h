@@ -22,6 +22,7 @@
 #include "kernels/cuda/device_pool.h"
 #include "kernels/cuda/gather_rows.h"
 #include "service/engine/device_backend.h"
+#include "service/engine/spill_ring.h"
 
 namespace kvmem {
 namespace device_internal {
@@ -105,14 +106,10 @@ struct DevicePolicyState {
     return sealed.as<float>() +
            size_t(h) * size_t(sealed_capacity) * 2 * size_t(head_dim);
   }
-  // The spill ring (PolicyStreamPointers::ring_tokens; 0: none). It holds
-  // the rows of head h's spilled tokens ring_begin[h] … ring_end[h] − 1,
-  // the last ring_tokens of them. ring_end is the stream's spilled-token
-  // count after the last step that kept its evicted token here; a count
-  // that differs (tokens spilled by other paths: chunks, host steps)
-  // empties the ring, since counts only grow.
+  // The spill rings (PolicyStreamPointers::ring_tokens a head; 0: none)
+  // and what each holds.
   int ring_tokens = 0;
-  std::vector<int64_t> ring_begin, ring_end;  // [heads]
+  std::vector<SpillRing> rings;  // [heads]
   size_t positions_at = 0, scores_at = 0, slot_rows_at = 0, stored_at = 0,
          head_at = 0, n_at = 0, t_at = 0, digests_at = 0, ring_rows_at = 0,
          ring_positions_at = 0, head_bytes = 0;
@@ -120,8 +117,7 @@ struct DevicePolicyState {
   void Lay(int h, int s, int c, int p, int d, int ring) {
     heads = h, slots = s, cascades = c, pages = p, head_dim = d;
     ring_tokens = ring;
-    ring_begin.assign(size_t(h), -1);
-    ring_end.assign(size_t(h), -1);
+    rings.assign(size_t(h), SpillRing{ring});
     size_t at = 0;
     auto take = [&](size_t bytes) {
       const size_t here = at;

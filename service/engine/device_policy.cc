@@ -260,11 +260,11 @@ absl::Status DeviceBackend::DecodeOwned(
   std::vector<int32_t> spilled_begin(static_cast<size_t>(B));
   std::vector<int32_t> candidate_begin(static_cast<size_t>(B));
   int32_t spilled_total = 0, spilled_tokens_total = 0, most = 0;
-  // Each stream's spill ring: its first page there (none: INT32_MAX) and
+  // Each stream's spill ring: its first page there (SpillRing::kNoPage) and
   // where its evicted token goes (−1: nowhere). The host is needed mid-step
   // only when some stream has a spilled page outside its ring.
-  std::vector<int32_t> ring_first(static_cast<size_t>(B), INT32_MAX);
-  std::vector<int32_t> ring_index(static_cast<size_t>(B), -1);
+  std::vector<int32_t> ring_first(static_cast<size_t>(B));
+  std::vector<int32_t> ring_index(static_cast<size_t>(B));
   std::vector<int64_t> spilled_tokens(static_cast<size_t>(B));
   bool round_trip = false;
   for (int b = 0; b < B; ++b) {
@@ -298,18 +298,10 @@ absl::Status DeviceBackend::DecodeOwned(
     const int64_t spilled =
         int64_t(item.sealed_pages) * k.page_tokens + item.open_tokens;
     spilled_tokens[size_t(b)] = spilled;
-    DevicePolicyState& state = *item.layer->policy_;
-    const int ring = state.ring_tokens;
-    if (ring > 0) {
-      const size_t h = size_t(item.head);
-      if (state.ring_end[h] != spilled) {
-        state.ring_begin[h] = state.ring_end[h] = spilled;  // empty
-      }
-      const int64_t from = std::max(state.ring_begin[h], spilled - ring);
-      ring_first[size_t(b)] =
-          int32_t((from + k.page_tokens - 1) / k.page_tokens);
-      ring_index[size_t(b)] = int32_t(spilled % ring);
-    }
+    SpillRing& ring = item.layer->policy_->rings[size_t(item.head)];
+    ring.Sync(spilled);
+    ring_first[size_t(b)] = ring.FirstPage(spilled, k.page_tokens);
+    ring_index[size_t(b)] = ring.Index(spilled);
     round_trip = round_trip || std::min(n, ring_first[size_t(b)]) > 0;
   }
   // The staging's regions are sized by capacities, not by this step's
@@ -947,11 +939,9 @@ absl::Status DeviceBackend::DecodeOwned(
         }
         item.evicted_position =
             reinterpret_cast<const int64_t*>(h + epos_at)[i];
-        if (ring_index[i] >= 0) {
-          // Each item is its own (layer, head): no two write one element.
-          item.layer->policy_->ring_end[size_t(item.head)] =
-              spilled_tokens[i] + (item.evicted_position >= 0 ? 1 : 0);
-        }
+        // Each item is its own (layer, head): no two write one ring.
+        item.layer->policy_->rings[size_t(item.head)].Kept(
+            spilled_tokens[i], item.evicted_position >= 0);
         if (shape.fetch && item.fetched != nullptr) {
           const size_t n = size_t(host32(idcount_at)[i]);
           const size_t from = i * size_t(budget);
