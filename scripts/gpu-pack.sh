@@ -15,7 +15,8 @@
 # chunk_tiles.cuh), the rest of the binary the same. device-run.sh's `ab`
 # step runs them beside the current one. EXTRA="file …" packs those files
 # too (say, a kvmem_gpu_bench_<rev> built by hand for device-run.sh's
-# decode_ab step).
+# decode_ab step). PERF=1 also packs this machine's perf (device-run.sh's
+# profile step); the loopback bench then keeps its symbols.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=build/release
@@ -50,6 +51,13 @@ for rev in ${AB_REVS:-}; do
   rm -rf "$src"
 done
 strip --strip-all .devpack/kvmem_*  # debug info: the archive stays small
+if [ -n "${PERF:-}" ]; then
+  # perf and its libraries in their own folder; the profiled bench keeps
+  # its symbol table (not its debug info) for the reports.
+  ../shared/device/pack.sh .devpack/perf /usr/bin/perf
+  cp -f "$build/bench/loopback/kvmem_loopback_bench" .devpack/
+  strip --strip-debug .devpack/kvmem_loopback_bench
+fi
 cp bench/gpu/prefill_vs_sdpa.py bench/gpu/device-run.sh ${EXTRA:-} .devpack/
 mkdir -p .devpackz
 tar -C .devpack -czf .devpackz/pack.tgz .

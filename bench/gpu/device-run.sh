@@ -10,7 +10,11 @@
 # decode_ab runs the 4K decode steps (and b32 attention rows) of every
 # kvmem_gpu_bench_* packed (scripts/gpu-pack.sh EXTRA) beside the current
 # one, twice; loopback the same for kvmem_loopback_bench (packed by
-# EXTRA, the current one too).
+# EXTRA, the current one too). steady: 600-step ATTEND cells (the sessions
+# grow past their fill, so selections take spilled pages) of every packed
+# loopback bench, once each. profile: perf with call graphs of the
+# current loopback bench's ATTEND b8 and b32 cells (PERF=1 packs perf),
+# the reports in $OUT/perf_*.txt.
 cd "$(dirname "$0")"
 export LD_LIBRARY_PATH=.
 : "${OUT:=/tmp/out}"
@@ -64,6 +68,27 @@ for step in $steps; do
         --resident=4096 --iterations=50 --warmup=5 --token_layers=32 \
         --token_batches=1 --token_resident=${TOKEN_RESIDENT:-4096,98304} \
         --token_iterations=10 ;;
+    steady)
+      ALT_ROUNDS=1 ALT_TIMEOUT=90 alternate kvmem_loopback_bench steady.txt \
+        '/^|/p' --backend=cuda --modes=attend --batches=1,32 \
+        --resident=4096 --iterations=600 --warmup=20 --token_layers=0 ;;
+    profile)
+      [ -x perf/perf ] || { echo "profile: no perf packed (PERF=1)"; continue; }
+      LD_LIBRARY_PATH=.:perf timeout 150 perf/perf record -F 1999 \
+        --call-graph dwarf,16384 -o /tmp/perf.data -- ./kvmem_loopback_bench \
+        --backend=cuda --modes=attend --batches=8,32 --resident=4096 \
+        --iterations=200 --warmup=10 --token_layers=0 \
+        ${PROFILE_FLAGS:-} > "$OUT/perf_run.txt" 2>&1
+      echo "profile rc=$?"
+      sed -n '/^|/p' "$OUT/perf_run.txt"
+      # Inclusive time per function (where a step's time goes), then self.
+      LD_LIBRARY_PATH=.:perf timeout 100 perf/perf report -i /tmp/perf.data \
+        --children --sort symbol --stdio -g none --percent-limit 0.25 \
+        2>/dev/null | cut -c1-200 > "$OUT/perf_children.txt"
+      LD_LIBRARY_PATH=.:perf timeout 60 perf/perf report -i /tmp/perf.data \
+        --no-children --sort dso,symbol --stdio -g none --percent-limit 0.3 \
+        2>/dev/null | cut -c1-200 > "$OUT/perf_self.txt"
+      head -60 "$OUT/perf_children.txt" ;;
     decode)
       timeout 240 ./kvmem_gpu_bench > "$OUT/decode.txt" 2>&1
       echo "decode rc=$?"
