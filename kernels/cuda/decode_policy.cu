@@ -231,36 +231,46 @@ __global__ void __launch_bounds__(kThreads) MapKernel(const MapArgs m) {
   }
 }
 
-// A block per stream: its evicted token's key and value rows (16-byte
-// words, D·elem is a multiple of 16 for the kernels' shapes; else 2-byte)
-// into its ring, and the position.
+// A block per stream: its evicted tokens' key and value rows (16-byte
+// words when the row is a multiple of 16 bytes, else 2-byte) into its
+// ring, and their positions. Only the last ring_tokens are written, so no
+// two tokens of one launch share an index.
 __global__ void __launch_bounds__(kThreads)
     KeepEvictedKernel(const KeepEvictedArgs a, int row_bytes) {
   const int b = blockIdx.x;
-  const int64_t position = a.evicted_positions[b];
-  const int index = a.ring_index[b];
-  if (position < 0 || index < 0) return;
+  const int start = a.ring_index[b];
+  if (start < 0) return;
+  const size_t first = size_t(b) * size_t(a.rows_per_stream);
+  const int count = a.evicted_counts != nullptr
+                        ? a.evicted_counts[b]
+                        : (a.evicted_positions[first] >= 0 ? 1 : 0);
   const PolicyStreamPointers st = a.streams[b];
-  const size_t to = size_t(st.ring_rows[index]) * size_t(row_bytes);
-  const size_t from = size_t(b) * size_t(row_bytes);
-  const char* k = static_cast<const char*>(a.evicted_keys) + from;
-  const char* v = static_cast<const char*>(a.evicted_values) + from;
-  char* kd = static_cast<char*>(a.key_rows) + to;
-  char* vd = static_cast<char*>(a.value_rows) + to;
-  if (row_bytes % 16 == 0) {
-    for (int w = threadIdx.x; w < row_bytes / 16; w += blockDim.x) {
-      reinterpret_cast<int4*>(kd)[w] = reinterpret_cast<const int4*>(k)[w];
-      reinterpret_cast<int4*>(vd)[w] = reinterpret_cast<const int4*>(v)[w];
+  const int ring = st.ring_tokens;
+  for (int e = count > ring ? count - ring : 0; e < count; ++e) {
+    const int index = int((int64_t(start) + e) % ring);
+    const size_t to = size_t(st.ring_rows[index]) * size_t(row_bytes);
+    const size_t from = (first + size_t(e)) * size_t(row_bytes);
+    const char* k = static_cast<const char*>(a.evicted_keys) + from;
+    const char* v = static_cast<const char*>(a.evicted_values) + from;
+    char* kd = static_cast<char*>(a.key_rows) + to;
+    char* vd = static_cast<char*>(a.value_rows) + to;
+    if (row_bytes % 16 == 0) {
+      for (int w = threadIdx.x; w < row_bytes / 16; w += blockDim.x) {
+        reinterpret_cast<int4*>(kd)[w] = reinterpret_cast<const int4*>(k)[w];
+        reinterpret_cast<int4*>(vd)[w] = reinterpret_cast<const int4*>(v)[w];
+      }
+    } else {
+      for (int w = threadIdx.x; w < row_bytes / 2; w += blockDim.x) {
+        reinterpret_cast<uint16_t*>(kd)[w] =
+            reinterpret_cast<const uint16_t*>(k)[w];
+        reinterpret_cast<uint16_t*>(vd)[w] =
+            reinterpret_cast<const uint16_t*>(v)[w];
+      }
     }
-  } else {
-    for (int w = threadIdx.x; w < row_bytes / 2; w += blockDim.x) {
-      reinterpret_cast<uint16_t*>(kd)[w] =
-          reinterpret_cast<const uint16_t*>(k)[w];
-      reinterpret_cast<uint16_t*>(vd)[w] =
-          reinterpret_cast<const uint16_t*>(v)[w];
+    if (threadIdx.x == 0) {
+      st.ring_positions[index] = a.evicted_positions[first + size_t(e)];
     }
   }
-  if (threadIdx.x == 0) st.ring_positions[index] = position;
 }
 
 // A bitonic sort of (position, row) pairs in shared memory, padded to a
@@ -536,9 +546,10 @@ absl::Status KeepEvictedInRings(const DecodePolicyShape& shape,
   if (args.streams == nullptr || args.evicted_positions == nullptr ||
       args.evicted_keys == nullptr || args.evicted_values == nullptr ||
       args.ring_index == nullptr || args.key_rows == nullptr ||
-      args.value_rows == nullptr) {
+      args.value_rows == nullptr || args.rows_per_stream < 1) {
     return absl::InvalidArgumentError(
-        "KeepEvictedArgs: every array must be set");
+        "KeepEvictedArgs: every array but evicted_counts must be set and "
+        "rows_per_stream >= 1");
   }
   const int row_bytes = shape.head_dim * DTypeBytes(shape.dtype);
   KeepEvictedKernel<<<shape.streams, 64, 0, stream>>>(args, row_bytes);

@@ -177,15 +177,22 @@ absl::Status ScatterSlotProbs(const DecodePolicyShape& shape,
                               const ScatterProbsArgs& args,
                               cudaStream_t stream);
 
-// After UpdateCascades: each stream's evicted token (if any) into its
-// ring at index ring_index[b] (−1: not kept), rows and position.
+// After UpdateCascades (or InsertChunks): each stream's evicted tokens
+// into its ring, rows and positions, token e at index (ring_index[b] + e)
+// mod ring_tokens (only the last ring_tokens of them); ring_index[b] −1:
+// not kept.
 struct KeepEvictedArgs {
   const PolicyStreamPointers* streams = nullptr;  // [B]
-  const int64_t* evicted_positions = nullptr;     // [B], −1: none
-  const void* evicted_keys = nullptr;             // [B, D] dtype
-  const void* evicted_values = nullptr;           // [B, D] dtype
-  const int32_t* ring_index = nullptr;            // [B]
-  void* key_rows = nullptr;                       // the pool's planes
+  // Stream b's evicted tokens are rows b·rows_per_stream + [0, count):
+  // count = evicted_counts[b], or, without counts (a decode step), one
+  // when evicted_positions[b] ≥ 0.
+  int rows_per_stream = 1;
+  const int32_t* evicted_counts = nullptr;     // [B] or null
+  const int64_t* evicted_positions = nullptr;  // [B, rows_per_stream]
+  const void* evicted_keys = nullptr;          // [B, rows_per_stream, D]
+  const void* evicted_values = nullptr;        // dtype, as the keys
+  const int32_t* ring_index = nullptr;         // [B]
+  void* key_rows = nullptr;                    // the pool's planes
   void* value_rows = nullptr;
 };
 absl::Status KeepEvictedInRings(const DecodePolicyShape& shape,

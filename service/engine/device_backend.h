@@ -166,6 +166,10 @@ struct DevicePrefillItem {
   // empty when not wanted (APPEND).
   std::vector<float*> out;
   std::vector<float*> lse;
+  // Per head, the tokens the stream has spilled before the chunk (as
+  // sealed pages × P + the open page's), for its spill ring; empty: the
+  // chunk's evicted tokens are not kept there.
+  std::vector<int64_t> spilled;
   // Per head, the tokens that left the resident set, in eviction order:
   // positions, and their rows back to back.
   struct Evicted {

@@ -941,7 +941,7 @@ absl::Status DeviceBackend::DecodeOwned(
             reinterpret_cast<const int64_t*>(h + epos_at)[i];
         // Each item is its own (layer, head): no two write one ring.
         item.layer->policy_->rings[size_t(item.head)].Kept(
-            spilled_tokens[i], item.evicted_position >= 0);
+            spilled_tokens[i], item.evicted_position >= 0 ? 1 : 0);
         if (shape.fetch && item.fetched != nullptr) {
           const size_t n = size_t(host32(idcount_at)[i]);
           const size_t from = i * size_t(budget);

@@ -47,10 +47,12 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
     const int heads = item.layer->policy_->heads;
     const size_t outputs = attend ? size_t(heads) : 0;
     if ((item.out.size() != outputs && !item.out.empty()) ||
-        item.lse.size() != item.out.size()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("device prefill: item ", i, " has outputs for ",
-                       item.out.size(), " heads, want ", outputs, " or none"));
+        item.lse.size() != item.out.size() ||
+        (!item.spilled.empty() && int(item.spilled.size()) != heads)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "device prefill: item ", i, " has outputs for ", item.out.size(),
+          " heads and spilled counts for ", item.spilled.size(), ", want ",
+          outputs, " or none and ", heads, " or none"));
     }
     first_stream[i] = B;
     B += heads;
@@ -89,6 +91,7 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
   const size_t q_at = L.Take(attend ? size_t(T) * B * G * row : 0);
   const size_t k_at = L.Take(size_t(T) * B * row);
   const size_t v_at = L.Take(size_t(T) * B * row);
+  const size_t rindex_at = L.Take(size_t(B) * 4);  // spill rings
   const size_t in_end = L.end();
   const size_t out_at = L.Take(attend ? size_t(T) * B * G * D * 4 : 0);
   const size_t lse_at = L.Take(attend ? size_t(T) * B * G * 4 : 0);
@@ -126,6 +129,14 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
           state.Policy(hh);
       reinterpret_cast<cuda::CascadeStreamPointers*>(h + cascade_at)[b] =
           state.Cascade(hh);
+      // The chunk's evicted tokens go on in the stream's spill ring.
+      int32_t index = -1;
+      if (!item.spilled.empty()) {
+        SpillRing& ring = item.layer->policy_->rings[size_t(hh)];
+        ring.Sync(item.spilled[size_t(hh)]);
+        index = ring.Index(item.spilled[size_t(hh)]);
+      }
+      reinterpret_cast<int32_t*>(h + rindex_at)[b] = index;
     }
     // The wire's [T, H·G, D] and [T, H, D] into the batch's [T, B·G, D]
     // and [T, B, D].
@@ -184,6 +195,19 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
                                            x + insert_at, insert_bytes,
                                            stream));
 
+  cuda::KeepEvictedArgs keep;
+  keep.streams =
+      reinterpret_cast<const cuda::PolicyStreamPointers*>(d + policy_at);
+  keep.rows_per_stream = T;
+  keep.evicted_counts = insert_out.evicted_counts;
+  keep.evicted_positions = insert_out.evicted_positions;
+  keep.evicted_keys = insert_out.evicted_keys;
+  keep.evicted_values = insert_out.evicted_values;
+  keep.ring_index = reinterpret_cast<const int32_t*>(d + rindex_at);
+  keep.key_rows = impl_->pool->plane_base(0);
+  keep.value_rows = impl_->pool->plane_base(1);
+  KVMEM_RETURN_IF_ERROR(cuda::KeepEvictedInRings(k, keep, stream));
+
   cuda::RefreshDigestsArgs refresh;
   refresh.streams =
       reinterpret_cast<const cuda::PolicyStreamPointers*>(d + policy_at);
@@ -211,6 +235,10 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
                     size_t(G) * 4);
       }
       const int evicted = reinterpret_cast<const int32_t*>(h + ecount_at)[b];
+      if (!item.spilled.empty()) {
+        item.layer->policy_->rings[size_t(hh)].Kept(item.spilled[size_t(hh)],
+                                                    evicted);
+      }
       DevicePrefillItem::Evicted& e = item.evicted[size_t(hh)];
       const int64_t* positions =
           reinterpret_cast<const int64_t*>(h + epos_at) + size_t(b) * T;

@@ -287,6 +287,13 @@ absl::Status Engine::StepOwnedChunks(
         attend ? reinterpret_cast<const uint8_t*>(e.q.data()) : nullptr;
     item.keys = reinterpret_cast<const uint8_t*>(e.k.data());
     item.values = reinterpret_cast<const uint8_t*>(e.v.data());
+    if (c.recall) {  // for the spill rings (DecodeOwned counts alike)
+      for (const StreamState& stream : s.streams[layer]) {
+        item.spilled.push_back(int64_t(stream.sealed_pages().size()) *
+                                   c.page_tokens +
+                               int64_t(stream.open_page().positions.size()));
+      }
+    }
     for (StreamStepOutput& output : done[i].outputs) {
       if (request.mode != StepMode::kAttend) break;  // APPEND answers none
       output.out.assign(size_t(e.num_tokens) * c.group * c.head_dim, 0.0f);

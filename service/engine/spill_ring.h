@@ -7,8 +7,9 @@
 // A stream's spilled tokens are numbered in spill order from 0; page p
 // holds tokens p·P … p·P + P − 1 (the last page, the open one, fewer). The
 // ring keeps token n at index n mod size, so it holds at most the last
-// `size` of them, and only those spilled through it: a token spilled
-// another way (a chunk, a host-path step) moves the stream's count past
+// `size` of them, and only those spilled through it (by decode steps and
+// chunks on the device): a token spilled another way (a host-path step
+// while the layer was not device-owned) moves the stream's count past
 // `end`, and since counts only grow, Sync then finds the ring stale.
 #ifndef KVMEM_SERVICE_ENGINE_SPILL_RING_H_
 #define KVMEM_SERVICE_ENGINE_SPILL_RING_H_
@@ -40,9 +41,11 @@ struct SpillRing {
   }
   // Where token n lies, or goes: −1 without a ring.
   int32_t Index(int64_t n) const { return size <= 0 ? -1 : int32_t(n % size); }
-  // After a step from `spilled` that evicted a token (kept here) or not.
-  void Kept(int64_t spilled, bool evicted) {
-    if (size > 0) end = spilled + (evicted ? 1 : 0);
+  // After a step from `spilled` whose `evicted` tokens (a decode step's
+  // one or none, a chunk's up to T) were kept here, the last `size` of
+  // them at Index(spilled + e).
+  void Kept(int64_t spilled, int64_t evicted) {
+    if (size > 0) end = spilled + evicted;
   }
 };
 

@@ -229,9 +229,8 @@ TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
   // selection's part, and the rest when no spilled page was taken), and
   // answered as the CPU engine (the driver compared every answer).
   EXPECT_GT(device->decode_graph_launches(), 0);
-  // Steps whose spilled pages all lay in the streams' spill rings ran
-  // without the host (chunks, which spill around the rings, empty them:
-  // the steps after them took the host's rows for the older pages).
+  // Steps whose spilled pages all lay in the streams' spill rings (chunks
+  // keep their evicted tokens there too) ran without the host.
   EXPECT_GT(device->decode_ring_steps(), 0);
   const EngineStats stats = cuda.engine->Stats();
   EXPECT_GT(stats.device_pool_used_bytes, 0);  // the layers live there
@@ -253,7 +252,8 @@ TEST(EngineCuda, DecodeOnTheDeviceAnswersLikeTheCpuOracle) {
 
 // Spill rings of any size answer alike: none (every step with spilled
 // candidates goes back to the host for them), and one of two pages (most
-// steps take some pages from the ring and the older ones from the host).
+// steps take some pages from the ring and the older ones from the host;
+// a 20-token chunk evicts more than the ring keeps).
 TEST(EngineCuda, SpillRingsOfAnySizeAnswerLikeTheCpuOracle) {
   KVMEM_REQUIRE_DEVICE();
   for (int ring : {0, 16}) {

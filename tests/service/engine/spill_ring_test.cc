@@ -18,7 +18,7 @@ TEST(SpillRing, WithoutARingNothingIsHeld) {
   ring.Sync(40);
   EXPECT_EQ(ring.FirstPage(40, 16), SpillRing::kNoPage);
   EXPECT_EQ(ring.Index(40), -1);
-  ring.Kept(40, true);
+  ring.Kept(40, 1);
   EXPECT_EQ(ring.FirstPage(41, 16), SpillRing::kNoPage);
 }
 
@@ -34,7 +34,7 @@ TEST(SpillRing, SpillsThroughTheRingKeepTheLastPages) {
         spilled <= kSize ? 0 : (spilled - kSize + kPage - 1) / kPage;
     ASSERT_EQ(ring.FirstPage(spilled, kPage), want) << spilled;
     ASSERT_EQ(ring.Index(spilled), spilled % kSize);
-    ring.Kept(spilled, /*evicted=*/true);
+    ring.Kept(spilled, 1);
   }
 }
 
@@ -45,7 +45,7 @@ TEST(SpillRing, SpillsAroundTheRingEmptyIt) {
   SpillRing ring{32};
   for (int64_t n = 0; n < 20; ++n) {
     ring.Sync(n);
-    ring.Kept(n, true);
+    ring.Kept(n, 1);
   }
   ring.Sync(20);
   EXPECT_EQ(ring.FirstPage(20, kPage), 0);
@@ -53,7 +53,7 @@ TEST(SpillRing, SpillsAroundTheRingEmptyIt) {
   EXPECT_EQ(ring.FirstPage(23, kPage), 3);  // past the open page 2
   for (int64_t n = 23; n < 40; ++n) {
     ring.Sync(n);
-    ring.Kept(n, true);
+    ring.Kept(n, 1);
   }
   ring.Sync(40);
   EXPECT_EQ(ring.FirstPage(40, kPage), 3);  // pages 3 and 4 whole
@@ -86,7 +86,7 @@ TEST(SpillRing, ThePagesItClaimsAreInASimulatedRing) {
           ring.Kept(spilled, true);
           ++spilled;
         } else if (what < 19) {  // a step that evicts nothing
-          ring.Kept(spilled, false);
+          ring.Kept(spilled, 0);
         } else {  // tokens spilled around the ring
           spilled += 1 + int64_t(rng() % uint32_t(3 * page));
         }
