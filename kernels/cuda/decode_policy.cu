@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) MapKernel(const MapArgs m) {
       const int candidate = rel / kMaxPolicyPageTokens;
       const int token = rel % kMaxPolicyPageTokens;
       slot = -1;
-      if (a.ring_first != nullptr &&
+      if (a.ring_first != nullptr && st.ring_tokens > 0 &&
           candidate - a.spilled_begin[b] >= a.ring_first[b]) {
         const int64_t spilled =
             int64_t(candidate - a.spilled_begin[b]) * m.shape.page_tokens +
@@ -231,22 +231,29 @@ __global__ void __launch_bounds__(kThreads) MapKernel(const MapArgs m) {
   }
 }
 
-// A block per stream: its evicted tokens' key and value rows (16-byte
-// words when the row is a multiple of 16 bytes, else 2-byte) into its
-// ring, and their positions. Only the last ring_tokens are written, so no
-// two tokens of one launch share an index.
+// A block per stream: its evicted tokens' key and value rows into its
+// ring, the block's threads over (token, 16-byte word) pairs (2-byte
+// words when the row is not a multiple of 16 bytes), and their positions.
+// Only the last ring_tokens are written, so no two tokens of one launch
+// share an index.
 __global__ void __launch_bounds__(kThreads)
     KeepEvictedKernel(const KeepEvictedArgs a, int row_bytes) {
   const int b = blockIdx.x;
   const int start = a.ring_index[b];
-  if (start < 0) return;
+  const PolicyStreamPointers st = a.streams[b];
+  const int ring = st.ring_tokens;
+  if (start < 0 || ring <= 0) return;
   const size_t first = size_t(b) * size_t(a.rows_per_stream);
   const int count = a.evicted_counts != nullptr
                         ? a.evicted_counts[b]
                         : (a.evicted_positions[first] >= 0 ? 1 : 0);
-  const PolicyStreamPointers st = a.streams[b];
-  const int ring = st.ring_tokens;
-  for (int e = count > ring ? count - ring : 0; e < count; ++e) {
+  const int skip = count > ring ? count - ring : 0;
+  const int wide = row_bytes % 16 == 0 ? 16 : 2;
+  const int words = row_bytes / wide;
+  const int64_t pairs = int64_t(count - skip) * words;
+  for (int64_t x = threadIdx.x; x < pairs; x += blockDim.x) {
+    const int e = skip + int(x / words);
+    const int w = int(x % words);
     const int index = int((int64_t(start) + e) % ring);
     const size_t to = size_t(st.ring_rows[index]) * size_t(row_bytes);
     const size_t from = (first + size_t(e)) * size_t(row_bytes);
@@ -254,22 +261,17 @@ __global__ void __launch_bounds__(kThreads)
     const char* v = static_cast<const char*>(a.evicted_values) + from;
     char* kd = static_cast<char*>(a.key_rows) + to;
     char* vd = static_cast<char*>(a.value_rows) + to;
-    if (row_bytes % 16 == 0) {
-      for (int w = threadIdx.x; w < row_bytes / 16; w += blockDim.x) {
-        reinterpret_cast<int4*>(kd)[w] = reinterpret_cast<const int4*>(k)[w];
-        reinterpret_cast<int4*>(vd)[w] = reinterpret_cast<const int4*>(v)[w];
-      }
+    if (wide == 16) {
+      reinterpret_cast<int4*>(kd)[w] = reinterpret_cast<const int4*>(k)[w];
+      reinterpret_cast<int4*>(vd)[w] = reinterpret_cast<const int4*>(v)[w];
     } else {
-      for (int w = threadIdx.x; w < row_bytes / 2; w += blockDim.x) {
-        reinterpret_cast<uint16_t*>(kd)[w] =
-            reinterpret_cast<const uint16_t*>(k)[w];
-        reinterpret_cast<uint16_t*>(vd)[w] =
-            reinterpret_cast<const uint16_t*>(v)[w];
-      }
+      reinterpret_cast<uint16_t*>(kd)[w] =
+          reinterpret_cast<const uint16_t*>(k)[w];
+      reinterpret_cast<uint16_t*>(vd)[w] =
+          reinterpret_cast<const uint16_t*>(v)[w];
     }
-    if (threadIdx.x == 0) {
+    if (w == 0)
       st.ring_positions[index] = a.evicted_positions[first + size_t(e)];
-    }
   }
 }
 
@@ -552,7 +554,7 @@ absl::Status KeepEvictedInRings(const DecodePolicyShape& shape,
         "rows_per_stream >= 1");
   }
   const int row_bytes = shape.head_dim * DTypeBytes(shape.dtype);
-  KeepEvictedKernel<<<shape.streams, 64, 0, stream>>>(args, row_bytes);
+  KeepEvictedKernel<<<shape.streams, kThreads, 0, stream>>>(args, row_bytes);
   KVMEM_CUDA_RETURN_IF_LAUNCH_FAILED("KeepEvictedKernel");
   return absl::OkStatus();
 }

@@ -89,6 +89,9 @@ int64_t DeviceBackend::decode_graph_launches() const {
 int64_t DeviceBackend::decode_ring_steps() const {
   return impl_->ring_steps.load(std::memory_order_relaxed);
 }
+int64_t DeviceBackend::decode_ring_pages() const {
+  return impl_->ring_pages.load(std::memory_order_relaxed);
+}
 
 int64_t DeviceBackend::used_bytes() const {
   return int64_t(impl_->pool->total_blocks() - impl_->pool->free_blocks() -

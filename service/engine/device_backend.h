@@ -266,6 +266,9 @@ class DeviceBackend {
   // DecodeOwned calls whose streams had spilled candidates, all in their
   // spill rings (no host round trip).
   int64_t decode_ring_steps() const;
+  // Spilled pages that steps with a host round trip took from the rings
+  // (not read or staged by the host).
+  int64_t decode_ring_pages() const;
 
   // Blocks for `heads` × `slots` rows of `row_bytes`, filled from
   // keys/values [heads][slots × row_bytes] (host). RESOURCE_EXHAUSTED when

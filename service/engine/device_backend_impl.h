@@ -215,6 +215,7 @@ struct DeviceBackend::Impl {
   std::atomic<int64_t> graph_launches{0};
   int spill_ring_tokens = 0;  // Options::spill_ring_tokens, fixed at Create
   std::atomic<int64_t> ring_steps{0};
+  std::atomic<int64_t> ring_pages{0};
   std::map<std::string, DecodeGraph> decode_graphs ABSL_GUARDED_BY(mu);
   // The entry for `key`, made if new (all are dropped when the cache is
   // full: shapes come and go with the batches).

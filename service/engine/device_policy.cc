@@ -259,7 +259,7 @@ absl::Status DeviceBackend::DecodeOwned(
   // Spilled candidates, numbered across the batch; candidates per stream.
   std::vector<int32_t> spilled_begin(static_cast<size_t>(B));
   std::vector<int32_t> candidate_begin(static_cast<size_t>(B));
-  int32_t spilled_total = 0, spilled_tokens_total = 0, most = 0;
+  int32_t spilled_total = 0, most = 0;
   // Each stream's spill ring: its first page there (SpillRing::kNoPage) and
   // where its evicted token goes (−1: nowhere). The host is needed mid-step
   // only when some stream has a spilled page outside its ring.
@@ -267,6 +267,7 @@ absl::Status DeviceBackend::DecodeOwned(
   std::vector<int32_t> ring_index(static_cast<size_t>(B));
   std::vector<int64_t> spilled_tokens(static_cast<size_t>(B));
   bool round_trip = false;
+  int64_t host_tokens_total = 0;  // of pages outside the rings
   for (int b = 0; b < B; ++b) {
     const DevicePolicyItem& item = items[size_t(b)];
     if (item.layer == nullptr || !item.layer->owned() ||
@@ -292,8 +293,6 @@ absl::Status DeviceBackend::DecodeOwned(
     }
     const int n = item.sealed_pages + (item.open_tokens > 0 ? 1 : 0);
     spilled_total += n;
-    spilled_tokens_total +=
-        item.sealed_pages * k.page_tokens + item.open_tokens;
     most = std::max(most, Rc + n);
     const int64_t spilled =
         int64_t(item.sealed_pages) * k.page_tokens + item.open_tokens;
@@ -302,7 +301,11 @@ absl::Status DeviceBackend::DecodeOwned(
     ring.Sync(spilled);
     ring_first[size_t(b)] = ring.FirstPage(spilled, k.page_tokens);
     ring_index[size_t(b)] = ring.Index(spilled);
-    round_trip = round_trip || std::min(n, ring_first[size_t(b)]) > 0;
+    const int outside = std::min(n, ring_first[size_t(b)]);
+    round_trip = round_trip || outside > 0;
+    host_tokens_total +=
+        int64_t(std::min(outside, item.sealed_pages)) * k.page_tokens +
+        (outside > item.sealed_pages ? item.open_tokens : 0);
   }
   // The staging's regions are sized by capacities, not by this step's
   // counts, and the kernels bounded by `most_cap`, so that consecutive
@@ -313,10 +316,14 @@ absl::Status DeviceBackend::DecodeOwned(
   const int64_t candidates = int64_t(B) * Rc + spilled_cap;
   const int most_cap =
       std::min(Capacity(most), std::max(most, cuda::kMaxSelectCandidates));
-  // Rows staged: the taken spilled pages' (at most a budget a stream) and
-  // the new tokens.
+  // Rows staged: the taken spilled pages' from outside the rings (at most
+  // a budget a stream; none without a round trip) and the new tokens. The
+  // whole region travels in a step without a round trip: sized by what
+  // the rings hold it would be megabytes.
   const int max_staged = Capacity(
-      int(std::min<int64_t>(spilled_tokens_total, int64_t(B) * budget)) + B);
+      int(round_trip ? std::min<int64_t>(host_tokens_total, int64_t(B) * budget)
+                     : 0) +
+      B);
 
   // Staging, one layout both sides. Phase 1 inputs, phase 1 outputs, phase
   // 2 inputs, phase 2 outputs, then device-only scratch.
@@ -812,7 +819,10 @@ absl::Status DeviceBackend::DecodeOwned(
     keep.ring_index = dev32(rindex_at);
     keep.key_rows = impl_->pool->plane_base(0);
     keep.value_rows = impl_->pool->plane_base(1);
-    KVMEM_RETURN_IF_ERROR(cuda::KeepEvictedInRings(k, keep, stream));
+    // Rings off (fixed at Create): no launch, the same in every step.
+    if (impl_->spill_ring_tokens > 0) {
+      KVMEM_RETURN_IF_ERROR(cuda::KeepEvictedInRings(k, keep, stream));
+    }
 
     cuda::RefreshDigestsArgs refresh;
     refresh.streams = policy_streams;
@@ -906,6 +916,9 @@ absl::Status DeviceBackend::DecodeOwned(
       item.spilled_taken.assign(selected, selected + n);
       // Pages in the ring are the device's own: nothing for the host.
       for (size_t j = size_t(std::max(0, ring_first[size_t(b)])); j < n; ++j) {
+        if (item.spilled_taken[j] != 0) {
+          impl_->ring_pages.fetch_add(1, std::memory_order_relaxed);
+        }
         item.spilled_taken[j] = 0;
       }
       item.spilled_keys.assign(n, nullptr);

@@ -206,7 +206,9 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
   keep.ring_index = reinterpret_cast<const int32_t*>(d + rindex_at);
   keep.key_rows = impl_->pool->plane_base(0);
   keep.value_rows = impl_->pool->plane_base(1);
-  KVMEM_RETURN_IF_ERROR(cuda::KeepEvictedInRings(k, keep, stream));
+  if (impl_->spill_ring_tokens > 0) {
+    KVMEM_RETURN_IF_ERROR(cuda::KeepEvictedInRings(k, keep, stream));
+  }
 
   cuda::RefreshDigestsArgs refresh;
   refresh.streams =

@@ -670,7 +670,13 @@ absl::StatusOr<std::vector<StepEntryResult>> Engine::Step(
     size_t entry_bytes = 0;
     for (size_t i = 0; i < n; ++i) {
       const StepEntryView& e = request.entries[i];
-      if (!replay[i]) entry_bytes += 2 * (e.q.size() + e.k.size() + e.v.size());
+      if (replay[i]) continue;
+      entry_bytes += 2 * (e.q.size() + e.k.size() + e.v.size());
+      if (mode == StepMode::kFetch) {  // and the kept reply: a budget of rows
+        const SessionConfig& c = sessions[i]->config();
+        entry_bytes += size_t(c.policy.step_budget_tokens) * c.shape.kv_heads *
+                       2 * size_t(sessions[i]->stream_config.row_bytes());
+      }
     }
     parallel_->Run(n, apply_entry, entry_bytes >= kParallelApplyBytes);
     for (size_t i = 0; i < n; ++i) {

@@ -234,7 +234,8 @@ bool Engine::TakeLayer(LiveSession& s, size_t layer, StepMode mode,
   // No device memory for the state: the host path takes the step (its
   // attention still on the device), and the next step tries again.
   return options_.device
-      ->TakePolicy(PolicyShapeOf(c), heads, digests, &rows, c.recall)
+      ->TakePolicy(PolicyShapeOf(c), heads, digests, &rows,
+                   /*spill_ring=*/c.recall && !s.dense[layer])
       .ok();
 }
 

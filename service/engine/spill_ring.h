@@ -33,9 +33,9 @@ struct SpillRing {
     if (end != spilled) begin = end = spilled;  // stale: empty from here
   }
   // The first of the stream's pages whose tokens the ring holds, all of
-  // them (as of Sync(spilled)); kNoPage without a ring.
+  // them; kNoPage without a ring, or when not synced to `spilled`.
   int32_t FirstPage(int64_t spilled, int page_tokens) const {
-    if (size <= 0) return kNoPage;
+    if (size <= 0 || end != spilled) return kNoPage;
     const int64_t from = std::max(begin, spilled - size);
     return int32_t((from + page_tokens - 1) / page_tokens);
   }

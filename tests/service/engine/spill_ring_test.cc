@@ -13,6 +13,16 @@
 namespace kvmem {
 namespace {
 
+// Asked about a count it was not synced to, a ring claims nothing.
+TEST(SpillRing, UnsyncedItClaimsNoPage) {
+  SpillRing ring{64};
+  EXPECT_EQ(ring.FirstPage(0, 16), SpillRing::kNoPage);
+  ring.Sync(0);
+  EXPECT_EQ(ring.FirstPage(0, 16), 0);
+  ring.Kept(0, 1);
+  EXPECT_EQ(ring.FirstPage(5, 16), SpillRing::kNoPage);
+}
+
 TEST(SpillRing, WithoutARingNothingIsHeld) {
   SpillRing ring;
   ring.Sync(40);
@@ -83,8 +93,17 @@ TEST(SpillRing, ThePagesItClaimsAreInASimulatedRing) {
         const int what = int(rng() % 20);
         if (what < 12) {  // a step that evicts: kept after its reads
           slots.at(size_t(ring.Index(spilled))) = spilled;
-          ring.Kept(spilled, true);
+          ring.Kept(spilled, 1);
           ++spilled;
+        } else if (what < 14) {  // a chunk: its last `size` tokens kept
+          const int64_t evicted = int64_t(rng() % uint32_t(3 * size));
+          const int32_t start = ring.Index(spilled);
+          for (int64_t e = std::max<int64_t>(0, evicted - size); e < evicted;
+               ++e) {
+            slots.at(size_t((start + e) % size)) = spilled + e;
+          }
+          ring.Kept(spilled, evicted);
+          spilled += evicted;
         } else if (what < 19) {  // a step that evicts nothing
           ring.Kept(spilled, 0);
         } else {  // tokens spilled around the ring
