@@ -232,10 +232,8 @@ __global__ void __launch_bounds__(kThreads) MapKernel(const MapArgs m) {
 }
 
 // A block per stream: its evicted tokens' key and value rows into its
-// ring, the block's threads over (token, 16-byte word) pairs (2-byte
-// words when the row is not a multiple of 16 bytes), and their positions.
-// Only the last ring_tokens are written, so no two tokens of one launch
-// share an index.
+// ring, a warp a token (CopyRow), and their positions. Only the last
+// ring_tokens are written, so no two tokens of one launch share an index.
 __global__ void __launch_bounds__(kThreads)
     KeepEvictedKernel(const KeepEvictedArgs a, int row_bytes) {
   const int b = blockIdx.x;
@@ -247,31 +245,22 @@ __global__ void __launch_bounds__(kThreads)
   const int count = a.evicted_counts != nullptr
                         ? a.evicted_counts[b]
                         : (a.evicted_positions[first] >= 0 ? 1 : 0);
-  const int skip = count > ring ? count - ring : 0;
-  const int wide = row_bytes % 16 == 0 ? 16 : 2;
-  const int words = row_bytes / wide;
-  const int64_t pairs = int64_t(count - skip) * words;
-  for (int64_t x = threadIdx.x; x < pairs; x += blockDim.x) {
-    const int e = skip + int(x / words);
-    const int w = int(x % words);
+  const bool vector = row_bytes % 16 == 0;
+  const int lane = threadIdx.x % 32;
+  for (int e = (count > ring ? count - ring : 0) + int(threadIdx.x / 32);
+       e < count; e += int(blockDim.x / 32)) {
     const int index = int((int64_t(start) + e) % ring);
     const size_t to = size_t(st.ring_rows[index]) * size_t(row_bytes);
     const size_t from = (first + size_t(e)) * size_t(row_bytes);
-    const char* k = static_cast<const char*>(a.evicted_keys) + from;
-    const char* v = static_cast<const char*>(a.evicted_values) + from;
-    char* kd = static_cast<char*>(a.key_rows) + to;
-    char* vd = static_cast<char*>(a.value_rows) + to;
-    if (wide == 16) {
-      reinterpret_cast<int4*>(kd)[w] = reinterpret_cast<const int4*>(k)[w];
-      reinterpret_cast<int4*>(vd)[w] = reinterpret_cast<const int4*>(v)[w];
-    } else {
-      reinterpret_cast<uint16_t*>(kd)[w] =
-          reinterpret_cast<const uint16_t*>(k)[w];
-      reinterpret_cast<uint16_t*>(vd)[w] =
-          reinterpret_cast<const uint16_t*>(v)[w];
-    }
-    if (w == 0)
+    CopyRow(static_cast<const char*>(a.evicted_keys) + from,
+            static_cast<char*>(a.key_rows) + to, size_t(row_bytes), vector,
+            lane);
+    CopyRow(static_cast<const char*>(a.evicted_values) + from,
+            static_cast<char*>(a.value_rows) + to, size_t(row_bytes), vector,
+            lane);
+    if (lane == 0) {
       st.ring_positions[index] = a.evicted_positions[first + size_t(e)];
+    }
   }
 }
 

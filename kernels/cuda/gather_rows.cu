@@ -19,20 +19,6 @@ struct GatherArgs {
   GatherRowsOutputs out;
 };
 
-__device__ __forceinline__ void CopyRow(const char* src, char* dst,
-                                        size_t row_bytes, bool vector,
-                                        int lane) {
-  if (vector) {
-    const uint4* s = reinterpret_cast<const uint4*>(src);
-    uint4* d = reinterpret_cast<uint4*>(dst);
-    for (size_t i = lane; i < row_bytes / 16; i += 32) d[i] = __ldg(s + i);
-  } else {
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-    for (size_t i = lane; i < row_bytes / 2; i += 32) d[i] = s[i];
-  }
-}
-
 __global__ void __launch_bounds__(kThreads)
     GatherRowsKernel(const GatherArgs args) {
   const int stream = blockIdx.y;

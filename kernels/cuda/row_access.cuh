@@ -23,6 +23,23 @@ namespace kvmem::cuda {
 
 inline constexpr int kLaneSlots = 8;
 
+// A warp's copy of one row of `row_bytes` (`lane` of 32): 16-byte words
+// when `vector` (row_bytes a multiple of 16, both ends 16-byte aligned),
+// else 2-byte words. The source is read-only for the kernel's life.
+__device__ __forceinline__ void CopyRow(const char* src, char* dst,
+                                        size_t row_bytes, bool vector,
+                                        int lane) {
+  if (vector) {
+    const uint4* s = reinterpret_cast<const uint4*>(src);
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    for (size_t i = lane; i < row_bytes / 16; i += 32) d[i] = __ldg(s + i);
+  } else {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+    for (size_t i = lane; i < row_bytes / 2; i += 32) d[i] = s[i];
+  }
+}
+
 struct RowLayout {
   bool vector = false;
   int lanes_per_row = 32;  // power of two ≤ 32

@@ -154,13 +154,13 @@ absl::Status DeviceBackend::TakePolicy(
     *state->At<int64_t>(host, h, state->t_at) = s.tokens_seen;
     std::memcpy(state->At<char>(host, h, state->digests_at),
                 digests[size_t(h)].data(), digests[size_t(h)].size() * 4);
+    // Head h's ring is rows h·ring … of the ring's blocks, laid out as a
+    // launch's staged rows are.
+    const Impl::StagingRows ring_rows_at{&rows->ring_blocks_, block_bytes,
+                                         per_block, row_bytes};
     int32_t* ring_rows = state->At<int32_t>(host, h, state->ring_rows_at);
     for (int r = 0; r < state->ring_tokens; ++r) {
-      const int64_t i = int64_t(h) * state->ring_tokens + r;
-      ring_rows[r] =
-          device_internal::FirstRow(rows->ring_blocks_[size_t(i / per_block)],
-                                    block_bytes, row_bytes) +
-          int32_t(i % per_block);
+      ring_rows[r] = ring_rows_at.Row(int64_t(h) * state->ring_tokens + r);
     }
   }
   KVMEM_RETURN_IF_ERROR(cuda::CopyToDevice(state->buffer.get(), host, bytes,

@@ -195,18 +195,18 @@ absl::Status DeviceBackend::PrefillOwned(const DevicePolicyShape& shape,
                                            x + insert_at, insert_bytes,
                                            stream));
 
-  cuda::KeepEvictedArgs keep;
-  keep.streams =
-      reinterpret_cast<const cuda::PolicyStreamPointers*>(d + policy_at);
-  keep.rows_per_stream = T;
-  keep.evicted_counts = insert_out.evicted_counts;
-  keep.evicted_positions = insert_out.evicted_positions;
-  keep.evicted_keys = insert_out.evicted_keys;
-  keep.evicted_values = insert_out.evicted_values;
-  keep.ring_index = reinterpret_cast<const int32_t*>(d + rindex_at);
-  keep.key_rows = impl_->pool->plane_base(0);
-  keep.value_rows = impl_->pool->plane_base(1);
   if (impl_->spill_ring_tokens > 0) {
+    cuda::KeepEvictedArgs keep;
+    keep.streams =
+        reinterpret_cast<const cuda::PolicyStreamPointers*>(d + policy_at);
+    keep.rows_per_stream = T;
+    keep.evicted_counts = insert_out.evicted_counts;
+    keep.evicted_positions = insert_out.evicted_positions;
+    keep.evicted_keys = insert_out.evicted_keys;
+    keep.evicted_values = insert_out.evicted_values;
+    keep.ring_index = reinterpret_cast<const int32_t*>(d + rindex_at);
+    keep.key_rows = impl_->pool->plane_base(0);
+    keep.value_rows = impl_->pool->plane_base(1);
     KVMEM_RETURN_IF_ERROR(cuda::KeepEvictedInRings(k, keep, stream));
   }
 

@@ -288,11 +288,9 @@ absl::Status Engine::StepOwnedChunks(
         attend ? reinterpret_cast<const uint8_t*>(e.q.data()) : nullptr;
     item.keys = reinterpret_cast<const uint8_t*>(e.k.data());
     item.values = reinterpret_cast<const uint8_t*>(e.v.data());
-    if (c.recall) {  // for the spill rings (DecodeOwned counts alike)
+    if (c.recall) {  // for the spill rings
       for (const StreamState& stream : s.streams[layer]) {
-        item.spilled.push_back(int64_t(stream.sealed_pages().size()) *
-                                   c.page_tokens +
-                               int64_t(stream.open_page().positions.size()));
+        item.spilled.push_back(stream.spilled_tokens());
       }
     }
     for (StreamStepOutput& output : done[i].outputs) {
